@@ -1,0 +1,5 @@
+"""Allows ``python -m sidekey``."""
+
+from sidekey.cli import main
+
+raise SystemExit(main())

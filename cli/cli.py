@@ -1,0 +1,68 @@
+"""The ``sidekey`` console script: one binary, one subcommand per part.
+
+Only the chosen subcommand's module is imported, so the sidecar never pays for
+the operator's imports (kopf, the kubernetes client) and vice versa: every
+agent pod carries the proxy's memory footprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Protocol, cast
+
+import sidekey
+
+# subcommand -> (module, help). Each module exposes ``add_arguments(parser)``
+# and ``run(args) -> int``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "proxy": ("sidekey.proxy.main", "run the sidecar proxy (injected into agent pods)"),
+    "webhook": ("sidekey.webhook.main", "run the mutating admission webhook"),
+    "operator": ("sidekey.operator.main", "run the AgentPolicy operator (kopf)"),
+    "demo": ("sidekey.localcluster.demo", "run the whole flow on an embedded control plane"),
+    "cluster": ("sidekey.localcluster.main", "start a local control plane and print how to reach it"),
+}
+
+
+class Command(Protocol):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidekey",
+        description="Keeps long-lived API keys out of AI agents on Kubernetes.",
+        epilog="\n".join(f"  {name:10} {help_text}" for name, (_, help_text) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sidekey {sidekey.__version__}")
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND", help="see below")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def _load(name: str) -> Command | None:
+    module_name = COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None
+        raise
+    if not (hasattr(module, "run") and hasattr(module, "add_arguments")):
+        return None
+    return cast(Command, module)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    top = _top_parser().parse_args(argv)
+    command = _load(top.command)
+    if command is None:
+        print(f"sidekey {top.command}: not implemented yet", file=sys.stderr)
+        return 3
+    parser = argparse.ArgumentParser(prog=f"sidekey {top.command}", description=COMMANDS[top.command][1])
+    command.add_arguments(parser)
+    return int(command.run(parser.parse_args(top.args)))
