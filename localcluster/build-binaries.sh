@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the control-plane binaries the tests need (kube-apiserver,
-# kube-controller-manager, etcd, helm) from the Go module proxy with the
+# kube-controller-manager, kubectl, etcd, helm) from the Go module proxy with the
 # machine's own Go toolchain, and cache them outside the repo.
 #
 # Why a wrapper module: k8s.io/kubernetes requires its staging modules at
@@ -34,7 +34,7 @@ need() {
 k8s_minor="${K8S_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
 staging_version="v0.${K8S_VERSION#v1.}"
 
-if need kube-apiserver kube-controller-manager; then
+if need kube-apiserver kube-controller-manager kubectl; then
   log "kubernetes $K8S_VERSION: resolving staging modules"
   mkdir -p "$work/k8s" && cd "$work/k8s"
   gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
@@ -57,6 +57,7 @@ package tools
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kubectl"
 )
 GO
   go mod tidy >/dev/null 2>"$work/tidy.err" || { cat "$work/tidy.err" >&2; exit 1; }
@@ -64,7 +65,8 @@ GO
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld="$ld -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$k8s_minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
-  for cmd in kube-apiserver kube-controller-manager; do
+  for cmd in kube-apiserver kube-controller-manager kubectl; do
+    [ -x "$dest/$cmd" ] && continue
     log "building $cmd (the first build takes several minutes)"
     go build -trimpath -ldflags "-s -w $ld" -o "$dest/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
     mv "$dest/$cmd.tmp" "$dest/$cmd"

@@ -1,0 +1,364 @@
+"""Run etcd, kube-apiserver and kube-controller-manager on loopback.
+
+The flags follow envtest's defaults with the differences sidekey needs: the
+ServiceAccount admission plugin stays **on** (it mounts the
+``kube-api-access-*`` token that the webhook must see and remove), a
+service-account issuer and signing key make TokenRequest and OIDC discovery
+work, and the controller-manager turns the API into a cluster (garbage
+collection, namespace deletion, ``default`` service accounts,
+``kube-root-ca.crt``, Deployments → ReplicaSets → Pods).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from sidekey.core import certificates
+from sidekey.localcluster import binaries
+
+SERVICE_CIDR = "10.0.0.0/24"
+START_TIMEOUT = float(os.environ.get("SIDEKEY_CONTROLPLANE_START_TIMEOUT", "90"))
+
+
+class ControlPlaneError(RuntimeError):
+    """A control-plane process failed; the message carries the tail of its log."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGTERM the child when its parent dies, so no control
+    plane outlives a crashed test run or a killed demo."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    os.setpgrp()
+
+
+@dataclass
+class _Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    _log_file: IO[bytes]
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise ControlPlaneError(
+                f"{self.name} exited with {self.popen.returncode}; log {self.log}:\n{self.tail()}"
+            )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log_file.close()
+
+
+@dataclass
+class LocalCluster:
+    """One local control plane. Use as a context manager, or call start()/stop()."""
+
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sidekey-cluster-")))
+    keep_workdir: bool = False
+    with_controller_manager: bool = True
+    build: bool = True
+    progress: bool = False
+
+    url: str = ""
+    issuer: str = ""
+    bin_dir: Path = field(default_factory=Path)
+    ca_file: Path = field(default_factory=Path)
+    ca_key_file: Path = field(default_factory=Path)
+    admin_cert_file: Path = field(default_factory=Path)
+    admin_key_file: Path = field(default_factory=Path)
+    kubeconfig: Path = field(default_factory=Path)
+    sa_key_file: Path = field(default_factory=Path)
+    sa_pub_file: Path = field(default_factory=Path)
+    started_in: float = 0.0
+    _procs: list[_Process] = field(default_factory=list)
+    _etcd_dirs: list[Path] = field(default_factory=list)
+    _binaries: binaries.Binaries | None = None
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._binaries = binaries.find(build=self.build, progress=self.progress)
+        self.bin_dir = self._binaries.directory
+        began = time.monotonic()
+        self._write_credentials()
+        last: Exception | None = None
+        for _attempt in range(3):  # "pick a free port, then bind" races; retry on fresh ports
+            try:
+                self._start_processes()
+                break
+            except ControlPlaneError as exc:
+                last = exc
+                self._stop_processes()
+        else:
+            assert last is not None
+            raise last
+        self.started_in = time.monotonic() - began
+
+    def stop(self) -> None:
+        self._stop_processes()
+        if not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _stop_processes(self) -> None:
+        for proc in reversed(self._procs):
+            proc.stop()
+        self._procs.clear()
+        for d in self._etcd_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self._etcd_dirs.clear()
+
+    # --- credentials -------------------------------------------------------
+
+    def _write_credentials(self) -> None:
+        d = self.workdir / "pki"
+        d.mkdir(parents=True, exist_ok=True)
+        ca = certificates.make_ca("sidekey-local-ca")
+        serving = certificates.issue(
+            ca, "kube-apiserver",
+            dns_names=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                       "kubernetes.default.svc.cluster.local"],
+            ip_addresses=["127.0.0.1", "10.0.0.1"],
+        )
+        admin = certificates.issue(ca, "admin", organizations=["system:masters"], client=True, server=False)
+        self.ca_file, self.ca_key_file = d / "ca.crt", d / "ca.key"
+        self.admin_cert_file, self.admin_key_file = d / "admin.crt", d / "admin.key"
+        self.sa_key_file, self.sa_pub_file = d / "sa.key", d / "sa.pub"
+        files: dict[Path, bytes] = {
+            self.ca_file: ca.cert_pem, self.ca_key_file: ca.key_pem,
+            d / "apiserver.crt": serving.cert_pem, d / "apiserver.key": serving.key_pem,
+            self.admin_cert_file: admin.cert_pem, self.admin_key_file: admin.key_pem,
+        }
+        sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        files[self.sa_key_file] = sa_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption())
+        files[self.sa_pub_file] = sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        for path, data in files.items():
+            path.write_bytes(data)
+            path.chmod(0o600)
+
+    def _write_kubeconfig(self) -> None:
+        self.kubeconfig = self.workdir / "kubeconfig"
+        config = {
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "sidekey-local", "cluster": {
+                "server": self.url, "certificate-authority": str(self.ca_file)}}],
+            "users": [{"name": "admin", "user": {
+                "client-certificate": str(self.admin_cert_file),
+                "client-key": str(self.admin_key_file)}}],
+            "contexts": [{"name": "sidekey-local", "context": {
+                "cluster": "sidekey-local", "user": "admin", "namespace": "default"}}],
+            "current-context": "sidekey-local",
+        }
+        self.kubeconfig.write_text(yaml.safe_dump(config))
+        self.kubeconfig.chmod(0o600)
+
+    # --- processes ---------------------------------------------------------
+
+    def _spawn(self, name: str, args: Sequence[str]) -> _Process:
+        log = self.workdir / f"{name}.log"
+        log_file = log.open("ab")
+        popen = subprocess.Popen(
+            list(args), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads run our code at this point
+        )
+        proc = _Process(name, popen, log, log_file)
+        self._procs.append(proc)
+        return proc
+
+    def _start_processes(self) -> None:
+        assert self._binaries is not None
+        b = self._binaries
+        etcd_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
+        shm = Path("/dev/shm")
+        data_root = Path(tempfile.mkdtemp(prefix="sidekey-etcd-", dir=shm if shm.is_dir() else None))
+        etcd = self._spawn("etcd", [
+            str(b.path("etcd")),
+            f"--data-dir={data_root}",
+            f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+            f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-cluster=default=http://127.0.0.1:{peer_port}",
+            "--unsafe-no-fsync", "--log-level=warn", "--quota-backend-bytes=2147483648",
+        ])
+        self._etcd_dirs.append(data_root)
+        self.url = f"https://127.0.0.1:{api_port}"
+        self.issuer = self.url
+        pki = self.workdir / "pki"
+        api = self._spawn("kube-apiserver", [
+            str(b.path("kube-apiserver")),
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+            "--bind-address=127.0.0.1", f"--secure-port={api_port}",
+            "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
+            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={self.ca_file}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--service-account-issuer={self.issuer}",
+            f"--service-account-signing-key-file={self.sa_key_file}",
+            f"--service-account-key-file={self.sa_pub_file}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--allow-privileged=true",
+            "--enable-aggregator-routing=true",
+            "--profiling=false",
+            "--v=1",
+        ])
+        self._write_kubeconfig()
+        deadline = time.monotonic() + START_TIMEOUT
+        self._wait_ready(deadline, etcd, api)
+        if self.with_controller_manager:
+            kcm = self._spawn("kube-controller-manager", [
+                str(b.path("kube-controller-manager")),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}",
+                f"--authorization-kubeconfig={self.kubeconfig}",
+                f"--service-account-private-key-file={self.sa_key_file}",
+                f"--root-ca-file={self.ca_file}",
+                f"--cluster-signing-cert-file={self.ca_file}",
+                f"--cluster-signing-key-file={self.ca_key_file}",
+                "--use-service-account-credentials=false",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1", f"--secure-port={_free_port()}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service-lb-controller,"
+                "-node-route-controller,-persistentvolume-binder,-attachdetach,-ttl",
+                "--concurrent-gc-syncs=5", "--namespace-sync-period=10s",
+                "--v=1",
+            ])
+            self._wait_for(deadline, kcm, lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default"),
+                           "the controller-manager to create the default ServiceAccount")
+
+    def _wait_ready(self, deadline: float, *procs: _Process) -> None:
+        self._wait_for(deadline, procs[-1], lambda: self._get("/readyz"), "kube-apiserver /readyz", *procs)
+
+    def _wait_for(self, deadline: float, proc: _Process, probe: Any, what: str, *others: _Process) -> None:
+        last = ""
+        while time.monotonic() < deadline:
+            for p in (*others, proc):
+                p.check_alive()
+            try:
+                probe()
+                return
+            except (OSError, urllib.error.URLError, ssl.SSLError) as exc:
+                last = str(exc)
+            time.sleep(0.1)
+        raise ControlPlaneError(f"timed out after {START_TIMEOUT:.0f}s waiting for {what} ({last});"
+                                f" {proc.name} log:\n{proc.tail()}")
+
+    # --- talking to it -----------------------------------------------------
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        ctx.load_cert_chain(str(self.admin_cert_file), str(self.admin_key_file))
+        return ctx
+
+    def _get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, context=self.ssl_context(), timeout=5) as resp:  # noqa: S310
+            data: bytes = resp.read()
+            return data
+
+    def request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        """A raw admin request, JSON in and out (for what the SDKs cannot express)."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,  # noqa: S310
+                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+        with urllib.request.urlopen(req, context=self.ssl_context(), timeout=30) as resp:  # noqa: S310
+            return json.loads(resp.read() or b"null")
+
+    def env(self) -> dict[str, str]:
+        """The environment for a subprocess that should talk to this cluster."""
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:  # noqa: A002
+        assert self._binaries is not None
+        proc = subprocess.run(
+            [str(self._binaries.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input, capture_output=True, text=True, timeout=120, check=False,
+        )
+        if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, ["kubectl", *args], proc.stdout, proc.stderr)
+        return proc.stdout if check else proc.stdout + proc.stderr
+
+    def token(
+        self,
+        namespace: str,
+        service_account: str,
+        *,
+        audience: str,
+        pod_name: str | None = None,
+        pod_uid: str | None = None,
+        seconds: int = 600,
+    ) -> str:
+        """Mint a token with TokenRequest, as the kubelet does for a projected volume."""
+        spec: dict[str, Any] = {"audiences": [audience], "expirationSeconds": seconds}
+        if pod_name is not None:
+            spec["boundObjectRef"] = {"kind": "Pod", "apiVersion": "v1", "name": pod_name, "uid": pod_uid}
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
+        result = self.request(
+            "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token", body)
+        token: str = result["status"]["token"]
+        return token
+
+    def describe(self) -> str:
+        return (f"apiserver  {self.url}\nkubeconfig {self.kubeconfig}\nbinaries   {self.bin_dir}\n"
+                f"started in {self.started_in:.1f}s")
+
+
+@contextlib.contextmanager
+def running(**kwargs: Any) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(**kwargs)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
