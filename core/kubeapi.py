@@ -85,7 +85,8 @@ class ApiConfig:
             port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
             if not host:
                 raise ValueError(
-                    f"no apiserver address: set {contract.ENV_API_SERVER} or KUBERNETES_SERVICE_HOST"
+                    f"no apiserver address: set {contract.ENV_API_SERVER}"
+                    " or KUBERNETES_SERVICE_HOST"
                 )
             if ":" in host and not host.startswith("["):
                 host = f"[{host}]"
