@@ -118,6 +118,12 @@ WEBHOOK_CONFIGURATION: Final = "sidekey"
 WEBHOOK_NAME: Final = "inject.sidekey.io"
 WEBHOOK_PATH: Final = "/mutate"
 DEFAULT_WEBHOOK_PORT: Final = 8443
+#: The second webhook entry: pods with no inject annotation in a namespace
+#: labelled sidekey.io/inject=enabled. matchConditions cannot see namespace
+#: labels, so the apiserver checks the label with a namespaceSelector and calls
+#: this path; the path is how the webhook knows the namespace opted in.
+WEBHOOK_NAMESPACE_NAME: Final = "namespace.inject.sidekey.io"
+WEBHOOK_NAMESPACE_PATH: Final = "/mutate/namespace"
 
 
 def local_base_url(port: int, upstream: str, suffix: str = "") -> str:

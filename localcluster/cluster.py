@@ -208,7 +208,7 @@ class LocalCluster:
         log_file = log.open("ab")
         popen = subprocess.Popen(
             list(args), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads run our code at this point
+            preexec_fn=_die_with_parent,
         )
         proc = _Process(name, popen, log, log_file)
         self._procs.append(proc)
@@ -310,7 +310,7 @@ class LocalCluster:
         """A raw admin request, JSON in and out (for what the SDKs cannot express)."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, method=method,  # noqa: S310
-                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+                                     headers={"Content-Type": "application/json", "Accept": "application/json, application/jwk-set+json;q=0.9, */*;q=0.8"})
         with urllib.request.urlopen(req, context=self.ssl_context(), timeout=30) as resp:  # noqa: S310
             return json.loads(resp.read() or b"null")
 
@@ -318,7 +318,7 @@ class LocalCluster:
         """The environment for a subprocess that should talk to this cluster."""
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:  # noqa: A002
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
         assert self._binaries is not None
         proc = subprocess.run(
             [str(self._binaries.kubectl), f"--kubeconfig={self.kubeconfig}", *args],

@@ -1,0 +1,179 @@
+"""What a policy's status should say: pure functions, no API calls.
+
+The reconcile gathers facts (the policy as served, its namespace's other
+policies, what each referenced Secret holds) and these functions turn them
+into conditions. Keeping them pure makes every message testable without a
+cluster, and makes sure no function here ever sees a Secret's value: it only
+gets ``SecretKeys`` (which keys are present and non-empty).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sidekey.core import policies
+from sidekey.operator import conditions, kubeobjects
+
+
+@dataclass(frozen=True, slots=True)
+class Missing:
+    """The Secret does not exist."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """The operator could not read the Secret (forbidden, or the API failed)."""
+
+    name: str
+    why: str
+
+
+SecretLookup = kubeobjects.SecretKeys | Missing | Unreadable
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome of one reconcile, before it is written."""
+
+    policy: policies.AgentPolicy | None  # None: the spec does not parse
+    upstream_count: int
+    wanted: tuple[conditions.Wanted, ...]
+    grants: bool  # keep the Role and RoleBinding (False: remove them)
+
+    @property
+    def ready(self) -> conditions.Wanted:
+        return next(w for w in self.wanted if w.type == conditions.READY)
+
+
+def parse(raw: Mapping[str, Any]) -> policies.AgentPolicy | policies.PolicyError:
+    try:
+        return policies.parse(raw)
+    except policies.PolicyError as exc:
+        return exc
+
+
+def raw_upstream_count(raw: Mapping[str, Any]) -> int:
+    ups = (raw.get("spec") or {}).get("upstreams") if isinstance(raw.get("spec"), Mapping) else None
+    return len(ups) if isinstance(ups, list) else 0
+
+
+def conflicts(policy: policies.AgentPolicy, namespace_policies: Iterable[Mapping[str, Any]]
+              ) -> list[policies.Conflict]:
+    """The conflicts this policy loses against older policies of its namespace.
+
+    Policies that do not parse take part in nothing: they grant nothing, so
+    they cannot win an upstream name either.
+    """
+    parsed: list[policies.AgentPolicy] = [policy]
+    for raw in namespace_policies:
+        meta = raw.get("metadata") or {}
+        if meta.get("uid") == policy.uid or meta.get("name") == policy.name:
+            continue
+        other = parse(raw)
+        if isinstance(other, policies.AgentPolicy):
+            parsed.append(other)
+    lost: list[policies.Conflict] = []
+    for sa in sorted(policy.service_accounts):
+        lost += [c for c in policies.select(parsed, sa).conflicts if c.loser is policy]
+    return lost
+
+
+@dataclass(frozen=True, slots=True)
+class _Need:
+    where: str
+    secret: str
+    key: str
+
+
+def _needs(policy: policies.AgentPolicy) -> list[_Need]:
+    needs: list[_Need] = []
+    for i, up in enumerate(policy.upstreams):
+        for key in up.auth.secret_keys:
+            needs.append(_Need(f"spec.upstreams[{i}] ({up.name})", up.auth.secret_name, key))
+    return needs
+
+
+def secrets_resolved(policy: policies.AgentPolicy, lookups: Mapping[str, SecretLookup]
+                     ) -> conditions.Wanted:
+    """SecretsResolved: every referenced Secret exists and every key is non-empty."""
+    problems: list[tuple[str, str]] = []  # (reason, message)
+    unknown: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for need in _needs(policy):
+        if (need.secret, need.key) in seen:
+            continue
+        seen.add((need.secret, need.key))
+        found = lookups.get(need.secret)
+        if found is None or isinstance(found, Missing):
+            problems.append(("SecretNotFound",
+                             f"Secret {need.secret!r} named by {need.where} does not exist in "
+                             f"namespace {policy.namespace!r}; create it with key {need.key!r}"))
+        elif isinstance(found, Unreadable):
+            unknown.append(f"Secret {need.secret!r} could not be read by the operator: {found.why}")
+        elif need.key in found.empty:
+            problems.append(("KeyEmpty",
+                             f"key {need.key!r} of Secret {need.secret!r} (named by {need.where}) "
+                             f"is empty; put the credential in it"))
+        elif need.key not in found.present:
+            problems.append(("KeyNotFound",
+                             f"Secret {need.secret!r} has no key {need.key!r} (named by "
+                             f"{need.where}); add it or fix the key name"))
+    if problems:
+        reasons = {r for r, _ in problems}
+        reason = reasons.pop() if len(reasons) == 1 else "SecretsUnresolved"
+        return conditions.Wanted(conditions.SECRETS_RESOLVED, "False", reason,
+                                 _join([m for _, m in problems]))
+    if unknown:
+        return conditions.Wanted(conditions.SECRETS_RESOLVED, "Unknown", "SecretUnreadable",
+                                 _join(unknown))
+    n = len({need.secret for need in _needs(policy)})
+    return conditions.Wanted(conditions.SECRETS_RESOLVED, "True", "Resolved",
+                             f"{n} referenced Secret{'s' if n != 1 else ''} hold every key")
+
+
+def _join(messages: Sequence[str]) -> str:
+    if len(messages) <= 3:
+        return "; ".join(messages)
+    return "; ".join(messages[:3]) + f"; and {len(messages) - 3} more"
+
+
+def invalid(raw: Mapping[str, Any], error: policies.PolicyError) -> Verdict:
+    message = f"{error.field}: {error.message}"
+    return Verdict(
+        policy=None, upstream_count=raw_upstream_count(raw),
+        wanted=(
+            conditions.Wanted(conditions.SECRETS_RESOLVED, "Unknown", "InvalidSpec",
+                              "not checked: the spec is invalid"),
+            conditions.Wanted(conditions.READY, "False", "InvalidSpec", message),
+        ),
+        grants=False,
+    )
+
+
+def judge(policy: policies.AgentPolicy, lost: Sequence[policies.Conflict],
+          secrets: conditions.Wanted, rbac_problem: tuple[str, str] | None) -> Verdict:
+    """Ready is True only with no conflict, every Secret resolved and RBAC in place.
+
+    A policy that loses a conflict keeps its grants: the sidecar merges
+    policies with ``policies.select`` and still serves its other upstreams.
+    """
+    count = len(policy.upstreams)
+    if lost:
+        first = lost[0]
+        msg = first.message + (f" (and {len(lost) - 1} more conflicts)" if len(lost) > 1 else "")
+        ready = conditions.Wanted(conditions.READY, "False", "Conflict", msg)
+    elif rbac_problem is not None:
+        ready = conditions.Wanted(conditions.READY, "False", rbac_problem[0], rbac_problem[1])
+    elif secrets.status != "True":
+        ready = conditions.Wanted(conditions.READY, "False", "SecretsUnresolved", secrets.message)
+    else:
+        sas = ", ".join(sorted(policy.service_accounts))
+        ready = conditions.Wanted(
+            conditions.READY, "True", "Ready",
+            f"{count} upstream{'s' if count != 1 else ''} ready for service account"
+            f"{'s' if len(policy.service_accounts) != 1 else ''} {sas}")
+    return Verdict(policy=policy, upstream_count=count, wanted=(secrets, ready), grants=True)

@@ -1,0 +1,90 @@
+"""Request targets: split off the route, refuse tricks, produce match segments.
+
+The credential must never reach a path the policy does not allow, so the
+sidecar refuses every target an upstream could read differently from us
+instead of guessing how it normalises: ``..`` and ``.`` segments, percent-
+encoded dots, slashes and backslashes, double encoding, empty segments
+(``//``), backslashes, control characters, non-ASCII, invalid UTF-8 and
+absolute-form targets (``GET http://other.host/...``). What passes is forwarded
+byte for byte as the agent sent it, and matched against the allow rules in
+its decoded form.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import unquote
+
+#: Characters allowed raw in a path (RFC 3986 pchar plus '/'), and '%' for escapes.
+_RAW_PATH: Final = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*$")
+#: Characters allowed raw in a query (RFC 3986: pchar, '/', '?').
+_RAW_QUERY: Final = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*$")
+_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+#: Escapes that change how a path is split or climbed: '.', '/', '\', '%', controls.
+_DANGEROUS_ESCAPE: Final = re.compile(r"%(2[eEfF5]|5[cC]|[01][0-9A-Fa-f]|7[fF])")
+
+
+class PathError(ValueError):
+    """A refused request target; the message says what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    route: str  # the upstream name (first segment)
+    path: str  # the raw rest of the path, "" or starting with "/"; forwarded as is
+    query: str  # the raw query without '?', forwarded as is (minus a credential param)
+    segments: tuple[str, ...]  # decoded segments of ``path`` for the allow rules
+
+
+def parse(raw_target: str) -> Target:
+    """Split and check a raw request target such as ``/openai/v1/chat/completions?x=1``."""
+    if not raw_target.startswith("/") or raw_target.startswith("//"):
+        raise PathError("the request target must be a path starting with one '/' (no absolute URLs)")
+    path, sep, query = raw_target.partition("?")
+    if "#" in raw_target:
+        raise PathError("the request target must not contain a fragment ('#')")
+    if not _RAW_PATH.match(path):
+        if "\\" in path:
+            raise PathError("backslashes are not allowed in the path")
+        raise PathError("the path holds characters that must be percent-encoded or are not allowed")
+    if sep and not _RAW_QUERY.match(query):
+        raise PathError("the query holds characters that must be percent-encoded")
+    if "%" in raw_target and _ESCAPE.search(raw_target):
+        raise PathError("the path or query holds a '%' that is not a valid escape")
+    if "%" in path and _DANGEROUS_ESCAPE.search(path):
+        raise PathError(
+            "percent-encoded '.', '/', '\\', '%' or control characters are not allowed in the path"
+        )
+    if "%" in query and re.search(r"%([01][0-9A-Fa-f]|7[fF])", query):
+        raise PathError("percent-encoded control characters are not allowed in the query")
+    parts = path.split("/")  # ["", route, ...]
+    route = parts[1]
+    rest = parts[2:]
+    if rest and rest[-1] == "":
+        rest = rest[:-1]  # one trailing slash is fine; it is forwarded as sent
+    segments: list[str] = []
+    for seg in rest:
+        if seg == "":
+            raise PathError("empty path segments ('//') are not allowed")
+        if "%" in seg:
+            try:
+                seg = unquote(seg, errors="strict")
+            except UnicodeDecodeError:
+                raise PathError("the path holds percent-encoded bytes that are not UTF-8") from None
+            if not seg.isascii():
+                folded = unicodedata.normalize("NFKC", seg)
+                if "." in folded and folded.strip(".") == "":
+                    raise PathError("'.' and '..' segments are not allowed, in any encoding")
+                if "/" in folded or "\\" in folded:
+                    raise PathError("slashes are not allowed inside a segment, in any encoding")
+        if seg in (".", "..") or seg.split(";", 1)[0] in (".", ".."):
+            raise PathError("'.' and '..' segments are not allowed in the path")
+        segments.append(seg)
+    if route in (".", ".."):
+        raise PathError("'.' and '..' segments are not allowed in the path")
+    if not route:
+        raise PathError("the path must start with an upstream name: /<upstream>/<path>")
+    return Target(route=route, path=path[len(route) + 1:], query=query, segments=tuple(segments))

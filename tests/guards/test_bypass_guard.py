@@ -1,0 +1,238 @@
+"""The bypass guard, on the real apiserver: no pod runs as a subject without the sidecar.
+
+Pods are built by hand in the injected shape (tests/guards/manifests.py) and in
+the broken shapes that would hand an agent the key; each case reads the
+apiserver's own answer. The guard is what ``helm template`` renders.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from sidekey.core import contract
+from tests.guards import admission, manifests
+
+pytestmark = pytest.mark.e2e
+
+FIX_HINT = 'annotate the pod with sidekey.io/inject: "true"'
+
+
+def _denied(answer: admission.Answer, *fragments: str) -> None:
+    assert not answer.admitted, f"expected a denial, the apiserver admitted it: {answer.message[:300]}"
+    assert "bypass-guard" in answer.message, answer.message
+    for fragment in fragments:
+        assert fragment in answer.message, answer.message
+
+
+class TestPodsOfSubjectsWithoutTheSidecarAreDenied:
+    def test_a_bare_pod_running_as_a_subject_account_is_denied_with_how_to_fix_it(
+            self, cluster: Any, subject_namespace: str) -> None:
+        answer = admission.create(cluster, manifests.bare_pod(subject_namespace, "bare"))
+        _denied(answer, FIX_HINT, "service account agent", "AgentPolicy openai")
+        assert not admission.exists(cluster, "pod", subject_namespace, "bare")
+
+    def test_a_pod_that_opts_out_with_inject_false_is_denied(
+            self, cluster: Any, subject_namespace: str) -> None:
+        pod = manifests.bare_pod(subject_namespace, "opted-out",
+                                 annotations={contract.ANNOTATION_INJECT: "false"})
+        _denied(admission.create(cluster, pod), FIX_HINT)
+
+    def test_a_pod_stamped_as_injected_without_the_sidecar_is_denied(
+            self, cluster: Any, subject_namespace: str) -> None:
+        pod = manifests.bare_pod(subject_namespace, "stamped", annotations={
+            contract.ANNOTATION_INJECT: "true",
+            contract.ANNOTATION_STATUS: json.dumps({"injected": True, "image": "whatever"})})
+        pod["spec"]["automountServiceAccountToken"] = False
+        _denied(admission.create(cluster, pod), FIX_HINT)
+
+    def test_a_pod_running_as_the_default_account_is_checked_when_default_is_a_subject(
+            self, cluster: Any, subject_namespace: str) -> None:
+        policy = manifests.agent_policy(subject_namespace, "defaults", subjects=["default"])
+        assert admission.apply(cluster, policy).admitted
+        pod = manifests.bare_pod(subject_namespace, "no-account")
+        del pod["spec"]["serviceAccountName"]
+        answer = admission.wait_until_enforced(cluster, pod)
+        _denied(answer, "service account default", FIX_HINT)
+
+
+class TestTheInjectedShapeIsCheckedInTheSpec:
+    def test_a_pod_in_the_injected_shape_is_admitted(self, cluster: Any, subject_namespace: str) -> None:
+        answer = admission.create(cluster, manifests.injected_pod(subject_namespace, "injected"))
+        assert answer.admitted, answer.message
+        assert answer.obj is not None
+        assert answer.obj["spec"]["initContainers"][0]["name"] == contract.SIDECAR_CONTAINER_NAME
+
+    def test_a_sidecar_image_outside_the_allow_list_is_denied(
+            self, cluster: Any, subject_namespace: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, "evil-image", image="evil.example/sidekey:0.1.0")
+        _denied(admission.create(cluster, pod), "evil.example/sidekey:0.1.0", "allow-list",
+                manifests.DEFAULT_SIDECAR_IMAGE)
+
+    def test_a_sidecar_that_is_not_a_native_sidecar_is_denied(
+            self, cluster: Any, subject_namespace: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, "not-native")
+        del manifests.sidecar(pod)["restartPolicy"]
+        _denied(admission.create(cluster, pod), "restartPolicy: Always")
+
+    def test_a_sidecar_as_a_regular_container_is_denied(self, cluster: Any, subject_namespace: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, "regular")
+        side = pod["spec"].pop("initContainers")[0]
+        del side["restartPolicy"]
+        pod["spec"]["containers"].append(side)
+        _denied(admission.create(cluster, pod), FIX_HINT)
+
+    def test_a_pod_that_keeps_automount_on_is_denied(self, cluster: Any, subject_namespace: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, "automount")
+        del pod["spec"]["automountServiceAccountToken"]
+        _denied(admission.create(cluster, pod), "automountServiceAccountToken: false")
+
+    @pytest.mark.parametrize("audience", [None, "https://kubernetes.default.svc"])
+    def test_an_agent_container_that_keeps_an_api_token_is_denied(
+            self, cluster: Any, subject_namespace: str, audience: str | None) -> None:
+        pod = manifests.injected_pod(subject_namespace, f"api-token-{'none' if audience is None else 'svc'}")
+        projection: dict[str, Any] = {"path": "token", "expirationSeconds": 3607}
+        if audience is not None:
+            projection["audience"] = audience
+        pod["spec"]["volumes"].append(
+            {"name": "my-api-token", "projected": {"sources": [{"serviceAccountToken": projection}]}})
+        manifests.agent(pod)["volumeMounts"].append(
+            {"name": "my-api-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"})
+        _denied(admission.create(cluster, pod), "container(s) agent", "mount a token the apiserver accepts")
+
+    def test_an_agent_container_that_mounts_the_sidecars_api_volume_is_denied(
+            self, cluster: Any, subject_namespace: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, "steals-api-volume")
+        manifests.agent(pod)["volumeMounts"].append(
+            {"name": contract.API_TOKEN_VOLUME, "mountPath": "/tmp/api", "readOnly": True})
+        _denied(admission.create(cluster, pod), "container(s) agent", contract.API_TOKEN_VOLUME)
+
+    def test_an_init_container_that_mounts_an_api_token_is_denied(
+            self, cluster: Any, subject_namespace: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, "init-steals")
+        pod["spec"]["initContainers"].insert(0, {
+            "name": "setup", "image": manifests.AGENT_IMAGE,
+            "volumeMounts": [{"name": contract.API_TOKEN_VOLUME, "mountPath": "/api"}]})
+        _denied(admission.create(cluster, pod), "container(s) setup")
+
+    def test_an_agent_that_mounts_only_the_sidekey_audience_token_is_admitted(
+            self, cluster: Any, subject_namespace: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, "agent-token-twice")
+        pod["spec"]["volumes"].append({"name": "own-sidekey-token", "projected": {"sources": [
+            {"serviceAccountToken": {"path": "t", "audience": "sidekey", "expirationSeconds": 600}}]}})
+        manifests.agent(pod)["volumeMounts"].append({"name": "own-sidekey-token", "mountPath": "/t"})
+        answer = admission.create(cluster, pod)
+        assert answer.admitted, answer.message
+
+    @pytest.mark.parametrize("how", ["env", "envFrom", "volume", "projected"])
+    def test_an_agent_container_that_references_the_policys_secret_is_denied(
+            self, cluster: Any, subject_namespace: str, how: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, f"secret-{how.lower()}")
+        agent = manifests.agent(pod)
+        if how == "env":
+            agent["env"].append({"name": "OPENAI_API_KEY", "valueFrom": {
+                "secretKeyRef": {"name": manifests.SECRET, "key": "api-key"}}})
+        elif how == "envFrom":
+            agent["envFrom"] = [{"secretRef": {"name": manifests.SECRET}}]
+        else:
+            source: dict[str, Any] = (
+                {"secret": {"secretName": manifests.SECRET}} if how == "volume"
+                else {"projected": {"sources": [{"secret": {"name": manifests.SECRET}}]}})
+            pod["spec"]["volumes"].append({"name": "keys", **source})
+            agent["volumeMounts"].append({"name": "keys", "mountPath": "/keys"})
+        _denied(admission.create(cluster, pod), manifests.SECRET)
+
+    def test_an_agent_may_reference_other_secrets(self, cluster: Any, subject_namespace: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, "other-secret")
+        manifests.agent(pod)["env"].append({"name": "DB_PASSWORD", "valueFrom": {
+            "secretKeyRef": {"name": "database", "key": "password"}}})
+        answer = admission.create(cluster, pod)
+        assert answer.admitted, answer.message
+
+    @pytest.mark.parametrize("env", [contract.ENV_API_SERVER, contract.ENV_API_TOKEN_DIR])
+    def test_a_sidecar_pointed_at_another_apiserver_or_token_is_denied(
+            self, cluster: Any, subject_namespace: str, env: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, f"moved-{env.lower().replace('_', '-')}")
+        manifests.sidecar(pod)["env"].append({"name": env, "value": "https://evil.example"})
+        _denied(admission.create(cluster, pod), env)
+
+    @pytest.mark.parametrize("change", [
+        {"command": ["python", "-c", "leak()"]},
+        {"args": ["--api-server", "https://evil.example"]},
+    ])
+    def test_a_sidecar_running_another_command_is_denied(
+            self, cluster: Any, subject_namespace: str, change: dict[str, list[str]]) -> None:
+        pod = manifests.injected_pod(subject_namespace, f"other-{next(iter(change))}")
+        manifests.sidecar(pod).update(change)
+        _denied(admission.create(cluster, pod), "must run the command")
+
+    def test_a_sidecar_with_an_exec_probe_is_denied(self, cluster: Any, subject_namespace: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, "exec-probe")
+        manifests.sidecar(pod)["startupProbe"] = {"exec": {"command": ["python", "-c", "leak()"]}}
+        _denied(admission.create(cluster, pod), "exec")
+
+    def test_a_sidecar_sharing_a_volume_with_an_agent_is_denied(
+            self, cluster: Any, subject_namespace: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, "shared-dir")
+        pod["spec"]["volumes"].append({"name": "shared", "emptyDir": {}})
+        manifests.sidecar(pod)["volumeMounts"].append({"name": "shared", "mountPath": "/out"})
+        manifests.agent(pod)["volumeMounts"].append({"name": "shared", "mountPath": "/in"})
+        _denied(admission.create(cluster, pod), "shares a volume")
+
+
+class TestEphemeralContainers:
+    def _debug(self, cluster: Any, namespace: str, pod: str, container: dict[str, Any]) -> admission.Answer:
+        patch = json.dumps({"spec": {"ephemeralContainers": [container]}})
+        return admission.kubectl(cluster, "patch", "pod", pod, "-n", namespace,
+                                 "--subresource=ephemeralcontainers", "--type=strategic", "-p", patch)
+
+    def test_an_ephemeral_container_aimed_at_the_sidecar_is_denied(
+            self, cluster: Any, subject_namespace: str) -> None:
+        assert admission.create(cluster, manifests.injected_pod(subject_namespace, "debugged")).admitted
+        answer = self._debug(cluster, subject_namespace, "debugged", {
+            "name": "debugger", "image": "busybox", "targetContainerName": contract.SIDECAR_CONTAINER_NAME})
+        _denied(answer, "may not target the sidekey-proxy sidecar")
+
+    def test_an_ephemeral_container_that_mounts_the_api_token_is_denied(
+            self, cluster: Any, subject_namespace: str) -> None:
+        assert admission.create(cluster, manifests.injected_pod(subject_namespace, "debugged-2")).admitted
+        answer = self._debug(cluster, subject_namespace, "debugged-2", {
+            "name": "debugger", "image": "busybox",
+            "volumeMounts": [{"name": contract.API_TOKEN_VOLUME, "mountPath": "/api"}]})
+        _denied(answer, "container(s) debugger")
+
+    def test_an_ephemeral_container_aimed_at_the_agent_is_admitted(
+            self, cluster: Any, subject_namespace: str) -> None:
+        assert admission.create(cluster, manifests.injected_pod(subject_namespace, "debugged-3")).admitted
+        answer = self._debug(cluster, subject_namespace, "debugged-3", {
+            "name": "debugger", "image": "busybox", "targetContainerName": "agent"})
+        assert answer.admitted, answer.message
+
+
+class TestPodsOutsideThePoliciesAreUnaffected:
+    def test_a_pod_whose_account_is_not_a_subject_is_admitted_bare(
+            self, cluster: Any, subject_namespace: str) -> None:
+        answer = admission.create(cluster, manifests.bare_pod(subject_namespace, "bystander", sa="bystander"))
+        assert answer.admitted, answer.message
+
+    def test_a_subject_named_in_another_namespace_is_not_a_subject_here(
+            self, cluster: Any, subject_namespace: str, guards: str) -> None:
+        from tests.conftest import make_namespace
+
+        other = make_namespace(cluster, "sk-other")
+        try:
+            assert admission.apply(cluster, manifests.service_account(other, "agent")).admitted
+            answer = admission.create(cluster, manifests.bare_pod(other, "bare"))
+            assert answer.admitted, answer.message
+        finally:
+            cluster.kubectl("delete", "namespace", other, "--wait=false")
+
+    def test_the_guards_type_check_without_warnings(self, cluster: Any, guards: str) -> None:
+        policies = json.loads(cluster.kubectl("get", "validatingadmissionpolicies", "-o", "json"))["items"]
+        ours = [p for p in policies if p["metadata"]["name"].endswith("-guard")]
+        assert {p["metadata"]["name"] for p in ours} == {"sidekey-bypass-guard", "sidekey-escalation-guard"}
+        for policy in ours:
+            warnings = policy.get("status", {}).get("typeChecking", {}).get("expressionWarnings", [])
+            assert warnings == [], warnings

@@ -1,0 +1,115 @@
+"""The escalation guard, on the real apiserver: a policy names only Secrets its author can read.
+
+``mallory`` may create and edit AgentPolicies in the namespace but may not read
+its Secrets; the tests act as her through impersonation (kubectl --as) with
+Roles they create, and read the apiserver's answer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.guards import admission, manifests
+
+pytestmark = pytest.mark.e2e
+
+USER = "mallory"
+
+
+def _role(namespace: str, name: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": name, "namespace": namespace}, "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": name, "namespace": namespace},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": USER}]},
+    ]
+
+
+@pytest.fixture
+def policy_editor(cluster: Any, guards: str, namespace: str) -> str:
+    """A namespace with a Secret, an admin's policy, and mallory who may edit policies only."""
+    for obj in [manifests.secret(namespace), manifests.service_account(namespace, "agent"),
+                manifests.service_account(namespace, "mallory-bot"),
+                *_role(namespace, "policy-editor", [{
+                    "apiGroups": ["sidekey.io"], "resources": ["agentpolicies"],
+                    "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]}])]:
+        answer = admission.apply(cluster, obj)
+        assert answer.admitted, answer.message
+    can = cluster.kubectl("auth", "can-i", "get", "secret/" + manifests.SECRET, "-n", namespace,
+                          f"--as={USER}", check=False)
+    assert can.strip().startswith("no"), can
+    return namespace
+
+
+def _denied_for_secret(answer: admission.Answer, namespace: str) -> None:
+    assert not answer.admitted, f"expected a denial, the apiserver admitted it: {answer.message[:300]}"
+    assert "escalation-guard" in answer.message, answer.message
+    assert f"may not get Secret(s) {manifests.SECRET} in namespace {namespace}" in answer.message
+    assert "missing permission: get on secrets" in answer.message
+    assert USER in answer.message
+
+
+class TestAuthorsWhoCannotReadTheSecretAreDenied:
+    def test_creating_a_policy_that_names_an_unreadable_secret_is_denied(
+            self, cluster: Any, policy_editor: str) -> None:
+        answer = admission.create(cluster, manifests.agent_policy(policy_editor), as_user=USER)
+        _denied_for_secret(answer, policy_editor)
+        assert not admission.exists(cluster, "agentpolicy", policy_editor, "openai")
+
+    def test_adding_their_own_service_account_to_the_subjects_is_denied(
+            self, cluster: Any, policy_editor: str) -> None:
+        assert admission.create(cluster, manifests.agent_policy(policy_editor)).admitted
+        patch = json.dumps({"spec": {"subjects": {"serviceAccounts": ["agent", "mallory-bot"]}}})
+        answer = admission.kubectl(cluster, "patch", "agentpolicy", "openai", "-n", policy_editor,
+                                   "--type=merge", "-p", patch, as_user=USER)
+        _denied_for_secret(answer, policy_editor)
+        stored = json.loads(cluster.kubectl("get", "agentpolicy", "openai", "-n", policy_editor, "-o", "json"))
+        assert stored["spec"]["subjects"]["serviceAccounts"] == ["agent"]
+
+    def test_pointing_the_url_at_another_host_is_denied(self, cluster: Any, policy_editor: str) -> None:
+        assert admission.create(cluster, manifests.agent_policy(policy_editor)).admitted
+        changed = manifests.agent_policy(policy_editor, url="https://collector.mallory.example/v1")
+        answer = admission.apply(cluster, changed, as_user=USER)
+        _denied_for_secret(answer, policy_editor)
+        stored = json.loads(cluster.kubectl("get", "agentpolicy", "openai", "-n", policy_editor, "-o", "json"))
+        assert stored["spec"]["upstreams"][0]["url"] == "https://api.openai.com/v1"
+
+    def test_every_unreadable_secret_is_named(self, cluster: Any, policy_editor: str) -> None:
+        policy = manifests.agent_policy(policy_editor)
+        second = json.loads(json.dumps(policy["spec"]["upstreams"][0]))
+        second.update(name="anthropic", url="https://api.anthropic.com")
+        second["auth"]["secretRef"]["name"] = "anthropic-key"
+        policy["spec"]["upstreams"].append(second)
+        answer = admission.create(cluster, policy, as_user=USER)
+        assert not answer.admitted
+        assert f"Secret(s) {manifests.SECRET}, anthropic-key in namespace" in answer.message, answer.message
+
+
+class TestAuthorsWhoCanReadTheSecretAreAllowed:
+    def test_an_admin_may_create_and_change_the_policy(self, cluster: Any, policy_editor: str) -> None:
+        assert admission.create(cluster, manifests.agent_policy(policy_editor)).admitted
+        changed = manifests.agent_policy(policy_editor, subjects=["agent", "mallory-bot"],
+                                         url="https://api.openai.com/v2")
+        answer = admission.apply(cluster, changed)
+        assert answer.admitted, answer.message
+
+    def test_an_author_granted_get_on_exactly_that_secret_may_create_the_policy(
+            self, cluster: Any, policy_editor: str) -> None:
+        for obj in _role(policy_editor, "read-openai-key", [{
+                "apiGroups": [""], "resources": ["secrets"], "resourceNames": [manifests.SECRET],
+                "verbs": ["get"]}]):
+            assert admission.apply(cluster, obj).admitted
+        answer = admission.create(cluster, manifests.agent_policy(policy_editor), as_user=USER)
+        assert answer.admitted, answer.message
+
+    def test_metadata_only_changes_are_not_checked(self, cluster: Any, policy_editor: str) -> None:
+        """The operator's finalizers and annotations must never need Secret reads."""
+        assert admission.create(cluster, manifests.agent_policy(policy_editor)).admitted
+        answer = admission.kubectl(cluster, "label", "agentpolicy", "openai", "-n", policy_editor,
+                                   "team=agents", as_user=USER)
+        assert answer.admitted, answer.message

@@ -1,0 +1,138 @@
+"""AgentPolicies as the webhook sees them: a watch-backed cache, read live on a miss.
+
+The cache answers in microseconds, which keeps admission latency low, but a
+pod created right after its policy must still get it: when no cached policy
+in the namespace names the pod's service account (or the cache has not
+synced yet), the namespace's AgentPolicies are read live from the apiserver,
+with a short timeout so admission stays within its own deadline. A policy
+that does not parse is skipped with a warning naming it, never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import aiohttp
+
+from sidekey.core import contract, kubeapi, policies
+
+log = logging.getLogger("sidekey.webhook.caching")
+
+COLLECTION: Final = f"/apis/{contract.GROUP}/{contract.VERSION}/{contract.PLURAL}"
+#: The live read on a miss must leave time for the rest of admission (timeoutSeconds ≤ 5).
+LIVE_READ_TIMEOUT: Final = 2.0
+
+
+def namespaced_collection(namespace: str) -> str:
+    return f"/apis/{contract.GROUP}/{contract.VERSION}/namespaces/{namespace}/{contract.PLURAL}"
+
+
+class Unavailable(Exception):
+    """No trustworthy view of the policies: neither a synced cache nor a live read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """The namespace's usable policies, and warnings about the unusable ones."""
+
+    policies: tuple[policies.AgentPolicy, ...]
+    warnings: tuple[str, ...] = ()
+    live: bool = False  # read from the apiserver, not the cache
+
+
+class PolicySource(Protocol):
+    """Where the handler gets policies: the cache, or an in-memory twin in tests."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def lookup(self, namespace: str, service_account: str) -> Lookup: ...
+
+
+def parse_all(objects: Iterable[Mapping[str, Any]]) -> Lookup:
+    parsed: list[policies.AgentPolicy] = []
+    warnings: list[str] = []
+    for obj in objects:
+        name = str((obj.get("metadata") or {}).get("name", "?"))
+        try:
+            parsed.append(policies.parse(obj))
+        except policies.PolicyError as exc:
+            warnings.append(f"AgentPolicy {name} is invalid and was ignored: {exc}")
+    return Lookup(tuple(sorted(parsed, key=lambda p: p.age_key)), tuple(warnings))
+
+
+class StaticPolicies:
+    """An in-memory PolicySource: the tests' and the benchmark's twin of the cache."""
+
+    def __init__(self, objects: Iterable[Mapping[str, Any]] = ()) -> None:
+        self.objects = list(objects)
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def lookup(self, namespace: str, service_account: str) -> Lookup:
+        mine = [o for o in self.objects if (o.get("metadata") or {}).get("namespace") == namespace]
+        return parse_all(mine)
+
+
+class PolicyCache:
+    """A Reflector over every AgentPolicy, parsed once per resourceVersion."""
+
+    def __init__(self, api: kubeapi.ApiClient) -> None:
+        self.api = api
+        self.reflector = kubeapi.Reflector(api, COLLECTION)
+        self._parsed: dict[str, tuple[str, policies.AgentPolicy | policies.PolicyError]] = {}
+        self.live_reads = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.reflector.synced.is_set()
+
+    async def run(self) -> None:
+        await self.reflector.run()
+
+    def _cached(self, namespace: str) -> Lookup:
+        found: list[policies.AgentPolicy] = []
+        warnings: list[str] = []
+        for key, obj in list(self.reflector.objects.items()):
+            if not key.startswith(namespace + "/"):
+                continue
+            rv = str((obj.get("metadata") or {}).get("resourceVersion", ""))
+            hit = self._parsed.get(key)
+            if hit is None or hit[0] != rv:
+                try:
+                    hit = (rv, policies.parse(obj))
+                except policies.PolicyError as exc:
+                    hit = (rv, exc)
+                self._parsed[key] = hit
+            if isinstance(hit[1], policies.PolicyError):
+                warnings.append(f"AgentPolicy {key.split('/', 1)[1]} is invalid and was ignored: {hit[1]}")
+            else:
+                found.append(hit[1])
+        if len(self._parsed) > 2 * len(self.reflector.objects) + 100:
+            self._parsed = {k: v for k, v in self._parsed.items() if k in self.reflector.objects}
+        return Lookup(tuple(sorted(found, key=lambda p: p.age_key)), tuple(warnings))
+
+    async def lookup(self, namespace: str, service_account: str) -> Lookup:
+        cached = self._cached(namespace)
+        if self.ready and any(p.selects(service_account) for p in cached.policies):
+            return cached
+        self.live_reads += 1
+        try:
+            async with asyncio.timeout(LIVE_READ_TIMEOUT):
+                doc = await self.api.get_json(namespaced_collection(namespace))
+        except (kubeapi.ApiError, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            if not self.ready:
+                raise Unavailable("AgentPolicies cannot be read yet (the webhook is starting); "
+                                  "retry in a few seconds") from None
+            log.warning("live read of AgentPolicies in %s failed, using the cache: %s",
+                        namespace, type(exc).__name__)
+            return Lookup(cached.policies, (*cached.warnings,
+                                            "AgentPolicies could not be read live; used the cache"))
+        live = parse_all(doc.get("items") or [])
+        return Lookup(live.policies, live.warnings, live=True)
