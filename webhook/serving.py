@@ -20,7 +20,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from sidekey.core import contract
-from sidekey.webhook import caching, eligibility, patching, reviews
+from sidekey.webhook import caching, eligibility, patching, refusals, reviews
 from sidekey.webhook import metrics as metrics_mod
 from sidekey.webhook import settings as settings_mod
 
@@ -110,7 +110,7 @@ class Handler:
         if not decision.inject:
             return "skipped", decision.reason, reviews.allow(req.uid, warnings=early)
         if self.cluster_minor is not None and self.cluster_minor < NATIVE_SIDECAR_MINOR:
-            raise patching.Refused([patching.refusals.Refusal("cluster-version", (
+            raise patching.Refused([refusals.Refusal("cluster-version", (
                 f"this cluster runs Kubernetes 1.{self.cluster_minor}, which has no native sidecars "
                 "(init containers with restartPolicy Always, 1.29+); sidekey does not fall back to a "
                 "regular container, which would break Jobs and start ordering"))])
@@ -129,6 +129,8 @@ class Handler:
         return "allowed", "ephemeral", reviews.allow(req.uid)
 
     def _log(self, req: reviews.Request, result: str, reason: str) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
         meta = (req.object or {}).get("metadata") or {}
         name = req.name or meta.get("name") or (str(meta.get("generateName", "")) + "*")
         log.info(json.dumps({"msg": "admission", "uid": req.uid, "namespace": req.namespace,

@@ -1,0 +1,101 @@
+"""``sidekey webhook``: the mutating admission webhook's process.
+
+Start-up order matters: the settings are checked first (a bad file stops the
+process with the key to fix), then the certificate (no TLS, no webhook),
+then the AgentPolicy watch starts and ``/readyz`` turns green once the first
+list arrived, so a Service never routes admissions to a replica that would
+have to read every policy live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from sidekey.core import contract, kubeapi
+from sidekey.webhook import caching, serving, tls
+from sidekey.webhook import metrics as metrics_mod
+from sidekey.webhook import settings as settings_mod
+
+log = logging.getLogger("sidekey.webhook")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=contract.DEFAULT_WEBHOOK_PORT,
+                        help="HTTPS port for /mutate, /healthz, /readyz and /metrics (default %(default)s)")
+    parser.add_argument("--host", default="0.0.0.0",  # noqa: S104 - a Service routes to the pod IP
+                        help="address to listen on (default %(default)s)")
+    parser.add_argument("--tls-dir", type=Path, required=True,
+                        help=f"directory with {contract.TLS_CERT_KEY} and {contract.TLS_KEY_KEY}; "
+                             "reloaded when the files change")
+    parser.add_argument("--settings", type=Path, default=None,
+                        help="settings YAML (image, allow-list, ports, audience, resources...)")
+    parser.add_argument("--namespace", default=None,
+                        help="the webhook's own namespace: never injected")
+    parser.add_argument("--kubeconfig", type=Path, default=None,
+                        help="kubeconfig to reach the apiserver (in-cluster config otherwise)")
+
+
+async def _cluster_minor(api: kubeapi.ApiClient) -> int | None:
+    """The apiserver's minor version, to refuse injection where native sidecars are missing."""
+    try:
+        async with asyncio.timeout(10):
+            version = await api.get_json("/version")
+        return int("".join(ch for ch in str(version.get("minor", "")) if ch.isdigit()))
+    except (kubeapi.ApiError, TimeoutError, OSError, ValueError) as exc:
+        log.warning("could not read the apiserver version (%s); assuming native sidecars",
+                    type(exc).__name__)
+        return None
+
+
+async def serve(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
+    metrics = metrics_mod.Metrics()
+    certificate = tls.ReloadingTLS(args.tls_dir, metrics)
+    config = (kubeapi.ApiConfig.from_kubeconfig(args.kubeconfig) if args.kubeconfig
+              else kubeapi.ApiConfig.in_cluster())
+    async with kubeapi.ApiClient(config) as api:
+        cache = caching.PolicyCache(api)
+        handler = serving.Handler(settings, cache, metrics=metrics, own_namespace=args.namespace,
+                                  cluster_minor=await _cluster_minor(api))
+        runner = web.AppRunner(serving.make_app(handler), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, args.host, args.port, ssl_context=certificate.context,
+                           shutdown_timeout=5.0)
+        await site.start()
+        log.info("sidekey webhook listening on https://%s:%d", args.host, args.port)
+        tasks = [asyncio.create_task(cache.run(), name="policy-watch"),
+                 asyncio.create_task(certificate.watch(), name="tls-reload")]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            log.info("sidekey webhook stopping")
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await runner.cleanup()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_mod.load(args.settings) if args.settings else settings_mod.Settings()
+    except settings_mod.SettingsError as exc:
+        print(f"sidekey webhook: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return asyncio.run(serve(args, settings))
+    except FileNotFoundError as exc:
+        print(f"sidekey webhook: {exc}", file=sys.stderr)
+        return 2
