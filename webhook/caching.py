@@ -53,7 +53,21 @@ class PolicySource(Protocol):
     async def lookup(self, namespace: str, service_account: str) -> Lookup: ...
 
 
-def parse_all(objects: Iterable[Mapping[str, Any]]) -> Lookup:
+def names(obj: Mapping[str, Any], service_account: str) -> bool:
+    """Whether a policy that failed to parse still seems to name ``service_account``.
+
+    Only those are worth a warning on this pod; an unreadable subject list counts.
+    """
+    subjects = ((obj.get("spec") or {}).get("subjects") or {}) if isinstance(obj.get("spec"), Mapping) else {}
+    accounts = subjects.get("serviceAccounts") if isinstance(subjects, Mapping) else None
+    return not isinstance(accounts, list) or service_account in accounts
+
+
+def _invalid(name: str, exc: policies.PolicyError) -> str:
+    return f"AgentPolicy {name} is invalid and was ignored: {exc}"
+
+
+def parse_all(objects: Iterable[Mapping[str, Any]], service_account: str) -> Lookup:
     parsed: list[policies.AgentPolicy] = []
     warnings: list[str] = []
     for obj in objects:
@@ -61,7 +75,8 @@ def parse_all(objects: Iterable[Mapping[str, Any]]) -> Lookup:
         try:
             parsed.append(policies.parse(obj))
         except policies.PolicyError as exc:
-            warnings.append(f"AgentPolicy {name} is invalid and was ignored: {exc}")
+            if names(obj, service_account):
+                warnings.append(_invalid(name, exc))
     return Lookup(tuple(sorted(parsed, key=lambda p: p.age_key)), tuple(warnings))
 
 
@@ -77,7 +92,7 @@ class StaticPolicies:
 
     async def lookup(self, namespace: str, service_account: str) -> Lookup:
         mine = [o for o in self.objects if (o.get("metadata") or {}).get("namespace") == namespace]
-        return parse_all(mine)
+        return parse_all(mine, service_account)
 
 
 class PolicyCache:
@@ -96,7 +111,7 @@ class PolicyCache:
     async def run(self) -> None:
         await self.reflector.run()
 
-    def _cached(self, namespace: str) -> Lookup:
+    def _cached(self, namespace: str, service_account: str) -> Lookup:
         found: list[policies.AgentPolicy] = []
         warnings: list[str] = []
         for key, obj in list(self.reflector.objects.items()):
@@ -111,7 +126,8 @@ class PolicyCache:
                     hit = (rv, exc)
                 self._parsed[key] = hit
             if isinstance(hit[1], policies.PolicyError):
-                warnings.append(f"AgentPolicy {key.split('/', 1)[1]} is invalid and was ignored: {hit[1]}")
+                if names(obj, service_account):
+                    warnings.append(_invalid(key.split("/", 1)[1], hit[1]))
             else:
                 found.append(hit[1])
         if len(self._parsed) > 2 * len(self.reflector.objects) + 100:
@@ -119,7 +135,7 @@ class PolicyCache:
         return Lookup(tuple(sorted(found, key=lambda p: p.age_key)), tuple(warnings))
 
     async def lookup(self, namespace: str, service_account: str) -> Lookup:
-        cached = self._cached(namespace)
+        cached = self._cached(namespace, service_account)
         if self.ready and any(p.selects(service_account) for p in cached.policies):
             return cached
         self.live_reads += 1
@@ -134,5 +150,5 @@ class PolicyCache:
                         namespace, type(exc).__name__)
             return Lookup(cached.policies, (*cached.warnings,
                                             "AgentPolicies could not be read live; used the cache"))
-        live = parse_all(doc.get("items") or [])
+        live = parse_all(doc.get("items") or [], service_account)
         return Lookup(live.policies, live.warnings, live=True)

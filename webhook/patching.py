@@ -158,6 +158,9 @@ def mutate(pod: Mapping[str, Any], policy_list: Sequence[policies.AgentPolicy],
     if not selection.policies:
         warnings.append(f"no AgentPolicy names service account {sa} yet: the sidecar starts "
                         "without upstreams and picks up a policy live")
+    for c in selection.conflicts:
+        warnings.append(f"AgentPolicy {c.loser.name}: {c.what} {c.name} is already given by the "
+                        f"older AgentPolicy {c.winner.name}; ignored here")
     for name, container in sorted(skipped.items()):
         warnings.append(f"container {container} already sets {name}; sidekey left it as is")
     status: dict[str, Any] = {
