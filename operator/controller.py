@@ -1,0 +1,298 @@
+"""The AgentPolicy reconcile: facts in, RBAC and status out.
+
+One run for one policy: parse it, find the conflicts it loses against older
+policies of its namespace, look at the Secrets it names (which keys hold a
+value; the values are dropped on read), keep its Role and RoleBinding in
+step, then write the status and post Events on transitions. Every step is
+idempotent and cheap when nothing changed (no write at all), so the run can
+be triggered as often as the world changes: by the policy, by a neighbour
+policy, or by a Secret it names.
+
+The policies themselves come from a kopf index: kopf fills it before any
+handler runs, so a conflict with an older policy is seen from the first
+reconcile after a restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Protocol
+
+from sidekey.core import contract, kubeapi, policies
+from sidekey.operator import (
+    conditions,
+    kubeobjects,
+    metrics,
+    queueing,
+    rbac,
+    recording,
+    rest,
+    verdicts,
+)
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]  # (namespace, name)
+
+
+class PolicyIndex(Protocol):
+    """The part of a ``kopf.Index`` the controller reads: namespace -> policies."""
+
+    def __contains__(self, key: object) -> bool: ...
+    def __getitem__(self, key: str) -> Iterable[Mapping[str, Any]]: ...
+
+
+def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain, detached copy of a policy as served (kopf's bodies are live views)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+    return {k: plain(body.get(k)) for k in ("apiVersion", "kind", "metadata", "spec", "status")
+            if body.get(k) is not None}
+
+
+def referenced_secrets(raw: Mapping[str, Any]) -> set[str]:
+    """Secret names a policy refers to, read leniently so an invalid spec still counts."""
+    names: set[str] = set()
+    spec = raw.get("spec")
+    ups = spec.get("upstreams") if isinstance(spec, Mapping) else None
+    for up in ups if isinstance(ups, list) else []:
+        auth = up.get("auth") if isinstance(up, Mapping) else None
+        ref = auth.get("secretRef") if isinstance(auth, Mapping) else None
+        if isinstance(ref, Mapping) and isinstance(ref.get("name"), str):
+            names.add(ref["name"])
+    return names
+
+
+def secret_keys(name: str, secret: Mapping[str, Any]) -> kubeobjects.SecretKeys:
+    """Narrow a served Secret to which keys hold a value; the values go no further."""
+    present: set[str] = set()
+    empty: set[str] = set()
+    data = secret.get("data")
+    for key, value in (data.items() if isinstance(data, Mapping) else ()):
+        try:
+            filled = isinstance(value, str) and len(base64.b64decode(value, validate=True)) > 0
+        except (binascii.Error, ValueError):
+            filled = False
+        (present if filled else empty).add(str(key))
+    return kubeobjects.SecretKeys(name, frozenset(present), frozenset(empty))
+
+
+def reference(raw: Mapping[str, Any]) -> kubeobjects.ObjectReference:
+    meta = raw.get("metadata") or {}
+    return kubeobjects.ObjectReference(
+        apiVersion=contract.API_VERSION, kind=contract.KIND, name=str(meta.get("name", "")),
+        namespace=str(meta.get("namespace", "")), uid=str(meta.get("uid", "")))
+
+
+class Controller:
+    def __init__(self, api: rest.Rest, recorder: recording.Recorder, stats: metrics.Metrics,
+                 *, workers: int = 4) -> None:
+        self._api = api
+        self._recorder = recorder
+        self._stats = stats
+        self._index: PolicyIndex | None = None
+        self._ready: dict[Key, bool] = {}
+        self.queue: queueing.Queue[Key] = queueing.Queue(self.reconcile, workers=workers)
+
+    # --- Triggers (called from kopf handlers) ---------------------------------
+
+    def attach(self, index: PolicyIndex) -> None:
+        """Remember kopf's live policy index (the same object on every call)."""
+        self._index = index
+
+    @property
+    def attached(self) -> bool:
+        return self._index is not None
+
+    def _policies(self, namespace: str) -> list[Mapping[str, Any]]:
+        if self._index is None or namespace not in self._index:
+            return []
+        return list(self._index[namespace])
+
+    def policy_changed(self, namespace: str, name: str, *, deleted: bool) -> None:
+        """A policy changed: reconcile it and its neighbours, whose conflicts may change."""
+        if deleted:
+            self._ready.pop((namespace, name), None)
+            self._update_gauge()
+        else:
+            self.queue.add((namespace, name))
+        for raw in self._policies(namespace):
+            other = str((raw.get("metadata") or {}).get("name", ""))
+            if other and other != name:
+                self.queue.add((namespace, other))
+        self._stats.queue_depth.set(self.queue.depth)
+
+    def secret_changed(self, namespace: str, name: str) -> None:
+        for raw in self._policies(namespace):
+            if name in referenced_secrets(raw):
+                self.queue.add((namespace, str(raw["metadata"]["name"])))
+
+    def role_changed(self, namespace: str, labels: Mapping[str, str]) -> None:
+        """A Role or RoleBinding we manage changed: put it back if someone edited it."""
+        wanted = labels.get(contract.LABEL_POLICY)
+        for raw in self._policies(namespace):
+            name = str((raw.get("metadata") or {}).get("name", ""))
+            if rbac.label_value(name) == wanted:
+                self.queue.add((namespace, name))
+
+    def _find(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        for raw in self._policies(namespace):
+            if (raw.get("metadata") or {}).get("name") == name:
+                return raw
+        return None
+
+    # --- The reconcile ----------------------------------------------------------
+
+    async def reconcile(self, key: Key) -> None:
+        namespace, name = key
+        raw = self._find(namespace, name)
+        if raw is None:
+            return  # deleted: the garbage collector removes its Role and RoleBinding
+        started = time.monotonic()
+        try:
+            verdict, rbac_changed = await self._judge(raw)
+            await self._write_status(raw, verdict)
+        except Exception as exc:
+            self._stats.reconciles.labels("error").inc()
+            self._stats.errors.labels("reconcile" if not rest.transient(exc) else "api").inc()
+            if rest.transient(exc):
+                raise queueing.Retry(f"transient API error: {exc}") from exc
+            raise
+        finally:
+            self._stats.duration.observe(time.monotonic() - started)
+            self._stats.queue_depth.set(self.queue.depth)
+        ready = verdict.ready.status == "True"
+        self._stats.reconciles.labels("ready" if ready else "not_ready").inc()
+        self._ready[key] = ready
+        self._update_gauge()
+        if rbac_changed and verdict.policy is not None:
+            p = verdict.policy
+            await self._recorder.post(
+                reference(raw), "Normal", "RBACUpdated",
+                f"Role and RoleBinding {rbac.object_name(p.name)} let service account(s) "
+                f"{', '.join(sorted(p.service_accounts))} read Secret(s) "
+                f"{', '.join(sorted(p.secret_names))} and the namespace's AgentPolicies")
+
+    def _update_gauge(self) -> None:
+        ready = sum(1 for v in self._ready.values() if v)
+        self._stats.policies.labels("true").set(ready)
+        self._stats.policies.labels("false").set(len(self._ready) - ready)
+
+    async def _judge(self, raw: Mapping[str, Any]) -> tuple[verdicts.Verdict, bool]:
+        meta = raw.get("metadata") or {}
+        parsed = verdicts.parse(raw)
+        if isinstance(parsed, policies.PolicyError):
+            await self._remove_rbac(str(meta.get("namespace")), str(meta.get("name")),
+                                    str(meta.get("uid")))
+            return verdicts.invalid(raw, parsed), False
+        lost = verdicts.conflicts(parsed, self._policies(parsed.namespace))
+        lookups = {s: await self._lookup(parsed.namespace, s) for s in sorted(parsed.secret_names)}
+        secrets = verdicts.secrets_resolved(parsed, lookups)
+        problem, changed = await self._ensure_rbac(parsed)
+        return verdicts.judge(parsed, lost, secrets, problem), changed
+
+    async def _lookup(self, namespace: str, name: str) -> verdicts.SecretLookup:
+        try:
+            secret = await self._api.get(rest.secret_path(namespace, name))
+        except kubeapi.ApiError as exc:
+            if exc.status == 403:
+                return verdicts.Unreadable(name, "forbidden: grant the operator get on secrets")
+            raise
+        if secret is None:
+            return verdicts.Missing(name)
+        return secret_keys(name, secret)
+
+    async def _ensure_rbac(self, policy: policies.AgentPolicy) -> tuple[tuple[str, str] | None, bool]:
+        """Create or fix the Role and RoleBinding; (problem, changed)."""
+        ns, obj_name = policy.namespace, rbac.object_name(policy.name)
+        changed = False
+        try:
+            want_role = rbac.role(policy)
+            current = await self._api.get(rest.role_path(ns, obj_name))
+            if current is not None and not rbac.owned_by(current, policy.uid):
+                return ("RoleConflict", f"Role {obj_name!r} exists but is not managed by this "
+                        "AgentPolicy; delete or rename that Role"), False
+            if current is None or not rbac.role_matches(current, want_role):
+                await self._api.patch(rest.role_path(ns, obj_name), want_role, "apply")
+                changed = True
+            want_binding = rbac.role_binding(policy)
+            current = await self._api.get(rest.role_binding_path(ns, obj_name))
+            if current is not None and not rbac.owned_by(current, policy.uid):
+                return ("RoleConflict", f"RoleBinding {obj_name!r} exists but is not managed by "
+                        "this AgentPolicy; delete or rename that RoleBinding"), changed
+            if current is not None and not rbac.role_ref_matches(current, want_binding):
+                await self._api.delete(rest.role_binding_path(ns, obj_name))
+                current = None
+            if current is None or not rbac.binding_matches(current, want_binding):
+                await self._api.patch(rest.role_binding_path(ns, obj_name), want_binding, "apply")
+                changed = True
+        except kubeapi.ApiError as exc:
+            if rest.transient(exc):
+                raise
+            return ("RBACFailed", f"could not write Role/RoleBinding {obj_name!r}: "
+                    f"{exc.status} {exc.reason}: {exc.message}"), changed
+        return None, changed
+
+    async def _remove_rbac(self, namespace: str, name: str, uid: str) -> None:
+        """An invalid policy grants nothing: remove what an earlier version was given."""
+        obj_name = rbac.object_name(name)
+        for path in (rest.role_binding_path(namespace, obj_name), rest.role_path(namespace, obj_name)):
+            try:
+                current = await self._api.get(path)
+                if current is not None and rbac.owned_by(current, uid):
+                    await self._api.delete(path)
+            except kubeapi.ApiError as exc:
+                if rest.transient(exc):
+                    raise
+                log.warning("could not remove %s of invalid AgentPolicy %s/%s: %s",
+                            path, namespace, name, exc)
+
+    async def _write_status(self, raw: Mapping[str, Any], verdict: verdicts.Verdict) -> None:
+        meta = raw.get("metadata") or {}
+        generation = int(meta.get("generation") or 0)
+        status = raw.get("status") if isinstance(raw.get("status"), Mapping) else {}
+        old = conditions.existing(status)
+        new = conditions.merge(old, verdict.wanted, generation, conditions.now_rfc3339())
+        if (conditions.same(new, old) and status.get("observedGeneration") == generation
+                and status.get("upstreamCount") == verdict.upstream_count):
+            return
+        body = {"status": kubeobjects.PolicyStatus(
+            observedGeneration=generation, upstreamCount=verdict.upstream_count, conditions=new)}
+        try:
+            await self._api.patch(
+                rest.policy_path(str(meta.get("namespace")), str(meta.get("name"))) + "/status",
+                body, "merge")
+        except kubeapi.ApiError as exc:
+            if exc.status == 404:
+                return  # deleted meanwhile
+            raise
+        await self._post_transitions(raw, old, new)
+
+    async def _post_transitions(self, raw: Mapping[str, Any],
+                                old: Mapping[str, kubeobjects.Condition],
+                                new: list[kubeobjects.Condition]) -> None:
+        target = reference(raw)
+        for c in _changed(old, new):
+            if c["type"] == conditions.READY:
+                if c["status"] == "True":
+                    await self._recorder.post(target, "Normal", "Ready", c["message"])
+                else:
+                    await self._recorder.post(target, "Warning", c["reason"], c["message"])
+                log.info("AgentPolicy %s/%s Ready=%s %s: %s", target["namespace"],
+                         target["name"], c["status"], c["reason"], c["message"])
+
+
+def _changed(old: Mapping[str, kubeobjects.Condition], new: Iterable[kubeobjects.Condition]
+             ) -> Iterator[kubeobjects.Condition]:
+    for c in new:
+        prev = old.get(c["type"])
+        if prev is None or (prev["status"], prev["reason"], prev["message"]) != (
+                c["status"], c["reason"], c["message"]):
+            yield c
