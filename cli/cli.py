@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "proxy": ("sidekey.proxy.main", "run the sidecar proxy (injected into agent pods)"),
     "webhook": ("sidekey.webhook.main", "run the mutating admission webhook"),
     "operator": ("sidekey.operator.main", "run the AgentPolicy operator (kopf)"),
-    "demo": ("sidekey.localcluster.demo", "run the whole flow on an embedded control plane"),
+    "demo": ("sidekey.demo.main", "run the whole flow on an embedded control plane"),
     "cluster": ("sidekey.localcluster.main", "start a local control plane and print how to reach it"),
 }
 

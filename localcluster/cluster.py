@@ -12,11 +12,9 @@ collection, namespace deletion, ``default`` service accounts,
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -27,14 +25,14 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidekey.core import certificates
-from sidekey.localcluster import binaries
+from sidekey.localcluster import binaries, processes
 
 SERVICE_CIDR = "10.0.0.0/24"
 START_TIMEOUT = float(os.environ.get("SIDEKEY_CONTROLPLANE_START_TIMEOUT", "90"))
@@ -44,49 +42,11 @@ class ControlPlaneError(RuntimeError):
     """A control-plane process failed; the message carries the tail of its log."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port that was free a moment ago (callers retry on a race)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGTERM the child when its parent dies, so no control
-    plane outlives a crashed test run or a killed demo."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    os.setpgrp()
-
-
-@dataclass
-class _Process:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-    _log_file: IO[bytes]
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def check_alive(self) -> None:
-        if self.popen.poll() is not None:
-            raise ControlPlaneError(
-                f"{self.name} exited with {self.popen.returncode}; log {self.log}:\n{self.tail()}"
-            )
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        self._log_file.close()
 
 
 @dataclass
@@ -110,7 +70,7 @@ class LocalCluster:
     sa_key_file: Path = field(default_factory=Path)
     sa_pub_file: Path = field(default_factory=Path)
     started_in: float = 0.0
-    _procs: list[_Process] = field(default_factory=list)
+    _procs: processes.Processes | None = None
     _etcd_dirs: list[Path] = field(default_factory=list)
     _binaries: binaries.Binaries | None = None
 
@@ -147,9 +107,8 @@ class LocalCluster:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _stop_processes(self) -> None:
-        for proc in reversed(self._procs):
-            proc.stop()
-        self._procs.clear()
+        if self._procs is not None:
+            self._procs.stop_all()
         for d in self._etcd_dirs:
             shutil.rmtree(d, ignore_errors=True)
         self._etcd_dirs.clear()
@@ -203,21 +162,15 @@ class LocalCluster:
 
     # --- processes ---------------------------------------------------------
 
-    def _spawn(self, name: str, args: Sequence[str]) -> _Process:
-        log = self.workdir / f"{name}.log"
-        log_file = log.open("ab")
-        popen = subprocess.Popen(
-            list(args), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )
-        proc = _Process(name, popen, log, log_file)
-        self._procs.append(proc)
-        return proc
+    def _spawn(self, name: str, args: Sequence[str]) -> processes.Process:
+        if self._procs is None:
+            self._procs = processes.Processes(self.workdir)
+        return self._procs.start(name, args)
 
     def _start_processes(self) -> None:
         assert self._binaries is not None
         b = self._binaries
-        etcd_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
+        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
         shm = Path("/dev/shm")
         data_root = Path(tempfile.mkdtemp(prefix="sidekey-etcd-", dir=shm if shm.is_dir() else None))
         etcd = self._spawn("etcd", [
@@ -267,7 +220,7 @@ class LocalCluster:
                 f"--cluster-signing-key-file={self.ca_key_file}",
                 "--use-service-account-credentials=false",
                 "--leader-elect=false",
-                "--bind-address=127.0.0.1", f"--secure-port={_free_port()}",
+                "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service-lb-controller,"
                 "-node-route-controller,-persistentvolume-binder,-attachdetach,-ttl",
@@ -277,14 +230,17 @@ class LocalCluster:
             self._wait_for(deadline, kcm, lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default"),
                            "the controller-manager to create the default ServiceAccount")
 
-    def _wait_ready(self, deadline: float, *procs: _Process) -> None:
+    def _wait_ready(self, deadline: float, *procs: processes.Process) -> None:
         self._wait_for(deadline, procs[-1], lambda: self._get("/readyz"), "kube-apiserver /readyz", *procs)
 
-    def _wait_for(self, deadline: float, proc: _Process, probe: Any, what: str, *others: _Process) -> None:
+    def _wait_for(self, deadline: float, proc: processes.Process, probe: Any, what: str, *others: processes.Process) -> None:
         last = ""
         while time.monotonic() < deadline:
             for p in (*others, proc):
-                p.check_alive()
+                try:
+                    p.check_alive()
+                except processes.ProcessExited as exc:
+                    raise ControlPlaneError(str(exc)) from None
             try:
                 probe()
                 return

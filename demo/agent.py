@@ -1,0 +1,66 @@
+"""The demo's agent: the real ``openai`` SDK, configured only by the injected env.
+
+It reads the token file on every request, as agents must (the kubelet
+rewrites it at 80% of its lifetime): the SDK accepts a callable as its
+``api_key`` and calls it per request.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+
+from pathlib import Path
+
+import openai
+
+from sidekey.core import contract
+
+
+def _client(env: Mapping[str, str]) -> openai.OpenAI:
+    token_file = Path(env[contract.ENV_TOKEN_FILE])
+    return openai.OpenAI(
+        base_url=env["OPENAI_BASE_URL"],
+        api_key=lambda: token_file.read_text().strip(),
+        max_retries=0,
+    )
+
+
+def stream_chat(env: Mapping[str, str]) -> str:
+    with _client(env) as client:
+        stream = client.chat.completions.create(
+            model="demo-model", messages=[{"role": "user", "content": "Say hello."}], stream=True)
+        return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+
+def list_models(env: Mapping[str, str]) -> list[str]:
+    with _client(env) as client:
+        return [m.id for m in client.models.list()]
+
+
+def forbidden_call(env: Mapping[str, str]) -> tuple[int, str]:
+    with _client(env) as client:
+        try:
+            client.embeddings.create(model="demo-model", input="hi")
+        except openai.APIStatusError as exc:
+            return exc.status_code, _message(exc.response.text)
+    return 200, ""
+
+
+def raw_call(port: int, token: str) -> tuple[int, str]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/openai/models",
+                                 headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
+            return int(resp.status), ""
+    except urllib.error.HTTPError as exc:
+        return exc.code, _message(exc.read().decode())
+
+
+def _message(body: str) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body[:200]
