@@ -386,6 +386,9 @@ def parse_upstream(raw: Mapping[str, Any], where: str) -> Upstream:
     if not isinstance(auth_raw, Mapping):
         raise PolicyError(f"{where}.auth", "is required")
     auth = parse_auth(auth_raw, f"{where}.auth")
+    if auth.token_url is not None and urlsplit(auth.token_url).scheme == "http" and not insecure:
+        raise PolicyError(f"{where}.auth.oauth2ClientCredentials.tokenURL",
+                          "must use https; http only with insecure: true on the upstream")
     allow_raw = raw.get("allow")
     if not isinstance(allow_raw, list) or not allow_raw:
         raise PolicyError(f"{where}.allow", "needs at least one rule (methods and paths); use paths: ['/**'] to allow all")
