@@ -102,6 +102,12 @@ ENV_AUDIENCE: Final = "SIDEKEY_AUDIENCE"
 ENV_API_SERVER: Final = "SIDEKEY_API_SERVER"
 #: Directory with token, ca.crt and namespace; defaults to API_TOKEN_DIR.
 ENV_API_TOKEN_DIR: Final = "SIDEKEY_API_TOKEN_DIR"
+#: Optional sidecar settings (defaults in the proxy): where the health/metrics
+#: listener binds (default all interfaces, for scraping), how long SIGTERM
+#: waits for in-flight requests and streams, and the log level.
+ENV_HEALTH_ADDRESS: Final = "SIDEKEY_HEALTH_ADDRESS"
+ENV_DRAIN_SECONDS: Final = "SIDEKEY_DRAIN_SECONDS"
+ENV_LOG_LEVEL: Final = "SIDEKEY_LOG_LEVEL"
 # Set on agent containers.
 ENV_TOKEN_FILE: Final = "SIDEKEY_TOKEN_FILE"
 ENV_URL: Final = "SIDEKEY_URL"

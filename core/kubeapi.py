@@ -324,6 +324,9 @@ class Reflector:
         self.on_error = on_error
         self.objects: dict[str, dict[str, Any]] = {}
         self.synced = asyncio.Event()
+        #: Set after the first list attempt, whatever its outcome (readiness
+        #: must not wait forever on something the apiserver refuses).
+        self.attempted = asyncio.Event()
         #: True while the last list was refused with 403 (forbidden_is_empty).
         self.forbidden = False
         self._rv: str | None = None
@@ -345,6 +348,12 @@ class Reflector:
 
     async def relist(self) -> None:
         """One live list now; replaces ``objects`` and the resume point."""
+        try:
+            await self._relist()
+        finally:
+            self.attempted.set()
+
+    async def _relist(self) -> None:
         items: dict[str, dict[str, Any]] = {}
         params = self._selectors()
         params["limit"] = "500"

@@ -11,7 +11,6 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-
 from pathlib import Path
 
 import openai

@@ -74,13 +74,14 @@ class TestTheInjectedShapeIsCheckedInTheSpec:
     def test_a_sidecar_that_is_not_a_native_sidecar_is_denied(
             self, cluster: Any, subject_namespace: str) -> None:
         pod = manifests.injected_pod(subject_namespace, "not-native")
-        del manifests.sidecar(pod)["restartPolicy"]
+        side = manifests.sidecar(pod)
+        del side["restartPolicy"], side["readinessProbe"]  # probes need a native sidecar
         _denied(admission.create(cluster, pod), "restartPolicy: Always")
 
     def test_a_sidecar_as_a_regular_container_is_denied(self, cluster: Any, subject_namespace: str) -> None:
         pod = manifests.injected_pod(subject_namespace, "regular")
         side = pod["spec"].pop("initContainers")[0]
-        del side["restartPolicy"]
+        del side["restartPolicy"], side["readinessProbe"]
         pod["spec"]["containers"].append(side)
         _denied(admission.create(cluster, pod), FIX_HINT)
 
