@@ -85,8 +85,7 @@ class ApiConfig:
             port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
             if not host:
                 raise ValueError(
-                    f"no apiserver address: set {contract.ENV_API_SERVER}"
-                    " or KUBERNETES_SERVICE_HOST"
+                    f"no apiserver address: set {contract.ENV_API_SERVER} or KUBERNETES_SERVICE_HOST"
                 )
             if ":" in host and not host.startswith("["):
                 host = f"[{host}]"
@@ -121,9 +120,7 @@ class ApiConfig:
         user = users.get(ctx.get("user"), {})
         tmp: Path | None = None
 
-        def materialise(
-            file_key: str, data_key: str, source: Mapping[str, Any], name: str
-        ) -> Path | None:
+        def materialise(file_key: str, data_key: str, source: Mapping[str, Any], name: str) -> Path | None:
             nonlocal tmp
             if source.get(file_key):
                 p = Path(source[file_key])
@@ -162,9 +159,7 @@ class ApiConfig:
     def ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
         if self.client_cert is not None:
-            ctx.load_cert_chain(
-                str(self.client_cert), str(self.client_key) if self.client_key else None
-            )
+            ctx.load_cert_chain(str(self.client_cert), str(self.client_key) if self.client_key else None)
         return ctx
 
 
@@ -430,9 +425,7 @@ class Reflector:
                     continue
                 self._report(exc)
                 limit = (
-                    FORBIDDEN_RETRY_MAX
-                    if (exc.status == 403 and self.forbidden_is_empty)
-                    else BACKOFF_MAX
+                    FORBIDDEN_RETRY_MAX if (exc.status == 403 and self.forbidden_is_empty) else BACKOFF_MAX
                 )
                 await asyncio.sleep(min(backoff, limit) * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, limit)

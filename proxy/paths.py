@@ -87,4 +87,4 @@ def parse(raw_target: str) -> Target:
         raise PathError("'.' and '..' segments are not allowed in the path")
     if not route:
         raise PathError("the path must start with an upstream name: /<upstream>/<path>")
-    return Target(route=route, path=path[len(route) + 1:], query=query, segments=tuple(segments))
+    return Target(route=route, path=path[len(route) + 1 :], query=query, segments=tuple(segments))

@@ -66,9 +66,7 @@ class Scrubber:
         self._patterns = tuple(sorted(patterns, key=len, reverse=True))
         self._longest = max((len(p) for p in self._patterns), default=0)
         self._first = frozenset(p[:1] for p in self._patterns)
-        self._regex = (
-            re.compile(b"|".join(re.escape(p) for p in self._patterns)) if self._patterns else None
-        )
+        self._regex = re.compile(b"|".join(re.escape(p) for p in self._patterns)) if self._patterns else None
 
     @property
     def empty(self) -> bool:

@@ -1,0 +1,217 @@
+"""The upstream credential: read from a Secret, attached per the policy's auth type.
+
+Everything that can be computed when a Secret or policy changes is computed
+then (the header to set, the query parameter, the scrubber), so a request
+only copies a prepared tuple. OAuth2 client credentials (RFC 6749 §4.4) are
+exchanged for an access token with the sidecar's own aiohttp session (authlib's
+clients would pull httpx or requests into every agent pod); the token is
+cached and refreshed before it expires, so the upstream too only ever sees a
+short-lived credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import quote_plus
+
+import aiohttp
+
+from sidekey.core import policies
+from sidekey.proxy import scrubbing
+
+log = logging.getLogger("sidekey.proxy.credentials")
+
+_HEADER_SAFE: Final = re.compile(r"^[\x20-\x7e\x80-\xff]*$")
+#: Refresh an OAuth2 token this long before it expires (or at 80% of its life if shorter).
+OAUTH_REFRESH_MARGIN: Final = 60.0
+OAUTH_DEFAULT_LIFETIME: Final = 3600.0
+OAUTH_TIMEOUT: Final = aiohttp.ClientTimeout(total=30)
+
+
+class CredentialError(Exception):
+    """The credential cannot be built or fetched; ``status`` is 503 or 502."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def decode_secret(obj: Mapping[str, Any]) -> dict[str, str]:
+    """The Secret's ``data`` as text; keys that are not UTF-8 are left out."""
+    out: dict[str, str] = {}
+    for key, value in (obj.get("data") or {}).items():
+        try:
+            text = base64.b64decode(value, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError, TypeError, ValueError):
+            continue
+        out[key] = text.rstrip("\r\n")  # files often end in a newline the key never had
+    for key, value in (obj.get("stringData") or {}).items():
+        if isinstance(value, str):
+            out.setdefault(key, value.rstrip("\r\n"))
+    return out
+
+
+def _value(auth: policies.Auth, data: Mapping[str, str] | None, key: str | None) -> str:
+    if data is None:
+        raise CredentialError(f"Secret {auth.secret_name!r} does not exist or cannot be read")
+    assert key is not None
+    value = data.get(key)
+    if not value:
+        raise CredentialError(f"Secret {auth.secret_name!r} has no key {key!r} (or it is empty)")
+    if not _HEADER_SAFE.match(value):
+        raise CredentialError(
+            f"Secret {auth.secret_name!r} key {key!r} holds control characters, "
+            "which cannot be sent in a request"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """What to attach for one route, precomputed; ``oauth`` fetches at request time."""
+
+    headers: tuple[tuple[str, str], ...]
+    query: tuple[str, str] | None
+    scrubber: scrubbing.Scrubber
+    oauth: OAuthClient | None = None
+
+
+def build(auth: policies.Auth, data: Mapping[str, str] | None, *, insecure: bool = False) -> Credential:
+    """Prepare the credential for ``auth`` from decoded Secret data; raise CredentialError."""
+    kind = auth.type
+    if kind == "bearer":
+        key = _value(auth, data, auth.key)
+        return Credential((("Authorization", f"Bearer {key}"),), None, scrubbing.Scrubber([key]))
+    if kind == "header":
+        key = _value(auth, data, auth.key)
+        return Credential(
+            ((auth.header_name, f"{auth.header_prefix}{key}"),), None, scrubbing.Scrubber([key])
+        )
+    if kind == "query":
+        key = _value(auth, data, auth.key)
+        assert auth.query_param is not None
+        return Credential((), (auth.query_param, quote_plus(key)), scrubbing.Scrubber([key]))
+    if kind == "basic":
+        user = _value(auth, data, auth.username_key)
+        password = _value(auth, data, auth.password_key)
+        pair = f"{user}:{password}"
+        token = base64.b64encode(pair.encode()).decode()
+        # the username alone is not secret; the password and the pair are
+        return Credential(
+            (("Authorization", f"Basic {token}"),), None, scrubbing.Scrubber([password, pair, token])
+        )
+    client_id = _value(auth, data, auth.client_id_key)
+    client_secret = _value(auth, data, auth.client_secret_key)
+    assert auth.token_url is not None
+    if auth.token_url.startswith("http://") and not insecure:
+        raise CredentialError("the OAuth2 tokenURL must use https (or the upstream must be insecure)")
+    client = OAuthClient(auth.token_url, client_id, client_secret, auth.scopes, auth.audience)
+    return Credential((), None, scrubbing.Scrubber([client_secret]), oauth=client)
+
+
+class OAuthClient:
+    """Client-credentials grant with a cached access token (one fetch at a time)."""
+
+    def __init__(
+        self,
+        token_url: str,
+        client_id: str,
+        client_secret: str,
+        scopes: tuple[str, ...],
+        audience: str | None,
+    ) -> None:
+        self.token_url = token_url
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._scopes = scopes
+        self._audience = audience
+        self._token: str | None = None
+        self._refresh_at = 0.0
+        self._expires_at = 0.0
+        self._lock = asyncio.Lock()
+        self.scrubber = scrubbing.Scrubber([client_secret])
+        self.fetches = 0
+
+    def same_as(self, other: OAuthClient) -> bool:
+        """Keep the cached token across reloads when nothing it depends on changed."""
+        return (self.token_url, self._client_id, self._client_secret, self._scopes, self._audience) == (
+            other.token_url,
+            other._client_id,
+            other._client_secret,
+            other._scopes,
+            other._audience,
+        )
+
+    def adopt(self, other: OAuthClient) -> None:
+        self._token, self._refresh_at, self._expires_at = other._token, other._refresh_at, other._expires_at
+        self.scrubber = other.scrubber
+
+    async def token(self, session: aiohttp.ClientSession, ssl: Any) -> str:
+        now = time.monotonic()
+        if self._token is not None and now < self._refresh_at:
+            return self._token
+        async with self._lock:
+            now = time.monotonic()
+            if self._token is not None and now < self._refresh_at:
+                return self._token
+            try:
+                await self._fetch(session, ssl)
+            except CredentialError:
+                if self._token is not None and now < self._expires_at:
+                    log.warning("OAuth2 token refresh failed; using the current token until it expires")
+                    return self._token
+                raise
+            assert self._token is not None
+            return self._token
+
+    async def _fetch(self, session: aiohttp.ClientSession, ssl: Any) -> None:
+        form = {"grant_type": "client_credentials"}
+        if self._scopes:
+            form["scope"] = " ".join(self._scopes)
+        if self._audience:
+            form["audience"] = self._audience
+        basic = base64.b64encode(
+            f"{quote_plus(self._client_id)}:{quote_plus(self._client_secret)}".encode()
+        ).decode()
+        headers = {"Authorization": f"Basic {basic}", "Accept": "application/json"}
+        self.fetches += 1
+        try:
+            async with session.post(
+                self.token_url,
+                data=form,
+                headers=headers,
+                ssl=ssl,
+                allow_redirects=False,
+                timeout=OAUTH_TIMEOUT,
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise CredentialError(
+                f"the OAuth2 token endpoint is unreachable ({type(exc).__name__})", 502
+            ) from None
+        if status != 200:
+            raise CredentialError(f"the OAuth2 token endpoint answered {status}", 502)
+        try:
+            doc = json.loads(body)
+            token = doc["access_token"]
+            lifetime = float(doc.get("expires_in") or OAUTH_DEFAULT_LIFETIME)
+        except (ValueError, KeyError, TypeError):
+            raise CredentialError("the OAuth2 token endpoint returned no access_token", 502) from None
+        if not isinstance(token, str) or not token or not _HEADER_SAFE.match(token):
+            raise CredentialError("the OAuth2 token endpoint returned an unusable access_token", 502)
+        now = time.monotonic()
+        self._token = token
+        self._expires_at = now + lifetime
+        self._refresh_at = now + max(lifetime - OAUTH_REFRESH_MARGIN, lifetime * 0.8)
+        self.scrubber = scrubbing.Scrubber([self._client_secret, token])

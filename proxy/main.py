@@ -1,0 +1,49 @@
+"""``sidekey proxy``: the sidecar. Configured by its environment only (see settings)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from sidekey.core import kubeapi, logs
+from sidekey.proxy import settings, sidecar
+
+log = logging.getLogger("sidekey.proxy")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Configured by environment variables set by the webhook: POD_NAME, POD_NAMESPACE, POD_UID, "
+        "POD_IP, POD_SERVICE_ACCOUNT, SIDEKEY_PORT, SIDEKEY_HEALTH_PORT, SIDEKEY_AUDIENCE, "
+        "SIDEKEY_API_SERVER, SIDEKEY_API_TOKEN_DIR, SIDEKEY_HEALTH_ADDRESS, SIDEKEY_DRAIN_SECONDS, "
+        "SIDEKEY_LOG_LEVEL."
+    )
+
+
+async def serve(config: settings.Settings) -> int:
+    app = sidecar.Sidecar(config, kubeapi.ApiConfig.in_cluster())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    await stop.wait()
+    await app.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = settings.Settings.from_env()
+    except settings.SettingsError as exc:
+        print(f"sidekey proxy: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(config.log_level)
+    try:
+        return asyncio.run(serve(config))
+    except ValueError as exc:  # no apiserver address, unreadable CA
+        log.error("cannot start: %s", exc)
+        return 2

@@ -1,0 +1,295 @@
+"""The live routing table: policies and Secrets, watched and compiled into routes.
+
+A ``Route`` is everything a request to one upstream needs, prepared when a
+policy or Secret changes rather than per request: the origin, TLS context,
+header strip set, rate-limit bucket and the credential to attach. Watch
+events rebuild the table at once, so edits and rotations apply to the next
+request. The table is replaced wholesale; a request in flight keeps the
+route it started with.
+
+RBAC grants the sidecar's account only the Secrets its policies name
+(``resourceNames``), so each Secret is watched by name with a ``metadata.name``
+field selector. A 403 on AgentPolicies means no policy grants this account
+yet: that is an empty policy set, retried until one appears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from sidekey.core import contract, kubeapi, policies
+from sidekey.proxy import credentials, limits, metrics
+
+log = logging.getLogger("sidekey.proxy.routes")
+
+#: Request headers never forwarded: hop-by-hop (RFC 9110 §7.6.1), the Host
+#: (the policy decides it), and every header an SDK may carry the caller's token in.
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "expect",
+    }
+)
+CALLER_TOKEN_HEADERS: Final = ("authorization", "x-api-key", "api-key")
+#: How long to wait for a TCP/TLS connection before giving up with 504.
+CONNECT_TIMEOUT: Final = 30.0
+
+
+class HostRefused(OSError):
+    """The policy's hostname resolves somewhere the key must never go."""
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves through getaddrinfo (so /etc/hosts applies) and refuses local targets.
+
+    Every container of the pod can write its shared /etc/hosts, so a policy
+    hostname could be pointed at the agent itself. Names resolving to
+    loopback, link-local, unspecified or this pod's own IP are refused; an IP
+    literal in the policy URL never reaches a resolver and is trusted as written.
+    """
+
+    def __init__(self, pod_ips: frozenset[str]) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+        self._pod_ips = frozenset(ipaddress.ip_address(ip) for ip in pod_ips if ip)
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        for r in results:
+            ip = ipaddress.ip_address(r["host"].split("%", 1)[0])
+            mapped = getattr(ip, "ipv4_mapped", None)
+            if mapped is not None:
+                ip = mapped
+            if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip in self._pod_ips:
+                raise HostRefused(
+                    f"{host} resolves to {ip}, a loopback, link-local or this pod's own address; "
+                    "refused (write the IP literal in the policy URL if that is really meant)"
+                )
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    upstream: policies.Upstream
+    policy: str
+    origin: str  # scheme://host:port
+    ssl: ssl.SSLContext | bool
+    strip: frozenset[str]
+    bucket: limits.TokenBucket | None
+    timeout: aiohttp.ClientTimeout
+    credential: credentials.Credential | None
+    unavailable: str | None  # why the credential is missing (503), never the secret
+
+
+class TlsContexts:
+    """One verifying context per distinct CA bundle (loading the system store is slow)."""
+
+    def __init__(self) -> None:
+        self._system: ssl.SSLContext | None = None
+        self._custom: dict[str, ssl.SSLContext] = {}
+
+    def get(self, ca_bundle: str | None) -> ssl.SSLContext:
+        if ca_bundle is None:
+            if self._system is None:
+                self._system = ssl.create_default_context()
+            return self._system
+        ctx = self._custom.get(ca_bundle)
+        if ctx is None:
+            # the policy's bundle replaces the system store: a private upstream is
+            # trusted only through the CA its policy names
+            ctx = ssl.create_default_context(cadata=ca_bundle)
+            self._custom[ca_bundle] = ctx
+        return ctx
+
+
+class Routes:
+    """Watches this pod's policies and their Secrets and keeps ``table`` current."""
+
+    def __init__(
+        self,
+        api: kubeapi.ApiClient,
+        *,
+        namespace: str,
+        service_account: str,
+        on_rebuild: Callable[[], None] | None = None,
+    ) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.service_account = service_account
+        self.table: dict[str, Route] = {}
+        self.selection: policies.Selection | None = None
+        self._on_rebuild = on_rebuild
+        self._tls = TlsContexts()
+        self._secrets: dict[str, kubeapi.Reflector] = {}
+        self._secret_tasks: dict[str, asyncio.Task[None]] = {}
+        self._initial_secrets: frozenset[str] | None = None
+        self.policies = kubeapi.Reflector(
+            api,
+            f"/apis/{contract.GROUP}/{contract.VERSION}/namespaces/{namespace}/{contract.PLURAL}",
+            forbidden_is_empty=True,
+            on_change=self._policies_changed,
+            on_error=lambda exc: metrics.APISERVER_ERRORS.labels("agentpolicies").inc(),
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.policies.run(), name="watch-agentpolicies")
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self._task, *self._secret_tasks.values()] if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def ready(self) -> bool:
+        """Policies read once, and each Secret they named then tried once."""
+        if not self.policies.synced.is_set() or self._initial_secrets is None:
+            return False
+        return all(self._secrets[n].attempted.is_set() for n in self._initial_secrets if n in self._secrets)
+
+    # --- watches -------------------------------------------------------------------------
+
+    def _policies_changed(self) -> None:
+        parsed: list[policies.AgentPolicy] = []
+        invalid = 0
+        for key, obj in self.policies.objects.items():
+            try:
+                parsed.append(policies.parse(obj))
+            except policies.PolicyError as exc:
+                invalid += 1
+                log.warning("ignoring AgentPolicy %s: %s", key, exc)
+        self.selection = policies.select(parsed, self.service_account)
+        metrics.POLICY_RELOADS.labels("invalid" if invalid else "ok").inc()
+        wanted = frozenset(up.auth.secret_name for _, up in self.selection.upstreams.values())
+        for name in wanted - self._secrets.keys():
+            self._watch_secret(name)
+        for name in set(self._secrets) - wanted:
+            self._secrets.pop(name)
+            task = self._secret_tasks.pop(name)
+            task.cancel()
+        if self._initial_secrets is None:
+            self._initial_secrets = wanted
+        self.rebuild()
+
+    def _watch_secret(self, name: str) -> None:
+        def changed() -> None:
+            metrics.SECRET_RELOADS.labels("ok" if reflector.objects else "missing").inc()
+            self.rebuild()
+
+        reflector = kubeapi.Reflector(
+            self.api,
+            f"/api/v1/namespaces/{self.namespace}/secrets",
+            field_selector=f"metadata.name={name}",
+            forbidden_is_empty=True,
+            on_change=changed,
+            on_error=lambda exc: metrics.APISERVER_ERRORS.labels("secrets").inc(),
+        )
+        self._secrets[name] = reflector
+        self._secret_tasks[name] = asyncio.create_task(reflector.run(), name=f"watch-secret-{name}")
+
+    def secret_data(self, name: str) -> dict[str, str] | None:
+        reflector = self._secrets.get(name)
+        if reflector is None:
+            return None
+        obj = reflector.objects.get(f"{self.namespace}/{name}")
+        return None if obj is None else credentials.decode_secret(obj)
+
+    # --- compiling ---------------------------------------------------------------------------
+
+    def rebuild(self) -> None:
+        selection = self.selection
+        old = self.table
+        table: dict[str, Route] = {}
+        if selection is not None:
+            for name, (policy, up) in selection.upstreams.items():
+                try:
+                    table[name] = self._route(name, policy, up, old.get(name))
+                except (ssl.SSLError, ValueError) as exc:
+                    log.warning(
+                        "upstream %s of AgentPolicy %s is unusable: %s", name, policy.name, type(exc).__name__
+                    )
+        self.table = table
+        if self._on_rebuild is not None:
+            self._on_rebuild()
+
+    def _route(
+        self, name: str, policy: policies.AgentPolicy, up: policies.Upstream, previous: Route | None
+    ) -> Route:
+        data = self.secret_data(up.auth.secret_name)
+        cred: credentials.Credential | None = None
+        unavailable: str | None = None
+        try:
+            cred = credentials.build(up.auth, data, insecure=up.insecure)
+        except credentials.CredentialError as exc:
+            unavailable = exc.message
+            if data is not None:
+                metrics.SECRET_RELOADS.labels("invalid").inc()
+        if (
+            cred is not None
+            and cred.oauth is not None
+            and previous is not None
+            and previous.credential is not None
+            and previous.credential.oauth is not None
+            and cred.oauth.same_as(previous.credential.oauth)
+        ):
+            cred.oauth.adopt(previous.credential.oauth)
+        rpm = up.limits.requests_per_minute
+        bucket: limits.TokenBucket | None = None
+        if rpm is not None:
+            same = previous is not None and previous.bucket is not None and previous.bucket.capacity == rpm
+            bucket = previous.bucket if same and previous is not None else limits.TokenBucket(rpm)
+        strip = set(HOP_BY_HOP) | set(CALLER_TOKEN_HEADERS)
+        if up.auth.type == "header":
+            strip.add(up.auth.header_name.lower())
+        host = f"[{up.host}]" if ":" in up.host else up.host
+        return Route(
+            name=name,
+            upstream=up,
+            policy=policy.name,
+            origin=f"{up.scheme}://{host}:{up.port}",
+            ssl=self._tls.get(up.ca_bundle) if up.scheme == "https" else False,
+            strip=frozenset(strip),
+            bucket=bucket,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=min(CONNECT_TIMEOUT, up.limits.timeout_seconds),
+                sock_read=up.limits.timeout_seconds,
+            ),
+            credential=cred,
+            unavailable=unavailable,
+        )
+
+
+def describe(table: Mapping[str, Route]) -> list[dict[str, Any]]:
+    """A safe summary of the table for logs: names and hosts, no credentials."""
+    return [
+        {"upstream": r.name, "policy": r.policy, "origin": r.origin, "available": r.unavailable is None}
+        for r in table.values()
+    ]

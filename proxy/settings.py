@@ -1,0 +1,75 @@
+"""The sidecar's settings, from its environment only (the webhook writes it).
+
+A missing downward-API value is a broken injection, not something to guess
+around: the sidecar refuses to start and says which variable is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from sidekey.core import contract
+
+DEFAULT_DRAIN_SECONDS: Final = 25.0
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    pod_name: str
+    namespace: str
+    pod_uid: str
+    pod_ip: str
+    service_account: str
+    port: int = contract.DEFAULT_PROXY_PORT
+    health_port: int = contract.DEFAULT_HEALTH_PORT
+    health_address: str = "0.0.0.0"  # noqa: S104 - scraped from outside the pod; never carries secrets
+    audience: str = contract.DEFAULT_AUDIENCE
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+
+        def required(name: str) -> str:
+            value = env.get(name, "").strip()
+            if not value:
+                raise SettingsError(f"{name} is not set: the sidecar needs it from the downward API")
+            return value
+
+        def port(name: str, default: int) -> int:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+                raise SettingsError(f"{name}={raw!r} is not a port number")
+            return int(raw)
+
+        drain_raw = env.get(contract.ENV_DRAIN_SECONDS, "").strip()
+        try:
+            drain = float(drain_raw) if drain_raw else DEFAULT_DRAIN_SECONDS
+        except ValueError:
+            raise SettingsError(f"{contract.ENV_DRAIN_SECONDS}={drain_raw!r} is not a number") from None
+        settings = cls(
+            pod_name=required(contract.ENV_POD_NAME),
+            namespace=required(contract.ENV_POD_NAMESPACE),
+            pod_uid=required(contract.ENV_POD_UID),
+            pod_ip=env.get(contract.ENV_POD_IP, "").strip(),
+            service_account=required(contract.ENV_SERVICE_ACCOUNT),
+            port=port(contract.ENV_PROXY_PORT, contract.DEFAULT_PROXY_PORT),
+            health_port=port(contract.ENV_HEALTH_PORT, contract.DEFAULT_HEALTH_PORT),
+            health_address=env.get(contract.ENV_HEALTH_ADDRESS, "").strip() or "0.0.0.0",  # noqa: S104
+            audience=env.get(contract.ENV_AUDIENCE, "").strip() or contract.DEFAULT_AUDIENCE,
+            drain_seconds=max(0.0, drain),
+            log_level=env.get(contract.ENV_LOG_LEVEL, "").strip().lower() or "info",
+        )
+        if settings.port == settings.health_port:
+            raise SettingsError(f"{contract.ENV_PROXY_PORT} and {contract.ENV_HEALTH_PORT} must differ")
+        return settings

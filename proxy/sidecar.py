@@ -1,0 +1,218 @@
+"""The sidecar process: wiring, readiness, the two listeners and the drain.
+
+Startup never blocks on the apiserver: both listeners come up at once and
+answer 503 until the issuer (from the discovery document), the JWKS (from the
+apiserver's own ``/openid/v1/jwks``) and the policies are loaded. If the
+apiserver goes away later, everything already loaded keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+
+from sidekey.core import kubeapi, logs, tokens
+from sidekey.proxy import forwarding, metrics, routes, settings
+
+log = logging.getLogger("sidekey.proxy")
+
+#: Connections per upstream host: well above the concurrent streams an agent
+#: pod holds, so long streams never starve short calls (a failure seen in peers).
+CONNECTIONS_PER_HOST: Final = 256
+CONNECTIONS_TOTAL: Final = 1024
+AUDIT_FLUSH_SECONDS: Final = 0.2
+
+
+class Sidecar:
+    def __init__(
+        self, config: settings.Settings, api_config: kubeapi.ApiConfig, audit: logs.AuditWriter | None = None
+    ) -> None:
+        self.settings = config
+        self.api_config = api_config
+        self.audit = audit or logs.AuditWriter()
+        self.validator: tokens.Validator | None = None
+        self.issuer: str | None = None
+        self.draining = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._runners: list[web.BaseRunner] = []
+        self.proxy_port = 0
+        self.health_port = 0
+
+    # --- readiness ---------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.validator is not None
+            and self.keys.loaded.is_set()
+            and bool(self.keys.keys)
+            and self.routes.ready
+            and not self.draining
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        self.api = kubeapi.ApiClient(self.api_config, limit=10)
+        await self.api.__aenter__()
+        self.keys = tokens.KeySet(
+            lambda: self.api.get_json("/openid/v1/jwks"),
+            on_refresh=lambda result: metrics.JWKS_REFRESHES.labels(result).inc(),
+        )
+        self.routes = routes.Routes(
+            self.api, namespace=s.namespace, service_account=s.service_account, on_rebuild=self._rebuilt
+        )
+        self.routes.start()
+        self._tasks.append(asyncio.create_task(self._discover(), name="discover-issuer"))
+        self._tasks.append(asyncio.create_task(self.keys.run(), name="jwks-refresh"))
+        self._tasks.append(asyncio.create_task(self._flush_audit(), name="audit-flush"))
+        connector = aiohttp.TCPConnector(
+            limit=CONNECTIONS_TOTAL,
+            limit_per_host=CONNECTIONS_PER_HOST,
+            resolver=routes.GuardedResolver(frozenset({s.pod_ip} if s.pod_ip else ())),
+            ttl_dns_cache=10,
+            enable_cleanup_closed=True,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None),
+            trust_env=False,
+        )
+        self.proxy = forwarding.Proxy(
+            table=lambda: self.routes.table,
+            validator=lambda: self.validator,
+            ready=lambda: self.ready,
+            session=self.session,
+            audit=self.audit,
+            pod=s.pod_name,
+            namespace=s.namespace,
+        )
+        server = web.Server(self.proxy, handler_cancellation=True, access_log=None)
+        runner = web.ServerRunner(server, shutdown_timeout=s.drain_seconds)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", s.port, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        self.proxy_port = _bound_port(runner)
+        health = web.Server(self._health, access_log=None)
+        hrunner = web.ServerRunner(health, shutdown_timeout=1.0)
+        await hrunner.setup()
+        await web.TCPSite(hrunner, s.health_address, s.health_port, reuse_address=True).start()
+        self._runners.append(hrunner)
+        self.health_port = _bound_port(hrunner)
+        log.info(
+            "sidecar listening",
+            extra={
+                "fields": {
+                    "port": self.proxy_port,
+                    "health_port": self.health_port,
+                    "pod": s.pod_name,
+                    "namespace": s.namespace,
+                    "service_account": s.service_account,
+                }
+            },
+        )
+
+    async def stop(self) -> None:
+        """Drain: stop accepting, let in-flight requests and streams finish, then close."""
+        self.draining = True
+        metrics.READY.set(0)
+        log.info("draining", extra={"fields": {"in_flight": self.proxy.in_flight}})
+        proxy_runner, *others = self._runners
+        await proxy_runner.cleanup()  # stops the site, waits up to drain_seconds for handlers
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.routes.stop()
+        await self.session.close()
+        await self.api.close()
+        for runner in others:
+            await runner.cleanup()
+        self.audit.flush()
+        log.info("stopped")
+
+    # --- background work ---------------------------------------------------------------
+
+    async def _discover(self) -> None:
+        """The issuer comes from the apiserver's discovery document; retried until it answers."""
+        delay = 0.25
+        while True:
+            try:
+                doc = await self.api.get_json("/.well-known/openid-configuration")
+                issuer = doc.get("issuer")
+                if not isinstance(issuer, str) or not issuer:
+                    raise ValueError("discovery document has no issuer")
+                break
+            except (kubeapi.ApiError, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                metrics.APISERVER_ERRORS.labels("discovery").inc()
+                log.warning("issuer discovery failed, retrying: %s", type(exc).__name__)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 10.0)
+        s = self.settings
+        self.issuer = issuer
+        self.validator = tokens.Validator(
+            self.keys,
+            tokens.Binding(
+                issuer=issuer,
+                audience=s.audience,
+                namespace=s.namespace,
+                pod_name=s.pod_name,
+                pod_uid=s.pod_uid,
+                service_account=s.service_account,
+            ),
+        )
+        log.info("issuer discovered", extra={"fields": {"issuer": issuer}})
+
+    async def _flush_audit(self) -> None:
+        while True:
+            await asyncio.sleep(AUDIT_FLUSH_SECONDS)
+            self.audit.flush()
+            metrics.READY.set(1 if self.ready else 0)
+
+    def _rebuilt(self) -> None:
+        log.info("routes updated", extra={"fields": {"routes": routes.describe(self.routes.table)}})
+
+    # --- health listener ---------------------------------------------------------------------
+
+    async def _health(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if path == "/healthz":
+            return web.Response(text="ok\n")
+        if path == "/readyz":
+            if self.ready:
+                return web.Response(text="ready\n")
+            return web.Response(
+                status=503,
+                content_type="application/json",
+                text=json.dumps(
+                    {
+                        "ready": False,
+                        "draining": self.draining,
+                        "issuer": self.issuer is not None,
+                        "jwks": bool(self.keys.keys),
+                        "policies": self.routes.policies.synced.is_set(),
+                    }
+                ),
+            )
+        if path == "/metrics":
+            return web.Response(
+                body=metrics.exposition(),
+                headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+            )
+        return web.Response(status=404, text="not found\n")
+
+
+def _bound_port(runner: web.BaseRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            return int(addr[1])
+    return 0

@@ -1,0 +1,426 @@
+"""The proxy against a local upstream that records what it received."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import itertools
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.proxy.conftest import (
+    SECRET,
+    SECRETS,
+    ProxyFactory,
+    Upstream,
+    bearer_upstream,
+    mint,
+    policy,
+)
+
+
+async def call(
+    url: str, method: str = "GET", token: str | None = None, header: str = "Authorization", **kw: Any
+) -> tuple[int, dict[str, str], bytes]:
+    headers = dict(kw.pop("headers", {}))
+    if token is not None:
+        headers[header] = f"Bearer {token}" if header == "Authorization" else token
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as s,
+        s.request(method, url, headers=headers, allow_redirects=False, **kw) as r,
+    ):
+        return r.status, dict(r.headers), await r.read()
+
+
+# --- the key goes up, the caller's token does not ------------------------------------------
+
+
+async def test_the_key_is_attached_and_the_callers_token_is_not_forwarded(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    token = mint()
+    status, _, body = await call(
+        f"{p.url}/openai/v1/chat/completions?x=1",
+        "POST",
+        token,
+        json={"model": "m"},
+        headers={
+            "X-Api-Key": token,
+            "api-key": token,
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "1",
+            "X-Keep": "2",
+        },
+    )
+    assert status == 200, body
+    got = upstream.last
+    assert got.raw_path == "/base/v1/chat/completions?x=1"
+    assert got.headers["Authorization"] == f"Bearer {SECRET}"
+    assert token not in str(got.headers)
+    assert "X-Hop" not in got.headers and "api-key" not in {k.lower() for k in got.headers}
+    assert got.headers["X-Keep"] == "2"
+    assert got.headers["Host"] == f"127.0.0.1:{upstream.port}"
+    assert b'"model"' in got.body
+    assert SECRET.encode() not in body  # the echo of the headers was scrubbed
+    line = p.audit_lines()[-1]
+    assert line["status"] == 200 and line["decision"] == "allowed" and line["upstream"] == "openai"
+    assert token not in p.audit.getvalue() and SECRET not in p.audit.getvalue()
+
+
+@pytest.mark.parametrize("header", ["Authorization", "x-api-key", "api-key"])
+async def test_the_token_is_accepted_where_sdks_put_their_key(
+    make_proxy: ProxyFactory, upstream: Upstream, header: str
+) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    status, _, _ = await call(f"{p.url}/openai/v1/models", token=mint(), header=header)
+    assert status == 200
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+async def test_no_token_is_401_with_a_json_error(make_proxy: ProxyFactory, upstream: Upstream) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    status, headers, body = await call(f"{p.url}/openai/v1/models")
+    assert status == 401
+    assert headers["Content-Type"].startswith("application/json")
+    assert b'"type": "authentication_error"' in body
+    assert upstream.received == []
+
+
+async def test_another_pods_token_is_401_naming_the_reason(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    status, _, body = await call(f"{p.url}/openai/v1/models", token=mint(pod_uid="other"))
+    assert status == 401 and b"this pod" in body
+    assert p.audit_lines()[-1]["reason"] == "wrong_pod"
+
+
+async def test_unknown_upstream_is_404(make_proxy: ProxyFactory, upstream: Upstream) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    status, _, body = await call(f"{p.url}/anthropic/v1/messages", token=mint())
+    assert status == 404 and b"anthropic" in body
+
+
+async def test_a_call_outside_the_allow_rules_is_403_naming_what_failed(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    up = bearer_upstream(upstream.url, allow=[{"methods": ["POST"], "paths": ["/v1/chat/completions"]}])
+    p = await make_proxy(policy(up, name="narrow"), secrets=SECRETS)
+    status, _, body = await call(f"{p.url}/openai/v1/files", "DELETE", mint())
+    assert status == 403
+    assert b"narrow" in body and b"DELETE" in body and b"/v1/files" in body
+    status, _, _ = await call(f"{p.url}/openai/v1/chat/completions", "POST", mint(), data=b"{}")
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    "path", ["/openai/v1/../admin", "/openai/v1/%2e%2e/admin", "/openai//admin", "/openai/v1%2fadmin"]
+)
+async def test_path_tricks_are_400_and_never_reach_the_upstream(
+    make_proxy: ProxyFactory, upstream: Upstream, path: str
+) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(p.url.rsplit(":", 1)[1]))
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {mint()}\r\n"
+        "Connection: close\r\n\r\n".encode()
+    )
+    data = await reader.read()
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 400"), data[:100]
+    assert upstream.received == []
+
+
+async def test_an_absolute_form_target_cannot_change_the_host(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(p.url.rsplit(":", 1)[1]))
+    writer.write(
+        f"GET http://evil.example/openai/v1/models HTTP/1.1\r\nHost: evil.example\r\n"
+        f"Authorization: Bearer {mint()}\r\nConnection: close\r\n\r\n".encode()
+    )
+    data = await reader.read()
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 400")
+    assert upstream.received == []
+
+
+async def test_a_body_over_the_limit_is_413(make_proxy: ProxyFactory, upstream: Upstream) -> None:
+    p = await make_proxy(
+        policy(bearer_upstream(upstream.url, limits={"maxRequestBytes": 1000})), secrets=SECRETS
+    )
+    status, _, _ = await call(f"{p.url}/openai/x", "POST", mint(), data=b"a" * 1001)
+    assert status == 413
+
+    async def chunks() -> Any:
+        for _ in range(10):
+            yield b"b" * 500
+
+    status, _, _ = await call(f"{p.url}/openai/x", "POST", mint(), data=chunks())
+    assert status == 413
+
+
+async def test_the_rate_limit_answers_429_with_retry_after(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    p = await make_proxy(
+        policy(bearer_upstream(upstream.url, limits={"requestsPerMinute": 3})), secrets=SECRETS
+    )
+    token = mint()
+    codes = [(await call(f"{p.url}/openai/x", token=token))[0] for _ in range(3)]
+    status, headers, _ = await call(f"{p.url}/openai/x", token=token)
+    assert codes == [200, 200, 200]
+    assert status == 429 and int(headers["Retry-After"]) >= 1
+    assert len(upstream.received) == 3
+
+
+async def test_a_missing_secret_is_503_for_that_upstream_only(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    other = bearer_upstream(
+        upstream.url, name="other", auth={"type": "bearer", "secretRef": {"name": "gone", "key": "k"}}
+    )
+    p = await make_proxy(policy(bearer_upstream(upstream.url), other), secrets=SECRETS)
+    status, _, body = await call(f"{p.url}/other/x", token=mint())
+    assert status == 503 and b"gone" in body
+    assert (await call(f"{p.url}/openai/x", token=mint()))[0] == 200
+
+
+async def test_a_secret_rotation_applies_to_the_next_request(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    p = await make_proxy(
+        policy(bearer_upstream(upstream.url)), secrets={"keys": {"openai": "sk-old-1234567"}}
+    )
+    await call(f"{p.url}/openai/x", token=mint())
+    p.routes.secrets["keys"] = {"openai": "sk-new-7654321"}
+    p.routes.rebuild()
+    await call(f"{p.url}/openai/x", token=mint())
+    assert [r.headers["Authorization"] for r in upstream.received] == [
+        "Bearer sk-old-1234567",
+        "Bearer sk-new-7654321",
+    ]
+
+
+# --- streaming -----------------------------------------------------------------------------
+
+
+async def test_sse_arrives_event_by_event(make_proxy: ProxyFactory, upstream: Upstream) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    arrivals: list[float] = []
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{p.url}/openai/sse", headers={"Authorization": f"Bearer {mint()}"}) as r,
+    ):
+        assert r.status == 200
+        buf = b""
+        async for chunk in r.content.iter_any():
+            buf += chunk
+            while b"\n\n" in buf:
+                _, buf = buf.split(b"\n\n", 1)
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == 6
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert all(g > 0.1 for g in gaps[:4]), gaps  # each event came on its own, 0.2 s apart
+
+
+async def test_large_bodies_stream_both_ways(make_proxy: ProxyFactory, upstream: Upstream) -> None:
+    p = await make_proxy(
+        policy(bearer_upstream(upstream.url, limits={"maxRequestBytes": 50_000_000})), secrets=SECRETS
+    )
+    size = 20 * 1024 * 1024
+    status, headers, body = await call(
+        f"{p.url}/openai/big?size={size}", "PUT", mint(), data=b"u" * (8 * 1024 * 1024)
+    )
+    assert status == 200
+    assert len(body) == size
+    assert headers["X-Body-Sha"] == str(8 * 1024 * 1024)
+    assert p.audit_lines()[-1]["bytes_out"] == size
+
+
+async def test_compressed_responses_pass_through_compressed(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    status, headers, body = await call(
+        f"{p.url}/openai/gzip", token=mint(), headers={"Accept-Encoding": "gzip"}
+    )
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(body).startswith(b"compressed hello")
+    assert upstream.last.headers["Accept-Encoding"] == "gzip"
+
+
+# --- failures --------------------------------------------------------------------------------
+
+
+async def test_an_unreachable_upstream_is_502(make_proxy: ProxyFactory) -> None:
+    p = await make_proxy(policy(bearer_upstream("http://127.0.0.1:9")), secrets=SECRETS)
+    status, _, body = await call(f"{p.url}/openai/x", token=mint())
+    assert status == 502 and b"api_error" in body
+
+
+async def test_a_slow_upstream_is_504(make_proxy: ProxyFactory, upstream: Upstream) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url, limits={"timeoutSeconds": 1})), secrets=SECRETS)
+    started = time.monotonic()
+    status, _, body = await call(f"{p.url}/openai/slow?s=3", token=mint())
+    assert status == 504 and b"timeoutSeconds" in body
+    assert time.monotonic() - started < 2.5
+
+
+async def test_the_timeout_is_a_read_timeout_not_a_total_one(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    # five events 0.2 s apart take 1 s in all; a 1 s total timeout would cut them
+    p = await make_proxy(policy(bearer_upstream(upstream.url, limits={"timeoutSeconds": 1})), secrets=SECRETS)
+    status, _, body = await call(f"{p.url}/openai/sse", token=mint())
+    assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_stream_the_upstream_breaks_is_cut_for_the_agent_too(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await call(f"{p.url}/openai/broken", token=mint())
+
+
+async def test_a_hostname_resolving_to_loopback_is_refused(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    up = bearer_upstream(f"http://localhost:{upstream.port}")
+    p = await make_proxy(policy(up), secrets=SECRETS)
+    status, _, body = await call(f"{p.url}/openai/x", token=mint())
+    assert status == 502 and b"loopback" in body
+    assert upstream.received == []
+
+
+async def test_redirects_are_passed_back_never_followed_and_scrubbed(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    up = bearer_upstream(
+        upstream.url,
+        auth={"type": "query", "secretRef": {"name": "keys", "key": "openai"}, "query": {"param": "key"}},
+    )
+    p = await make_proxy(policy(up), secrets=SECRETS)
+    status, headers, body = await call(f"{p.url}/openai/redirect?a=1&key=callers", token=mint())
+    assert status == 302
+    assert len(upstream.received) == 1
+    assert upstream.last.raw_path == f"/base/redirect?a=1&key={SECRET}"
+    assert SECRET not in headers["Location"] and "key=*" in headers["Location"]
+    assert SECRET.encode() not in body
+
+
+# --- OAuth2 client credentials -------------------------------------------------------------
+
+
+def oauth_upstream(upstream: Upstream) -> dict[str, Any]:
+    return bearer_upstream(
+        upstream.url,
+        auth={
+            "type": "oauth2ClientCredentials",
+            "secretRef": {"name": "oauth"},
+            "oauth2ClientCredentials": {
+                "tokenURL": f"{upstream.url}/oauth/token",
+                "clientIdKey": "id",
+                "clientSecretKey": "secret",
+                "scopes": ["read", "write"],
+            },
+        },
+    )
+
+
+OAUTH_SECRETS = {"oauth": {"id": "my-client", "secret": "client-secret-123"}}
+
+
+async def test_oauth2_client_credentials_fetches_caches_and_attaches_a_token(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    p = await make_proxy(policy(oauth_upstream(upstream)), secrets=OAUTH_SECRETS)
+    for _ in range(3):
+        status, _, body = await call(f"{p.url}/openai/v1/x", token=mint())
+        assert status == 200, body
+    assert len(upstream.token_requests) == 1
+    form = upstream.token_requests[0].body.decode()
+    assert "grant_type=client_credentials" in form and "scope=read+write" in form
+    assert {r.headers["Authorization"] for r in upstream.received} == {"Bearer access-1-abcdefgh"}
+    assert b"client-secret-123" not in body and b"access-1" not in body
+
+
+async def test_oauth2_tokens_are_refreshed_before_they_expire(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    upstream.oauth_lifetime = 1  # refresh at 80% of a second
+    p = await make_proxy(policy(oauth_upstream(upstream)), secrets=OAUTH_SECRETS)
+    await call(f"{p.url}/openai/x", token=mint())
+    await asyncio.sleep(0.9)
+    await call(f"{p.url}/openai/x", token=mint())
+    assert [r.headers["Authorization"] for r in upstream.received] == [
+        "Bearer access-1-abcdefgh",
+        "Bearer access-2-abcdefgh",
+    ]
+
+
+async def test_a_refused_oauth2_client_is_502(make_proxy: ProxyFactory, upstream: Upstream) -> None:
+    p = await make_proxy(
+        policy(oauth_upstream(upstream)), secrets={"oauth": {"id": "my-client", "secret": "wrong-secret-xyz"}}
+    )
+    status, _, body = await call(f"{p.url}/openai/x", token=mint())
+    assert status == 502 and b"401" in body and b"wrong-secret" not in body
+    assert upstream.received == []
+
+
+# --- scrubbing, per auth type ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "auth,secrets,forms",
+    [
+        (
+            {"type": "bearer", "secretRef": {"name": "s", "key": "k"}},
+            {"s": {"k": "sk-bearer-abcdef123456"}},
+            ["sk-bearer-abcdef123456"],
+        ),
+        (
+            {"type": "header", "secretRef": {"name": "s", "key": "k"}, "header": {"name": "X-Api-Key"}},
+            {"s": {"k": "hdr-key/with+chars=="}},
+            ["hdr-key/with+chars==", "hdr-key%2Fwith%2Bchars%3D%3D"],
+        ),
+        (
+            {"type": "basic", "secretRef": {"name": "s"}, "basic": {"usernameKey": "u", "passwordKey": "p"}},
+            {"s": {"u": "alice", "p": "pa55word-very-secret"}},
+            ["pa55word-very-secret", base64.b64encode(b"alice:pa55word-very-secret").decode()],
+        ),
+        (
+            {"type": "query", "secretRef": {"name": "s", "key": "k"}, "query": {"param": "key"}},
+            {"s": {"k": "AIzaQueryKey_0123456789"}},
+            ["AIzaQueryKey_0123456789"],
+        ),
+    ],
+)
+async def test_echoed_credentials_are_scrubbed_from_headers_and_streamed_bodies(
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    auth: dict[str, Any],
+    secrets: dict[str, dict[str, str]],
+    forms: list[str],
+) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url, auth=auth)), secrets=secrets)
+    status, headers, body = await call(f"{p.url}/openai/leak", token=mint())
+    assert status == 401
+    sent = upstream.last
+    # the credential did go up, in its form
+    assert any(f in sent.raw_path or f in str(sent.headers) for f in forms)
+    everything = body.decode() + str(headers)
+    for f in forms:
+        assert f not in everything
+    for encoded in {base64.b64encode(f.encode()).decode()[:12] for f in forms}:
+        assert encoded not in everything
+    assert "error: bad credential" in body.decode()
