@@ -257,7 +257,8 @@ class Controller:
     async def _write_status(self, raw: Mapping[str, Any], verdict: verdicts.Verdict) -> None:
         meta = raw.get("metadata") or {}
         generation = int(meta.get("generation") or 0)
-        status = raw.get("status") if isinstance(raw.get("status"), Mapping) else {}
+        found = raw.get("status")
+        status: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
         old = conditions.existing(status)
         new = conditions.merge(old, verdict.wanted, generation, conditions.now_rfc3339())
         if (conditions.same(new, old) and status.get("observedGeneration") == generation

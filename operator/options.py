@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -55,6 +56,7 @@ class Options:
     sidecar_image: str | None
     health_port: int
     metrics_port: int
+    listen_address: str
     kubeconfig: Path | None
     tls: TlsTiming
     log_level: str
@@ -77,8 +79,6 @@ class Options:
 
 
 def _is_ip(value: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(value)
     except ValueError:
@@ -121,6 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serves /healthz and /readyz (0: off)")
     parser.add_argument("--metrics-port", type=_port, default=9090,
                         help="serves /metrics (0: off)")
+    parser.add_argument("--listen-address", default="0.0.0.0",  # noqa: S104 (a pod's ports)
+                        help="the address the health and metrics ports listen on")
     parser.add_argument("--kubeconfig", type=Path, default=None,
                         help="a kubeconfig file (default: in-cluster configuration)")
     parser.add_argument("--ca-validity-seconds", type=_seconds, default=365 * DAY,
@@ -146,6 +148,7 @@ def from_args(args: argparse.Namespace) -> Options:
         sidecar_image=args.sidecar_image or None,
         health_port=args.health_port,
         metrics_port=args.metrics_port,
+        listen_address=args.listen_address,
         kubeconfig=args.kubeconfig,
         tls=TlsTiming(ca_validity=ca, cert_validity=cert, check_interval=args.tls_check_seconds),
         log_level=args.log_level,

@@ -76,12 +76,9 @@ class Queue(Generic[K]):
     def depth(self) -> int:
         return len(self._queued) + len(self._running) + len(self._timers)
 
-    async def wait_idle(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+    async def wait_idle(self) -> None:
+        """Until nothing is queued, running or waiting for a retry (tests use it)."""
+        await self._idle.wait()
 
     async def run(self) -> None:
         """Run the workers until cancelled."""

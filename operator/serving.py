@@ -1,0 +1,49 @@
+"""The operator's HTTP endpoints: liveness, readiness and Prometheus metrics.
+
+Health and metrics listen on separate ports (``--health-port``,
+``--metrics-port``) so the chart can expose metrics to a scraper without
+exposing anything else. Plain HTTP: nothing here is secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from sidekey.operator import metrics
+
+
+def health_app(alive: Callable[[], str | None], ready: Callable[[], str | None]) -> web.Application:
+    """``alive``/``ready`` return None when fine, or why not (shown in the body)."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        problem = alive()
+        return web.Response(status=503 if problem else 200, text=problem or "ok")
+
+    async def readyz(_: web.Request) -> web.Response:
+        problem = alive() or ready()
+        return web.Response(status=503 if problem else 200, text=problem or "ok")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def metrics_app(stats: metrics.Metrics) -> web.Application:
+    async def serve(_: web.Request) -> web.Response:
+        return web.Response(body=stats.render(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    app = web.Application()
+    app.router.add_get("/metrics", serve)
+    return app
+
+
+async def start(app: web.Application, port: int, host: str = "0.0.0.0") -> web.AppRunner:  # noqa: S104
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
