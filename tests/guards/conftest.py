@@ -37,22 +37,3 @@ def subject_namespace(cluster: Any, guards: str, namespace: str) -> str:
     assert not answer.admitted, "the bypass guard did not take effect within 30 s"
     return namespace
 
-
-# TEMPORARY-DEV-OVERRIDE (not to be committed)
-@pytest.fixture(scope="session")
-def crds(cluster: Any) -> list[str]:
-    import yaml as _y
-    from pathlib import Path as _P
-    doc = _y.safe_load((_P(__file__).parents[2] / "crds" / "sidekey.io_agentpolicies.yaml").read_text())
-    def strip(node: Any) -> None:
-        if isinstance(node, dict):
-            node.pop("x-kubernetes-validations", None)
-            for v in node.values():
-                strip(v)
-        elif isinstance(node, list):
-            for v in node:
-                strip(v)
-    strip(doc["spec"]["versions"])
-    cluster.kubectl("apply", "--server-side", "-f", "-", input=_y.safe_dump(doc))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/agentpolicies.sidekey.io")
-    return ["agentpolicies.sidekey.io"]

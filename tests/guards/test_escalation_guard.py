@@ -79,7 +79,13 @@ class TestAuthorsWhoCannotReadTheSecretAreDenied:
         stored = json.loads(cluster.kubectl("get", "agentpolicy", "openai", "-n", policy_editor, "-o", "json"))
         assert stored["spec"]["upstreams"][0]["url"] == "https://api.openai.com/v1"
 
-    def test_every_unreadable_secret_is_named(self, cluster: Any, policy_editor: str) -> None:
+    def test_an_unreadable_secret_behind_a_readable_one_is_named(
+            self, cluster: Any, policy_editor: str) -> None:
+        """Each upstream is checked on its own; the apiserver reports the first denial."""
+        for obj in _role(policy_editor, "read-openai-key", [{
+                "apiGroups": [""], "resources": ["secrets"], "resourceNames": [manifests.SECRET],
+                "verbs": ["get"]}]):
+            assert admission.apply(cluster, obj).admitted
         policy = manifests.agent_policy(policy_editor)
         second = json.loads(json.dumps(policy["spec"]["upstreams"][0]))
         second.update(name="anthropic", url="https://api.anthropic.com")
@@ -87,8 +93,19 @@ class TestAuthorsWhoCannotReadTheSecretAreDenied:
         policy["spec"]["upstreams"].append(second)
         answer = admission.create(cluster, policy, as_user=USER)
         assert not answer.admitted
-        for name in (manifests.SECRET, "anthropic-key"):
-            assert f"may not get Secret {name} in namespace" in answer.message, answer.message
+        assert "may not get Secret anthropic-key in namespace" in answer.message, answer.message
+        assert "which upstream anthropic names" in answer.message, answer.message
+
+    def test_the_guard_checks_as_many_upstreams_as_the_crd_allows(self) -> None:
+        import yaml
+
+        from tests.chart import crd_template, helm
+
+        crd = yaml.safe_load(crd_template.SOURCE.read_text())
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        most = schema["properties"]["spec"]["properties"]["upstreams"]["maxItems"]
+        [policy, _] = helm.template(show_only=["templates/guard-escalation.yaml"])
+        assert len(policy["spec"]["validations"]) == most
 
 
 class TestAuthorsWhoCanReadTheSecretAreAllowed:

@@ -1,0 +1,37 @@
+"""The chart's CRD is the top-level crds/ file, neither more nor less."""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from tests.chart import crd_template, helm
+
+
+def test_the_chart_crd_template_is_generated_from_crds() -> None:
+    wanted = crd_template.render()
+    if os.environ.get("SIDEKEY_UPDATE_GOLDENS") == "1":
+        crd_template.TEMPLATE.write_text(wanted)
+    assert crd_template.TEMPLATE.read_text() == wanted, (
+        "charts/sidekey/templates/crd-agentpolicies.yaml drifted from crds/; "
+        "regenerate it with SIDEKEY_UPDATE_GOLDENS=1 pytest tests/chart/test_crd.py")
+
+
+def test_the_rendered_crd_has_the_same_name_and_spec_as_crds() -> None:
+    source = yaml.safe_load(crd_template.SOURCE.read_text())
+    [rendered] = helm.template(show_only=["templates/crd-agentpolicies.yaml"])
+    assert rendered["metadata"]["name"] == source["metadata"]["name"]
+    assert rendered["spec"] == source["spec"]
+
+
+def test_the_crd_is_kept_on_uninstall_by_default_and_on_request_only() -> None:
+    [kept] = helm.template(show_only=["templates/crd-agentpolicies.yaml"])
+    assert kept["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    [not_kept] = helm.template({"crds": {"keep": False}}, show_only=["templates/crd-agentpolicies.yaml"])
+    assert "helm.sh/resource-policy" not in (not_kept["metadata"].get("annotations") or {})
+
+
+def test_the_crd_can_be_left_out() -> None:
+    docs = helm.template({"crds": {"enabled": False}})
+    assert not [d for d in docs if d["kind"] == "CustomResourceDefinition"]
