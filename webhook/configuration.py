@@ -28,7 +28,8 @@ ANNOTATED_TRUE = f"{_HAS_ANNOTATION} && {_ANNOTATIONS}['{contract.ANNOTATION_INJ
 ANNOTATED_FALSE = f"{_HAS_ANNOTATION} && {_ANNOTATIONS}['{contract.ANNOTATION_INJECT}'] == 'false'"
 HAS_SIDECAR = (f"has(object.spec.initContainers) && object.spec.initContainers.exists(c, "
                f"c.name == '{contract.SIDECAR_CONTAINER_NAME}')")
-DEBUGGING_INJECTED = f"request.subResource == 'ephemeralcontainers' && {HAS_SIDECAR}"
+DEBUGGING_INJECTED = (f"has(request.subResource) && request.subResource == 'ephemeralcontainers' "
+                      f"&& {HAS_SIDECAR}")
 
 
 def _rules() -> list[dict[str, Any]]:
