@@ -85,14 +85,18 @@ class StaticPolicies:
 
     def __init__(self, objects: Iterable[Mapping[str, Any]] = ()) -> None:
         self.objects = list(objects)
+        self._parsed: dict[tuple[str, str], Lookup] = {}
 
     @property
     def ready(self) -> bool:
         return True
 
     async def lookup(self, namespace: str, service_account: str) -> Lookup:
-        mine = [o for o in self.objects if (o.get("metadata") or {}).get("namespace") == namespace]
-        return parse_all(mine, service_account)
+        key = (namespace, service_account)
+        if key not in self._parsed:
+            mine = [o for o in self.objects if (o.get("metadata") or {}).get("namespace") == namespace]
+            self._parsed[key] = parse_all(mine, service_account)
+        return self._parsed[key]
 
 
 class PolicyCache:
@@ -100,8 +104,11 @@ class PolicyCache:
 
     def __init__(self, api: kubeapi.ApiClient) -> None:
         self.api = api
-        self.reflector = kubeapi.Reflector(api, COLLECTION)
+        self.reflector = kubeapi.Reflector(api, COLLECTION, on_change=self._changed)
         self._parsed: dict[str, tuple[str, policies.AgentPolicy | policies.PolicyError]] = {}
+        #: namespace -> keys of its policies; rebuilt after any change, so a
+        #: lookup touches its namespace only, however many policies the cluster has.
+        self._index: dict[str, list[str]] | None = None
         self.live_reads = 0
 
     @property
@@ -111,11 +118,24 @@ class PolicyCache:
     async def run(self) -> None:
         await self.reflector.run()
 
+    def _changed(self) -> None:
+        self._index = None
+
+    def _keys(self, namespace: str) -> list[str]:
+        if self._index is None:
+            index: dict[str, list[str]] = {}
+            for key in self.reflector.objects:
+                index.setdefault(key.split("/", 1)[0], []).append(key)
+            self._index = index
+        return self._index.get(namespace, [])
+
     def _cached(self, namespace: str, service_account: str) -> Lookup:
         found: list[policies.AgentPolicy] = []
         warnings: list[str] = []
-        for key, obj in list(self.reflector.objects.items()):
-            if not key.startswith(namespace + "/"):
+        objects = self.reflector.objects
+        for key in self._keys(namespace):
+            obj = objects.get(key)
+            if obj is None:
                 continue
             rv = str((obj.get("metadata") or {}).get("resourceVersion", ""))
             hit = self._parsed.get(key)
