@@ -104,3 +104,6 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"sidekey webhook: {exc}", file=sys.stderr)
         return 2
+    except (OSError, kubeapi.ApiError, ValueError) as exc:
+        print(f"sidekey webhook: cannot start: {exc}", file=sys.stderr)
+        return 1
