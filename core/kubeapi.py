@@ -235,7 +235,8 @@ class ApiClient:
         return self._session
 
     def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json"}
+        # the JWKS endpoint serves application/jwk-set+json and answers 406 to JSON alone
+        headers = {"Accept": "application/json, application/jwk-set+json;q=0.9"}
         auth = self._token.header()
         if auth:
             headers["Authorization"] = auth

@@ -157,7 +157,12 @@ class KeySet:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("JWKS fetch failed, keeping %d known keys: %s", len(self.keys), type(exc).__name__)
+            log.warning(
+                "JWKS fetch failed, keeping %d known keys: %s: %s",
+                len(self.keys),
+                type(exc).__name__,
+                str(exc)[:200],
+            )
             self._report("error")
         finally:
             self._inflight.set_result(ok)
