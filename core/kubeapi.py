@@ -360,10 +360,11 @@ class Reflector:
                 if exc.status == 403 and self.forbidden_is_empty:
                     self.forbidden = True
                     self._rv = None
-                    if self.objects:
+                    first = not self.synced.is_set()
+                    self.synced.set()
+                    if self.objects or first:
                         self.objects = {}
                         self._changed()
-                    self.synced.set()
                 raise
             for item in doc.get("items") or []:
                 items[_key(item)] = item

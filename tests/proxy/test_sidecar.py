@@ -1,0 +1,223 @@
+"""The whole sidecar process wiring against a small fake apiserver.
+
+What the real apiserver cannot easily be made to do in a shared e2e cluster is
+done here: refuse the policy list (no policy grants the account yet), then
+grant it live; and go away entirely while the sidecar keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from sidekey.core import contract, kubeapi, logs
+from sidekey.proxy import settings, sidecar
+from tests.proxy.conftest import (
+    ISSUER,
+    KEY,
+    NAMESPACE,
+    POD,
+    POD_UID,
+    SA,
+    Upstream,
+    bearer_upstream,
+    mint,
+    policy,
+)
+
+POLICIES = f"/apis/{contract.GROUP}/{contract.VERSION}/namespaces/{NAMESPACE}/{contract.PLURAL}"
+SECRETS = f"/api/v1/namespaces/{NAMESPACE}/secrets"
+
+
+class FakeApi:
+    def __init__(self) -> None:
+        self.policies: dict[str, dict[str, Any]] = {}
+        self.secrets: dict[str, dict[str, Any]] = {}
+        self.forbid_policies = True
+        self.rv = 1
+        self.changed = asyncio.Event()
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    def bump(self) -> None:
+        self.rv += 1
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def discovery(self, request: web.Request) -> web.Response:
+        return web.json_response({"issuer": ISSUER, "jwks_uri": "https://evil.example/jwks"})
+
+    async def jwks(self, request: web.Request) -> web.Response:
+        if "application/jwk-set+json" not in request.headers.get("Accept", ""):
+            return web.json_response({"kind": "Status", "code": 406}, status=406)
+        return web.json_response({"keys": [KEY.as_dict(private=False)]})
+
+    async def collection(
+        self, request: web.Request, objs: dict[str, dict[str, Any]], forbidden: bool
+    ) -> web.StreamResponse:
+        if forbidden:
+            return web.json_response(
+                {"kind": "Status", "code": 403, "reason": "Forbidden", "message": "forbidden"}, status=403
+            )
+        fs = request.query.get("fieldSelector", "")
+        name = fs.split("=", 1)[1] if fs else None
+        items = [o for n, o in objs.items() if name is None or n == name]
+        if request.query.get("watch") != "true":
+            return web.json_response({"items": items, "metadata": {"resourceVersion": str(self.rv)}})
+        # a "watch" that ends at the next change: the reflector then resumes, and
+        # its resourceVersion is stale, so answer 410 to make it relist
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        if int(request.query.get("resourceVersion", "0")) < self.rv:
+            await resp.write(json.dumps({"type": "ERROR", "object": {"code": 410}}).encode() + b"\n")
+            return resp
+        await self.changed.wait()
+        return resp
+
+    async def policies_handler(self, request: web.Request) -> web.StreamResponse:
+        return await self.collection(request, self.policies, self.forbid_policies)
+
+    async def secrets_handler(self, request: web.Request) -> web.StreamResponse:
+        return await self.collection(request, self.secrets, False)
+
+    async def start(self, port: int = 0) -> None:
+        app = web.Application()
+        app.router.add_get("/.well-known/openid-configuration", self.discovery)
+        app.router.add_get("/openid/v1/jwks", self.jwks)
+        app.router.add_get(POLICIES, self.policies_handler)
+        app.router.add_get(SECRETS, self.secrets_handler)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        self.bump()
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+@pytest.fixture
+async def fake_api() -> AsyncIterator[FakeApi]:
+    api = FakeApi()
+    await api.start()
+    yield api
+    if api.runner is not None:
+        await api.runner.cleanup()
+
+
+@pytest.fixture
+async def running(
+    fake_api: FakeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[sidecar.Sidecar]:
+    monkeypatch.setattr(kubeapi, "FORBIDDEN_RETRY_MAX", 0.2)
+    monkeypatch.setattr(kubeapi, "BACKOFF_START", 0.05)
+    monkeypatch.setattr(kubeapi, "RELIST_JITTER", 0.01)
+    (tmp_path / "token").write_text("api-token")
+    config = settings.Settings(
+        pod_name=POD,
+        namespace=NAMESPACE,
+        pod_uid=POD_UID,
+        pod_ip="10.0.0.9",
+        service_account=SA,
+        port=0,
+        health_port=0,
+        health_address="127.0.0.1",
+        drain_seconds=2,
+    )
+    api_config = kubeapi.ApiConfig(
+        server=f"http://127.0.0.1:{fake_api.port}", ca_file=None, token_file=tmp_path / "token"
+    )
+    sc = sidecar.Sidecar(config, api_config, audit=logs.AuditWriter(io.StringIO()))
+    await sc.start()
+    yield sc
+    if not sc.draining:
+        await sc.stop()
+
+
+async def get(url: str, token: str | None = None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as s, s.get(url, headers=headers) as r:
+        return r.status, await r.read()
+
+
+async def until(predicate: Any, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+async def test_forbidden_policies_mean_ready_with_no_upstreams_then_a_policy_applies_live(
+    fake_api: FakeApi, running: sidecar.Sidecar, upstream: Upstream
+) -> None:
+    health = f"http://127.0.0.1:{running.health_port}"
+    proxy = f"http://127.0.0.1:{running.proxy_port}"
+
+    async def ready() -> bool:
+        return (await get(f"{health}/readyz"))[0] == 200
+
+    await until(ready)
+    assert running.issuer == ISSUER  # from discovery, and the jwks_uri there was ignored
+    status, body = await get(f"{proxy}/openai/v1/models", mint())
+    assert status == 404 and b"no AgentPolicy" in body
+    fake_api.secrets["keys"] = {
+        "metadata": {"name": "keys", "namespace": NAMESPACE},
+        "data": {"openai": "c2stbGl2ZS1rZXktMTIzNDU="},
+    }  # sk-live-key-12345
+    fake_api.policies["p"] = policy(bearer_upstream(upstream.url))
+    fake_api.forbid_policies = False
+    fake_api.bump()
+
+    async def served() -> bool:
+        return (await get(f"{proxy}/openai/v1/models", mint()))[0] == 200
+
+    await until(served)
+    assert upstream.last.headers["Authorization"] == "Bearer sk-live-key-12345"
+
+
+async def test_the_apiserver_going_away_does_not_stop_the_sidecar(
+    fake_api: FakeApi, running: sidecar.Sidecar, upstream: Upstream
+) -> None:
+    proxy = f"http://127.0.0.1:{running.proxy_port}"
+    fake_api.secrets["keys"] = {
+        "metadata": {"name": "keys", "namespace": NAMESPACE},
+        "data": {"openai": "c2stbGl2ZS1rZXktMTIzNDU="},
+    }
+    fake_api.policies["p"] = policy(bearer_upstream(upstream.url))
+    fake_api.forbid_policies = False
+    fake_api.bump()
+
+    async def served() -> bool:
+        return (await get(f"{proxy}/openai/v1/models", mint()))[0] == 200
+
+    await until(served)
+    await fake_api.stop()
+    await asyncio.sleep(0.5)  # watches fail and retry against a closed port
+    token = mint(jti="new")  # not cached: validated offline with the cached JWKS
+    status, _ = await get(f"{proxy}/openai/v1/models", token)
+    assert status == 200
+    assert (await get(f"http://127.0.0.1:{running.health_port}/readyz"))[0] == 200
+    _, metrics_text = await get(f"http://127.0.0.1:{running.health_port}/metrics")
+    assert b"sidekey_apiserver_errors_total{" in metrics_text
+    assert b"sk-live-key" not in metrics_text
+
+
+async def test_sigterm_style_stop_drains_and_readiness_drops(running: sidecar.Sidecar) -> None:
+    health = f"http://127.0.0.1:{running.health_port}"
+    stopping = asyncio.create_task(running.stop())
+    await asyncio.sleep(0)
+    assert running.draining and not running.ready
+    await stopping
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await get(f"{health}/healthz")
