@@ -100,6 +100,7 @@ class Controller:
         self._index: PolicyIndex | None = None
         self._ready: dict[Key, bool] = {}
         self.queue: queueing.Queue[Key] = queueing.Queue(self.reconcile, workers=workers)
+        stats.queue_depth.set_function(lambda: self.queue.depth)
 
     # --- Triggers (called from kopf handlers) ---------------------------------
 
@@ -127,7 +128,6 @@ class Controller:
             other = str((raw.get("metadata") or {}).get("name", ""))
             if other and other != name:
                 self.queue.add((namespace, other))
-        self._stats.queue_depth.set(self.queue.depth)
 
     def secret_changed(self, namespace: str, name: str) -> None:
         for raw in self._policies(namespace):
@@ -167,7 +167,6 @@ class Controller:
             raise
         finally:
             self._stats.duration.observe(time.monotonic() - started)
-            self._stats.queue_depth.set(self.queue.depth)
         ready = verdict.ready.status == "True"
         self._stats.reconciles.labels("ready" if ready else "not_ready").inc()
         self._ready[key] = ready

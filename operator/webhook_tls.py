@@ -187,6 +187,7 @@ class TlsManager:
         return max(0.2, min(self._opts.tls.check_interval, self._due_in))
 
     _due_in: float = 3600.0
+    _missing_reported = False
 
     async def ensure(self) -> Material:
         async with self._lock:
@@ -251,9 +252,13 @@ class TlsManager:
         path = rest.webhook_configuration_path(self._opts.webhook_configuration)
         config = await self._api.get(path)
         if config is None:
+            if self._missing_reported:
+                return
+            self._missing_reported = True
             log.info("webhook TLS: MutatingWebhookConfiguration %s does not exist yet; its "
                      "caBundle is set when it appears", self._opts.webhook_configuration)
             return
+        self._missing_reported = False
         wanted = base64.b64encode(bundle).decode()
         ops: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/resourceVersion",
                                       "value": (config.get("metadata") or {}).get("resourceVersion")}]

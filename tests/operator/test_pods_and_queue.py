@@ -1,0 +1,93 @@
+"""Which pods are reported, and how the reconcile queue folds, serialises and retries."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from sidekey.operator import pods, queueing
+
+
+def _facts(ns: str = "team", annotation: str | None = "true", image: str | None = None,
+           finished: bool = False) -> pods.PodFacts:
+    return pods.PodFacts(ns, "p", "uid", annotation, image, finished)
+
+
+@pytest.mark.parametrize(("pod", "labelled", "state"), [
+    (_facts(), set(), "uninjected"),
+    (_facts(image="img:2"), set(), "injected"),
+    (_facts(image="img:1"), set(), "outdated"),
+    (_facts(annotation=None), set(), "ignored"),
+    (_facts(annotation=None), {"team"}, "uninjected"),
+    (_facts(annotation="false"), {"team"}, "ignored"),
+    (_facts(ns="kube-system"), set(), "ignored"),
+    (_facts(ns="sidekey-system"), set(), "ignored"),
+    (_facts(finished=True), set(), "ignored"),
+])
+def test_pods_are_classified_by_the_webhooks_opt_in_rule(pod: pods.PodFacts, labelled: set[str],
+                                                         state: str) -> None:
+    assert pods.classify(pod, labelled_namespaces=labelled, own_namespace="sidekey-system",
+                         sidecar_image="img:2") == state
+
+
+def test_the_sidecar_is_found_as_a_native_sidecar_or_a_container() -> None:
+    body: dict[str, Any] = {"metadata": {"namespace": "n", "name": "p", "uid": "u"},
+                            "spec": {"initContainers": [{"name": "sidekey-proxy", "image": "i:1"}],
+                                     "containers": [{"name": "agent", "image": "a"}]},
+                            "status": {"phase": "Running"}}
+    assert pods.PodFacts.from_body(body).sidecar_image == "i:1"
+    body["status"]["phase"] = "Succeeded"
+    assert pods.PodFacts.from_body(body).finished
+
+
+async def test_a_key_added_many_times_runs_once_and_never_twice_at_once() -> None:
+    runs: list[str] = []
+    running: set[str] = set()
+    gate = asyncio.Event()
+
+    async def work(key: str) -> None:
+        assert key not in running
+        running.add(key)
+        runs.append(key)
+        await gate.wait()
+        running.discard(key)
+
+    q: queueing.Queue[str] = queueing.Queue(work, workers=3)
+    task = asyncio.create_task(q.run())
+    for _ in range(5):
+        q.add("a")
+    await asyncio.sleep(0.05)
+    for _ in range(5):
+        q.add("a")  # arrives mid-run: exactly one more run
+    gate.set()
+    await asyncio.wait_for(q.wait_idle(), 2)
+    task.cancel()
+    assert runs == ["a", "a"]
+
+
+async def test_a_failing_key_is_retried_with_backoff_until_it_succeeds() -> None:
+    attempts: list[float] = []
+
+    async def work(key: str) -> None:
+        attempts.append(asyncio.get_running_loop().time())
+        if len(attempts) < 3:
+            raise queueing.Retry("not yet")
+
+    q: queueing.Queue[str] = queueing.Queue(work, base_delay=0.05, max_delay=1.0)
+    task = asyncio.create_task(q.run())
+    q.add("k")
+    await asyncio.wait_for(q.wait_idle(), 5)
+    task.cancel()
+    assert len(attempts) == 3
+    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    assert gaps[0] >= 0.03 and gaps[1] >= gaps[0] * 1.2
+
+
+def test_backoff_is_capped() -> None:
+    async def work(key: str) -> None:
+        return None
+
+    q: queueing.Queue[str] = queueing.Queue(work, base_delay=0.5, max_delay=60)
+    assert q.backoff(1) < 1 and q.backoff(30) <= 72

@@ -1,0 +1,132 @@
+"""What a policy's status says, computed without a cluster."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from sidekey.core import policies
+from sidekey.operator import conditions, controller, kubeobjects, verdicts
+from tests.operator.support import policy
+
+
+def _raw(name: str = "p", created: str = "2026-01-01T00:00:00Z", **kw: Any) -> dict[str, Any]:
+    m = policy(name, "team", **kw)
+    m["metadata"].update(uid=f"uid-{name}", generation=2, creationTimestamp=created)
+    return m
+
+
+def _parsed(name: str = "p", **kw: Any) -> policies.AgentPolicy:
+    return policies.parse(_raw(name, **kw))
+
+
+def _keys(name: str, present: set[str] = frozenset(), empty: set[str] = frozenset()  # type: ignore[assignment]
+          ) -> kubeobjects.SecretKeys:
+    return kubeobjects.SecretKeys(name, frozenset(present), frozenset(empty))
+
+
+# --- Secrets -------------------------------------------------------------------------------
+
+
+def test_all_keys_present_resolves() -> None:
+    c = verdicts.secrets_resolved(_parsed(), {"openai": _keys("openai", {"api-key"})})
+    assert (c.type, c.status, c.reason) == ("SecretsResolved", "True", "Resolved")
+
+
+def test_a_missing_secret_names_the_secret_the_key_and_the_field() -> None:
+    c = verdicts.secrets_resolved(_parsed(), {"openai": verdicts.Missing("openai")})
+    assert (c.status, c.reason) == ("False", "SecretNotFound")
+    assert "'openai'" in c.message and "spec.upstreams[0]" in c.message and "'api-key'" in c.message
+
+
+def test_a_missing_key_and_an_empty_key_have_their_own_reasons() -> None:
+    c = verdicts.secrets_resolved(_parsed(), {"openai": _keys("openai", {"other"})})
+    assert (c.status, c.reason) == ("False", "KeyNotFound")
+    c = verdicts.secrets_resolved(_parsed(), {"openai": _keys("openai", set(), {"api-key"})})
+    assert (c.status, c.reason) == ("False", "KeyEmpty")
+
+
+def test_an_unreadable_secret_is_unknown_not_false() -> None:
+    c = verdicts.secrets_resolved(_parsed(), {"openai": verdicts.Unreadable("openai", "forbidden")})
+    assert (c.status, c.reason) == ("Unknown", "SecretUnreadable")
+
+
+def test_secret_keys_keep_only_names_and_never_values() -> None:
+    served = {"data": {"api-key": base64.b64encode(b"sk-secret").decode(), "empty": "",
+                       "broken": "not base64!"}}
+    keys = controller.secret_keys("s", served)
+    assert keys.present == {"api-key"} and keys.empty == {"empty", "broken"}
+    assert "sk-secret" not in repr(keys)
+
+
+# --- Ready -----------------------------------------------------------------------------------
+
+
+def test_ready_needs_no_conflict_resolved_secrets_and_rbac() -> None:
+    p = _parsed()
+    ok = conditions.Wanted("SecretsResolved", "True", "Resolved", "fine")
+    assert verdicts.judge(p, [], ok, None).ready.status == "True"
+    bad = conditions.Wanted("SecretsResolved", "False", "SecretNotFound", "no secret")
+    assert verdicts.judge(p, [], bad, None).ready.reason == "SecretsUnresolved"
+    assert verdicts.judge(p, [], ok, ("RBACFailed", "denied")).ready.reason == "RBACFailed"
+
+
+def test_the_newer_policy_loses_and_names_the_older_one() -> None:
+    older = _raw("older", "2026-01-01T00:00:00Z")
+    newer = _parsed("newer", env="OTHER")
+    lost = verdicts.conflicts(policies.parse(_raw("newer", "2026-02-01T00:00:00Z", env="OTHER")),
+                              [older, _raw("newer", "2026-02-01T00:00:00Z", env="OTHER")])
+    assert len(lost) == 1 and lost[0].winner.name == "older"
+    ok = conditions.Wanted("SecretsResolved", "True", "Resolved", "fine")
+    verdict = verdicts.judge(newer, lost, ok, None)
+    assert (verdict.ready.status, verdict.ready.reason) == ("False", "Conflict")
+    assert "'older'" in verdict.ready.message
+    assert verdict.grants  # its other upstreams still work
+    # the older one has no conflict
+    assert verdicts.conflicts(policies.parse(older), [older, _raw("newer", "2026-02-01T00:00:00Z")]) == []
+
+
+def test_an_invalid_neighbour_cannot_win_a_conflict() -> None:
+    broken = _raw("broken", "2025-01-01T00:00:00Z")
+    broken["spec"]["upstreams"][0]["url"] = "http://insecure.example"
+    assert verdicts.conflicts(_parsed("p"), [broken]) == []
+
+
+def test_an_invalid_policy_grants_nothing_and_says_what_to_fix() -> None:
+    raw = _raw()
+    raw["spec"]["upstreams"][0]["url"] = "https://x.example:99999"
+    error = verdicts.parse(raw)
+    assert isinstance(error, policies.PolicyError)
+    v = verdicts.invalid(raw, error)
+    assert not v.grants and v.policy is None and v.upstream_count == 1
+    assert v.ready.reason == "InvalidSpec" and v.ready.message.startswith("spec.upstreams[0].url: ")
+
+
+def test_referenced_secrets_are_found_even_in_an_invalid_spec() -> None:
+    raw = _raw()
+    raw["spec"]["upstreams"].append({"auth": {"secretRef": {"name": "second"}}})
+    raw["spec"]["upstreams"].append("garbage")
+    assert controller.referenced_secrets(raw) == {"openai", "second"}
+    assert controller.referenced_secrets({"spec": None}) == set()
+
+
+# --- conditions ---------------------------------------------------------------------------
+
+
+def test_the_transition_time_moves_only_when_the_status_changes() -> None:
+    old = conditions.merge({}, [conditions.Wanted("Ready", "False", "A", "a")], 1, "T1")
+    kept = conditions.merge({c["type"]: c for c in old},
+                            [conditions.Wanted("Ready", "False", "B", "b")], 2, "T2")
+    assert kept[0]["lastTransitionTime"] == "T1" and kept[0]["reason"] == "B"
+    assert kept[0]["observedGeneration"] == 2
+    moved = conditions.merge({c["type"]: c for c in kept},
+                             [conditions.Wanted("Ready", "True", "Ready", "ok")], 2, "T3")
+    assert moved[0]["lastTransitionTime"] == "T3"
+    assert conditions.same(moved, {c["type"]: c for c in moved})
+    assert not conditions.same(moved, {c["type"]: c for c in kept})
+
+
+def test_malformed_existing_conditions_are_ignored() -> None:
+    found = conditions.existing({"conditions": [{"type": "Ready", "status": "Maybe"}, "junk", {}]})
+    assert list(found) == ["Ready"] and found["Ready"]["status"] == "Unknown"
+    assert conditions.existing(None) == {}
