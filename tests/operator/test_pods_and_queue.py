@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import pytest
@@ -81,7 +82,7 @@ async def test_a_failing_key_is_retried_with_backoff_until_it_succeeds() -> None
     await asyncio.wait_for(q.wait_idle(), 5)
     task.cancel()
     assert len(attempts) == 3
-    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert gaps[0] >= 0.03 and gaps[1] >= gaps[0] * 1.2
 
 
