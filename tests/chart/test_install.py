@@ -1,0 +1,339 @@
+"""``helm install``, upgrade and uninstall on the real control plane, as docs/install.md says.
+
+The commands come from the ``tested:`` blocks of docs/install.md, so the guide
+is exactly what runs here. No kubelet runs, so no pod starts: the test plays the
+kubelet for the operator and the webhook. It starts each as a local process with
+the args, settings and TLS files of the installed objects, authenticated as the
+ServiceAccount the chart made (so the chart's RBAC is what is tested). The
+webhook runs in a network namespace with a veth pair, and a hand-made
+EndpointSlice points the webhook Service at it: the apiserver runs with
+--enable-aggregator-routing and calls the ``service:`` clientConfig exactly as
+rendered, with TLS checked against the caBundle the operator wrote.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidekey.core import contract
+from sidekey.localcluster import processes
+from tests.chart import helm
+from tests.guards import admission, manifests
+
+pytestmark = pytest.mark.e2e
+
+RELEASE, NAMESPACE = "sidekey", "sidekey-system"
+INSTALL_DOC = helm.ROOT / "docs" / "install.md"
+FORWARD = Path(__file__).with_name("forward.py")
+
+
+def documented(step: str) -> list[list[str]]:
+    """The commands of the ``<!-- tested: step -->`` block of docs/install.md."""
+    text = INSTALL_DOC.read_text()
+    match = re.search(rf"<!-- tested: {step} -->\s*```sh\n(.*?)```", text, re.S)
+    assert match, f"docs/install.md has no tested block {step!r}"
+    return [shlex.split(line) for line in match.group(1).splitlines() if line.strip()]
+
+
+def run_documented(cluster: Any, step: str) -> list[str]:
+    outputs = []
+    for argv in documented(step):
+        tool, args = argv[0], argv[1:]
+        assert tool in ("helm", "kubectl"), argv
+        if tool == "helm":
+            outputs.append(helm.run(*args, env=cluster.env()).stdout)
+        else:
+            outputs.append(cluster.kubectl(*args))
+    return outputs
+
+
+def _json(cluster: Any, *args: str) -> Any:
+    return json.loads(cluster.kubectl(*args, "-o", "json"))
+
+
+def _wait(what: str, probe: Callable[[], Any], timeout: float = 60.0, *,
+          alive: Callable[[], object] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive is not None:
+            alive()
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _sidekey() -> str:
+    found = shutil.which("sidekey", path=str(Path(sys.executable).parent))
+    assert found, "the sidekey console script is not installed in the venv"
+    return found
+
+
+def _service_account_kubeconfig(cluster: Any, service_account: str, path: Path) -> Path:
+    """A kubeconfig with the chart's ServiceAccount token, as in-cluster config would use."""
+    token = cluster.token(NAMESPACE, service_account, audience=cluster.issuer, seconds=3600)
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [{"name": "c", "cluster": {"server": cluster.url,
+                                               "certificate-authority": str(cluster.ca_file)}}],
+        "users": [{"name": service_account, "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": service_account}}],
+    }))
+    return path
+
+
+def _container_args(cluster: Any, deployment: str) -> list[str]:
+    deploy = _json(cluster, "-n", NAMESPACE, "get", "deployment", deployment)
+    args: list[str] = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    return args
+
+
+def _replace_flag(args: list[str], flag: str, value: str) -> list[str]:
+    out = [a for a in args if not a.startswith(f"{flag}=")]
+    assert len(out) == len(args) - 1, f"{flag} is not in {args}"
+    return [*out, f"{flag}={value}"]
+
+
+@dataclass
+class NetNamespace:
+    name: str
+    host_ip: str
+    inner_ip: str
+    host_link: str
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[NetNamespace]:
+    """A network namespace joined to the host by a veth pair (10.250.R.1 <-> 10.250.R.2)."""
+    suffix = secrets.token_hex(3)
+    r = secrets.randbelow(250) + 1
+    ns = NetNamespace(f"skw-{suffix}", f"10.250.{r}.1", f"10.250.{r}.2", f"skh{suffix}")
+    inner_link = f"skn{suffix}"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    ip("netns", "add", ns.name)
+    try:
+        ip("link", "add", ns.host_link, "type", "veth", "peer", "name", inner_link)
+        ip("link", "set", inner_link, "netns", ns.name)
+        ip("addr", "add", f"{ns.host_ip}/30", "dev", ns.host_link)
+        ip("link", "set", ns.host_link, "up")
+        ip("netns", "exec", ns.name, "ip", "addr", "add", f"{ns.inner_ip}/30", "dev", inner_link)
+        ip("netns", "exec", ns.name, "ip", "link", "set", inner_link, "up")
+        ip("netns", "exec", ns.name, "ip", "link", "set", "lo", "up")
+        yield ns
+    finally:
+        subprocess.run(["ip", "link", "del", ns.host_link], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def release(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The chart installed with the documented command; uninstalled (if still there) afterwards."""
+    # Another test may have applied crds/ already: let the release adopt the CRD.
+    crd = "customresourcedefinition/agentpolicies.sidekey.io"
+    if cluster.kubectl("get", crd, "--ignore-not-found", "-o", "name").strip():
+        cluster.kubectl("annotate", "--overwrite", crd, f"meta.helm.sh/release-name={RELEASE}",
+                        f"meta.helm.sh/release-namespace={NAMESPACE}")
+        cluster.kubectl("label", "--overwrite", crd, "app.kubernetes.io/managed-by=Helm")
+    run_documented(cluster, "install")
+    manifest = helm.run("get", "manifest", RELEASE, "-n", NAMESPACE, env=cluster.env()).stdout
+    docs = [d for d in yaml.safe_load_all(manifest) if d]
+    try:
+        yield {"docs": docs, "tmp": tmp_path_factory.mktemp("release")}
+    finally:
+        helm.run("uninstall", RELEASE, "-n", NAMESPACE, "--ignore-not-found", env=cluster.env(), check=False)
+
+
+@pytest.fixture(scope="module")
+def local_parts(cluster: Any, release: dict[str, Any], netns: NetNamespace) -> Iterator[processes.Processes]:
+    """The operator and the webhook, run as the kubelet would run the installed pods."""
+    tmp: Path = release["tmp"]
+    procs = processes.Processes(tmp / "logs")
+    try:
+        # The operator, on the host, as its ServiceAccount.
+        op_args = _container_args(cluster, f"{RELEASE}-operator")
+        op_args = _replace_flag(op_args, "--health-port", str(_free_port()))
+        op_args = _replace_flag(op_args, "--metrics-port", str(_free_port()))
+        kubeconfig = _service_account_kubeconfig(cluster, f"{RELEASE}-operator", tmp / "operator.kubeconfig")
+        operator = procs.start("operator", [_sidekey(), *op_args, f"--kubeconfig={kubeconfig}"])
+
+        def tls_secret() -> dict[str, Any] | None:
+            found = cluster.kubectl("-n", NAMESPACE, "get", "secret", contract.WEBHOOK_TLS_SECRET,
+                                    "--ignore-not-found", "-o", "json")
+            return json.loads(found) if found.strip() else None
+
+        secret = _wait("the operator's TLS Secret", tls_secret, alive=operator.check_alive)
+        # The kubelet's part: the Secret volume and the ConfigMap volume, as files.
+        tls_dir, settings_dir = tmp / "tls", tmp / "settings"
+        tls_dir.mkdir()
+        settings_dir.mkdir()
+        for key in (contract.TLS_CERT_KEY, contract.TLS_KEY_KEY, contract.TLS_CA_KEY):
+            (tls_dir / key).write_bytes(base64.b64decode(secret["data"][key]))
+        settings = _json(cluster, "-n", NAMESPACE, "get", "configmap", f"{RELEASE}-webhook-settings")
+        (settings_dir / "settings.yaml").write_text(settings["data"]["settings.yaml"])
+
+        # The apiserver listens on the host's loopback only: forward it into the namespace.
+        api_port = int(cluster.url.rsplit(":", 1)[1])
+        relay = _free_port(netns.host_ip)
+        procs.start("relay-host", [sys.executable, str(FORWARD), netns.host_ip, str(relay),
+                                   "127.0.0.1", str(api_port)])
+        procs.start("relay-netns", ["ip", "netns", "exec", netns.name, sys.executable, str(FORWARD),
+                                    "127.0.0.1", str(api_port), netns.host_ip, str(relay)])
+        wh_args = _container_args(cluster, f"{RELEASE}-webhook")
+        wh_args = _replace_flag(wh_args, "--tls-dir", str(tls_dir))
+        wh_args = _replace_flag(wh_args, "--settings", str(settings_dir / "settings.yaml"))
+        kubeconfig = _service_account_kubeconfig(cluster, f"{RELEASE}-webhook", tmp / "webhook.kubeconfig")
+        webhook = procs.start("webhook", ["ip", "netns", "exec", netns.name, _sidekey(), *wh_args,
+                                          f"--kubeconfig={kubeconfig}"])
+        port = next(int(a.split("=", 1)[1]) for a in wh_args if a.startswith("--port="))
+
+        def webhook_ready() -> bool:
+            probe = subprocess.run(
+                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
+                 str(tls_dir / contract.TLS_CA_KEY), "--resolve",
+                 f"{RELEASE}-webhook.{NAMESPACE}.svc:{port}:{netns.inner_ip}",
+                 f"https://{RELEASE}-webhook.{NAMESPACE}.svc:{port}/readyz"],
+                capture_output=True, text=True, timeout=10, check=False)
+            return probe.stdout == "200"
+
+        _wait("the webhook in its network namespace", webhook_ready, alive=procs.alive)
+        # What the EndpointSlice controller would write for a ready webhook pod.
+        slice_ = {
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{RELEASE}-webhook-local", "namespace": NAMESPACE,
+                         "labels": {"kubernetes.io/service-name": f"{RELEASE}-webhook",
+                                    "endpointslice.kubernetes.io/managed-by": "sidekey-tests"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [netns.inner_ip], "conditions": {"ready": True}}],
+            "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+        }
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(slice_))
+        yield procs
+        procs.alive()
+        assert webhook.running
+    finally:
+        procs.stop_all()
+
+
+class TestInstall:
+    def test_every_object_is_created_and_accepted(self, cluster: Any, release: dict[str, Any]) -> None:
+        kinds = {d["kind"] for d in release["docs"]}
+        assert {"CustomResourceDefinition", "Deployment", "Service", "MutatingWebhookConfiguration",
+                "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "ClusterRole",
+                "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount", "ConfigMap",
+                "PodDisruptionBudget"} <= kinds
+        for doc in release["docs"]:
+            meta = doc["metadata"]
+            where = ["-n", meta.get("namespace", NAMESPACE)]
+            live = _json(cluster, *where, "get", f"{doc['kind']}.{doc['apiVersion'].split('/')[0]}"
+                         if "/" in doc["apiVersion"] else doc["kind"], meta["name"])
+            assert live["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE, meta["name"]
+        assert not [d for d in release["docs"] if d["kind"] == "Pod"], "the helm test pod is a hook"
+
+    def test_the_documented_checks_pass(self, cluster: Any, release: dict[str, Any]) -> None:
+        outputs = run_documented(cluster, "check")
+        assert "sidekey-bypass-guard" in outputs[2] and "sidekey-escalation-guard" in outputs[2]
+
+    def test_the_webhook_configuration_points_at_the_service(self, cluster: Any, release: dict[str, Any]) -> None:
+        config = _json(cluster, "get", "mutatingwebhookconfiguration", contract.WEBHOOK_CONFIGURATION)
+        for hook in config["webhooks"]:
+            service = hook["clientConfig"]["service"]
+            assert (service["name"], service["namespace"], service["port"]) == (
+                f"{RELEASE}-webhook", NAMESPACE, 443)
+            assert hook["failurePolicy"] == "Fail"
+        svc = _json(cluster, "-n", NAMESPACE, "get", "service", f"{RELEASE}-webhook")
+        assert svc["spec"]["ports"][0]["targetPort"] == "https"
+
+    def test_the_operator_writes_the_ca_bundle_it_signs_with(
+            self, cluster: Any, release: dict[str, Any], local_parts: processes.Processes) -> None:
+        def bundles() -> list[str] | None:
+            config = _json(cluster, "get", "mutatingwebhookconfiguration", contract.WEBHOOK_CONFIGURATION)
+            found = [h["clientConfig"].get("caBundle", "") for h in config["webhooks"]]
+            return found if all(found) else None
+
+        found = _wait("the caBundle", bundles, alive=local_parts.alive)
+        secret = _json(cluster, "-n", NAMESPACE, "get", "secret", contract.WEBHOOK_TLS_SECRET)
+        ca = base64.b64decode(secret["data"][contract.TLS_CA_KEY])
+        for bundle in found:
+            assert base64.b64decode(bundle) == ca
+
+    def test_an_annotated_pod_created_after_install_is_injected(
+            self, cluster: Any, release: dict[str, Any], local_parts: processes.Processes,
+            namespace: str) -> None:
+        for obj in (manifests.service_account(namespace, "agent"), manifests.secret(namespace),
+                    manifests.agent_policy(namespace)):
+            assert admission.apply(cluster, obj).admitted
+        pod = manifests.bare_pod(namespace, "agent", annotations={contract.ANNOTATION_INJECT: "true"})
+
+        def injected() -> admission.Answer | None:
+            answer = admission.create(cluster, pod)
+            return answer if answer.admitted else None
+
+        answer = _wait("an injected pod", injected, timeout=30, alive=local_parts.alive)
+        assert answer.obj is not None
+        spec = answer.obj["spec"]
+        [sidecar] = spec["initContainers"]
+        assert sidecar["name"] == contract.SIDECAR_CONTAINER_NAME
+        assert sidecar["image"] == "ghcr.io/sidekey/sidekey:0.1.0"
+        assert spec["automountServiceAccountToken"] is False
+
+    def test_a_bare_pod_of_a_subject_is_refused_by_the_installed_guard(
+            self, cluster: Any, release: dict[str, Any], namespace: str) -> None:
+        for obj in (manifests.service_account(namespace, "agent"), manifests.secret(namespace),
+                    manifests.agent_policy(namespace)):
+            assert admission.apply(cluster, obj).admitted
+        answer = admission.wait_until_enforced(cluster, manifests.bare_pod(namespace, "bare"))
+        assert not answer.admitted
+        assert 'annotate the pod with sidekey.io/inject: "true"' in answer.message
+
+    def test_upgrade_changes_a_value_and_keeps_the_ca_bundle(
+            self, cluster: Any, release: dict[str, Any], local_parts: processes.Processes) -> None:
+        before = _json(cluster, "get", "mutatingwebhookconfiguration", contract.WEBHOOK_CONFIGURATION)
+        assert {h["timeoutSeconds"] for h in before["webhooks"]} == {10}
+        run_documented(cluster, "upgrade")
+        after = _json(cluster, "get", "mutatingwebhookconfiguration", contract.WEBHOOK_CONFIGURATION)
+        assert {h["timeoutSeconds"] for h in after["webhooks"]} == {5}
+        assert [h["clientConfig"].get("caBundle") for h in after["webhooks"]] == \
+            [h["clientConfig"].get("caBundle") for h in before["webhooks"]]
+        history = helm.run("history", RELEASE, "-n", NAMESPACE, env=cluster.env()).stdout
+        assert "upgrade complete" in history.lower()
+
+    def test_uninstall_removes_everything_but_the_kept_crd(
+            self, cluster: Any, release: dict[str, Any]) -> None:
+        run_documented(cluster, "uninstall")
+        for doc in release["docs"]:
+            meta = doc["metadata"]
+            kind = (f"{doc['kind']}.{doc['apiVersion'].split('/')[0]}" if "/" in doc["apiVersion"]
+                    else doc["kind"])
+            left = cluster.kubectl("-n", meta.get("namespace", NAMESPACE), "get", kind, meta["name"],
+                                   "--ignore-not-found", "-o", "name").strip()
+            if doc["kind"] == "CustomResourceDefinition":
+                assert left, "the CRD must be kept"
+            else:
+                assert not left, f"{kind}/{meta['name']} survived helm uninstall"
