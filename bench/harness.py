@@ -1,0 +1,376 @@
+"""One run of the benchmark: every arm, every metric, interleaved, then the report.
+
+The order inside a repetition is phase by phase (saturation at 16 and at 64
+connections, a paced 500 rps, SSE), and inside a phase arm by arm, with the
+arm order rotated each repetition, so drift on a shared machine (other
+work, thermal, page cache) spreads over all arms instead of favouring one.
+Latency "added" by a proxy is its figure minus the direct arm's figure in
+the same repetition; every reported number is the median over repetitions.
+
+With two or more cores the load side (wrk, the upstreams, this process)
+runs on the first core and the proxy under test alone on the second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import arms, kubelet, loads, nginx, procstats, reports, sse
+from sidekey.localcluster.cluster import LocalCluster, free_port
+from sidekey.localcluster.processes import Process, Processes
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+ARM_NAMES = ("direct", "nginx", "sidekey", "sidekey-nocache")
+
+
+@dataclass(frozen=True)
+class Plan:
+    reps: int = 3
+    saturation_seconds: float = 5.0
+    paced_seconds: float = 10.0
+    paced_rate: int = 500
+    paced_connections: int = 8
+    sse_ttfb_streams: int = 30
+    sse_clients: int = 8
+    sse_streams_per_client: int = 15
+    warmup_seconds: float = 1.0
+    ready_samples: int = 3  # extra cold starts of the sidecar, besides one per repetition
+    connections: tuple[int, ...] = (16, 64)
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(reps=1, saturation_seconds=1, paced_seconds=1, sse_ttfb_streams=3, sse_clients=2,
+                   sse_streams_per_client=2, warmup_seconds=1, ready_samples=0)
+
+
+@dataclass
+class Samples:
+    """Per arm, per metric: one value per repetition."""
+
+    values: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def add(self, arm: str, metric: str, value: float) -> None:
+        self.values.setdefault(arm, {}).setdefault(metric, []).append(value)
+
+    def medians(self) -> dict[str, dict[str, float]]:
+        return {arm: {m: statistics.median(v) for m, v in metrics.items()}
+                for arm, metrics in self.values.items()}
+
+
+def _say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _wait_http(url: str, proc: Process, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.check_alive()
+        try:
+            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback only
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"{proc.name} did not answer {url}; log:\n{proc.tail()}")
+
+
+@contextlib.contextmanager
+def _pinned(core: int | None) -> Iterator[None]:
+    """Run this process (the SSE client, the wrk launcher) on the load core."""
+    before = os.sched_getaffinity(0)
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+class Run:
+    def __init__(self, plan: Plan, workdir: Path, procs: Processes, cluster: LocalCluster) -> None:
+        self.plan = plan
+        self.workdir = workdir
+        self.procs = procs
+        self.cluster = cluster
+        cores = procstats.cores()
+        self.load_core: int | None = cores[0] if len(cores) >= 2 else None
+        self.proxy_core: int | None = cores[1] if len(cores) >= 2 else None
+        self.samples = Samples()
+        self.notes: list[str] = []
+
+    # --- setup -------------------------------------------------------------------
+
+    def start_upstreams(self) -> None:
+        self.upstream_port, self.sse_port = free_port(), free_port()
+        conf = nginx.upstream_config(self.workdir, self.upstream_port)
+        up = self.procs.start("nginx-upstream", [*procstats.pin_prefix(self.load_core), *nginx.command(conf)])
+        _wait_http(f"http://127.0.0.1:{self.upstream_port}/", up)
+        sse_up = self.procs.start("sse-upstream", [*procstats.pin_prefix(self.load_core), sys.executable,
+                                                   "-m", "bench.sse_upstream", str(self.sse_port)],
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+        _wait_http(f"http://127.0.0.1:{self.sse_port}/ready?events=0", sse_up)
+
+    def create_pod(self) -> None:
+        self.pod = kubelet.create_pod(self.cluster, self.workdir, upstream_port=self.upstream_port,
+                                      sse_port=self.sse_port)
+
+    def start_nginx_proxy(self) -> None:
+        port = free_port()
+        conf = nginx.proxy_config(self.workdir, port, self.upstream_port, self.sse_port, self.pod.key)
+        proc = self.procs.start("nginx-proxy", [*procstats.pin_prefix(self.proxy_core), *nginx.command(conf)])
+        _wait_http(f"http://127.0.0.1:{port}/bench/", proc)
+        master = int(proc.popen.pid)
+        self.nginx_arm = arms.Arm("nginx", port, "/bench", port, "/sse",
+                                  pids=lambda: [master, *procstats.children(master)],
+                                  label="nginx 1 worker (C baseline)")
+
+    def all_arms(self) -> list[arms.Arm]:
+        direct = arms.Arm("direct", self.upstream_port, "", self.sse_port, "", label="direct to upstream")
+        return [direct, self.nginx_arm, self.sidekey_arm, self.nocache_arm]
+
+    def start_sidecars(self, rep: int) -> None:
+        cache = kubelet.start_sidecar(self.cluster, self.pod, self.procs, f"sidekey-{rep}",
+                                      core=self.proxy_core)
+        nocache = kubelet.start_sidecar(self.cluster, self.pod, self.procs, f"sidekey-nocache-{rep}",
+                                        core=self.proxy_core, token_cache=False)
+        self.sidecars = [cache, nocache]
+        token = self.pod.agent_token
+        self.sidekey_arm = arms.Arm("sidekey", cache.port, "/bench", cache.port, "/sse", token=token,
+                                    pids=lambda: [cache.pid], label="sidekey, token cache on")
+        self.nocache_arm = arms.Arm("sidekey-nocache", nocache.port, "/bench", nocache.port, "/sse",
+                                    token=token, pids=lambda: [nocache.pid],
+                                    label="sidekey, token cache off")
+        self.samples.add("sidekey", "ready_s", cache.ready_seconds)
+        time.sleep(0.5)  # let start-up work settle before reading idle memory
+        for arm in (self.sidekey_arm, self.nocache_arm, self.nginx_arm):
+            self.samples.add(arm.name, "rss_idle_mib", arm.rss_kib() / 1024)
+
+    def stop_sidecars(self) -> None:
+        for sidecar in self.sidecars:
+            sidecar.process.stop()
+
+    def extra_cold_starts(self) -> None:
+        """More start-to-ready samples: start a sidecar, wait for /readyz, stop it."""
+        for i in range(self.plan.ready_samples):
+            sidecar = kubelet.start_sidecar(self.cluster, self.pod, self.procs, f"sidekey-cold-{i}",
+                                            core=self.proxy_core)
+            self.samples.add("sidekey", "ready_s", sidecar.ready_seconds)
+            sidecar.process.stop()
+
+    # --- phases --------------------------------------------------------------------
+
+    def _ordered(self, rep: int) -> list[arms.Arm]:
+        all_arms = self.all_arms()
+        k = rep % len(all_arms)
+        return all_arms[k:] + all_arms[:k]
+
+    def _measure(self, arm: arms.Arm, work: Callable[[], int]) -> tuple[float, int]:
+        """CPU seconds of the arm's processes while ``work`` runs; work returns the units done."""
+        before = arm.cpu() if arm.measured else 0.0
+        units = work()
+        after = arm.cpu() if arm.measured else 0.0
+        return after - before, units
+
+    def warmup(self, rep: int) -> None:
+        for arm in self._ordered(rep):
+            loads.wrk(arm.json_url, connections=16, seconds=self.plan.warmup_seconds, token=arm.token,
+                      core=self.load_core)
+
+    def saturation(self, rep: int, connections: int) -> None:
+        for arm in self._ordered(rep):
+            result: loads.WrkResult | None = None
+
+            def work(arm: arms.Arm = arm) -> int:
+                nonlocal result
+                result = loads.wrk(arm.json_url, connections=connections,
+                                   seconds=self.plan.saturation_seconds, token=arm.token, core=self.load_core)
+                return result.requests
+            cpu, requests = self._measure(arm, work)
+            assert result is not None
+            self.samples.add(arm.name, f"rps_c{connections}", result.rps)
+            if arm.measured:
+                self.samples.add(arm.name, f"cpu_us_per_req_c{connections}", cpu / requests * 1e6)
+            _say(f"rep {rep + 1} c{connections} {arm.name:16} {result.rps:8.0f} rps"
+                 + (f"  {cpu / requests * 1e6:6.1f} us CPU/req" if arm.measured else ""))
+
+    def paced(self, rep: int) -> None:
+        p = self.plan
+        results: dict[str, loads.WrkResult] = {}
+        for arm in self._ordered(rep):
+            def work(arm: arms.Arm = arm) -> int:
+                results[arm.name] = loads.wrk(arm.json_url, connections=p.paced_connections,
+                                              seconds=p.paced_seconds, token=arm.token,
+                                              rate=p.paced_rate, core=self.load_core)
+                return results[arm.name].requests
+            cpu, requests = self._measure(arm, work)
+            r = results[arm.name]
+            self.samples.add(arm.name, "p50_us_500", r.p50_us)
+            self.samples.add(arm.name, "p99_us_500", r.p99_us)
+            self.samples.add(arm.name, "rate_500", r.rps)
+            if arm.measured:
+                self.samples.add(arm.name, "cpu_us_per_req_500", cpu / requests * 1e6)
+            _say(f"rep {rep + 1} {p.paced_rate} rps {arm.name:16} {r.rps:6.0f} rps  p50 {r.p50_us} us  "
+                 f"p99 {r.p99_us} us")
+        direct = results["direct"]
+        for name, r in results.items():
+            if name != "direct":
+                self.samples.add(name, "added_p50_us_500", r.p50_us - direct.p50_us)
+                self.samples.add(name, "added_p99_us_500", r.p99_us - direct.p99_us)
+
+    def sse(self, rep: int) -> None:
+        p = self.plan
+        ttfb: dict[str, float] = {}
+        for arm in self._ordered(rep):
+            first = sse.run(arm.sse_port, arm.sse_path, arm.token, clients=1, streams=p.sse_ttfb_streams)
+            ttfb[arm.name] = first.ttfb_p50_us
+            self.samples.add(arm.name, "sse_ttfb_us", first.ttfb_p50_us)
+            result: sse.SseResult | None = None
+
+            def work(arm: arms.Arm = arm) -> int:
+                nonlocal result
+                result = sse.run(arm.sse_port, arm.sse_path, arm.token, clients=p.sse_clients,
+                                 streams=p.sse_streams_per_client)
+                return result.events
+            cpu, events = self._measure(arm, work)
+            if arm.measured:
+                self.samples.add(arm.name, "sse_cpu_us_per_event", cpu / events * 1e6)
+            _say(f"rep {rep + 1} sse {arm.name:16} ttfb p50 {first.ttfb_p50_us:7.0f} us"
+                 + (f"  {cpu / events * 1e6:5.1f} us CPU/event" if arm.measured else ""))
+        for name, value in ttfb.items():
+            if name != "direct":
+                self.samples.add(name, "added_sse_ttfb_us", value - ttfb["direct"])
+
+    def after_load(self) -> None:
+        for arm in (self.sidekey_arm, self.nocache_arm, self.nginx_arm):
+            self.samples.add(arm.name, "rss_loaded_mib", arm.rss_kib() / 1024)
+
+
+#: The sibling benchmarks (their engineers' scripts), with the arguments for a full and a quick run.
+EXTERNALS: dict[str, tuple[list[str], list[str]]] = {
+    "webhook_bench": (["--rate", "100", "--seconds", "20"], ["--rate", "100", "--seconds", "2"]),
+    "operator_ready": (["--rounds", "10"], ["--rounds", "1"]),
+}
+
+
+def _external(module: str, out: Path, quick: bool) -> dict[str, Any] | None:
+    """Results of a sibling benchmark (webhook, operator), if its script exists."""
+    script = ROOT / "bench" / f"{module}.py"
+    if not script.exists():
+        return None
+    full, short = EXTERNALS[module]
+    proc = subprocess.run([sys.executable, str(script), *(short if quick else full), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    if proc.returncode != 0 or not out.exists():
+        return {"error": f"bench/{module}.py exited {proc.returncode}: {proc.stderr.strip()[-800:]}"}
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def _machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True, check=False).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "proxy", "core"], cwd=ROOT,
+                                capture_output=True, text=True, check=False).stdout.strip())
+    return {"cpu": model, "cores": len(procstats.cores()), "load_average": os.getloadavg(),
+            "python": sys.version.split()[0], "commit": commit + ("+dirty" if dirty else "")}
+
+
+def execute(plan: Plan, *, quick: bool, externals: bool) -> dict[str, Any]:
+    started = time.time()
+    machine = _machine()
+    with contextlib.ExitStack() as stack:
+        workdir = Path(tempfile.mkdtemp(prefix="sidekey-bench-"))
+        procs = stack.enter_context(Processes(workdir / "logs"))
+        _say("starting the local control plane")
+        cluster = kubelet.start_cluster(workdir)  # before pinning: the apiserver is not part of any arm
+        stack.callback(cluster.stop)
+        run = Run(plan, workdir, procs, cluster)
+        if run.load_core is None:
+            run.notes.append("one core only: nothing pinned")
+        with _pinned(run.load_core):
+            run.start_upstreams()
+            run.create_pod()
+            run.start_nginx_proxy()
+            if not kubelet.cache_knob_exists():
+                run.notes.append("the proxy has no SIDEKEY_TOKEN_CACHE knob yet: the no-cache arm runs "
+                                 "the sidecar through bench.launch, which patches the cache out")
+            if kubelet.jwks_accept_missing():
+                run.notes.append("core/kubeapi.py asks for application/json only and the apiserver answers "
+                                 "its JWKS with 406: both sidekey arms ran through bench.launch, which adds "
+                                 "application/jwk-set+json to Accept")
+            run.extra_cold_starts()
+            for rep in range(plan.reps):
+                _say(f"repetition {rep + 1} of {plan.reps}")
+                run.start_sidecars(rep)
+                run.warmup(rep)
+                for c in plan.connections:
+                    run.saturation(rep, c)
+                run.paced(rep)
+                run.sse(rep)
+                run.after_load()
+                run.stop_sidecars()
+        external: dict[str, Any] = {}
+        if externals:
+            for module in ("webhook_bench", "operator_ready"):
+                _say(f"running bench.{module}")
+                got = _external(module, workdir / f"{module}.json", quick)
+                if got is not None:
+                    external[module] = got
+    labels = {arm.name: arm.label for arm in run.all_arms()}
+    return reports.assemble(
+        plan=plan.__dict__, machine=machine, notes=run.notes, labels=labels,
+        samples=run.samples.values, medians=run.samples.medians(), external=external,
+        seconds=time.time() - started, quick=quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="1 repetition, 1 s per arm (a smoke test, not a measurement)")
+    parser.add_argument("--reps", type=int, help="repetitions (default 3)")
+    parser.add_argument("--seconds", type=float, help="seconds per saturation run (default 5)")
+    parser.add_argument("--out", type=Path, help="JSON result file (default bench/results/latest.json)")
+    parser.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    parser.add_argument("--no-externals", action="store_true",
+                        help="skip the webhook and operator benchmarks")
+    args = parser.parse_args(argv)
+    plan = Plan.quick() if args.quick else Plan()
+    if args.reps:
+        plan = Plan(**{**plan.__dict__, "reps": args.reps})
+    if args.seconds:
+        plan = Plan(**{**plan.__dict__, "saturation_seconds": args.seconds})
+    out = args.out or (RESULTS / ("quick.json" if args.quick else "latest.json"))
+    result = execute(plan, quick=args.quick, externals=not args.no_externals)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if not args.no_chart:
+        chart = out.with_suffix(".png")
+        try:
+            reports.chart(result, chart)
+        except ImportError:
+            _say("matplotlib is not installed: no chart (pip install matplotlib)")
+        else:
+            _say(f"chart: {chart}")
+    _say(f"results: {out}")
+    print(reports.table(result))
+    return 0
