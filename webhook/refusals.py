@@ -52,9 +52,16 @@ def _capabilities(container: Mapping[str, Any]) -> set[str]:
     return {str(c).upper().removeprefix("CAP_") for c in caps}
 
 
-def container_risks(containers: Iterable[Mapping[str, Any]],
-                    annotations: Mapping[str, str]) -> list[Refusal]:
-    """Privileged containers and added ptrace/admin capabilities."""
+def container_risks(containers: Iterable[Mapping[str, Any]], annotations: Mapping[str, str], *,
+                    ptrace_ok: bool = False) -> list[Refusal]:
+    """Privileged containers and added ptrace/admin capabilities.
+
+    ``ptrace_ok`` is for ephemeral containers: one that targets an agent
+    container shares that container's process namespace, not the sidecar's,
+    so tracing is what debugging it means (``kubectl debug --profile=general``
+    adds SYS_PTRACE). Privileged and SYS_ADMIN stay refused: they reach the node.
+    """
+    dangerous = DANGEROUS_CAPABILITIES - ({"SYS_PTRACE"} if ptrace_ok else set())
     out: list[Refusal] = []
     for c in containers:
         name = c.get("name", "?")
@@ -63,7 +70,7 @@ def container_risks(containers: Iterable[Mapping[str, Any]],
             out.append(Refusal("privileged", (
                 f"container {name} is privileged: it could read the sidecar's memory and files; "
                 + _override(contract.ANNOTATION_ALLOW_PRIVILEGED))))
-        bad = sorted(_capabilities(c) & DANGEROUS_CAPABILITIES)
+        bad = sorted(_capabilities(c) & dangerous)
         if bad and not _allowed(annotations, contract.ANNOTATION_ALLOW_CAPABILITIES):
             out.append(Refusal("capabilities", (
                 f"container {name} adds capability {', '.join(bad)}: it could trace or control the "
@@ -225,7 +232,7 @@ def ephemeral_risks(pod: Mapping[str, Any], old_pod: Mapping[str, Any] | None,
             if vol in contract.SIDEKEY_VOLUMES or str(vol).startswith(contract.KUBE_API_ACCESS_PREFIX):
                 out.append(Refusal("sidekey-volume", (
                     f"ephemeral container {name} mounts sidekey's volume {vol}; debug without it")))
-    out += container_risks(new, annotations)
+    out += container_risks(new, annotations, ptrace_ok=True)
     out += secret_references(new, frozenset(s for p in policy_list for s in p.secret_names))
     return out
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from sidekey.core import contract
 from sidekey.webhook import configuration
 
 
-def config() -> dict:  # type: ignore[type-arg]
+def config() -> dict[str, Any]:
     return configuration.mutating_webhook_configuration(
         ca_bundle="Q0E=", url="https://127.0.0.1:8443", own_namespace="sidekey-system")
 

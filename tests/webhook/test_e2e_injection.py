@@ -261,12 +261,10 @@ def test_an_override_annotation_admits_the_risky_shape(cluster: Any, agents: str
 
 
 def _debug(cluster: Any, namespace: str, target: str) -> subprocess.CompletedProcess[str]:
-    patch = {"spec": {"ephemeralContainers": [{
-        "name": f"debug-{target}", "image": "busybox", "targetContainerName": target,
-        "stdin": True, "tty": True}]}}
+    """`kubectl debug` itself: it adds an ephemeral container through the subresource."""
     return subprocess.run(
-        ["kubectl", f"--kubeconfig={cluster.kubeconfig}", "patch", "pod", "agent", "-n", namespace,
-         "--subresource=ephemeralcontainers", "--type=strategic", "-p", json.dumps(patch)],
+        ["kubectl", f"--kubeconfig={cluster.kubeconfig}", "debug", "agent", "-n", namespace,
+         "--image=busybox", f"--target={target}", f"--container=debug-{target}", "--profile=general"],
         capture_output=True, text=True, timeout=60, check=False)
 
 

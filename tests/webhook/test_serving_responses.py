@@ -266,3 +266,14 @@ async def test_readyz_fails_until_the_policies_are_listed() -> None:
         assert (await client.get("/readyz")).status == 503
     finally:
         await client.close()
+
+
+async def test_kubectl_debug_general_profile_may_trace_an_agent_but_not_gain_sys_admin() -> None:
+    h = handler()
+    _, traced = await answer(h, _debug(_injected_pod(), targetContainerName="agent",
+                                       securityContext={"capabilities": {"add": ["SYS_PTRACE"]}}))
+    assert traced["response"]["allowed"] is True
+    _, admin = await answer(h, _debug(_injected_pod(), targetContainerName="agent",
+                                      securityContext={"capabilities": {"add": ["SYS_ADMIN"]}}))
+    assert admin["response"]["allowed"] is False
+    assert contract.ANNOTATION_ALLOW_CAPABILITIES in admin["response"]["status"]["message"]
