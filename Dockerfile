@@ -1,0 +1,53 @@
+# syntax=docker/dockerfile:1
+#
+# One image for every part: `sidekey operator`, `sidekey webhook` and the
+# injected `sidekey proxy` sidecar (the chart and the webhook pass the
+# subcommand). Dependencies are installed only from requirements.lock, every
+# file hash-checked (pip --require-hashes). The runtime stage is distroless: no
+# shell, no package manager, a numeric non-root user, and nothing written to
+# the root filesystem at run time, so the pods run with readOnlyRootFilesystem.
+#
+# Paths the chart relies on:
+#   /opt/sidekey/bin/sidekey   the entrypoint; also on PATH as `sidekey`
+#                              (the webhook injects `command: [sidekey, proxy]`)
+#   /opt/sidekey/bin/python    on PATH as `python` (the helm test pod uses it)
+#   /etc/sidekey/tls, /etc/sidekey/settings   mounted by the chart (webhook)
+#   /tmp                       an emptyDir in the chart (operator, webhook)
+#   UID/GID 65532              the chart's runAsUser and contract.SIDECAR_UID
+#
+# Refresh the lock after changing dependencies in pyproject.toml:
+#   pip-compile --generate-hashes --allow-unsafe --strip-extras --build-deps-for=wheel \
+#     --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
+
+# The builder uses Debian 12's own Python, the same 3.11 the distroless runtime
+# has at the same path (/usr/bin/python3), so the virtualenv moves across as is.
+FROM debian:12-slim AS build
+RUN apt-get update \
+ && apt-get install --no-install-recommends -y python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/sidekey
+COPY requirements.lock /src/requirements.lock
+RUN /opt/sidekey/bin/pip install --no-cache-dir --require-hashes --only-binary=:all: \
+      --requirement /src/requirements.lock
+COPY pyproject.toml README.md /src/
+COPY cli /src/cli
+COPY core /src/core
+COPY proxy /src/proxy
+COPY webhook /src/webhook
+COPY operator /src/operator
+COPY client /src/client
+COPY localcluster /src/localcluster
+# The project itself: no dependency resolution here (--no-deps), only the lock's.
+RUN /opt/sidekey/bin/pip install --no-cache-dir --no-deps --no-build-isolation /src \
+ && /opt/sidekey/bin/pip uninstall --yes pip setuptools wheel \
+ && /opt/sidekey/bin/python -m compileall -q /opt/sidekey/lib
+
+FROM gcr.io/distroless/python3-debian12:nonroot
+COPY --from=build /opt/sidekey /opt/sidekey
+ENV PATH=/opt/sidekey/bin:/usr/local/bin:/usr/bin:/bin \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 65532:65532
+EXPOSE 8443 8787 8788 8080 9090
+ENTRYPOINT ["/opt/sidekey/bin/sidekey"]
+CMD ["--help"]

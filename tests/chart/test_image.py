@@ -1,0 +1,81 @@
+"""The Dockerfile and its lock file agree with the project and the chart.
+
+No container engine runs here, so the image cannot be built in the tests; what
+can be checked is that every path and number it uses is the one the chart and
+the webhook use, and that every dependency is pinned with hashes.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+from sidekey.core import contract
+from tests.chart import helm
+
+DOCKERFILE = (helm.ROOT / "Dockerfile").read_text()
+LOCK = (helm.ROOT / "requirements.lock").read_text()
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _pins() -> dict[str, list[str]]:
+    """name -> hashes, from the lock."""
+    pins: dict[str, list[str]] = {}
+    current = None
+    for line in LOCK.splitlines():
+        if m := re.match(r"^([A-Za-z0-9_.-]+)==\S+ \\$", line):
+            current = m.group(1).lower().replace("_", "-")
+            pins[current] = []
+        elif current and (m := re.search(r"--hash=sha256:([0-9a-f]{64})", line)):
+            pins[current].append(m.group(1))
+    return pins
+
+
+def test_every_dependency_is_pinned_with_hashes() -> None:
+    project = tomllib.loads((helm.ROOT / "pyproject.toml").read_text())
+    pins = _pins()
+    wanted = [_name(r) for r in project["project"]["dependencies"]]
+    wanted += [_name(r) for r in project["build-system"]["requires"]]
+    for name in wanted:
+        assert name in pins, f"{name} is not in requirements.lock; regenerate it (see the Dockerfile)"
+    assert all(pins.values()), [n for n, h in pins.items() if not h]
+
+
+def test_the_image_installs_only_hash_checked_files_from_the_lock() -> None:
+    assert "--require-hashes" in DOCKERFILE
+    assert "--requirement /src/requirements.lock" in DOCKERFILE
+    assert "--no-deps" in DOCKERFILE  # the project itself adds nothing unlocked
+
+
+def test_the_image_runs_as_the_charts_numeric_user() -> None:
+    user = re.search(r"^USER (\d+):(\d+)$", DOCKERFILE, re.M)
+    assert user, "USER must be numeric, so runAsNonRoot can verify it"
+    uid = int(user.group(1))
+    assert uid == contract.SIDECAR_UID
+    for doc in helm.template():
+        if doc["kind"] == "Deployment":
+            assert doc["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == uid
+
+
+def test_the_sidekey_command_is_the_entrypoint_and_on_path() -> None:
+    from sidekey.webhook import sidecars
+
+    assert 'ENTRYPOINT ["/opt/sidekey/bin/sidekey"]' in DOCKERFILE
+    assert re.search(r"PATH=/opt/sidekey/bin:", DOCKERFILE)
+    assert sidecars.COMMAND[0] == "sidekey"  # the injected sidecar finds it on PATH
+    for doc in helm.template():
+        if doc["kind"] == "Deployment":
+            args = doc["spec"]["template"]["spec"]["containers"][0]["args"]
+            assert args[0] in ("operator", "webhook"), args
+
+
+def test_every_copied_path_exists_and_is_in_the_build_context() -> None:
+    ignore = (helm.ROOT / ".dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", DOCKERFILE, re.M):
+        for path in source.split():
+            assert (helm.ROOT / path).exists(), path
+            assert path.rstrip("/") in allowed, f"{path} is excluded by .dockerignore"
