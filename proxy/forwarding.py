@@ -51,6 +51,7 @@ RESPONSE_HOP_BY_HOP: Final = frozenset(
 SKIP_AUTO_HEADERS: Final = ("User-Agent", "Accept-Encoding", "Accept", "Content-Type")
 
 _JSON: Final = "application/json"
+_DENIALS: Final = frozenset({400, 401, 403, 404, 413, 429})
 
 
 class _BodyTooLarge(Exception):
@@ -81,6 +82,7 @@ class Proxy:
         self._ids = itertools.count(1)
         self._boot = os.urandom(4).hex()
         self._counters: dict[tuple[str, str, int, str], Any] = {}
+        self._histograms: dict[tuple[int, str], Any] = {}
         self.in_flight = 0
 
     # --- the handler ---------------------------------------------------------------------
@@ -101,7 +103,21 @@ class Proxy:
         status = 500
         upstream_label = ""
         try:
-            response, status = await self._handle(request, record)
+            try:
+                response, status = await self._handle(request, record)
+            except (asyncio.CancelledError, ConnectionError):
+                raise
+            except Exception as exc:
+                if record.get("streamed"):
+                    raise  # the status line is sent; aiohttp closes the connection
+                log.error("request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
+                response, status = _refuse(
+                    record,
+                    500,
+                    "internal_error",
+                    "api_error",
+                    "the sidecar failed on this request; see its logs",
+                )
             upstream_label = record["upstream"] or ""
             return response
         except asyncio.CancelledError:
@@ -128,7 +144,16 @@ class Proxy:
                 self._counters[key] = child
         child.inc()
         if upstream:
-            metrics.DURATION.labels(upstream).observe(elapsed)
+            self._histogram(metrics.DURATION, upstream).observe(elapsed)
+
+    def _histogram(self, family: Any, upstream: str) -> Any:
+        key = (id(family), upstream)
+        child = self._histograms.get(key)
+        if child is None:
+            child = family.labels(upstream)
+            if len(self._histograms) < 1024:
+                self._histograms[key] = child
+        return child
 
     async def _handle(
         self, request: web.BaseRequest, record: dict[str, Any]
@@ -310,7 +335,7 @@ class Proxy:
             return self._upstream_failed(route, exc, record)
         except aiohttp.ClientError as exc:
             return self._upstream_failed(route, exc, record)
-        metrics.UPSTREAM_DURATION.labels(route.name).observe(time.perf_counter() - started)
+        self._histogram(metrics.UPSTREAM_DURATION, route.name).observe(time.perf_counter() - started)
         try:
             result = await self._respond(request, upstream, scrubber, record)
         except BaseException:
@@ -362,6 +387,7 @@ class Proxy:
             small.body = body
             return small, status
         response = web.StreamResponse(status=status, reason=upstream.reason, headers=out_headers)
+        record["streamed"] = True
         await response.prepare(request)
         stream = scrubber.stream()
         sent = 0
@@ -453,6 +479,6 @@ def _error(status: int, kind: str, message: str) -> web.Response:
 def _refuse(
     record: dict[str, Any], status: int, reason: str, kind: str, message: str
 ) -> tuple[web.Response, int]:
-    record["decision"] = "denied" if status in (400, 401, 403, 404, 413, 429) else "error"
+    record["decision"] = "denied" if status in _DENIALS else "error"
     record["reason"] = reason
     return _error(status, kind, message), status

@@ -39,6 +39,7 @@ class Sidecar:
         self.validator: tokens.Validator | None = None
         self.issuer: str | None = None
         self.draining = False
+        self._was_ready = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._runners: list[web.BaseRunner] = []
         self.proxy_port = 0
@@ -48,13 +49,11 @@ class Sidecar:
 
     @property
     def ready(self) -> bool:
-        return (
-            self.validator is not None
-            and self.keys.loaded.is_set()
-            and bool(self.keys.keys)
-            and self.routes.ready
-            and not self.draining
-        )
+        # Readiness latches: once the keys and policies were loaded they stay
+        # (served from cache when the apiserver goes away); only a drain undoes it.
+        if not self._was_ready:
+            self._was_ready = self.validator is not None and bool(self.keys.keys) and self.routes.ready
+        return self._was_ready and not self.draining
 
     # --- lifecycle ---------------------------------------------------------------------------
 
