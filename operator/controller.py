@@ -118,15 +118,22 @@ class Controller:
         return list(self._index[namespace])
 
     def policy_changed(self, namespace: str, name: str, *, deleted: bool) -> None:
-        """A policy changed: reconcile it and its neighbours, whose conflicts may change."""
+        """A policy changed: reconcile it, and the neighbours whose conflicts changed.
+
+        A neighbour's status depends on the changed policy only through
+        conflicts, so those are recomputed here from the index (no API call)
+        and only neighbours whose Conflict condition is now wrong are queued.
+        """
         if deleted:
             self._ready.pop((namespace, name), None)
             self._update_gauge()
         else:
             self.queue.add((namespace, name))
-        for raw in self._policies(namespace):
+        neighbours = self._policies(namespace)
+        lost = verdicts.losers(neighbours)
+        for raw in neighbours:
             other = str((raw.get("metadata") or {}).get("name", ""))
-            if other and other != name:
+            if other and other != name and _conflict_stale(raw, lost.get(other, [])):
                 self.queue.add((namespace, other))
 
     def secret_changed(self, namespace: str, name: str) -> None:
@@ -287,6 +294,16 @@ class Controller:
                     await self._recorder.post(target, "Warning", c["reason"], c["message"])
                 log.info("AgentPolicy %s/%s Ready=%s %s: %s", target["namespace"],
                          target["name"], c["status"], c["reason"], c["message"])
+
+
+def _conflict_stale(raw: Mapping[str, Any], lost: list[policies.Conflict]) -> bool:
+    """Whether a policy's Ready condition disagrees with the conflicts it now loses."""
+    ready = conditions.existing(raw.get("status")).get(conditions.READY)
+    if ready is None:
+        return True
+    if lost:
+        return ready["reason"] != "Conflict" or ready["message"] != verdicts.conflict_message(lost)
+    return ready["reason"] == "Conflict"
 
 
 def _changed(old: Mapping[str, kubeobjects.Condition], new: Iterable[kubeobjects.Condition]

@@ -82,6 +82,24 @@ def conflicts(policy: policies.AgentPolicy, namespace_policies: Iterable[Mapping
     return lost
 
 
+def losers(namespace_policies: Iterable[Mapping[str, Any]]) -> dict[str, list[policies.Conflict]]:
+    """Every conflict of a namespace at once, by the losing policy's name.
+
+    Used when one policy changes, to find the neighbours whose Conflict
+    condition must change without calling the API for each of them.
+    """
+    parsed = [p for p in map(parse, namespace_policies) if isinstance(p, policies.AgentPolicy)]
+    found: dict[str, list[policies.Conflict]] = {}
+    for sa in sorted({sa for p in parsed for sa in p.service_accounts}):
+        for c in policies.select(parsed, sa).conflicts:
+            found.setdefault(c.loser.name, []).append(c)
+    return found
+
+
+def conflict_message(lost: Sequence[policies.Conflict]) -> str:
+    return lost[0].message + (f" (and {len(lost) - 1} more conflicts)" if len(lost) > 1 else "")
+
+
 @dataclass(frozen=True, slots=True)
 class _Need:
     where: str
@@ -163,9 +181,7 @@ def judge(policy: policies.AgentPolicy, lost: Sequence[policies.Conflict],
     """
     count = len(policy.upstreams)
     if lost:
-        first = lost[0]
-        msg = first.message + (f" (and {len(lost) - 1} more conflicts)" if len(lost) > 1 else "")
-        ready = conditions.Wanted(conditions.READY, "False", "Conflict", msg)
+        ready = conditions.Wanted(conditions.READY, "False", "Conflict", conflict_message(lost))
     elif rbac_problem is not None:
         ready = conditions.Wanted(conditions.READY, "False", rbac_problem[0], rbac_problem[1])
     elif secrets.status != "True":
