@@ -10,6 +10,7 @@ with the env the spec gives it (the downward API resolved by hand).
 from __future__ import annotations
 
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -99,7 +100,7 @@ def start_sidecar(cluster: LocalCluster, pod: dict[str, Any], procs: Processes, 
     env[contract.ENV_API_TOKEN_DIR] = str(api_dir)
     env["PATH"] = os.environ.get("PATH", "")
     args = sidecar.get("args", ["proxy"])
-    proc = procs.start(name, ["sidekey", *args], env=env)
+    proc = procs.start(name, [sys.executable, "-m", "sidekey", *args], env=env)
     port = int(env[contract.ENV_PROXY_PORT])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

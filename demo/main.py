@@ -133,7 +133,7 @@ class Demo:
         vfile = self.workdir / "values.yaml"
         vfile.write_text(yaml.safe_dump(dict(values or {})))
         args = [str(self.cluster.bin_dir / "helm"), "template", "sidekey", str(CHART),
-                "--namespace", SYSTEM_NS, "-f", str(vfile)]
+                "--namespace", SYSTEM_NS, "-f", str(vfile), "--kube-version", self.kube_version]
         for s in show_only:
             args += ["--show-only", s]
         proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=60)
@@ -154,7 +154,7 @@ class Demo:
         self.cluster = LocalCluster(workdir=self.workdir / "cluster", keep_workdir=True)
         self.cluster.start()
         self.stack.callback(self.cluster.stop)
-        version = self.cluster.request("GET", "/version")["gitVersion"]
+        self.kube_version = version = self.cluster.request("GET", "/version")["gitVersion"]
         self.out.ok(f"Kubernetes {version} on {self.cluster.url}, ready in {self.cluster.started_in:.1f}s")
 
     def install_sidekey(self) -> None:
@@ -181,12 +181,12 @@ class Demo:
         settings.write_text(yaml.safe_dump({"image": SIDECAR_IMAGE, "imageAllowList": [SIDECAR_IMAGE]}))
 
         env = self.cluster.env()
-        self.procs.start("operator", ["sidekey", "operator", "--namespace", SYSTEM_NS,
+        self.procs.start("operator", [sys.executable, "-m", "sidekey", "operator", "--namespace", SYSTEM_NS,
                                       "--certificates", "external", "--kubeconfig", str(self.cluster.kubeconfig),
                                       "--health-port", str(free_port()), "--metrics-port", str(free_port()),
                                       "--sidecar-image", SIDECAR_IMAGE], env=env)
         port = free_port()
-        self.procs.start("webhook", ["sidekey", "webhook", "--host", "127.0.0.1", "--port", str(port),
+        self.procs.start("webhook", [sys.executable, "-m", "sidekey", "webhook", "--host", "127.0.0.1", "--port", str(port),
                                      "--tls-dir", str(tls), "--settings", str(settings),
                                      "--namespace", SYSTEM_NS, "--kubeconfig", str(self.cluster.kubeconfig)],
                          env=env)
@@ -327,7 +327,7 @@ class Demo:
         if "denied" not in result and "forbidden" not in result.lower():
             raise DemoFailed(f"a pod without the sidecar was admitted: {result}")
         self.out.refused("by the apiserver, a pod that runs as 'agent' without the sidecar:\n      "
-                         + result.strip().splitlines()[-1][:300])
+                         + result.strip().splitlines()[-1].split("denied request: ")[-1][:400])
 
     def rotate(self) -> None:
         self.out.step("Rotate the key in the Secret; the running sidecar uses the new one, no restart")
@@ -344,8 +344,9 @@ class Demo:
 
     def observe(self) -> None:
         self.out.step("What operators see: audit lines and metrics (never a key or token)")
-        for line in self.procs.get("sidecar").lines()[-3:]:
-            self.out.say(line[:240])
+        audit = [line for line in self.procs.get("sidecar").lines() if '"request_id"' in line]
+        for line in audit[-4:]:
+            self.out.say(line[:260])
         status, metrics = _http_get(f"http://127.0.0.1:{self.sidecar.health_port}/metrics")
         _expect(status, 200, "the sidecar's metrics")
         for line in metrics.splitlines():

@@ -64,6 +64,9 @@ def find(*, build: bool = True, progress: bool = False) -> Binaries:
                 f"{BUILD_SCRIPT} builds them (needs Go >= 1.26 and the Go module proxy)"
             )
         return Binaries(directory)
+    cached = subprocess.run(["bash", str(BUILD_SCRIPT), "--check"], capture_output=True, text=True, check=False)
+    if cached.returncode == 0:
+        return Binaries(Path(cached.stdout.strip()))
     if not build:
         raise BinariesUnavailable(
             f"KUBEBUILDER_ASSETS is not set; run {BUILD_SCRIPT} (needs Go >= 1.26) and export "

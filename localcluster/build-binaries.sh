@@ -8,8 +8,9 @@
 # in a dependency. So each build happens in a throwaway module that replaces
 # every staging module with its matching v0.X.Y release.
 #
-# Usage: hack/build-binaries.sh [DEST]   (default: $SIDEKEY_BIN_CACHE or
+# Usage: build-binaries.sh [--check] [DEST]   (default DEST: $SIDEKEY_BIN_CACHE or
 #        ~/.cache/sidekey/bin/k8s-<ver>_etcd-<ver>_helm-<ver>)
+# --check only prints DEST if every binary is already there (exit 3 if not).
 set -euo pipefail
 
 K8S_VERSION="${SIDEKEY_K8S_VERSION:-v1.36.3}"
@@ -18,8 +19,15 @@ HELM_VERSION="${SIDEKEY_HELM_VERSION:-v3.22.0}"
 
 export GOTOOLCHAIN=local GOFLAGS=-buildvcs=false CGO_ENABLED=0
 
+check=0
+if [ "${1:-}" = "--check" ]; then check=1; shift; fi
+
 key="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}"
 dest="${1:-${SIDEKEY_BIN_CACHE:-$HOME/.cache/sidekey/bin}/$key}"
+if [ "$check" = 1 ]; then
+  for b in etcd kube-apiserver kube-controller-manager kubectl helm; do [ -x "$dest/$b" ] || exit 3; done
+  echo "$dest"; exit 0
+fi
 mkdir -p "$dest"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
