@@ -292,6 +292,7 @@ class Proxy:
         data: Any = None
         length = request.content_length
         limiter: _Limiter | None = None
+        record["bytes_in"] = length or 0
         if length is not None and length <= SMALL_BODY:
             data = await request.content.read() if length else b""
             headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
@@ -336,6 +337,8 @@ class Proxy:
         except aiohttp.ClientError as exc:
             return self._upstream_failed(route, exc, record)
         self._histogram(metrics.UPSTREAM_DURATION, route.name).observe(time.perf_counter() - started)
+        if limiter is not None:
+            record["bytes_in"] = limiter.total
         try:
             result = await self._respond(request, upstream, scrubber, record)
         except BaseException:

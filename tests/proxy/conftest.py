@@ -63,6 +63,7 @@ class Upstream:
     token_requests: list[Received] = field(default_factory=list)
     oauth_lifetime: int = 3600
     oauth_issued: int = 0
+    slow_abandoned: bool | None = None
 
     @property
     def last(self) -> Received:
@@ -140,6 +141,8 @@ def _upstream_app(state: Upstream) -> web.Application:
     async def slow(request: web.Request) -> web.Response:
         await record(request)
         await asyncio.sleep(float(request.query.get("s", "5")))
+        transport = request.transport
+        state.slow_abandoned = transport is None or transport.is_closing()
         return web.Response(text="late")
 
     async def broken(request: web.Request) -> web.StreamResponse:

@@ -6,12 +6,15 @@ import asyncio
 import base64
 import gzip
 import itertools
+import ssl
 import time
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from sidekey.core import certificates
 from tests.proxy.conftest import (
     SECRET,
     SECRETS,
@@ -438,3 +441,53 @@ async def test_head_keeps_the_upstreams_content_length(make_proxy: ProxyFactory,
     assert upstream.last.method == "HEAD"
     # the echo's JSON body the upstream would send (its length, not zero)
     assert int(headers["Content-Length"]) > 200
+
+
+async def test_a_client_disconnect_cancels_the_upstream_request(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(call(f"{p.url}/openai/slow?s=1", token=mint()), 0.3)
+    await asyncio.sleep(1.2)
+    assert upstream.slow_abandoned is True  # the sidecar closed its upstream connection
+    line = p.audit_lines()[-1]
+    assert line["reason"] == "client_disconnected" and line["status"] == 499
+
+
+async def test_an_upstream_certificate_from_an_unknown_ca_is_502(
+    make_proxy: ProxyFactory, tmp_path: Any
+) -> None:
+    ca = certificates.make_ca("private-ca")
+    leaf = certificates.issue(ca, "127.0.0.1", ip_addresses=["127.0.0.1"])
+    (tmp_path / "c.pem").write_bytes(leaf.cert_pem)
+    (tmp_path / "k.pem").write_bytes(leaf.key_pem)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    seen: list[str] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.Response(text="private")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        up = bearer_upstream(f"https://127.0.0.1:{port}")
+        up.pop("insecure")
+        p = await make_proxy(policy(up), secrets=SECRETS)
+        status, _, body = await call(f"{p.url}/openai/x", token=mint())
+        assert status == 502 and b"TLS" in body
+        assert seen == []
+        up["caBundle"] = ca.cert_pem.decode()
+        p = await make_proxy(policy(up), secrets=SECRETS)
+        status, _, body = await call(f"{p.url}/openai/x", token=mint())
+        assert status == 200 and body == b"private"
+        assert seen == [f"Bearer {SECRET}"]
+    finally:
+        await runner.cleanup()
