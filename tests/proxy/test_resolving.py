@@ -44,7 +44,7 @@ def guard(address: str, pod_ip: str = "10.1.2.3") -> routes.GuardedResolver:
     ],
 )
 async def test_local_addresses_are_refused(address: str) -> None:
-    with pytest.raises(routes.HostRefused, match="api.example"):
+    with pytest.raises(routes.HostRefused, match=r"api\.example"):
         await guard(address).resolve("api.example", 443)
 
 
