@@ -491,3 +491,22 @@ async def test_an_upstream_certificate_from_an_unknown_ca_is_502(
         assert seen == [f"Bearer {SECRET}"]
     finally:
         await runner.cleanup()
+
+
+async def test_expect_100_continue_is_answered_once_the_call_is_allowed(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(p.url.rsplit(":", 1)[1]))
+    writer.write(
+        f"POST /openai/v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {mint()}\r\n"
+        "Content-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n".encode()
+    )
+    await writer.drain()
+    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)
+    assert first.startswith(b"HTTP/1.1 100 Continue")
+    writer.write(b"hello")
+    rest = await reader.read()
+    writer.close()
+    assert rest.startswith(b"HTTP/1.1 200")
+    assert upstream.last.body == b"hello" and "Expect" not in upstream.last.headers
