@@ -23,7 +23,8 @@ def _processes_mentioning(marker: str) -> list[str]:
         except OSError:
             continue
         if marker.encode() in blob:
-            found.append(f"{entry.name}: {(entry / 'cmdline').read_bytes().replace(b'\0', b' ')[:200]!r}")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\x00", b" ")[:200]
+            found.append(f"{entry.name}: {cmdline!r}")
     return found
 
 
