@@ -70,10 +70,11 @@ class RunningOperator:
 
 
 def start_operator(cluster: Any, workdir: Path, *extra: str, namespace: str | None = None,
-                   wait_ready: bool = True) -> RunningOperator:
+                   kubeconfig: Path | None = None, wait_ready: bool = True) -> RunningOperator:
     ns = namespace or make_namespace(cluster, "sk-op")
     health, metrics_port = free_port(), free_port()
-    args = [sys.executable, "-m", "sidekey", "operator", "--kubeconfig", str(cluster.kubeconfig),
+    args = [sys.executable, "-m", "sidekey", "operator",
+            "--kubeconfig", str(kubeconfig or cluster.kubeconfig),
             "--namespace", ns, "--health-port", str(health), "--metrics-port", str(metrics_port),
             "--listen-address", "127.0.0.1", "--webhook-address", "127.0.0.1", *extra]
     log = workdir / f"operator-{ns}-{health}.log"
