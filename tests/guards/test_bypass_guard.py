@@ -212,6 +212,32 @@ class TestEphemeralContainers:
         assert answer.admitted, answer.message
 
 
+class TestPodUpdates:
+    def test_swapping_the_sidecar_image_of_a_running_pod_is_denied(
+            self, cluster: Any, subject_namespace: str) -> None:
+        assert admission.create(cluster, manifests.injected_pod(subject_namespace, "swapped")).admitted
+        answer = admission.kubectl(cluster, "set", "image", "pod/swapped", "-n", subject_namespace,
+                                   f"{contract.SIDECAR_CONTAINER_NAME}=evil.example/sidekey:0.1.0")
+        _denied(answer, "evil.example/sidekey:0.1.0", "allow-list")
+
+    def test_changing_the_agent_image_of_a_running_pod_is_admitted(
+            self, cluster: Any, subject_namespace: str) -> None:
+        assert admission.create(cluster, manifests.injected_pod(subject_namespace, "upgraded")).admitted
+        answer = admission.kubectl(cluster, "set", "image", "pod/upgraded", "-n", subject_namespace,
+                                   "agent=example.invalid/agent:2")
+        assert answer.admitted, answer.message
+
+    def test_a_pod_that_predates_its_policy_can_still_be_labelled(
+            self, cluster: Any, guards: str, namespace: str) -> None:
+        assert admission.apply(cluster, manifests.service_account(namespace, "agent")).admitted
+        assert admission.create(cluster, manifests.bare_pod(namespace, "old")).admitted
+        for obj in (manifests.secret(namespace), manifests.agent_policy(namespace)):
+            assert admission.apply(cluster, obj).admitted
+        assert not admission.wait_until_enforced(cluster, manifests.bare_pod(namespace, "probe")).admitted
+        answer = admission.kubectl(cluster, "label", "pod", "old", "-n", namespace, "moved=yes")
+        assert answer.admitted, answer.message
+
+
 class TestPodsOutsideThePoliciesAreUnaffected:
     def test_a_pod_whose_account_is_not_a_subject_is_admitted_bare(
             self, cluster: Any, subject_namespace: str) -> None:
