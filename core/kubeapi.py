@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import ssl
-import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +100,7 @@ class ApiConfig:
     def from_kubeconfig(cls, path: Path) -> ApiConfig:
         """The current context of a kubeconfig; inline ``*-data`` goes to a private temp dir."""
         import base64
+        import tempfile
 
         import yaml  # only tools and tests use kubeconfigs; the sidecar never imports yaml
 
