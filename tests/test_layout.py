@@ -35,7 +35,8 @@ def test_components_import_as_subpackages_of_one_distribution() -> None:
 
 
 def test_the_console_script_reports_its_version() -> None:
-    out = subprocess.run(["sidekey", "--version"], capture_output=True, text=True, check=True)
+    script = Path(sys.executable).with_name("sidekey")  # the console script installed with this Python
+    out = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"sidekey {sidekey.__version__}"
 
 
