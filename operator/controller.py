@@ -15,6 +15,7 @@ reconcile after a restart.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -99,6 +100,8 @@ class Controller:
         self._stats = stats
         self._index: PolicyIndex | None = None
         self._ready: dict[Key, bool] = {}
+        #: Set once kopf delivers events, i.e. its indexes are filled.
+        self.handling = asyncio.Event()
         self.queue: queueing.Queue[Key] = queueing.Queue(self.reconcile, workers=workers)
         stats.queue_depth.set_function(lambda: self.queue.depth)
 

@@ -82,6 +82,13 @@ def register(registry: kopf.OperatorRegistry, opts: Options, ctl: controller.Con
             if type != "DELETED":
                 tls.request()
 
+    @kopf.on.event("", "v1", "namespaces", registry=registry, id="namespace")
+    def _namespace(**_: Any) -> None:
+        # kopf runs no handler before every index is filled, and some namespace
+        # always exists: the first call proves the operator is really handling.
+        if not ctl.handling.is_set():
+            ctl.handling.set()
+
     @kopf.index("", "v1", "namespaces", registry=registry, id=NAMESPACE_INDEX,
                 labels={contract.LABEL_INJECT: contract.LABEL_INJECT_ENABLED})
     def _index_namespace(name: str, **_: Any) -> dict[str, bool]:

@@ -80,8 +80,9 @@ async def operate(opts: options.Options, *, stop: asyncio.Event | None = None) -
         def is_ready() -> str | None:
             if not kopf_ready.is_set():
                 return "kopf is starting"
-            if not ctl.attached:
-                return "the policy index is not ready"
+            if not ctl.attached or not ctl.handling.is_set():
+                return ("kopf has not delivered events yet: its indexes are filling (if this "
+                        "lasts, check the operator may list and watch agentpolicies and namespaces)")
             if tls is not None and not tls.synced.is_set():
                 return "the webhook certificate is not issued yet"
             return None
