@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidekey.core import contract, policies
-from sidekey.webhook import diffing, refusals, sidecars
+from sidekey.webhook import diffing, refusals, shapes, sidecars
 from sidekey.webhook import settings as settings_mod
 
 
@@ -54,28 +54,14 @@ def service_account(pod: Mapping[str, Any]) -> str:
     return str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default")
 
 
-def _check_shape(pod: Mapping[str, Any]) -> None:
-    spec = pod.get("spec")
-    if not isinstance(spec, Mapping):
+def check_shape(pod: Mapping[str, Any]) -> None:
+    """Raise BadPod unless every field the webhook reads has its JSON type."""
+    if not isinstance(pod.get("spec"), Mapping):
         raise BadPod("spec must be an object")
-    meta = pod.get("metadata", {})
-    if not isinstance(meta, Mapping):
-        raise BadPod("metadata must be an object")
-    annotations = meta.get("annotations") or {}
-    if not isinstance(annotations, Mapping) or not all(isinstance(v, str) for v in annotations.values()):
-        raise BadPod("metadata.annotations must map strings to strings")
-    for key in ("containers", "initContainers", "ephemeralContainers", "volumes"):
-        value = spec.get(key)
-        if value is not None and (not isinstance(value, list)
-                                  or not all(isinstance(v, Mapping) for v in value)):
-            raise BadPod(f"spec.{key} must be a list of objects")
-    for key in ("containers", "initContainers"):
-        for c in spec.get(key) or []:
-            for field in ("env", "volumeMounts"):
-                value = c.get(field)
-                if value is not None and (not isinstance(value, list)
-                                          or not all(isinstance(v, Mapping) for v in value)):
-                    raise BadPod(f"spec.{key}[{c.get('name', '?')}].{field} must be a list of objects")
+    try:
+        shapes.check(pod)
+    except shapes.ShapeError as exc:
+        raise BadPod(str(exc)) from None
 
 
 def _is_api_access(name: object) -> bool:
@@ -122,7 +108,7 @@ def _agent_container(c: dict[str, Any], env: Sequence[tuple[str, str]],
 def mutate(pod: Mapping[str, Any], policy_list: Sequence[policies.AgentPolicy],
            settings: settings_mod.Settings) -> tuple[dict[str, Any], Outcome]:
     """The injected pod and what was done; raise Refused or BadPod."""
-    _check_shape(pod)
+    check_shape(pod)
     annotations: Mapping[str, str] = (pod.get("metadata") or {}).get("annotations") or {}
     sidecar, problems = sidecars.resolve(annotations, settings)
     found = [refusals.Refusal("override", p) for p in problems]
@@ -193,7 +179,7 @@ def patch(pod: Mapping[str, Any], policy_list: Sequence[policies.AgentPolicy],
 def check_ephemeral(pod: Mapping[str, Any], old_pod: Mapping[str, Any] | None,
                     policy_list: Sequence[policies.AgentPolicy]) -> None:
     """Raise Refused for new ``kubectl debug`` containers that would reach the sidecar."""
-    _check_shape(pod)
+    check_shape(pod)
     found = refusals.ephemeral_risks(pod, old_pod, policy_list)
     if found:
         raise Refused(found)

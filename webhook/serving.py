@@ -76,8 +76,9 @@ class Handler:
             return "error", "bad-request", reviews.deny(
                 req.uid, "request.object is missing: a Pod review must carry the pod", code=400,
                 reason="BadRequest")
-        namespace = req.namespace or str((pod.get("metadata") or {}).get("namespace") or "")
         try:
+            patching.check_shape(pod)
+            namespace = req.namespace or str((pod.get("metadata") or {}).get("namespace") or "")
             if req.operation == "UPDATE" and req.sub_resource == "ephemeralcontainers":
                 return await self._ephemeral(req, pod, namespace)
             if req.operation != "CREATE" or req.sub_resource:
@@ -131,8 +132,9 @@ class Handler:
     def _log(self, req: reviews.Request, result: str, reason: str) -> None:
         if not log.isEnabledFor(logging.INFO):
             return
-        meta = (req.object or {}).get("metadata") or {}
-        name = req.name or meta.get("name") or (str(meta.get("generateName", "")) + "*")
+        meta = (req.object or {}).get("metadata")
+        meta = meta if isinstance(meta, Mapping) else {}
+        name = req.name or str(meta.get("name") or (str(meta.get("generateName", "")) + "*"))
         log.info(json.dumps({"msg": "admission", "uid": req.uid, "namespace": req.namespace,
                              "pod": name, "operation": req.operation, "subResource": req.sub_resource,
                              "dryRun": req.dry_run, "result": result, "reason": reason}))
