@@ -11,10 +11,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import sys
 
 import kopf
 
+from sidekey.core import logs
 from sidekey.operator import (
     controller,
     handlers,
@@ -37,9 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     opts = options.from_args(args)
-    logging.basicConfig(
-        level=getattr(logging, opts.log_level.upper()), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(opts.log_level)
     # kopf's own per-event chatter stays at WARNING unless debugging.
     if opts.log_level != "debug":
         logging.getLogger("kopf").setLevel(logging.WARNING)
