@@ -172,3 +172,38 @@ class TestTheChartIsSafeByDefault:
         assert "sidekey-webhook.sidekey-system.svc" in cert["spec"]["dnsNames"]
         args = docs["Deployment/sidekey-system/sidekey-operator"]["spec"]["template"]["spec"]["containers"][0]["args"]
         assert "--certificates=external" in args
+
+
+def _triples(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]
+            for v in rule["verbs"]}
+
+
+class TestTheChartGrantsWhatTheOperatorNeeds:
+    """docs/operator.md lists the operator's rules (its e2e test runs with exactly those)."""
+
+    def _documented(self) -> dict[str, Any]:
+        text = (helm.ROOT / "docs" / "operator.md").read_text()
+        match = re.search(r"<!-- operator-rbac[^>]*-->\s*```yaml\n(.*?)```", text, re.S)
+        assert match, "docs/operator.md has no operator-rbac block"
+        documented: dict[str, Any] = yaml.safe_load(match.group(1))
+        return documented
+
+    def test_the_cluster_role_is_exactly_the_documented_rules(self) -> None:
+        role = _by_key(helm.template())["ClusterRole//sidekey-operator"]
+        assert _triples(role["rules"]) == _triples(self._documented()["clusterRules"])
+        narrowed = [r for r in role["rules"] if "patch" in r["verbs"]
+                    and r["resources"] == ["mutatingwebhookconfigurations"]]
+        assert narrowed == [{"apiGroups": ["admissionregistration.k8s.io"],
+                             "resources": ["mutatingwebhookconfigurations"],
+                             "resourceNames": [contract.WEBHOOK_CONFIGURATION], "verbs": ["patch"]}]
+
+    def test_the_release_namespace_role_is_exactly_the_documented_rules(self) -> None:
+        role = _by_key(helm.template())["Role/sidekey-system/sidekey-operator"]
+        assert _triples(role["rules"]) == _triples(self._documented()["releaseNamespaceRules"])
+
+    def test_with_cert_manager_the_operator_writes_no_tls(self) -> None:
+        docs = _by_key(helm.template(VALUE_SETS["cert-manager"]))
+        assert "Role/sidekey-system/sidekey-operator" not in docs
+        rules = docs["ClusterRole//sidekey-operator"]["rules"]
+        assert ("admissionregistration.k8s.io", "mutatingwebhookconfigurations", "patch") not in _triples(rules)
