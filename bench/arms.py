@@ -1,9 +1,10 @@
-"""The four arms of the benchmark and the processes behind them.
+"""The arms of the benchmark and the processes behind them.
 
 Every arm answers the same two requests: a small JSON call and an SSE stream
 of 100 events. ``direct`` calls the upstreams themselves; ``nginx`` is the C
 baseline doing the same job (attach a static key, keep-alive, no
-buffering); ``sidekey`` is the sidecar on its full path (token validated,
+buffering); ``aiohttp-floor`` is a bare aiohttp passthrough (bench/passthrough.py),
+the least any aiohttp-based proxy pays; ``sidekey`` is the sidecar on its full path (token validated,
 cached, policy checked, key attached, response scrubbed, audit line
 written); ``sidekey-nocache`` is the same sidecar validating the token
 signature and claims on every request.

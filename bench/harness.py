@@ -34,14 +34,14 @@ from sidekey.localcluster.processes import Process, Processes
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-ARM_NAMES = ("direct", "nginx", "sidekey", "sidekey-nocache")
+ARM_NAMES = ("direct", "nginx", "aiohttp-floor", "sidekey", "sidekey-nocache")
 
 
 @dataclass(frozen=True)
 class Plan:
     reps: int = 3
     saturation_seconds: float = 5.0
-    paced_seconds: float = 10.0
+    paced_seconds: float = 8.0
     paced_rate: int = 500
     paced_connections: int = 8
     sse_ttfb_streams: int = 30
@@ -54,7 +54,7 @@ class Plan:
     @classmethod
     def quick(cls) -> Plan:
         return cls(reps=1, saturation_seconds=1, paced_seconds=1, sse_ttfb_streams=3, sse_clients=2,
-                   sse_streams_per_client=2, warmup_seconds=1, ready_samples=0)
+                   sse_streams_per_client=2, warmup_seconds=0, ready_samples=0)
 
 
 @dataclass
@@ -137,9 +137,20 @@ class Run:
                                   pids=lambda: [master, *procstats.children(master)],
                                   label="nginx 1 worker (C baseline)")
 
+    def start_floor(self) -> None:
+        port = free_port()
+        proc = self.procs.start("aiohttp-floor", [
+            *procstats.pin_prefix(self.proxy_core), sys.executable, "-m", "bench.passthrough", str(port),
+            str(self.upstream_port), str(self.sse_port), self.pod.key],
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        _wait_http(f"http://127.0.0.1:{port}/bench/", proc)
+        pid = int(proc.popen.pid)
+        self.floor_arm = arms.Arm("aiohttp-floor", port, "/bench", port, "/sse", pids=lambda: [pid],
+                                  label="bare aiohttp passthrough (reference floor)")
+
     def all_arms(self) -> list[arms.Arm]:
         direct = arms.Arm("direct", self.upstream_port, "", self.sse_port, "", label="direct to upstream")
-        return [direct, self.nginx_arm, self.sidekey_arm, self.nocache_arm]
+        return [direct, self.nginx_arm, self.floor_arm, self.sidekey_arm, self.nocache_arm]
 
     def start_sidecars(self, rep: int) -> None:
         cache = kubelet.start_sidecar(self.cluster, self.pod, self.procs, f"sidekey-{rep}",
@@ -155,7 +166,7 @@ class Run:
                                     label="sidekey, token cache off")
         self.samples.add("sidekey", "ready_s", cache.ready_seconds)
         time.sleep(0.5)  # let start-up work settle before reading idle memory
-        for arm in (self.sidekey_arm, self.nocache_arm, self.nginx_arm):
+        for arm in (self.sidekey_arm, self.nocache_arm, self.nginx_arm, self.floor_arm):
             self.samples.add(arm.name, "rss_idle_mib", arm.rss_kib() / 1024)
 
     def stop_sidecars(self) -> None:
@@ -185,6 +196,8 @@ class Run:
         return after - before, units
 
     def warmup(self, rep: int) -> None:
+        if not self.plan.warmup_seconds:
+            return
         for arm in self._ordered(rep):
             loads.wrk(arm.json_url, connections=16, seconds=self.plan.warmup_seconds, token=arm.token,
                       core=self.load_core)
@@ -254,7 +267,7 @@ class Run:
                 self.samples.add(name, "added_sse_ttfb_us", value - ttfb["direct"])
 
     def after_load(self) -> None:
-        for arm in (self.sidekey_arm, self.nocache_arm, self.nginx_arm):
+        for arm in (self.sidekey_arm, self.nocache_arm, self.nginx_arm, self.floor_arm):
             self.samples.add(arm.name, "rss_loaded_mib", arm.rss_kib() / 1024)
 
 
@@ -310,6 +323,7 @@ def execute(plan: Plan, *, quick: bool, externals: bool) -> dict[str, Any]:
             run.start_upstreams()
             run.create_pod()
             run.start_nginx_proxy()
+            run.start_floor()
             if not kubelet.cache_knob_exists():
                 run.notes.append("the proxy has no SIDEKEY_TOKEN_CACHE knob yet: the no-cache arm runs "
                                  "the sidecar through bench.launch, which patches the cache out")

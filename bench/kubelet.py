@@ -138,8 +138,14 @@ def jwks_accept_missing() -> bool:
     return "jwk-set" not in (ROOT / "core" / "kubeapi.py").read_text()
 
 
-def patches_needed(token_cache: bool) -> bool:
-    return (not token_cache and not cache_knob_exists()) or jwks_accept_missing()
+def patches_for(token_cache: bool, extra: frozenset[str] = frozenset()) -> set[str]:
+    """The bench.launch patches a sidecar needs (none: the real console script runs)."""
+    patches = set(extra)
+    if not token_cache and not cache_knob_exists():
+        patches.add("nocache")
+    if jwks_accept_missing():
+        patches.add("jwks-accept")
+    return patches
 
 
 def _ready(health_port: int) -> bool:
@@ -151,7 +157,8 @@ def _ready(health_port: int) -> bool:
 
 
 def start_sidecar(cluster: LocalCluster, pod: Pod, procs: Processes, name: str, *,
-                  core: int | None, token_cache: bool = True, timeout: float = 30.0) -> Sidecar:
+                  core: int | None, token_cache: bool = True, timeout: float = 30.0,
+                  patches: frozenset[str] = frozenset(), env_extra: dict[str, str] | None = None) -> Sidecar:
     port, health_port = free_port(), free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
@@ -162,12 +169,13 @@ def start_sidecar(cluster: LocalCluster, pod: Pod, procs: Processes, name: str, 
         contract.ENV_HEALTH_ADDRESS: "127.0.0.1",
         contract.ENV_API_SERVER: cluster.url, contract.ENV_API_TOKEN_DIR: str(pod.api_dir),
     }
+    env.update(env_extra or {})
     argv = [_sidekey_binary(), "proxy"]
     if not token_cache:
         env[TOKEN_CACHE_ENV] = "0"
-        env["BENCH_NO_TOKEN_CACHE"] = "1"
-    if patches_needed(token_cache):
-        env["BENCH_JWKS_ACCEPT"] = "1" if jwks_accept_missing() else "0"
+    needed = patches_for(token_cache, patches)
+    if needed:
+        env["BENCH_PATCHES"] = ",".join(sorted(needed))
         env["PYTHONPATH"] = str(ROOT)
         argv = [sys.executable, "-m", "bench.launch", "proxy"]
     started = time.perf_counter()

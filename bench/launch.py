@@ -1,33 +1,56 @@
-"""``sidekey`` started with bench-only patches, for what the proxy cannot yet be told by env.
+"""``sidekey`` started with bench-only patches: the no-cache arm, and ablations for profiling.
 
-- ``BENCH_NO_TOKEN_CACHE=1``: the token-validation cache is patched out, so
-  every request pays the full signature and claims check (what a cache miss
-  costs: the first call with each freshly rotated token). Used only while the
-  proxy has no ``SIDEKEY_TOKEN_CACHE`` knob.
-- The apiserver answers ``/openid/v1/jwks`` only as ``application/jwk-set+json``
-  (406 to ``Accept: application/json`` alone). If the API client does not
-  accept it (``BENCH_JWKS_ACCEPT=1``, set by the harness after reading the
-  source), the sidecar can never become ready; this adds the type so the
-  benchmark can run until ``core/kubeapi.py`` is fixed. The results say so
-  whenever it was needed.
+``BENCH_PATCHES`` is a comma-separated list; each patch changes one thing,
+so the benchmark can say what each part of the hot path costs by turning it
+off (or what a candidate change gains by turning it on) without editing the
+proxy:
+
+- ``nocache``: the token-validation cache is patched out, so every request
+  pays the full signature and claims check (a cache miss: the first call with
+  each freshly rotated token). Used while the proxy has no
+  ``SIDEKEY_TOKEN_CACHE`` knob.
+- ``jwks-accept``: the apiserver answers ``/openid/v1/jwks`` only as
+  ``application/jwk-set+json`` (406 to ``Accept: application/json`` alone);
+  this adds the type while ``core/kubeapi.py`` lacks it.
+- ``noaudit``, ``nometrics``, ``noscrub``: ablations (no audit line, no
+  Prometheus updates, no response scrubbing). Never a way to run a sidecar.
+- ``gcfreeze``: ``gc.freeze()`` once the sidecar has started, so the
+  collector stops rescanning the import-time heap.
+- ``uvloop``: the uvloop event loop instead of asyncio's.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+from typing import Any
 
 from sidekey import cli
 from sidekey.core import kubeapi, tokens
 
 ACCEPT = "application/json, application/jwk-set+json;q=0.9"
+KNOWN = frozenset({"nocache", "jwks-accept", "noaudit", "nometrics", "noscrub", "gcfreeze", "uvloop"})
 
 
-def main() -> int:
-    if os.environ.get("BENCH_NO_TOKEN_CACHE") == "1":
+class _Nothing:
+    """Stands in for a metric: every call is a no-op."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self
+
+
+def apply(patches: set[str]) -> None:
+    unknown = patches - KNOWN
+    if unknown:
+        raise SystemExit(f"bench.launch: unknown patches {sorted(unknown)}; known: {sorted(KNOWN)}")
+    if "nocache" in patches:
         tokens.Validator.cached = lambda self, token: None  # type: ignore[method-assign]
         tokens.Validator._remember = lambda self, token, identity: None  # type: ignore[method-assign]
-    if os.environ.get("BENCH_JWKS_ACCEPT") == "1":
+    if "jwks-accept" in patches:
         original = kubeapi.ApiClient._headers
 
         def headers(self: kubeapi.ApiClient) -> dict[str, str]:
@@ -35,6 +58,34 @@ def main() -> int:
             h["Accept"] = ACCEPT
             return h
         kubeapi.ApiClient._headers = headers  # type: ignore[method-assign]
+    if "noaudit" in patches:
+        from sidekey.core import logs
+        logs.AuditWriter.write = lambda self, record: None  # type: ignore[method-assign]
+    if "nometrics" in patches:
+        from sidekey.proxy import metrics
+        for name in ("REQUESTS", "DURATION", "UPSTREAM_DURATION", "IN_FLIGHT", "TOKEN_FAILURES"):
+            setattr(metrics, name, _Nothing())
+    if "noscrub" in patches:
+        from sidekey.proxy import scrubbing
+        scrubbing.Scrubber.scrub = lambda self, data: data  # type: ignore[method-assign]
+        scrubbing.Scrubber.scrub_text = lambda self, text: text  # type: ignore[method-assign]
+        scrubbing.Scrubber.held_back = lambda self, data: 0  # type: ignore[method-assign]
+    if "gcfreeze" in patches:
+        from sidekey.proxy import sidecar
+        start = sidecar.Sidecar.start
+
+        async def start_then_freeze(self: sidecar.Sidecar) -> None:
+            await start(self)
+            gc.collect()
+            gc.freeze()
+        sidecar.Sidecar.start = start_then_freeze  # type: ignore[method-assign]
+    if "uvloop" in patches:
+        import uvloop
+        uvloop.install()
+
+
+def main() -> int:
+    apply({p.strip() for p in os.environ.get("BENCH_PATCHES", "").split(",") if p.strip()})
     return int(cli.main(sys.argv[1:]) or 0)
 
 

@@ -24,7 +24,7 @@ TARGETS: tuple[tuple[str, str, str, float, str, str], ...] = (
     ("ready", "sidecar start to ready", "<= 1 s", 1.0, "sidekey", "ready_s"),
 )
 
-ARMS = ("direct", "nginx", "sidekey", "sidekey-nocache")
+ARMS = ("direct", "nginx", "aiohttp-floor", "sidekey", "sidekey-nocache")
 
 
 def _webhook_p99(external: dict[str, Any]) -> float | None:
@@ -38,7 +38,7 @@ def assemble(*, plan: dict[str, Any], machine: dict[str, Any], notes: list[str],
              quick: bool) -> dict[str, Any]:
     base = medians.get("nginx", {})
     ratios: dict[str, dict[str, float]] = {}
-    for arm in ("sidekey", "sidekey-nocache"):
+    for arm in ("aiohttp-floor", "sidekey", "sidekey-nocache"):
         m = medians.get(arm, {})
         r: dict[str, float] = {}
         for c in (16, 64):
@@ -130,15 +130,15 @@ def table(result: dict[str, Any]) -> str:
         if all(c == "-" for c in cells):
             continue
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    lines += ["", "| vs nginx | sidekey | sidekey-nocache |", "|---|---:|---:|"]
+    lines += ["", "| vs nginx | aiohttp-floor | sidekey | sidekey-nocache |", "|---|---:|---:|---:|"]
     names = {"rps_c16_vs_nginx": "rps, 16 conns", "rps_c64_vs_nginx": "rps, 64 conns",
              "efficiency_c16_vs_nginx": "CPU efficiency, 16 conns",
              "efficiency_c64_vs_nginx": "CPU efficiency, 64 conns",
              "sse_efficiency_vs_nginx": "CPU efficiency, SSE events", "rss_vs_nginx": "RSS after load"}
     for key, title in names.items():
-        a = result["ratios"].get("sidekey", {}).get(key)
-        b = result["ratios"].get("sidekey-nocache", {}).get(key)
-        lines.append(f"| {title} | {_fmt(a, 'x', 2)} | {_fmt(b, 'x', 2)} |")
+        cells = [_fmt(result["ratios"].get(arm, {}).get(key), "x", 2)
+                 for arm in ("aiohttp-floor", "sidekey", "sidekey-nocache")]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
     lines += ["", "| target | goal | measured | |", "|---|---|---:|---|"]
     for t in result["targets"]:
         v = t["value"]
@@ -175,7 +175,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     medians = result["medians"]
-    colors = {"direct": "#9e9e9e", "nginx": "#2e7d32", "sidekey": "#1565c0", "sidekey-nocache": "#90caf9"}
+    colors = {"direct": "#9e9e9e", "nginx": "#2e7d32", "aiohttp-floor": "#f9a825", "sidekey": "#1565c0",
+              "sidekey-nocache": "#90caf9"}
     panels = (
         ("saturation rps (16 / 64 conns)", ("rps_c16", "rps_c64"), ARMS),
         ("proxy CPU us per request", ("cpu_us_per_req_c16", "cpu_us_per_req_500"), ARMS[1:]),

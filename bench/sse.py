@@ -2,8 +2,10 @@
 
 A small HTTP/1.1 client on raw asyncio streams, so the client's own cost is
 small and the clock is read right at the socket: ``ttfb`` is the time from
-writing the request to reading the first ``data:`` byte. Each stream must
-deliver every event (counted) or the run is refused.
+writing the request to reading the first byte of the body (the upstream
+sends the first event at once, so this is the time to the first event).
+Each stream must deliver every event (counted after de-chunking: a proxy
+may split an event across chunks) or the run is refused.
 """
 
 from __future__ import annotations
@@ -34,26 +36,48 @@ def _request(path: str, host: str, token: str | None) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+def _dechunk(body: bytes) -> bytes:
+    """The payload of a chunked body (the proxies may split events across chunks)."""
+    out = bytearray()
+    i = 0
+    while True:
+        eol = body.index(b"\r\n", i)
+        size = int(body[i:eol].split(b";", 1)[0], 16)
+        if size == 0:
+            return bytes(out)
+        out += body[eol + 2:eol + 2 + size]
+        i = eol + 2 + size + 2
+
+
 async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes,
                events: int) -> int:
-    """One stream on a kept-alive connection; returns the time to first event in ns."""
+    """One stream on a kept-alive connection; returns the time to the first body byte in ns."""
     start = time.perf_counter_ns()
     writer.write(request)
     first = 0
+    body_at = -1
     buf = bytearray()
     while True:
         data = await reader.read(65536)
         if not data:
             raise SseError("connection closed mid-stream")
-        if not first and b"data:" in data:
-            first = time.perf_counter_ns()
         buf += data
+        if body_at < 0:
+            head_end = buf.find(b"\r\n\r\n")
+            if head_end >= 0:
+                body_at = head_end + 4
+        if not first and body_at >= 0:
+            size_end = buf.find(b"\r\n", body_at)
+            if size_end >= 0 and len(buf) > size_end + 2:
+                first = time.perf_counter_ns()  # the first byte of the first chunk's payload
         if buf.endswith(b"\r\n0\r\n\r\n"):
             break
     head = bytes(buf[:buf.find(b"\r\n")])
     if not head.startswith(b"HTTP/1.1 200"):
         raise SseError(f"stream answered {head[:40]!r}")
-    got = buf.count(b"data: {")
+    if b"chunked" not in bytes(buf[:body_at]).lower():
+        raise SseError("stream is not chunked")
+    got = _dechunk(bytes(buf[body_at:])).count(b"data: {")
     if got != events:
         raise SseError(f"stream delivered {got} of {events} events")
     return first - start

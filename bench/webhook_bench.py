@@ -3,6 +3,8 @@
 Not a test: it prints numbers (and writes JSON with --out). The goal in the
 issue is p99 <= 5 ms for the handler. Two measurements:
 
+- ``handler_cpu``: the CPU time of ``serving.Handler.review`` per review,
+  which other processes on a shared machine cannot inflate;
 - ``handler``: the service time of ``serving.Handler.review`` on the raw request body, exactly
   what runs per admission inside the server (parse, decide, policy lookup
   on the real ``PolicyCache`` hit path, patch, encode), open-loop: reviews
@@ -91,24 +93,28 @@ def _summary(samples: list[float]) -> dict[str, float]:
 
 
 async def _paced(rate: float, seconds: float, call: Any,
-                 bodies: list[bytes]) -> tuple[list[float], list[float]]:
+                 bodies: list[bytes]) -> tuple[list[float], list[float], list[float]]:
     """Open loop: start one call every 1/rate s.
 
-    Returns (service, latency): service is the call's own time; latency counts
-    from the scheduled start, so it also holds any wait for the event loop or
-    the CPU (on a loaded machine, the difference is the machine, not the code).
+    Returns (cpu, service, latency): cpu is the CPU time the call used (immune
+    to other processes holding the CPU; meaningful for the direct handler call
+    only, which never awaits on the cache-hit path), service its wall time,
+    and latency counts from the scheduled start, so it also holds any wait for
+    the event loop or the CPU (on a loaded machine, the machine, not the code).
     """
     latencies: list[float] = []
     service: list[float] = []
+    cpu: list[float] = []
     interval = 1.0 / rate
     start = time.perf_counter()
     total = int(rate * seconds)
     tasks = []
 
     async def one(i: int, due: float) -> None:
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.thread_time()
         await call(bodies[i % len(bodies)])
         ended = time.perf_counter()
+        cpu.append(time.thread_time() - began_cpu)
         service.append(ended - began)
         latencies.append(ended - due)
 
@@ -119,7 +125,7 @@ async def _paced(rate: float, seconds: float, call: Any,
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i, due)))
     await asyncio.gather(*tasks)
-    return service, latencies
+    return cpu, service, latencies
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -137,7 +143,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await handler.review(body)
 
     results: dict[str, Any] = {"rate_per_second": args.rate, "seconds": args.seconds}
-    service, latency = await _paced(args.rate, args.seconds, direct, bodies)
+    cpu, service, latency = await _paced(args.rate, args.seconds, direct, bodies)
+    results["handler_cpu"] = _summary(cpu)
     results["handler"] = _summary(service)
     results["handler_open_loop"] = _summary(latency)
 
@@ -162,7 +169,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
             for b in bodies:
                 await over_https(b)
-            _, latency = await _paced(args.rate, args.seconds, over_https, bodies)
+            _, _, latency = await _paced(args.rate, args.seconds, over_https, bodies)
             results["https_open_loop"] = _summary(latency)
         await runner.cleanup()
     return results

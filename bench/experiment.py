@@ -1,0 +1,85 @@
+"""``python -m bench.experiment``: A/B sidecar variants, interleaved, CPU per request.
+
+Each variant is the sidecar with a set of ``bench.launch`` patches (see
+there), e.g. ``--variant base= --variant nometrics=nometrics --variant
+uvloop=uvloop``. All variants run side by side on the proxy core and take
+turns under the same wrk load, repetition after repetition, so the
+differences between them are measured under the same machine conditions.
+This is how docs/performance.md attributes the hot path's cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench import harness, kubelet, loads, procstats
+from sidekey.localcluster.processes import Processes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.experiment", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", action="append", required=True,
+                        help="NAME=PATCH+PATCH... (an empty list is the sidecar as it is)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=4)
+    parser.add_argument("--connections", type=int, nargs="+", default=[16])
+    args = parser.parse_args(argv)
+    variants: dict[str, frozenset[str]] = {}
+    for spec in args.variant:
+        name, _, patches = spec.partition("=")
+        variants[name] = frozenset(p for p in patches.split("+") if p)
+    cpu: dict[tuple[str, int], list[float]] = {}
+    rps: dict[tuple[str, int], list[float]] = {}
+    with contextlib.ExitStack() as stack:
+        workdir = Path(tempfile.mkdtemp(prefix="sidekey-experiment-"))
+        procs = stack.enter_context(Processes(workdir / "logs"))
+        cluster = kubelet.start_cluster(workdir)
+        stack.callback(cluster.stop)
+        run = harness.Run(harness.Plan.quick(), workdir, procs, cluster)
+        with harness._pinned(run.load_core):
+            run.start_upstreams()
+            run.create_pod()
+            sidecars = {name: kubelet.start_sidecar(cluster, run.pod, procs, f"sidekey-{name}",
+                                                    core=run.proxy_core, patches=patches)
+                        for name, patches in variants.items()}
+            rss_idle = {name: procstats.rss_kib([s.pid]) / 1024 for name, s in sidecars.items()}
+            token = run.pod.agent_token
+            names = list(sidecars)
+            for name in names:  # warm up
+                loads.wrk(f"http://127.0.0.1:{sidecars[name].port}/bench/v1/chat/completions",
+                          connections=16, seconds=1, token=token, core=run.load_core)
+            for rep in range(args.reps):
+                order = names[rep % len(names):] + names[:rep % len(names)]
+                for c in args.connections:
+                    for name in order:
+                        s = sidecars[name]
+                        before = procstats.cpu_seconds([s.pid])
+                        r = loads.wrk(f"http://127.0.0.1:{s.port}/bench/v1/chat/completions",
+                                      connections=c, seconds=args.seconds, token=token, core=run.load_core)
+                        used = procstats.cpu_seconds([s.pid]) - before
+                        cpu.setdefault((name, c), []).append(used / r.requests * 1e6)
+                        rps.setdefault((name, c), []).append(r.rps)
+                        print(f"[{time.strftime('%H:%M:%S')}] rep {rep + 1} c{c} {name:14} {r.rps:7.0f} rps "
+                              f"{used / r.requests * 1e6:7.1f} us/req", flush=True)
+            rss_loaded = {name: procstats.rss_kib([s.pid]) / 1024 for name, s in sidecars.items()}
+    base = names[0]
+    print(f"\n| variant | patches | conns | rps | CPU us/req | vs {base} | RSS idle / loaded MiB | ready s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for c in args.connections:
+        ref = statistics.median(cpu[(base, c)])
+        for name in names:
+            m = statistics.median(cpu[(name, c)])
+            print(f"| {name} | {'+'.join(sorted(variants[name])) or '-'} | {c} | "
+                  f"{statistics.median(rps[(name, c)]):.0f} | {m:.1f} | {100 * (m - ref) / ref:+.1f}% | "
+                  f"{rss_idle[name]:.1f} / {rss_loaded[name]:.1f} | {sidecars[name].ready_seconds:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
