@@ -84,13 +84,15 @@ class Proxy:
         self._counters: dict[tuple[str, str, int, str], Any] = {}
         self._histograms: dict[tuple[int, str], Any] = {}
         self.in_flight = 0
+        self._stamp_second = -1
+        self._stamp_text = ""
+        metrics.IN_FLIGHT.set_function(lambda: self.in_flight)
 
     # --- the handler ---------------------------------------------------------------------
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         self.in_flight += 1
-        metrics.IN_FLIGHT.inc()
         record: dict[str, Any] = {
             "request_id": f"{self._boot}-{next(self._ids)}",
             "pod": self._pod,
@@ -128,12 +130,20 @@ class Proxy:
         finally:
             elapsed = time.perf_counter() - started
             self.in_flight -= 1
-            metrics.IN_FLIGHT.dec()
             record["status"] = status
             record["duration_ms"] = round(elapsed * 1000, 3)
-            record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            record["time"] = self._timestamp()
             self._audit.write(record)
             self._count(upstream_label, request.method, status, record.get("decision", "error"), elapsed)
+
+    def _timestamp(self) -> str:
+        """RFC 3339 UTC with milliseconds; strftime runs once a second, not per request."""
+        now = time.time()
+        second = int(now)
+        if second != self._stamp_second:
+            self._stamp_second = second
+            self._stamp_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp_text}.{int((now - second) * 1000):03d}Z"
 
     def _count(self, upstream: str, method: str, status: int, decision: str, elapsed: float) -> None:
         key = (upstream, method, status, decision)
@@ -382,10 +392,13 @@ class Proxy:
     ) -> tuple[web.StreamResponse, int]:
         status = upstream.status
         out_headers: CIMultiDict[str] = CIMultiDict()
+        raw = upstream.headers
+        # one search over all values; per-header scrubbing only when something matched
+        dirty = scrubber.contains_text("\n".join(raw.values()))
         scrub_text = scrubber.scrub_text
-        for name, value in upstream.headers.items():
+        for name, value in raw.items():
             if name.lower() not in RESPONSE_HOP_BY_HOP:
-                out_headers.add(name, scrub_text(value))
+                out_headers.add(name, scrub_text(value) if dirty else value)
         length = upstream.content_length
         if length is not None and length <= SMALL_BODY:
             body = scrubber.scrub(await upstream.read())

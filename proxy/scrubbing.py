@@ -78,6 +78,12 @@ class Scrubber:
             return data
         return self._regex.sub(lambda m: b"*" * (m.end() - m.start()), data)
 
+    def contains_text(self, text: str) -> bool:
+        """Whether any secret form occurs in ``text`` (header values, joined)."""
+        if self._regex is None:
+            return False
+        return self._regex.search(text.encode("latin-1", "replace")) is not None
+
     def scrub_text(self, text: str) -> str:
         """Header values: text in, text out."""
         if self._regex is None:

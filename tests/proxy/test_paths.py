@@ -95,3 +95,24 @@ def test_ordinary_paths_pass_unchanged(
 ) -> None:
     t = paths.parse(target)
     assert (t.route, t.path, t.query, t.segments) == (route, path, query, segments)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/openai",
+        "/openai/",
+        "/openai/v1/chat/completions",
+        "/openai/v1/models/gpt-4.1",
+        "/openai/v1/files?purpose=batch&limit=2",
+        "/gcs/b/my%20file.txt",
+        "/o/a.b/..c",
+        "/o/.well-known/x",
+        "/o/v1?q=a%2Fb",
+        "/o/v1:generate?alt=sse",
+        "/o/x;y",
+        "/o/~user/a+b",
+    ],
+)
+def test_the_fast_path_agrees_with_the_careful_one(target: str) -> None:
+    assert paths.parse(target) == paths._parse_carefully(target)
