@@ -20,6 +20,7 @@ import secrets
 import shlex
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -213,14 +214,19 @@ def local_parts(cluster: Any, release: dict[str, Any], netns: NetNamespace) -> I
                                           f"--kubeconfig={kubeconfig}"])
         port = next(int(a.split("=", 1)[1]) for a in wh_args if a.startswith("--port="))
 
+        server_name = f"{RELEASE}-webhook.{NAMESPACE}.svc"
+
         def webhook_ready() -> bool:
-            probe = subprocess.run(
-                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
-                 str(tls_dir / contract.TLS_CA_KEY), "--resolve",
-                 f"{RELEASE}-webhook.{NAMESPACE}.svc:{port}:{netns.inner_ip}",
-                 f"https://{RELEASE}-webhook.{NAMESPACE}.svc:{port}/readyz"],
-                capture_output=True, text=True, timeout=10, check=False)
-            return probe.stdout == "200"
+            """What the apiserver will do: connect to the endpoint, verify the Service's name."""
+            ctx = ssl.create_default_context(cafile=str(tls_dir / contract.TLS_CA_KEY))
+            try:
+                with socket.create_connection((netns.inner_ip, port), timeout=2) as raw, \
+                        ctx.wrap_socket(raw, server_hostname=server_name) as conn:
+                    conn.sendall(f"GET /readyz HTTP/1.1\r\nHost: {server_name}\r\n"
+                                 "Connection: close\r\n\r\n".encode())
+                    return conn.recv(64).startswith(b"HTTP/1.1 200")
+            except OSError:
+                return False
 
         _wait("the webhook in its network namespace", webhook_ready, alive=procs.alive)
         # What the EndpointSlice controller would write for a ready webhook pod.

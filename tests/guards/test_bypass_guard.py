@@ -212,6 +212,29 @@ class TestEphemeralContainers:
         assert answer.admitted, answer.message
 
 
+class TestTheGuardStaysWithinTheCelCostBudget:
+    def test_a_large_injected_pod_is_admitted_and_a_large_broken_one_denied(
+            self, cluster: Any, subject_namespace: str) -> None:
+        """40 agents x 30 mounts x 60 volumes x 30 env vars: every rule runs to the end."""
+        pod = manifests.injected_pod(subject_namespace, "large")
+        for v in range(60):
+            pod["spec"]["volumes"].append({"name": f"data-{v}", "emptyDir": {}})
+        template = manifests.agent(pod)
+        pod["spec"]["containers"] = [{
+            **template, "name": f"agent-{i}",
+            "env": [*template["env"], *({"name": f"V{e}", "valueFrom": {"secretKeyRef": {
+                "name": f"other-{e}", "key": "k"}}} for e in range(30))],
+            "volumeMounts": [*template["volumeMounts"],
+                             *({"name": f"data-{v}", "mountPath": f"/data/{v}"} for v in range(30))],
+        } for i in range(40)]
+        answer = admission.create(cluster, pod)
+        assert answer.admitted, answer.message[:500]
+
+        broken = manifests.variant(pod, "large-broken")
+        broken["spec"]["containers"][-1]["envFrom"] = [{"secretRef": {"name": manifests.SECRET}}]
+        _denied(admission.create(cluster, broken), "container(s) agent-39")
+
+
 class TestPodUpdates:
     def test_swapping_the_sidecar_image_of_a_running_pod_is_denied(
             self, cluster: Any, subject_namespace: str) -> None:
