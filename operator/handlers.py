@@ -1,6 +1,8 @@
 """The kopf handlers: kopf watches, these functions route each event.
 
-Only event-watching and indexing handlers are used. They keep no state in the
+Every handler is ``async``: kopf runs plain functions in a thread pool, and
+these touch the asyncio queue, which is not thread-safe. Only
+event-watching and indexing handlers are used. They keep no state in the
 watched objects (no annotations, no status.kopf) and, unlike kopf's timers,
 daemons and deletion handlers, never put a finalizer on anything, so an
 uninstall can never leave AgentPolicies or namespaces stuck. The work itself
@@ -39,25 +41,25 @@ def register(registry: kopf.OperatorRegistry, opts: Options, ctl: controller.Con
     """Register every handler on ``registry`` (never kopf's global default registry)."""
 
     @kopf.on.login(registry=registry, id="login")
-    def _login(**_: Any) -> kopf.ConnectionInfo:
+    async def _login(**_: Any) -> kopf.ConnectionInfo:
         return login.connection_info(opts.kubeconfig)
 
     @kopf.on.startup(registry=registry, id="startup")
-    def _startup(**kwargs: Any) -> None:
+    async def _startup(**kwargs: Any) -> None:
         ctl.attach(kwargs[POLICY_INDEX])
 
     @kopf.index(contract.GROUP, contract.VERSION, contract.PLURAL, registry=registry,
                 id=POLICY_INDEX)
-    def _index_policy(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+    async def _index_policy(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
         return {str(namespace): controller.snapshot(body)}
 
     @kopf.on.event(contract.GROUP, contract.VERSION, contract.PLURAL, registry=registry,
                    id="policy")
-    def _policy(type: str, namespace: str | None, name: str, **_: Any) -> None:
+    async def _policy(type: str, namespace: str | None, name: str, **_: Any) -> None:
         ctl.policy_changed(str(namespace), name, deleted=type == "DELETED")
 
     @kopf.on.event("", "v1", "secrets", registry=registry, id="secret")
-    def _secret(namespace: str | None, name: str, **_: Any) -> None:
+    async def _secret(namespace: str | None, name: str, **_: Any) -> None:
         namespace = str(namespace)
         if tls is not None and namespace == opts.namespace and name in (opts.tls_secret,
                                                                           opts.ca_secret):
@@ -66,24 +68,24 @@ def register(registry: kopf.OperatorRegistry, opts: Options, ctl: controller.Con
 
     @kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", registry=registry,
                    labels=MANAGED, id="role")
-    def _role(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    async def _role(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
         ctl.role_changed(str(namespace), labels)
 
     @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", registry=registry,
                    labels=MANAGED, id="rolebinding")
-    def _role_binding(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    async def _role_binding(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
         ctl.role_changed(str(namespace), labels)
 
     if tls is not None:
         @kopf.on.event("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations",
                        registry=registry, id="webhookconfiguration",
                        when=lambda name, **_: name == opts.webhook_configuration)
-        def _webhook_configuration(type: str, **_: Any) -> None:
+        async def _webhook_configuration(type: str, **_: Any) -> None:
             if type != "DELETED":
                 tls.request()
 
     @kopf.on.event("", "v1", "namespaces", registry=registry, id="namespace")
-    def _namespace(**_: Any) -> None:
+    async def _namespace(**_: Any) -> None:
         # kopf runs no handler before every index is filled, and some namespace
         # always exists: the first call proves the operator is really handling.
         if not ctl.handling.is_set():
@@ -91,7 +93,7 @@ def register(registry: kopf.OperatorRegistry, opts: Options, ctl: controller.Con
 
     @kopf.index("", "v1", "namespaces", registry=registry, id=NAMESPACE_INDEX,
                 labels={contract.LABEL_INJECT: contract.LABEL_INJECT_ENABLED})
-    def _index_namespace(name: str, **_: Any) -> dict[str, bool]:
+    async def _index_namespace(name: str, **_: Any) -> dict[str, bool]:
         return {name: True}
 
     @kopf.on.event("", "v1", "pods", registry=registry, id="pod")
