@@ -221,3 +221,40 @@ async def test_sigterm_style_stop_drains_and_readiness_drops(running: sidecar.Si
     await stopping
     with pytest.raises(aiohttp.ClientConnectionError):
         await get(f"{health}/healthz")
+
+
+async def test_a_deleted_secret_gives_503_for_its_upstream_only(
+    fake_api: FakeApi, running: sidecar.Sidecar, upstream: Upstream
+) -> None:
+    proxy = f"http://127.0.0.1:{running.proxy_port}"
+    fake_api.secrets["keys"] = {
+        "metadata": {"name": "keys", "namespace": NAMESPACE},
+        "data": {"openai": "c2stbGl2ZS1rZXktMTIzNDU="},
+    }
+    fake_api.secrets["other"] = {
+        "metadata": {"name": "other", "namespace": NAMESPACE},
+        "data": {"k": "c2stb3RoZXIta2V5LTY3ODkw"},
+    }
+    other = bearer_upstream(
+        upstream.url, name="other", auth={"type": "bearer", "secretRef": {"name": "other", "key": "k"}}
+    )
+    fake_api.policies["p"] = policy(bearer_upstream(upstream.url), other)
+    fake_api.forbid_policies = False
+    fake_api.bump()
+
+    async def both_served() -> bool:
+        a = (await get(f"{proxy}/openai/x", mint()))[0]
+        b = (await get(f"{proxy}/other/x", mint()))[0]
+        return a == b == 200
+
+    await until(both_served)
+    del fake_api.secrets["keys"]
+    fake_api.bump()
+
+    async def gone() -> bool:
+        return (await get(f"{proxy}/openai/x", mint()))[0] == 503
+
+    await until(gone, timeout=2.0)
+    status, body = await get(f"{proxy}/openai/x", mint())
+    assert status == 503 and b"'keys'" in body and b"sk-live" not in body
+    assert (await get(f"{proxy}/other/x", mint()))[0] == 200
