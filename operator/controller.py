@@ -188,6 +188,10 @@ class Controller:
                 f"Role and RoleBinding {rbac.object_name(p.name)} let service account(s) "
                 f"{', '.join(sorted(p.service_accounts))} read Secret(s) "
                 f"{', '.join(sorted(p.secret_names))} and the namespace's AgentPolicies")
+        if verdict.retry:
+            # Nothing we watch announces the fix (granted rights, a foreign Role
+            # removed), so look again with backoff; the status is already written.
+            raise queueing.Retry(f"{verdict.ready.reason}: will look again")
 
     def _update_gauge(self) -> None:
         ready = sum(1 for v in self._ready.values() if v)

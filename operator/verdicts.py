@@ -43,6 +43,7 @@ class Verdict:
     upstream_count: int
     wanted: tuple[conditions.Wanted, ...]
     grants: bool  # keep the Role and RoleBinding (False: remove them)
+    retry: bool = False  # look again with backoff: the fix would come unannounced
 
     @property
     def ready(self) -> conditions.Wanted:
@@ -192,4 +193,6 @@ def judge(policy: policies.AgentPolicy, lost: Sequence[policies.Conflict],
             conditions.READY, "True", "Ready",
             f"{count} upstream{'s' if count != 1 else ''} ready for service account"
             f"{'s' if len(policy.service_accounts) != 1 else ''} {sas}")
-    return Verdict(policy=policy, upstream_count=count, wanted=(secrets, ready), grants=True)
+    retry = rbac_problem is not None or secrets.status == "Unknown"
+    return Verdict(policy=policy, upstream_count=count, wanted=(secrets, ready), grants=True,
+                   retry=retry)

@@ -230,6 +230,9 @@ def test_a_role_of_the_same_name_that_someone_else_owns_is_not_taken_over(
     assert ready is not None and ready["reason"] == "RoleConflict"
     role = get(cluster, "role", "sidekey-policy-agents", namespace)
     assert role is not None and role["rules"][0]["resources"] == ["configmaps"]
+    # once the other Role is gone, the operator (retrying with backoff) takes its place
+    cluster.kubectl("delete", "role", "sidekey-policy-agents", "-n", namespace)
+    _ready(cluster, namespace, "agents", "True", timeout=30)
 
 
 def test_deleting_the_policy_removes_its_role_and_binding(

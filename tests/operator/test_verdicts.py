@@ -130,3 +130,14 @@ def test_malformed_existing_conditions_are_ignored() -> None:
     found = conditions.existing({"conditions": [{"type": "Ready", "status": "Maybe"}, "junk", {}]})
     assert list(found) == ["Ready"] and found["Ready"]["status"] == "Unknown"
     assert conditions.existing(None) == {}
+
+
+def test_problems_nothing_announces_are_looked_at_again() -> None:
+    p = _parsed()
+    ok = conditions.Wanted("SecretsResolved", "True", "Resolved", "fine")
+    unknown = conditions.Wanted("SecretsResolved", "Unknown", "SecretUnreadable", "forbidden")
+    missing = conditions.Wanted("SecretsResolved", "False", "SecretNotFound", "no secret")
+    assert not verdicts.judge(p, [], ok, None).retry
+    assert not verdicts.judge(p, [], missing, None).retry  # the Secret watch announces it
+    assert verdicts.judge(p, [], unknown, None).retry
+    assert verdicts.judge(p, [], ok, ("RoleConflict", "someone else's Role")).retry
