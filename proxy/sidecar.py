@@ -59,7 +59,8 @@ class Sidecar:
 
     async def start(self) -> None:
         s = self.settings
-        self.api = kubeapi.ApiClient(self.api_config, limit=10)
+        # each watch holds a connection: one for policies, one per referenced Secret, plus gets
+        self.api = kubeapi.ApiClient(self.api_config, limit=100)
         await self.api.__aenter__()
         self.keys = tokens.KeySet(
             lambda: self.api.get_json("/openid/v1/jwks"),
