@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import ssl
 import statistics
 import tempfile
@@ -142,7 +143,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     async def direct(body: bytes) -> None:
         await handler.review(body)
 
-    results: dict[str, Any] = {"rate_per_second": args.rate, "seconds": args.seconds}
+    results: dict[str, Any] = {"rate_per_second": args.rate, "seconds": args.seconds,
+                               "cpus": os.cpu_count(), "load_average_before": os.getloadavg()}
     cpu, service, latency = await _paced(args.rate, args.seconds, direct, bodies)
     results["handler_cpu"] = _summary(cpu)
     results["handler"] = _summary(service)
@@ -172,6 +174,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             _, _, latency = await _paced(args.rate, args.seconds, over_https, bodies)
             results["https_open_loop"] = _summary(latency)
         await runner.cleanup()
+    results["load_average_after"] = os.getloadavg()
     return results
 
 
