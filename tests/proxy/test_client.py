@@ -48,3 +48,29 @@ def test_the_token_file_defaults_to_the_injected_env(tmp_path: Path, monkeypatch
     assert client.read_token() == "abc"
     monkeypatch.delenv(contract.ENV_TOKEN_FILE)
     assert client.token_path() == Path(contract.AGENT_TOKEN_PATH)
+
+
+def test_read_token_works_as_the_openai_sdks_callable_api_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import openai
+
+    token = tmp_path / "token"
+    token.write_text("first")
+    monkeypatch.setenv(contract.ENV_TOKEN_FILE, str(token))
+    seen: list[str] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request.headers["Authorization"])
+        return httpx2.Response(200, json={"object": "list", "data": []})
+
+    sdk = openai.OpenAI(
+        base_url="http://127.0.0.1:8787/openai",
+        api_key=client.read_token,
+        http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
+        max_retries=0,
+    )
+    sdk.models.list()
+    token.write_text("second")
+    sdk.models.list()
+    assert seen == ["Bearer first", "Bearer second"]
