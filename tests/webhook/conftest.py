@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 
 from sidekey.core import certificates
 from sidekey.localcluster import processes
@@ -51,6 +52,16 @@ class RunningWebhook:
     ca: certificates.KeyPair
     process: processes.Process
     config_name: str
+    tls_dir: Path
+
+    def served_serial(self) -> int:
+        """The serial number of the certificate the webhook serves right now."""
+        ctx = ssl.create_default_context(cadata=self.ca.cert_pem.decode())
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
 
     @property
     def url(self) -> str:
@@ -90,7 +101,7 @@ def running_webhook(cluster: Any, workdir: Path, *, register: bool = True) -> It
                 sys.executable, "-m", "sidekey", "webhook", "--host", "127.0.0.1", "--port", str(port),
                 "--tls-dir", str(tls_dir), "--settings", str(settings_file),
                 "--namespace", OWN_NAMESPACE, "--kubeconfig", str(cluster.kubeconfig)])
-            hook = RunningWebhook(port, ca, proc, name)
+            hook = RunningWebhook(port, ca, proc, name, tls_dir)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and proc.running:
                 with contextlib.suppress(OSError):

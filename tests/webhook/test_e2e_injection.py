@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidekey.core import contract, policies
+from sidekey.core import certificates, contract, policies
 from sidekey.webhook import patching, sidecars
 from sidekey.webhook import settings as settings_mod
 from tests.conftest import make_namespace
@@ -276,6 +276,26 @@ def test_a_kubectl_debug_container_aimed_at_the_sidecar_is_refused(cluster: Any,
     assert ok.returncode == 0, ok.stderr
     names = [c["name"] for c in get(cluster, agents, "agent")["spec"]["ephemeralContainers"]]
     assert names == ["debug-agent"]
+
+
+# --- Certificate rotation -----------------------------------------------------
+
+
+def test_a_rotated_certificate_is_served_without_a_restart(cluster: Any, agents: str,
+                                                           webhook: RunningWebhook) -> None:
+    before = webhook.served_serial()
+    fresh = certificates.issue(webhook.ca, "sidekey-webhook", ip_addresses=["127.0.0.1"])
+    for name, data in (("tls.key", fresh.key_pem), ("tls.crt", fresh.cert_pem)):
+        tmp = webhook.tls_dir / f".{name}"
+        tmp.write_bytes(data)
+        tmp.replace(webhook.tls_dir / name)
+    deadline = time.monotonic() + 10
+    while webhook.served_serial() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert webhook.served_serial() == fresh.certificate.serial_number
+    assert webhook.process.running
+    apply(cluster, pod(agents))
+    assert get(cluster, agents, "agent")["spec"]["initContainers"][0]["name"] == contract.SIDECAR_CONTAINER_NAME
 
 
 # --- Failure policy -----------------------------------------------------------
