@@ -162,11 +162,11 @@ def release(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         cluster.kubectl("annotate", "--overwrite", crd, f"meta.helm.sh/release-name={RELEASE}",
                         f"meta.helm.sh/release-namespace={NAMESPACE}")
         cluster.kubectl("label", "--overwrite", crd, "app.kubernetes.io/managed-by=Helm")
-    run_documented(cluster, "install")
+    [install_output] = run_documented(cluster, "install")
     manifest = helm.run("get", "manifest", RELEASE, "-n", NAMESPACE, env=cluster.env()).stdout
     docs = [d for d in yaml.safe_load_all(manifest) if d]
     try:
-        yield {"docs": docs, "tmp": tmp_path_factory.mktemp("release")}
+        yield {"docs": docs, "tmp": tmp_path_factory.mktemp("release"), "notes": install_output}
     finally:
         helm.run("uninstall", RELEASE, "-n", NAMESPACE, "--ignore-not-found", env=cluster.env(), check=False)
 
@@ -261,6 +261,12 @@ class TestInstall:
                          if "/" in doc["apiVersion"] else doc["kind"], meta["name"])
             assert live["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE, meta["name"]
         assert not [d for d in release["docs"] if d["kind"] == "Pod"], "the helm test pod is a hook"
+
+    def test_the_notes_say_what_to_do_next(self, release: dict[str, Any]) -> None:
+        notes = release["notes"]
+        for step in ("kind: AgentPolicy", 'sidekey.io/inject: "true"', ":8788/metrics",
+                     "helm test sidekey -n sidekey-system"):
+            assert step in notes, notes
 
     def test_the_documented_checks_pass(self, cluster: Any, release: dict[str, Any]) -> None:
         outputs = run_documented(cluster, "check")
