@@ -8,6 +8,7 @@ apiserver's own answer. The guard is what ``helm template`` renders.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -70,6 +71,22 @@ class TestTheInjectedShapeIsCheckedInTheSpec:
         pod = manifests.injected_pod(subject_namespace, "evil-image", image="evil.example/sidekey:0.1.0")
         _denied(admission.create(cluster, pod), "evil.example/sidekey:0.1.0", "allow-list",
                 manifests.DEFAULT_SIDECAR_IMAGE)
+
+    def test_an_image_added_to_the_charts_allow_list_value_is_admitted(
+            self, cluster: Any, subject_namespace: str) -> None:
+        extra = "registry.example/sidekey:0.1.1"
+        pod = manifests.injected_pod(subject_namespace, "allowed-image", image=extra)
+        assert not admission.create(cluster, pod, dry_run=True).admitted
+        admission.install_guards(cluster, {"sidecar": {"imageAllowList": [extra]}})
+        try:
+            answer = admission.create(cluster, pod, dry_run=True)
+            deadline = time.monotonic() + 30
+            while not answer.admitted and time.monotonic() < deadline:
+                time.sleep(0.3)
+                answer = admission.create(cluster, pod, dry_run=True)
+            assert answer.admitted, answer.message
+        finally:
+            admission.install_guards(cluster)
 
     def test_a_sidecar_that_is_not_a_native_sidecar_is_denied(
             self, cluster: Any, subject_namespace: str) -> None:
