@@ -192,13 +192,16 @@ def test_a_deleted_tls_secret_is_recreated(cluster: Any, tls_operator: RunningOp
     wait_for("recreated", lambda: get(cluster, "secret", contract.WEBHOOK_TLS_SECRET, ns), timeout=10)
 
 
-def test_external_certificates_leave_tls_alone(cluster: Any, crds: Any, tmp_path: Path) -> None:
+def test_external_certificates_leave_tls_alone_and_sigterm_stops_cleanly(cluster: Any, crds: Any, tmp_path: Path) -> None:
     op = start_operator(cluster, tmp_path, "--certificates", "external",
                         "--webhook-configuration", "sidekey-none")
     try:
         assert op.get(op.health_port, "/readyz") == (200, "ok")
         assert get(cluster, "secret", contract.WEBHOOK_TLS_SECRET, op.namespace) is None
         assert get(cluster, "secret", f"{contract.WEBHOOK_TLS_SECRET}-ca", op.namespace) is None
+        # and SIGTERM stops it promptly and cleanly
+        op.process.terminate()
+        assert op.process.wait(timeout=10) == 0, op.output()[-2000:]
     finally:
         op.stop()
         cluster.kubectl("delete", "namespace", op.namespace, "--wait=false", check=False)
