@@ -207,7 +207,7 @@ def test_editing_the_policy_moves_the_grant_to_the_new_secret(
     assert _as(cluster, token, f"{base}/openai") == 403
 
 
-def test_a_hand_edited_role_is_put_back(cluster: Any, operator: RunningOperator, namespace: str) -> None:
+def test_a_hand_edited_role_or_deleted_binding_is_put_back(cluster: Any, operator: RunningOperator, namespace: str) -> None:
     apply(cluster, secret("openai", namespace, **{"api-key": "k"}))
     apply(cluster, policy("agents", namespace))
     _ready(cluster, namespace, "agents")
@@ -216,6 +216,8 @@ def test_a_hand_edited_role_is_put_back(cluster: Any, operator: RunningOperator,
                     json.dumps([{"op": "remove", "path": "/rules/0/resourceNames"}]))
     wait_for("role restored", lambda: (r := get(cluster, "role", "sidekey-policy-agents", namespace))
              and r["rules"][0].get("resourceNames") == ["openai"])
+    cluster.kubectl("delete", "rolebinding", "sidekey-policy-agents", "-n", namespace)
+    wait_for("binding recreated", lambda: get(cluster, "rolebinding", "sidekey-policy-agents", namespace))
 
 
 def test_a_role_of_the_same_name_that_someone_else_owns_is_not_taken_over(
