@@ -216,6 +216,8 @@ class Run:
             self.samples.add(arm.name, f"rps_c{connections}", result.rps)
             if arm.measured:
                 self.samples.add(arm.name, f"cpu_us_per_req_c{connections}", cpu / requests * 1e6)
+                # below 1.0 at saturation, other processes held the proxy's core
+                self.samples.add(arm.name, f"core_share_c{connections}", cpu / result.seconds)
             _say(f"rep {rep + 1} c{connections} {arm.name:16} {result.rps:8.0f} rps"
                  + (f"  {cpu / requests * 1e6:6.1f} us CPU/req" if arm.measured else ""))
 
@@ -230,6 +232,9 @@ class Run:
                 return results[arm.name].requests
             cpu, requests = self._measure(arm, work)
             r = results[arm.name]
+            if r.rps < 0.95 * p.paced_rate:
+                self.notes.append(f"rep {rep + 1}: {arm.name} reached only {r.rps:.0f} of {p.paced_rate} rps "
+                                  "in the paced run (the machine was overloaded)")
             self.samples.add(arm.name, "p50_us_500", r.p50_us)
             self.samples.add(arm.name, "p99_us_500", r.p99_us)
             self.samples.add(arm.name, "rate_500", r.rps)
@@ -303,7 +308,7 @@ def _machine() -> dict[str, Any]:
                             text=True, check=False).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "proxy", "core"], cwd=ROOT,
                                 capture_output=True, text=True, check=False).stdout.strip())
-    return {"cpu": model, "cores": len(procstats.cores()), "load_average": os.getloadavg(),
+    return {"cpu": model, "cores": len(procstats.cores()), "load_average_before": os.getloadavg(),
             "python": sys.version.split()[0], "commit": commit + ("+dirty" if dirty else "")}
 
 
@@ -317,6 +322,9 @@ def execute(plan: Plan, *, quick: bool, externals: bool) -> dict[str, Any]:
         cluster = kubelet.start_cluster(workdir)  # before pinning: the apiserver is not part of any arm
         stack.callback(cluster.stop)
         run = Run(plan, workdir, procs, cluster)
+        nice = procstats.raise_priority()
+        run.notes.append(f"the harness and every arm ran at nice {nice}" if nice is not None else
+                         "not root: the benchmark ran at normal priority, other work disturbs it more")
         if run.load_core is None:
             run.notes.append("one core only: nothing pinned")
         with _pinned(run.load_core):
@@ -350,6 +358,7 @@ def execute(plan: Plan, *, quick: bool, externals: bool) -> dict[str, Any]:
                 if got is not None:
                     external[module] = got
     labels = {arm.name: arm.label for arm in run.all_arms()}
+    machine["load_average_after"] = os.getloadavg()
     return reports.assemble(
         plan=plan.__dict__, machine=machine, notes=run.notes, labels=labels,
         samples=run.samples.values, medians=run.samples.medians(), external=external,

@@ -52,3 +52,18 @@ def cores() -> list[int]:
 def pin_prefix(core: int | None) -> list[str]:
     """``taskset -c N`` when pinning is possible, else nothing."""
     return [] if core is None else ["taskset", "-c", str(core)]
+
+
+#: How far the benchmark raises its own priority (and its children's) when it may.
+NICE = -10
+
+
+def raise_priority() -> int | None:
+    """Renice this process (children inherit it) so other work on a shared machine disturbs less.
+
+    Every arm gets the same priority, so the comparison stays fair; only root
+    may lower a nice value. Returns the new nice value, or None if unchanged.
+    """
+    if os.geteuid() != 0:
+        return None
+    return os.nice(NICE - os.nice(0))

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = kubelet.start_cluster(workdir)
         stack.callback(cluster.stop)
         run = harness.Run(harness.Plan.quick(), workdir, procs, cluster)
+        procstats.raise_priority()
         with harness._pinned(run.load_core):
             run.start_upstreams()
             run.create_pod()

@@ -106,6 +106,7 @@ ROWS: tuple[tuple[str, str, int], ...] = (
     ("cpu_us_per_req_c16", "proxy CPU us/request (16 conns)", 1),
     ("cpu_us_per_req_c64", "proxy CPU us/request (64 conns)", 1),
     ("cpu_us_per_req_500", "proxy CPU us/request (500 rps)", 1),
+    ("core_share_c16", "proxy core share at saturation (16 conns)", 2),
     ("p50_us_500", "p50 at 500 rps (us)", 0),
     ("p99_us_500", "p99 at 500 rps (us)", 0),
     ("added_p50_us_500", "added p50 at 500 rps (us)", 0),
@@ -122,8 +123,10 @@ ROWS: tuple[tuple[str, str, int], ...] = (
 def table(result: dict[str, Any]) -> str:
     """Markdown: the arms side by side, the ratios to nginx, then the targets."""
     medians = result["medians"]
-    lines = [f"### sidekey benchmark ({result['when']}, {result['machine']['cores']} cores, "
-             f"{result['plan']['reps']} repetitions, medians{'; QUICK smoke run' if result['quick'] else ''})",
+    load = result["machine"].get("load_average_before", [0.0])[0]
+    lines = [f"### sidekey benchmark ({result['when']}, {result['machine']['cores']} cores, load average "
+             f"{load:.1f} at start, {result['plan']['reps']} repetitions, medians"
+             f"{'; QUICK smoke run' if result['quick'] else ''})",
              "", "| metric | " + " | ".join(ARMS) + " |", "|---|" + "---:|" * len(ARMS)]
     for key, title, digits in ROWS:
         cells = [_fmt(medians.get(arm, {}).get(key), digits=digits) for arm in ARMS]
