@@ -21,7 +21,7 @@ import binascii
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from sidekey.core import contract, kubeapi, policies
 from sidekey.operator import (
@@ -43,10 +43,10 @@ class PolicyIndex(Protocol):
     """The part of a ``kopf.Index`` the controller reads: namespace -> policies."""
 
     def __contains__(self, key: object) -> bool: ...
-    def __getitem__(self, key: str) -> Iterable[Mapping[str, Any]]: ...
+    def __getitem__(self, key: str) -> Iterable[policies.RawAgentPolicy]: ...
 
 
-def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+def snapshot(body: Mapping[str, Any]) -> policies.RawAgentPolicy:
     """A plain, detached copy of a policy as served (kopf's bodies are live views)."""
     def plain(value: Any) -> Any:
         if isinstance(value, Mapping):
@@ -54,8 +54,9 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, list):
             return [plain(v) for v in value]
         return value
-    return {k: plain(body.get(k)) for k in ("apiVersion", "kind", "metadata", "spec", "status")
+    copy = {k: plain(body.get(k)) for k in ("apiVersion", "kind", "metadata", "spec", "status")
             if body.get(k) is not None}
+    return cast(policies.RawAgentPolicy, copy)
 
 
 def referenced_secrets(raw: Mapping[str, Any]) -> set[str]:
@@ -115,7 +116,7 @@ class Controller:
     def attached(self) -> bool:
         return self._index is not None
 
-    def _policies(self, namespace: str) -> list[Mapping[str, Any]]:
+    def _policies(self, namespace: str) -> list[policies.RawAgentPolicy]:
         if self._index is None or namespace not in self._index:
             return []
         return list(self._index[namespace])
@@ -152,7 +153,7 @@ class Controller:
             if rbac.label_value(name) == wanted:
                 self.queue.add((namespace, name))
 
-    def _find(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+    def _find(self, namespace: str, name: str) -> policies.RawAgentPolicy | None:
         for raw in self._policies(namespace):
             if (raw.get("metadata") or {}).get("name") == name:
                 return raw

@@ -50,7 +50,7 @@ def register(registry: kopf.OperatorRegistry, opts: Options, ctl: controller.Con
 
     @kopf.index(contract.GROUP, contract.VERSION, contract.PLURAL, registry=registry,
                 id=POLICY_INDEX)
-    async def _index_policy(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+    async def _index_policy(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
         return {str(namespace): controller.snapshot(body)}
 
     @kopf.on.event(contract.GROUP, contract.VERSION, contract.PLURAL, registry=registry,
