@@ -32,6 +32,15 @@ def test_the_crd_is_kept_on_uninstall_by_default_and_on_request_only() -> None:
     assert "helm.sh/resource-policy" not in (not_kept["metadata"].get("annotations") or {})
 
 
-def test_the_crd_can_be_left_out() -> None:
-    docs = helm.template({"crds": {"enabled": False}})
+def test_the_crd_can_be_left_out_when_the_cluster_has_it() -> None:
+    docs = helm.template({"crds": {"enabled": False}},
+                         extra=["--api-versions", "sidekey.io/v1alpha1/AgentPolicy"])
     assert not [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+
+
+def test_leaving_the_crd_out_of_a_cluster_without_it_fails_with_why() -> None:
+    """Without the CRD the bypass guard cannot resolve its params and would refuse every pod."""
+    proc = helm.run("template", "sidekey", str(helm.CHART), "--kube-version", helm.KUBE_VERSION,
+                    *helm.value_args({"crds": {"enabled": False}}), check=False)
+    assert proc.returncode != 0
+    assert "crds.enabled=false needs the AgentPolicy CRD" in proc.stderr

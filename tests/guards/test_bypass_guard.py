@@ -296,6 +296,19 @@ class TestPodsOutsideThePoliciesAreUnaffected:
         finally:
             cluster.kubectl("delete", "namespace", other, "--wait=false")
 
+    def test_pods_of_the_system_namespaces_are_never_checked(self, cluster: Any, guards: str) -> None:
+        """They must start even if the AgentPolicy CRD goes away, and are never injected."""
+        for obj in (manifests.secret("kube-system", "sk-test-key"),
+                    manifests.agent_policy("kube-system", "sk-test", subjects=["default"],
+                                           secret_name="sk-test-key")):
+            assert admission.apply(cluster, obj).admitted
+        try:
+            time.sleep(2)  # give the apiserver time to see the param, were it to apply
+            answer = admission.create(cluster, manifests.bare_pod("kube-system", "sk-test", sa="default"), dry_run=True)
+            assert answer.admitted, answer.message
+        finally:
+            cluster.kubectl("-n", "kube-system", "delete", "agentpolicy/sk-test", "secret/sk-test-key")
+
     def test_the_guards_type_check_without_warnings(self, cluster: Any, guards: str) -> None:
         policies = json.loads(cluster.kubectl("get", "validatingadmissionpolicies", "-o", "json"))["items"]
         ours = [p for p in policies if p["metadata"]["name"].endswith("-guard")]
