@@ -39,8 +39,10 @@ def _by_key(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {f"{d['kind']}/{d['metadata'].get('namespace', '')}/{d['metadata']['name']}": d for d in docs}
 
 
-def test_the_chart_lints_strictly() -> None:
-    out = helm.run("lint", "--strict", str(helm.CHART), "--kube-version", helm.KUBE_VERSION)
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_the_chart_lints_strictly(name: str) -> None:
+    out = helm.run("lint", "--strict", str(helm.CHART), "--kube-version", helm.KUBE_VERSION,
+                   *helm.value_args(VALUE_SETS[name]))
     assert "0 chart(s) failed" in out.stdout
 
 

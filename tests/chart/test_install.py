@@ -42,6 +42,7 @@ pytestmark = pytest.mark.e2e
 RELEASE, NAMESPACE = "sidekey", "sidekey-system"
 INSTALL_DOC = helm.ROOT / "docs" / "install.md"
 FORWARD = Path(__file__).with_name("forward.py")
+ETC_NETNS = Path("/etc/netns")
 
 
 def documented(step: str) -> list[list[str]]:
@@ -147,8 +148,13 @@ def netns() -> Iterator[NetNamespace]:
         ip("netns", "exec", ns.name, "ip", "addr", "add", f"{ns.inner_ip}/30", "dev", inner_link)
         ip("netns", "exec", ns.name, "ip", "link", "set", inner_link, "up")
         ip("netns", "exec", ns.name, "ip", "link", "set", "lo", "up")
+        # `ip netns exec` mounts /etc/netns/NAME/hosts over /etc/hosts: the namespace's DNS.
+        ETC_NETNS.joinpath(ns.name).mkdir(parents=True, exist_ok=True)
+        ETC_NETNS.joinpath(ns.name, "hosts").write_text(
+            f"127.0.0.1 localhost\n{ns.inner_ip} {RELEASE}-webhook.{NAMESPACE}.svc\n")
         yield ns
     finally:
+        shutil.rmtree(ETC_NETNS / ns.name, ignore_errors=True)
         subprocess.run(["ip", "link", "del", ns.host_link], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, check=False)
 
@@ -240,6 +246,9 @@ def local_parts(cluster: Any, release: dict[str, Any], netns: NetNamespace) -> I
             "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
         }
         cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(slice_))
+        # kube-proxy's part for the Service port (443 -> the pod's https port).
+        procs.start("service-port", ["ip", "netns", "exec", netns.name, sys.executable, str(FORWARD),
+                                     netns.inner_ip, "443", netns.inner_ip, str(port)])
         yield procs
         procs.alive()
         assert webhook.running
@@ -314,6 +323,48 @@ class TestInstall:
         assert sidecar["name"] == contract.SIDECAR_CONTAINER_NAME
         assert sidecar["image"] == "ghcr.io/sidekey/sidekey:0.1.0"
         assert spec["automountServiceAccountToken"] is False
+
+    def test_helm_test_passes_with_its_pod_run_as_the_kubelet_would(
+            self, cluster: Any, release: dict[str, Any], local_parts: processes.Processes,
+            netns: NetNamespace) -> None:
+        """helm creates the test pod and waits; the test runs the pod's command and reports its phase."""
+        [argv] = documented("helm-test")
+        assert argv[:2] == ["helm", "test"], argv
+        helm_test = subprocess.Popen(
+            [str(helm.binary()), *argv[1:]],
+            env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            name = f"{RELEASE}-test"
+
+            def test_pod() -> dict[str, Any] | None:
+                found = cluster.kubectl("-n", NAMESPACE, "get", "pod", name, "--ignore-not-found", "-o", "json")
+                return json.loads(found) if found.strip() else None
+
+            pod = _wait("the helm test pod", test_pod, timeout=30)
+            [container] = pod["spec"]["containers"]
+            [mount] = container["volumeMounts"]
+            volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+            secret = _json(cluster, "-n", NAMESPACE, "get", "secret", volume["secret"]["secretName"])
+            ca_dir = release["tmp"] / "test-pod-ca"
+            ca_dir.mkdir(exist_ok=True)
+            for item in volume["secret"]["items"]:
+                (ca_dir / item["path"]).write_bytes(base64.b64decode(secret["data"][item["key"]]))
+            assert container["command"][:2] == ["python", "-c"]
+            script = container["command"][2].replace(mount["mountPath"], str(ca_dir))
+            run = subprocess.run(["ip", "netns", "exec", netns.name, sys.executable, "-c", script],
+                                 capture_output=True, text=True, timeout=30, check=False)
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert "webhook answered 200" in run.stdout
+            phase = {"status": {"phase": "Succeeded" if run.returncode == 0 else "Failed"}}
+            cluster.kubectl("-n", NAMESPACE, "patch", "pod", name, "--subresource=status",
+                            "--type=merge", "-p", json.dumps(phase))
+            out, _ = helm_test.communicate(timeout=60)
+        finally:
+            if helm_test.poll() is None:
+                helm_test.kill()
+                helm_test.wait()
+        assert helm_test.returncode == 0, out
+        assert "Succeeded" in out, out
 
     def test_a_bare_pod_of_a_subject_is_refused_by_the_installed_guard(
             self, cluster: Any, release: dict[str, Any], namespace: str) -> None:
