@@ -169,8 +169,13 @@ class Controller:
         started = time.monotonic()
         try:
             verdict, rbac_changed = await self._judge(raw)
-            await self._write_status(raw, verdict)
+            if not await self._write_status(raw, verdict):
+                return  # the policy is gone
         except Exception as exc:
+            if rest.terminating(exc):
+                # The namespace is being deleted, and the policy with it: nothing to keep.
+                log.debug("AgentPolicy %s/%s: namespace terminating", namespace, name)
+                return
             self._stats.reconciles.labels("error").inc()
             self._stats.errors.labels("reconcile" if not rest.transient(exc) else "api").inc()
             if rest.transient(exc):
@@ -248,7 +253,7 @@ class Controller:
                 await self._api.patch(rest.role_binding_path(ns, obj_name), want_binding, "apply")
                 changed = True
         except kubeapi.ApiError as exc:
-            if rest.transient(exc):
+            if rest.transient(exc) or rest.terminating(exc):
                 raise
             return ("RBACFailed", f"could not write Role/RoleBinding {obj_name!r}: "
                     f"{exc.status} {exc.reason}: {exc.message}"), changed
@@ -268,7 +273,8 @@ class Controller:
                 log.warning("could not remove %s of invalid AgentPolicy %s/%s: %s",
                             path, namespace, name, exc)
 
-    async def _write_status(self, raw: Mapping[str, Any], verdict: verdicts.Verdict) -> None:
+    async def _write_status(self, raw: Mapping[str, Any], verdict: verdicts.Verdict) -> bool:
+        """Write the status if it changed; False when the policy no longer exists."""
         meta = raw.get("metadata") or {}
         generation = int(meta.get("generation") or 0)
         found = raw.get("status")
@@ -277,7 +283,7 @@ class Controller:
         new = conditions.merge(old, verdict.wanted, generation, conditions.now_rfc3339())
         if (conditions.same(new, old) and status.get("observedGeneration") == generation
                 and status.get("upstreamCount") == verdict.upstream_count):
-            return
+            return True
         body = {"status": kubeobjects.PolicyStatus(
             observedGeneration=generation, upstreamCount=verdict.upstream_count, conditions=new)}
         try:
@@ -286,9 +292,10 @@ class Controller:
                 body, "merge")
         except kubeapi.ApiError as exc:
             if exc.status == 404:
-                return  # deleted meanwhile
+                return False  # deleted meanwhile
             raise
         await self._post_transitions(raw, old, new)
+        return True
 
     async def _post_transitions(self, raw: Mapping[str, Any],
                                 old: Mapping[str, kubeobjects.Condition],

@@ -43,5 +43,7 @@ class Recorder:
         try:
             await self._api.create(rest.events_path(target["namespace"]), event)
         except (kubeapi.ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            if rest.terminating(exc):
+                return  # the namespace is going away, and the object with it
             log.warning("could not post event %s on %s/%s: %s", reason, target["namespace"],
                         target["name"], exc)

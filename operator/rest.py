@@ -35,6 +35,12 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, (aiohttp.ClientError, TimeoutError, ConnectionError, OSError))
 
 
+def terminating(exc: BaseException) -> bool:
+    """The apiserver refused to create in a namespace that is being deleted."""
+    return (isinstance(exc, kubeapi.ApiError) and exc.status == 403
+            and "being terminated" in exc.message)
+
+
 class _Token:
     """The bearer token, re-read whenever its file changes (the kubelet rotates it)."""
 
