@@ -44,3 +44,12 @@ def test_leaving_the_crd_out_of_a_cluster_without_it_fails_with_why() -> None:
                     *helm.value_args({"crds": {"enabled": False}}), check=False)
     assert proc.returncode != 0
     assert "crds.enabled=false needs the AgentPolicy CRD" in proc.stderr
+
+
+def test_the_escalation_guard_checks_as_many_upstreams_as_the_crd_allows() -> None:
+    """One rule per upstream (the message must name the Secret): as many as maxItems."""
+    crd = yaml.safe_load(crd_template.SOURCE.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    most = schema["properties"]["spec"]["properties"]["upstreams"]["maxItems"]
+    [policy, _] = helm.template(show_only=["templates/guard-escalation.yaml"])
+    assert len(policy["spec"]["validations"]) == most
