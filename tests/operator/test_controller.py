@@ -1,0 +1,164 @@
+"""The reconcile against an in-memory apiserver: writes, retries, quiet ends."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+
+from sidekey.core import kubeapi, policies
+from sidekey.operator import controller, metrics, queueing, recording
+from tests.operator.support import policy
+
+
+class FakeApi:
+    """Objects by path; ``fail`` maps a (method, path) to errors raised in turn."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.fail: dict[tuple[str, str], list[kubeapi.ApiError]] = {}
+
+    def _check(self, method: str, path: str) -> None:
+        self.calls.append((method, path))
+        errors = self.fail.get((method, path))
+        if errors:
+            raise errors.pop(0)
+
+    async def get(self, path: str, params: Any = None) -> dict[str, Any] | None:
+        self._check("GET", path)
+        found = self.objects.get(path)
+        return copy.deepcopy(found) if found is not None else None
+
+    async def patch(self, path: str, body: Any, kind: str = "merge") -> dict[str, Any]:
+        self._check("PATCH", path)
+        if kind == "apply":
+            self.objects[path] = copy.deepcopy(body)
+        elif path.endswith("/status"):
+            base = path.removesuffix("/status")
+            if base not in self.objects:
+                raise kubeapi.ApiError(404, "NotFound", "gone")
+            self.objects[base]["status"] = copy.deepcopy(body["status"])
+        return {}
+
+    async def delete(self, path: str) -> bool:
+        self._check("DELETE", path)
+        return self.objects.pop(path, None) is not None
+
+    async def create(self, path: str, body: Any) -> dict[str, Any]:
+        self._check("POST", path)
+        self.objects[f"{path}/{body['metadata']['name']}"] = copy.deepcopy(body)
+        return {}
+
+
+class Index:
+    def __init__(self, *raws: dict[str, Any]) -> None:
+        self.raws = list(raws)
+
+    def __contains__(self, key: object) -> bool:
+        return any(r["metadata"]["namespace"] == key for r in self.raws)
+
+    def __getitem__(self, key: str) -> Iterable[policies.RawAgentPolicy]:
+        return [r for r in self.raws if r["metadata"]["namespace"] == key]  # type: ignore[misc]
+
+
+POLICY_PATH = "/apis/sidekey.io/v1alpha1/namespaces/team/agentpolicies/agents"
+SECRET_PATH = "/api/v1/namespaces/team/secrets/openai"
+ROLE_PATH = "/apis/rbac.authorization.k8s.io/v1/namespaces/team/roles/sidekey-policy-agents"
+
+
+def _setup(secret_value: str | None = "sk-value") -> tuple[FakeApi, controller.Controller, metrics.Metrics]:
+    api = FakeApi()
+    raw = policy("agents", "team")
+    raw["metadata"].update(uid="u1", generation=1, creationTimestamp="2026-01-01T00:00:00Z")
+    api.objects[POLICY_PATH] = raw
+    if secret_value is not None:
+        api.objects[SECRET_PATH] = {"data": {"api-key": base64.b64encode(secret_value.encode()).decode()}}
+    stats = metrics.Metrics()
+    ctl = controller.Controller(api, recording.Recorder(api), stats)  # type: ignore[arg-type]
+    ctl.attach(Index(raw))
+    return api, ctl, stats
+
+
+def _status(api: FakeApi) -> dict[str, Any]:
+    status: dict[str, Any] = api.objects[POLICY_PATH]["status"]
+    return status
+
+
+async def test_a_reconcile_writes_role_binding_and_a_ready_status() -> None:
+    api, ctl, stats = _setup()
+    await ctl.reconcile(("team", "agents"))
+    assert api.objects[ROLE_PATH]["rules"][0]["resourceNames"] == ["openai"]
+    ready = next(c for c in _status(api)["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["observedGeneration"]) == ("True", 1)
+    assert stats.registry.get_sample_value("sidekey_operator_reconciles_total", {"result": "ready"}) == 1
+
+
+async def test_an_unchanged_world_makes_no_writes() -> None:
+    api, ctl, _ = _setup()
+    await ctl.reconcile(("team", "agents"))
+    ctl.attach(Index(api.objects[POLICY_PATH]))  # the index now holds the written status
+    api.calls.clear()
+    await ctl.reconcile(("team", "agents"))
+    assert all(method == "GET" for method, _ in api.calls), api.calls
+
+
+async def test_a_transient_api_error_asks_the_queue_for_a_retry() -> None:
+    api, ctl, stats = _setup()
+    api.fail[("GET", SECRET_PATH)] = [kubeapi.ApiError(503, "ServiceUnavailable", "etcd hiccup")]
+    with pytest.raises(queueing.Retry):
+        await ctl.reconcile(("team", "agents"))
+    assert "status" not in api.objects[POLICY_PATH]  # nothing half-written
+    assert stats.registry.get_sample_value("sidekey_operator_errors_total", {"kind": "api"}) == 1
+    await ctl.reconcile(("team", "agents"))
+    assert next(c for c in _status(api)["conditions"] if c["type"] == "Ready")["status"] == "True"
+
+
+async def test_the_queue_retries_a_transient_error_until_the_policy_is_ready() -> None:
+    api, ctl, _ = _setup()
+    api.fail[("GET", SECRET_PATH)] = [kubeapi.ApiError(500, "InternalError", "x")] * 2
+    ctl.queue = queueing.Queue(ctl.reconcile, base_delay=0.01)
+    task = asyncio.create_task(ctl.queue.run())
+    ctl.queue.add(("team", "agents"))
+    await asyncio.wait_for(ctl.queue.wait_idle(), 5)
+    task.cancel()
+    assert api.calls.count(("GET", SECRET_PATH)) == 3
+    assert next(c for c in _status(api)["conditions"] if c["type"] == "Ready")["status"] == "True"
+
+
+async def test_a_refused_rbac_write_is_a_condition_and_a_later_look() -> None:
+    api, ctl, _ = _setup()
+    api.fail[("PATCH", ROLE_PATH)] = [kubeapi.ApiError(403, "Forbidden", "roles is forbidden")]
+    with pytest.raises(queueing.Retry):
+        await ctl.reconcile(("team", "agents"))
+    ready = next(c for c in _status(api)["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "RBACFailed")
+    assert "roles is forbidden" in ready["message"]
+
+
+async def test_a_terminating_namespace_ends_the_reconcile_quietly() -> None:
+    api, ctl, stats = _setup()
+    api.fail[("PATCH", ROLE_PATH)] = [kubeapi.ApiError(
+        403, "Forbidden", "unable to create new content in namespace team because it is being terminated")]
+    await ctl.reconcile(("team", "agents"))  # no Retry, no error
+    assert "status" not in api.objects[POLICY_PATH]
+    assert stats.registry.get_sample_value("sidekey_operator_errors_total", {"kind": "reconcile"}) is None
+
+
+async def test_a_policy_deleted_mid_reconcile_is_not_retried() -> None:
+    api, ctl, _ = _setup()
+    del api.objects[POLICY_PATH]  # gone from the apiserver, still in the index
+    await ctl.reconcile(("team", "agents"))
+
+
+async def test_the_secret_value_never_leaves_the_boundary() -> None:
+    api, ctl, _ = _setup("sk-very-secret-value")
+    await ctl.reconcile(("team", "agents"))
+    assert any("/events/" in path for path in api.objects)  # Events were posted
+    written = repr({k: v for k, v in api.objects.items() if k != SECRET_PATH})
+    assert "sk-very-secret-value" not in written
+    assert base64.b64encode(b"sk-very-secret-value").decode() not in written
