@@ -8,6 +8,7 @@ Roles they create, and read the apiserver's answer.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -40,10 +41,22 @@ def policy_editor(cluster: Any, guards: str, namespace: str) -> str:
                     "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]}])]:
         answer = admission.apply(cluster, obj)
         assert answer.admitted, answer.message
+    _wait_until_allowed(cluster, namespace, "create", "agentpolicies.sidekey.io")
     can = cluster.kubectl("auth", "can-i", "get", "secret/" + manifests.SECRET, "-n", namespace,
                           f"--as={USER}", check=False)
     assert can.strip().startswith("no"), can
     return namespace
+
+
+def _wait_until_allowed(cluster: Any, namespace: str, *what: str, timeout: float = 20.0) -> None:
+    """RBAC changes reach the authorizer through an informer: wait until they apply."""
+    deadline = time.monotonic() + timeout
+    while True:
+        can = cluster.kubectl("auth", "can-i", *what, "-n", namespace, f"--as={USER}", check=False)
+        if can.strip().startswith("yes"):
+            return
+        assert time.monotonic() < deadline, f"{USER} still may not {' '.join(what)}: {can}"
+        time.sleep(0.2)
 
 
 def _denied_for_secret(answer: admission.Answer, namespace: str) -> None:
@@ -86,6 +99,7 @@ class TestAuthorsWhoCannotReadTheSecretAreDenied:
                 "apiGroups": [""], "resources": ["secrets"], "resourceNames": [manifests.SECRET],
                 "verbs": ["get"]}]):
             assert admission.apply(cluster, obj).admitted
+        _wait_until_allowed(cluster, policy_editor, "get", f"secret/{manifests.SECRET}")
         policy = manifests.agent_policy(policy_editor)
         second = json.loads(json.dumps(policy["spec"]["upstreams"][0]))
         second.update(name="anthropic", url="https://api.anthropic.com")
@@ -111,6 +125,7 @@ class TestAuthorsWhoCanReadTheSecretAreAllowed:
                 "apiGroups": [""], "resources": ["secrets"], "resourceNames": [manifests.SECRET],
                 "verbs": ["get"]}]):
             assert admission.apply(cluster, obj).admitted
+        _wait_until_allowed(cluster, policy_editor, "get", f"secret/{manifests.SECRET}")
         answer = admission.create(cluster, manifests.agent_policy(policy_editor), as_user=USER)
         assert answer.admitted, answer.message
 
