@@ -209,3 +209,23 @@ class TestTheChartGrantsWhatTheOperatorNeeds:
         assert "Role/sidekey-system/sidekey-operator" not in docs
         rules = docs["ClusterRole//sidekey-operator"]["rules"]
         assert ("admissionregistration.k8s.io", "mutatingwebhookconfigurations", "patch") not in _triples(rules)
+
+
+def test_another_release_name_keeps_every_reference_consistent() -> None:
+    """Names follow the release; the operator's flags must follow with them."""
+    docs = _by_key(helm.template(release="agents", namespace="ai"))
+    op_args = docs["Deployment/ai/agents-sidekey-operator"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    flags = dict(a.split("=", 1) for a in op_args if a.startswith("--") and "=" in a)
+    assert f"MutatingWebhookConfiguration//{flags['--webhook-configuration']}" in docs
+    assert f"Service/ai/{flags['--webhook-service']}" in docs
+    assert flags["--namespace"] == "ai"
+    webhook = docs[f"Deployment/ai/{flags['--webhook-service']}"]["spec"]["template"]["spec"]
+    tls = next(v for v in webhook["volumes"] if v["name"] == "tls")
+    assert tls["secret"]["secretName"] == flags["--tls-secret"]
+    config = docs[f"MutatingWebhookConfiguration//{flags['--webhook-configuration']}"]
+    for hook in config["webhooks"]:
+        assert hook["clientConfig"]["service"]["name"] == flags["--webhook-service"]
+        assert "ai" in hook["namespaceSelector"]["matchExpressions"][-1]["values"]
+    assert "ValidatingAdmissionPolicy//agents-sidekey-bypass-guard" in docs
+    binding = docs["ValidatingAdmissionPolicyBinding//agents-sidekey-bypass-guard"]
+    assert binding["spec"]["policyName"] == "agents-sidekey-bypass-guard"
