@@ -242,17 +242,36 @@ class ApiClient:
             headers["Authorization"] = auth
         return headers
 
-    async def get_json(self, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
-        async with self.session.get(
-            self.config.server + path, params=params or None, headers=self._headers()
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        """One JSON request; an empty answer is ``{}``, an error status an ``ApiError``."""
+        headers = self._headers()
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body).encode()
+        async with self.session.request(
+            method, self.config.server + path, data=data, params=params or None, headers=headers
         ) as resp:
-            body = await resp.read()
+            raw = await resp.read()
             if resp.status >= 300:
-                raise _status_error(resp.status, body)
-        doc = json.loads(body)
+                raise _status_error(resp.status, raw)
+        if not raw:
+            return {}
+        doc = json.loads(raw)
         if not isinstance(doc, dict):
             raise ApiError(resp.status, "BadResponse", f"{path} did not return a JSON object")
         return doc
+
+    async def get_json(self, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
+        return await self.request("GET", path, params=params)
 
     async def watch(self, path: str, params: Mapping[str, str]) -> AsyncIterator[WatchEvent]:
         """Stream watch events; a Status in an ERROR event is yielded, not raised."""

@@ -10,8 +10,6 @@ Status fields; ``transient`` says whether a retry can help.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -41,52 +39,19 @@ def terminating(exc: BaseException) -> bool:
             and "being terminated" in exc.message)
 
 
-class _Token:
-    """The bearer token, re-read whenever its file changes (the kubelet rotates it)."""
-
-    def __init__(self, path: os.PathLike[str] | None) -> None:
-        self._path = path
-        self._stamp: tuple[int, int] | None = None
-        self._value = ""
-
-    def value(self) -> str:
-        if self._path is None:
-            return ""
-        try:
-            st = os.stat(self._path)
-            stamp = (st.st_ino, st.st_mtime_ns)
-            if stamp != self._stamp:
-                with open(self._path) as fh:
-                    self._value = fh.read().strip()
-                self._stamp = stamp
-        except OSError:
-            pass
-        return self._value
-
-
 class Rest:
-    """``async with Rest(config) as rest``: one pooled session to the apiserver."""
+    """``async with Rest(config) as rest``: the shared apiserver client, plus writes."""
 
-    def __init__(self, config: kubeapi.ApiConfig, *, timeout: float = 30.0) -> None:
+    def __init__(self, config: kubeapi.ApiConfig) -> None:
         self.config = config
-        self._token = _Token(config.token_file)
-        self._timeout = timeout
-        self._session: aiohttp.ClientSession | None = None
+        self._api = kubeapi.ApiClient(config, limit=20)
 
     async def __aenter__(self) -> Rest:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=self.config.ssl_context(), limit=20),
-            timeout=aiohttp.ClientTimeout(total=self._timeout, connect=10),
-        )
+        await self._api.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def token(self) -> str:
-        return self._token.value()
+        await self._api.close()
 
     async def request(
         self,
@@ -97,25 +62,7 @@ class Rest:
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
-        if self._session is None:
-            raise RuntimeError("Rest is not open: use 'async with Rest(config)'")
-        headers = {"Accept": "application/json"}
-        token = self._token.value()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        data = None
-        if body is not None:
-            headers["Content-Type"] = content_type
-            data = json.dumps(body).encode()
-        async with self._session.request(method, self.config.server + path, data=data,
-                                         params=params or None, headers=headers) as resp:
-            raw = await resp.read()
-            if resp.status >= 300:
-                raise _error(resp.status, raw)
-        if not raw:
-            return {}
-        doc = json.loads(raw)
-        return doc if isinstance(doc, dict) else {}
+        return await self._api.request(method, path, body=body, params=params, content_type=content_type)
 
     async def get(self, path: str, params: Mapping[str, str] | None = None
                   ) -> dict[str, Any] | None:
@@ -150,19 +97,6 @@ class Rest:
                 return False
             raise
         return True
-
-
-def _error(status: int, body: bytes) -> kubeapi.ApiError:
-    reason, message = "", body[:300].decode("utf-8", "replace")
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        pass
-    else:
-        if isinstance(doc, dict):
-            reason = str(doc.get("reason", ""))
-            message = str(doc.get("message", message))
-    return kubeapi.ApiError(status, reason, message)
 
 
 # --- Paths --------------------------------------------------------------------
