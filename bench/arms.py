@@ -48,5 +48,5 @@ class Arm:
     def cpu(self) -> float:
         return procstats.cpu_seconds(self.pids())
 
-    def rss_kib(self) -> int:
-        return procstats.rss_kib(self.pids())
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        return procstats.rss_kib(self.pids(), field)

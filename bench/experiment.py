@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = kubelet.start_cluster(workdir)
         stack.callback(cluster.stop)
         run = harness.Run(harness.Plan.quick(), workdir, procs, cluster)
-        procstats.raise_priority()
+        stack.callback(procstats.raise_priority()[1])
         with harness._pinned(run.load_core):
             run.start_upstreams()
             run.create_pod()

@@ -274,6 +274,7 @@ class Run:
     def after_load(self) -> None:
         for arm in (self.sidekey_arm, self.nocache_arm, self.nginx_arm, self.floor_arm):
             self.samples.add(arm.name, "rss_loaded_mib", arm.rss_kib() / 1024)
+            self.samples.add(arm.name, "rss_anon_loaded_mib", arm.rss_kib("RssAnon") / 1024)
 
 
 #: The sibling benchmarks (their engineers' scripts), with the arguments for a full and a quick run.
@@ -322,8 +323,9 @@ def execute(plan: Plan, *, quick: bool, externals: bool) -> dict[str, Any]:
         cluster = kubelet.start_cluster(workdir)  # before pinning: the apiserver is not part of any arm
         stack.callback(cluster.stop)
         run = Run(plan, workdir, procs, cluster)
-        nice = procstats.raise_priority()
-        run.notes.append(f"the harness and every arm ran at nice {nice}" if nice is not None else
+        raised, restore = procstats.raise_priority()
+        stack.callback(restore)
+        run.notes.append(f"the harness and every arm ran at {raised}" if raised is not None else
                          "not root: the benchmark ran at normal priority, other work disturbs it more")
         if run.load_core is None:
             run.notes.append("one core only: nothing pinned")

@@ -17,6 +17,8 @@ proxy:
 - ``gcfreeze``: ``gc.freeze()`` once the sidecar has started, so the
   collector stops rescanning the import-time heap.
 - ``uvloop``: the uvloop event loop instead of asyncio's.
+- ``trim``: ``malloc_trim(0)`` once the sidecar has started, handing the
+  heap that start-up freed back to the kernel.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from sidekey import cli
 from sidekey.core import kubeapi, tokens
 
 ACCEPT = "application/json, application/jwk-set+json;q=0.9"
-KNOWN = frozenset({"nocache", "jwks-accept", "noaudit", "nometrics", "noscrub", "gcfreeze", "uvloop"})
+KNOWN = frozenset({"nocache", "jwks-accept", "noaudit", "nometrics", "noscrub", "gcfreeze", "uvloop", "trim"})
 
 
 class _Nothing:
@@ -79,6 +81,17 @@ def apply(patches: set[str]) -> None:
             gc.collect()
             gc.freeze()
         sidecar.Sidecar.start = start_then_freeze  # type: ignore[method-assign]
+    if "trim" in patches:
+        import ctypes
+
+        from sidekey.proxy import sidecar
+        start_untrimmed = sidecar.Sidecar.start
+
+        async def start_then_trim(self: sidecar.Sidecar) -> None:
+            await start_untrimmed(self)
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        sidecar.Sidecar.start = start_then_trim  # type: ignore[method-assign]
     if "uvloop" in patches:
         import uvloop
         uvloop.install()

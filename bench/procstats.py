@@ -8,8 +8,9 @@ so a measured arm is a set of pids.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -25,11 +26,17 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total / TICKS
 
 
-def rss_kib(pids: Iterable[int]) -> int:
+def rss_kib(pids: Iterable[int], field: str = "VmRSS") -> int:
+    """Resident memory; ``RssAnon`` is the part no other process can share.
+
+    The rest of VmRSS is file-backed (the interpreter, OpenSSL, extension
+    modules): on a node, every sidecar maps the same image files, so the
+    page cache holds those pages once for all of them.
+    """
     total = 0
     for pid in pids:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 total += int(line.split()[1])
                 break
     return total
@@ -56,14 +63,37 @@ def pin_prefix(core: int | None) -> list[str]:
 
 #: How far the benchmark raises its own priority (and its children's) when it may.
 NICE = -10
+AUTOGROUP = Path("/proc/self/autogroup")
 
 
-def raise_priority() -> int | None:
-    """Renice this process (children inherit it) so other work on a shared machine disturbs less.
+def _autogroup_nice() -> int | None:
+    try:
+        return int(AUTOGROUP.read_text().split("nice")[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
-    Every arm gets the same priority, so the comparison stays fair; only root
-    may lower a nice value. Returns the new nice value, or None if unchanged.
+
+def raise_priority() -> tuple[str | None, Callable[[], None]]:
+    """Raise this process's priority (children inherit it); return what was done and how to undo it.
+
+    Linux with autogroup shares the CPU between sessions first and applies
+    nice values only inside one, so the session's autogroup is reniced too
+    (and restored when the run ends). Every arm runs at the same priority,
+    so the comparison stays fair; other work on a shared machine disturbs
+    the measurement less. Only root may do either.
     """
     if os.geteuid() != 0:
-        return None
-    return os.nice(NICE - os.nice(0))
+        return None, lambda: None
+    os.nice(NICE - os.nice(0))
+    before = _autogroup_nice()
+    if before is None:
+        return f"nice {NICE}", lambda: None
+    try:
+        AUTOGROUP.write_text(str(NICE))
+    except OSError:
+        return f"nice {NICE}", lambda: None
+
+    def restore() -> None:
+        with contextlib.suppress(OSError):
+            AUTOGROUP.write_text(str(before))
+    return f"nice {NICE} and autogroup nice {NICE}", restore

@@ -48,7 +48,7 @@ def _frame(text: str) -> tuple[str, str]:
     if m is None:
         return text, "other"
     path = m["file"]
-    if path.startswith("sidekey/") or path in _OWN:
+    if path.startswith(("sidekey/", "core/")) or path in _OWN:
         area = "sidekey"
     elif "/" in path:
         area = path.split("/", 1)[0]
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = kubelet.start_cluster(workdir)
         stack.callback(cluster.stop)
         run = harness.Run(harness.Plan.quick(), workdir, procs, cluster)
-        procstats.raise_priority()
+        stack.callback(procstats.raise_priority()[1])
         with harness._pinned(run.load_core):
             run.start_upstreams()
             run.create_pod()

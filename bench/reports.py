@@ -116,6 +116,7 @@ ROWS: tuple[tuple[str, str, int], ...] = (
     ("sse_cpu_us_per_event", "proxy CPU us per SSE event", 1),
     ("rss_idle_mib", "RSS idle (MiB)", 1),
     ("rss_loaded_mib", "RSS after load (MiB)", 1),
+    ("rss_anon_loaded_mib", "of which private (RssAnon, MiB)", 1),
     ("ready_s", "start to ready (s)", 2),
 )
 

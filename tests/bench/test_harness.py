@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PROXY_METRICS = ("rps_c16", "rps_c64", "cpu_us_per_req_c16", "cpu_us_per_req_c64", "cpu_us_per_req_500",
                  "p50_us_500", "p99_us_500", "added_p50_us_500", "added_p99_us_500", "sse_ttfb_us",
-                 "added_sse_ttfb_us", "sse_cpu_us_per_event", "rss_idle_mib", "rss_loaded_mib")
+                 "added_sse_ttfb_us", "sse_cpu_us_per_event", "rss_idle_mib", "rss_loaded_mib",
+                 "rss_anon_loaded_mib", "core_share_c16")
 
 
 @pytest.mark.e2e
