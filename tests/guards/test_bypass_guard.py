@@ -200,6 +200,49 @@ class TestTheInjectedShapeIsCheckedInTheSpec:
         _denied(admission.create(cluster, pod), "shares a volume")
 
 
+def _isolation_break(pod: dict[str, Any], shape: str) -> None:
+    spec, agent = pod["spec"], manifests.agent(pod)
+    if shape in ("shareProcessNamespace", "hostPID", "hostNetwork"):
+        spec[shape] = True
+    elif shape == "privileged":
+        agent["securityContext"] = {"privileged": True}
+    elif shape == "capabilities":
+        agent["securityContext"] = {"capabilities": {"add": ["SYS_PTRACE"]}}
+    else:
+        spec["volumes"].append({"name": "node", "hostPath": {"path": "/var/lib/kubelet"}})
+        agent["volumeMounts"].append({"name": "node", "mountPath": "/node"})
+
+
+OVERRIDES = {
+    "shareProcessNamespace": contract.ANNOTATION_ALLOW_SHARED_PROCESS_NAMESPACE,
+    "hostPID": contract.ANNOTATION_ALLOW_HOST_PID,
+    "hostNetwork": contract.ANNOTATION_ALLOW_HOST_NETWORK,
+    "privileged": contract.ANNOTATION_ALLOW_PRIVILEGED,
+    "capabilities": contract.ANNOTATION_ALLOW_CAPABILITIES,
+    "hostPath": contract.ANNOTATION_ALLOW_HOST_PATH,
+}
+
+
+class TestShapesThatReachTheSidecarAreRefusedLikeTheWebhookDoes:
+    """A hand-made pod that skips the webhook gets the webhook's refusals, overrides included."""
+
+    @pytest.mark.parametrize("shape", sorted(OVERRIDES))
+    def test_an_isolation_breaking_shape_is_denied_with_its_override(
+            self, cluster: Any, subject_namespace: str, shape: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, f"breaks-{shape.lower()}")
+        _isolation_break(pod, shape)
+        _denied(admission.create(cluster, pod), f'{OVERRIDES[shape]}: "true"')
+
+    @pytest.mark.parametrize("shape", ["shareProcessNamespace", "capabilities"])
+    def test_the_documented_override_accepts_the_risk(
+            self, cluster: Any, subject_namespace: str, shape: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, f"accepts-{shape.lower()}")
+        _isolation_break(pod, shape)
+        pod["metadata"]["annotations"][OVERRIDES[shape]] = "true"
+        answer = admission.create(cluster, pod)
+        assert answer.admitted, answer.message
+
+
 class TestEphemeralContainers:
     def _debug(self, cluster: Any, namespace: str, pod: str, container: dict[str, Any]) -> admission.Answer:
         patch = json.dumps({"spec": {"ephemeralContainers": [container]}})
@@ -225,7 +268,8 @@ class TestEphemeralContainers:
             self, cluster: Any, subject_namespace: str) -> None:
         assert admission.create(cluster, manifests.injected_pod(subject_namespace, "debugged-3")).admitted
         answer = self._debug(cluster, subject_namespace, "debugged-3", {
-            "name": "debugger", "image": "busybox", "targetContainerName": "agent"})
+            "name": "debugger", "image": "busybox", "targetContainerName": "agent",
+            "securityContext": {"capabilities": {"add": ["SYS_PTRACE"]}}})  # kubectl debug --profile=general
         assert answer.admitted, answer.message
 
 
