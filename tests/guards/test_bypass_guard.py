@@ -88,6 +88,24 @@ class TestTheInjectedShapeIsCheckedInTheSpec:
         finally:
             admission.install_guards(cluster)
 
+    def test_a_token_for_an_audience_the_chart_lists_may_be_mounted_by_an_agent(
+            self, cluster: Any, subject_namespace: str) -> None:
+        pod = manifests.injected_pod(subject_namespace, "vault-token")
+        pod["spec"]["volumes"].append({"name": "vault", "projected": {"sources": [
+            {"serviceAccountToken": {"path": "token", "audience": "vault", "expirationSeconds": 600}}]}})
+        manifests.agent(pod)["volumeMounts"].append({"name": "vault", "mountPath": "/vault"})
+        _denied(admission.create(cluster, pod, dry_run=True), "guards.extraTokenAudiences")
+        admission.install_guards(cluster, {"guards": {"extraTokenAudiences": ["vault"]}})
+        try:
+            answer = admission.create(cluster, pod, dry_run=True)
+            deadline = time.monotonic() + 30
+            while not answer.admitted and time.monotonic() < deadline:
+                time.sleep(0.3)
+                answer = admission.create(cluster, pod, dry_run=True)
+            assert answer.admitted, answer.message
+        finally:
+            admission.install_guards(cluster)
+
     def test_a_sidecar_that_is_not_a_native_sidecar_is_denied(
             self, cluster: Any, subject_namespace: str) -> None:
         pod = manifests.injected_pod(subject_namespace, "not-native")
