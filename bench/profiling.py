@@ -21,7 +21,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from bench import harness, kubelet, loads, procstats
+from bench import arms, harness, kubelet, loads, procstats, sse
 from sidekey.localcluster.processes import Processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--no-cache", action="store_true", help="profile with the token cache off")
+    parser.add_argument("--sse", action="store_true", help="load with SSE streams (100 events each) instead")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--flamegraph", type=Path, help="also write a flamegraph SVG here")
     args = parser.parse_args(argv)
@@ -103,10 +104,16 @@ def main(argv: list[str] | None = None) -> int:
             loads.wrk(url, connections=args.connections, seconds=2, token=run.pod.agent_token,
                       core=run.load_core)
             raw = workdir / "profile.txt"
-            result: list[loads.WrkResult] = []
-            load = threading.Thread(target=lambda: result.append(loads.wrk(
-                url, connections=args.connections, seconds=args.seconds + 2, token=run.pod.agent_token,
-                core=run.load_core)))
+            result: list[loads.WrkResult | sse.SseResult] = []
+            if args.sse:
+                streams = max(1, int(args.seconds * 8))  # ~0.12 s per stream
+                load = threading.Thread(target=lambda: result.append(sse.run(
+                    sidecar.port, "/sse" + arms.SSE_PATH, run.pod.agent_token, clients=args.connections,
+                    streams=streams)))
+            else:
+                load = threading.Thread(target=lambda: result.append(loads.wrk(
+                    url, connections=args.connections, seconds=args.seconds + 2,
+                    token=run.pod.agent_token, core=run.load_core)))
             cpu0 = procstats.cpu_seconds([sidecar.pid])
             load.start()
             spy = [_py_spy(), "record", "--pid", str(sidecar.pid), "--rate", "250",
@@ -120,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
                                 "--output", str(args.flamegraph)], check=False, capture_output=True)
     total, own, areas = fold(raw)
     r = result[0]
-    print(f"sidecar under wrk -c{args.connections}: {r.rps:.0f} rps, "
-          f"{cpu / r.requests * 1e6:.1f} us CPU/request, {total} busy samples")
+    if isinstance(r, sse.SseResult):
+        print(f"sidecar under {args.connections} SSE clients: {r.events / r.seconds:.0f} events/s, "
+              f"{cpu / r.events * 1e6:.1f} us CPU/event, {total} busy samples")
+    else:
+        print(f"sidecar under wrk -c{args.connections}: {r.rps:.0f} rps, "
+              f"{cpu / r.requests * 1e6:.1f} us CPU/request, {total} busy samples")
     print(f"\n## self time (top {args.top})")
     for frame, n in own.most_common(args.top):
         print(f"{100 * n / total:5.1f}%  {frame}")
