@@ -187,7 +187,7 @@ def test_a_request_shape_cannot_move_the_key(fresh: World, case: str) -> None:
     answer = world.raw_request(w.sidecar.port, shape.build(w), timeout=shape.timeout)
     new = w.upstream.seen[before:]
     if shape.expect == "refused":
-        assert 400 <= answer.status < 500 or answer.status == 0 and not answer.raw, (case, answer.raw[:400])
+        assert 400 <= answer.status < 500 or (answer.status == 0 and not answer.raw), (case, answer.raw[:400])
         assert new == [], (case, [s.raw_path for s in new])
         assert b"100 Continue" not in answer.head, "the body was invited for a refused request"
     else:

@@ -67,6 +67,8 @@ def test_an_accepted_target_means_the_same_path_to_any_upstream(target: str) -> 
 @given(target=st.binary(max_size=60).map(lambda b: "/" + b.decode("latin-1")))
 def test_any_bytes_get_a_target_or_a_path_error_never_a_crash(target: str) -> None:
     try:
-        paths.parse(target)
-    except paths.PathError:
-        pass
+        t = paths.parse(target)
+    except paths.PathError as exc:
+        assert str(exc)
+        return
+    assert target.isascii() and t.route
