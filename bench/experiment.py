@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import harness, kubelet, loads, procstats
+from bench import arms, harness, kubelet, loads, procstats, sse
 from sidekey.localcluster.processes import Processes
 
 
@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--connections", type=int, nargs="+", default=[16])
+    parser.add_argument("--rate", type=int, default=0, help="pace wrk at this many requests/s")
+    parser.add_argument("--sse", action="store_true",
+                        help="SSE streams instead of wrk: CPU per event, --connections clients, 15 streams each")
     args = parser.parse_args(argv)
     variants: dict[str, frozenset[str]] = {}
     for spec in args.variant:
@@ -61,16 +64,23 @@ def main(argv: list[str] | None = None) -> int:
                     for name in order:
                         s = sidecars[name]
                         before = procstats.cpu_seconds([s.pid])
-                        r = loads.wrk(f"http://127.0.0.1:{s.port}/bench/v1/chat/completions",
-                                      connections=c, seconds=args.seconds, token=token, core=run.load_core)
+                        if args.sse:
+                            streamed = sse.run(s.port, "/sse" + arms.SSE_PATH, token, clients=c, streams=15)
+                            units, rate = streamed.events, streamed.events / streamed.seconds
+                        else:
+                            r = loads.wrk(f"http://127.0.0.1:{s.port}/bench/v1/chat/completions",
+                                          connections=c, seconds=args.seconds, token=token,
+                                          core=run.load_core, rate=args.rate or None)
+                            units, rate = r.requests, r.rps
                         used = procstats.cpu_seconds([s.pid]) - before
-                        cpu.setdefault((name, c), []).append(used / r.requests * 1e6)
-                        rps.setdefault((name, c), []).append(r.rps)
-                        print(f"[{time.strftime('%H:%M:%S')}] rep {rep + 1} c{c} {name:14} {r.rps:7.0f} rps "
-                              f"{used / r.requests * 1e6:7.1f} us/req", flush=True)
+                        cpu.setdefault((name, c), []).append(used / units * 1e6)
+                        rps.setdefault((name, c), []).append(rate)
+                        print(f"[{time.strftime('%H:%M:%S')}] rep {rep + 1} c{c} {name:14} {rate:7.0f} /s "
+                              f"{used / units * 1e6:7.1f} us each", flush=True)
             rss_loaded = {name: procstats.rss_kib([s.pid]) / 1024 for name, s in sidecars.items()}
     base = names[0]
-    print(f"\n| variant | patches | conns | rps | CPU us/req | vs {base} | RSS idle / loaded MiB | ready s |")
+    unit = "event" if args.sse else "req"
+    print(f"\n| variant | patches | conns | {unit}/s | CPU us/{unit} | vs {base} | RSS idle / loaded MiB | ready s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for c in args.connections:
         ref = statistics.median(cpu[(base, c)])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -34,14 +35,14 @@ from sidekey.localcluster.processes import Process, Processes
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-ARM_NAMES = ("direct", "nginx", "aiohttp-floor", "sidekey", "sidekey-nocache")
+ARM_NAMES = ("direct", "nginx", "llhttp-floor", "aiohttp-floor", "sidekey", "sidekey-nocache")
 
 
 @dataclass(frozen=True)
 class Plan:
     reps: int = 3
-    saturation_seconds: float = 5.0
-    paced_seconds: float = 8.0
+    saturation_seconds: float = 4.0
+    paced_seconds: float = 6.0
     paced_rate: int = 500
     paced_connections: int = 8
     sse_ttfb_streams: int = 30
@@ -148,9 +149,29 @@ class Run:
         self.floor_arm = arms.Arm("aiohttp-floor", port, "/bench", port, "/sse", pids=lambda: [pid],
                                   label="bare aiohttp passthrough (reference floor)")
 
+    def start_lean_floor(self) -> None:
+        """The llhttp prototype (bench/leanfloor.py), when httptools is installed."""
+        self.lean_arm: arms.Arm | None = None
+        if importlib.util.find_spec("httptools") is None:
+            self.notes.append("httptools is not installed: no llhttp-floor arm (pip install httptools)")
+            return
+        port = free_port()
+        proc = self.procs.start("llhttp-floor", [
+            *procstats.pin_prefix(self.proxy_core), sys.executable, "-m", "bench.leanfloor", str(port),
+            str(self.upstream_port), str(self.sse_port), self.pod.key],
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        _wait_http(f"http://127.0.0.1:{port}/bench/", proc)
+        pid = int(proc.popen.pid)
+        self.lean_arm = arms.Arm("llhttp-floor", port, "/bench", port, "/sse", pids=lambda: [pid],
+                                 label="asyncio Protocols + llhttp passthrough (prototype floor)")
+
     def all_arms(self) -> list[arms.Arm]:
         direct = arms.Arm("direct", self.upstream_port, "", self.sse_port, "", label="direct to upstream")
-        return [direct, self.nginx_arm, self.floor_arm, self.sidekey_arm, self.nocache_arm]
+        lean = [self.lean_arm] if self.lean_arm is not None else []
+        return [direct, self.nginx_arm, *lean, self.floor_arm, self.sidekey_arm, self.nocache_arm]
+
+    def proxy_arms(self) -> list[arms.Arm]:
+        return [a for a in self.all_arms() if a.measured]
 
     def start_sidecars(self, rep: int) -> None:
         cache = kubelet.start_sidecar(self.cluster, self.pod, self.procs, f"sidekey-{rep}",
@@ -166,7 +187,7 @@ class Run:
                                     label="sidekey, token cache off")
         self.samples.add("sidekey", "ready_s", cache.ready_seconds)
         time.sleep(0.5)  # let start-up work settle before reading idle memory
-        for arm in (self.sidekey_arm, self.nocache_arm, self.nginx_arm, self.floor_arm):
+        for arm in self.proxy_arms():
             self.samples.add(arm.name, "rss_idle_mib", arm.rss_kib() / 1024)
 
     def stop_sidecars(self) -> None:
@@ -272,7 +293,7 @@ class Run:
                 self.samples.add(name, "added_sse_ttfb_us", value - ttfb["direct"])
 
     def after_load(self) -> None:
-        for arm in (self.sidekey_arm, self.nocache_arm, self.nginx_arm, self.floor_arm):
+        for arm in self.proxy_arms():
             self.samples.add(arm.name, "rss_loaded_mib", arm.rss_kib() / 1024)
             self.samples.add(arm.name, "rss_anon_loaded_mib", arm.rss_kib("RssAnon") / 1024)
 
@@ -334,6 +355,7 @@ def execute(plan: Plan, *, quick: bool, externals: bool) -> dict[str, Any]:
             run.create_pod()
             run.start_nginx_proxy()
             run.start_floor()
+            run.start_lean_floor()
             if not kubelet.cache_knob_exists():
                 run.notes.append("the proxy has no SIDEKEY_TOKEN_CACHE knob yet: the no-cache arm runs "
                                  "the sidecar through bench.launch, which patches the cache out")
@@ -378,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     parser.add_argument("--no-externals", action="store_true",
                         help="skip the webhook and operator benchmarks")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="write the table into docs/performance.md (between its bench:results marks)")
     args = parser.parse_args(argv)
     plan = Plan.quick() if args.quick else Plan()
     if args.reps:
@@ -397,5 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _say(f"chart: {chart}")
     _say(f"results: {out}")
+    if args.update_docs and reports.update_docs(result, ROOT / "docs" / "performance.md"):
+        _say("docs/performance.md updated")
     print(reports.table(result))
     return 0

@@ -17,6 +17,12 @@ proxy:
 - ``gcfreeze``: ``gc.freeze()`` once the sidecar has started, so the
   collector stops rescanning the import-time heap.
 - ``uvloop``: the uvloop event loop instead of asyncio's.
+- ``tailcheck``: the stream scrubber returns at once when a chunk's last
+  byte occurs in no secret form (a held-back tail must be a prefix of one,
+  so all its bytes, the last included, are bytes of some form): SSE events
+  end in a newline, which no key contains.
+- ``gcstats``: log each collector pass of generation 2 and any pass over
+  5 ms to stderr (``gcstats gen=.. ms=..``): what the collector costs the tail.
 - ``trim``: ``malloc_trim(0)`` once the sidecar has started, handing the
   heap that start-up freed back to the kernel.
 """
@@ -32,7 +38,8 @@ from sidekey import cli
 from sidekey.core import kubeapi, tokens
 
 ACCEPT = "application/json, application/jwk-set+json;q=0.9"
-KNOWN = frozenset({"nocache", "jwks-accept", "noaudit", "nometrics", "noscrub", "gcfreeze", "uvloop", "trim"})
+KNOWN = frozenset({"nocache", "jwks-accept", "noaudit", "nometrics", "noscrub", "gcfreeze", "uvloop", "trim",
+                   "tailcheck", "gcstats"})
 
 
 class _Nothing:
@@ -81,6 +88,32 @@ def apply(patches: set[str]) -> None:
             gc.collect()
             gc.freeze()
         sidecar.Sidecar.start = start_then_freeze  # type: ignore[method-assign]
+    if "tailcheck" in patches:
+        from sidekey.proxy import scrubbing as scrub
+        held_back = scrub.Scrubber.held_back
+        alphabet: dict[int, frozenset[int]] = {}
+
+        def tail_checked(self: scrub.Scrubber, data: bytes) -> int:
+            letters = alphabet.get(id(self))
+            if letters is None:
+                letters = alphabet[id(self)] = frozenset(b for p in self._patterns for b in p)
+            if not data or data[-1] not in letters:
+                return 0
+            return int(held_back(self, data))
+        scrub.Scrubber.held_back = tail_checked  # type: ignore[method-assign]
+    if "gcstats" in patches:
+        import time
+        began: list[float] = [0.0]
+
+        def watch(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                began[0] = time.perf_counter()
+                return
+            ms = (time.perf_counter() - began[0]) * 1000
+            if info["generation"] == 2 or ms > 5:
+                print(f"gcstats gen={info['generation']} ms={ms:.2f} collected={info['collected']}",
+                      file=sys.stderr, flush=True)
+        gc.callbacks.append(watch)
     if "trim" in patches:
         import ctypes
 

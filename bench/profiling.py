@@ -79,6 +79,24 @@ def fold(raw: Path) -> tuple[int, collections.Counter[str], collections.Counter[
     return total, own, areas
 
 
+def own_lines(raw: Path) -> collections.Counter[str]:
+    """Self samples by ``file:line`` for frames in sidekey's own modules."""
+    lines: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        m = re.match(r"^(?P<func>.*) \((?P<file>[^()]*)\)$", stack.split(";")[-1].strip())
+        if m is None:
+            continue
+        where = m["file"]
+        path = where.rsplit(":", 1)[0]
+        if _frame(stack.split(";")[-1])[1] == "sidekey":
+            lines[f"{where} {m['func']}"] += int(count)
+        del path
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profiling", description=__doc__)
     parser.add_argument("--seconds", type=int, default=15)
@@ -86,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="profile with the token cache off")
     parser.add_argument("--sse", action="store_true", help="load with SSE streams (100 events each) instead")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--lines", action="store_true",
+                        help="also list sidekey's own source lines by self time")
     parser.add_argument("--flamegraph", type=Path, help="also write a flamegraph SVG here")
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
@@ -136,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n## self time (top {args.top})")
     for frame, n in own.most_common(args.top):
         print(f"{100 * n / total:5.1f}%  {frame}")
+    if args.lines:
+        print(f"\n## sidekey's own lines by self time (top {args.top})")
+        for line, n in own_lines(raw).most_common(args.top):
+            print(f"{100 * n / total:5.1f}%  {line}")
     print("\n## self time by package")
     for area, n in areas.most_common():
         print(f"{100 * n / total:5.1f}%  {area}")

@@ -24,7 +24,8 @@ TARGETS: tuple[tuple[str, str, str, float, str, str], ...] = (
     ("ready", "sidecar start to ready", "<= 1 s", 1.0, "sidekey", "ready_s"),
 )
 
-ARMS = ("direct", "nginx", "aiohttp-floor", "sidekey", "sidekey-nocache")
+ARMS = ("direct", "nginx", "llhttp-floor", "aiohttp-floor", "sidekey", "sidekey-nocache")
+COMPARED = ARMS[2:]
 
 
 def _webhook_p99(external: dict[str, Any]) -> float | None:
@@ -38,7 +39,7 @@ def assemble(*, plan: dict[str, Any], machine: dict[str, Any], notes: list[str],
              quick: bool) -> dict[str, Any]:
     base = medians.get("nginx", {})
     ratios: dict[str, dict[str, float]] = {}
-    for arm in ("aiohttp-floor", "sidekey", "sidekey-nocache"):
+    for arm in COMPARED:
         m = medians.get(arm, {})
         r: dict[str, float] = {}
         for c in (16, 64):
@@ -125,23 +126,24 @@ def table(result: dict[str, Any]) -> str:
     """Markdown: the arms side by side, the ratios to nginx, then the targets."""
     medians = result["medians"]
     load = result["machine"].get("load_average_before", [0.0])[0]
+    arms_here = [arm for arm in ARMS if arm in medians]
     lines = [f"### sidekey benchmark ({result['when']}, {result['machine']['cores']} cores, load average "
              f"{load:.1f} at start, {result['plan']['reps']} repetitions, medians"
              f"{'; QUICK smoke run' if result['quick'] else ''})",
-             "", "| metric | " + " | ".join(ARMS) + " |", "|---|" + "---:|" * len(ARMS)]
+             "", "| metric | " + " | ".join(arms_here) + " |", "|---|" + "---:|" * len(arms_here)]
     for key, title, digits in ROWS:
-        cells = [_fmt(medians.get(arm, {}).get(key), digits=digits) for arm in ARMS]
+        cells = [_fmt(medians.get(arm, {}).get(key), digits=digits) for arm in arms_here]
         if all(c == "-" for c in cells):
             continue
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    lines += ["", "| vs nginx | aiohttp-floor | sidekey | sidekey-nocache |", "|---|---:|---:|---:|"]
+    shown = [arm for arm in COMPARED if arm in medians]
+    lines += ["", "| vs nginx | " + " | ".join(shown) + " |", "|---|" + "---:|" * len(shown)]
     names = {"rps_c16_vs_nginx": "rps, 16 conns", "rps_c64_vs_nginx": "rps, 64 conns",
              "efficiency_c16_vs_nginx": "CPU efficiency, 16 conns",
              "efficiency_c64_vs_nginx": "CPU efficiency, 64 conns",
              "sse_efficiency_vs_nginx": "CPU efficiency, SSE events", "rss_vs_nginx": "RSS after load"}
     for key, title in names.items():
-        cells = [_fmt(result["ratios"].get(arm, {}).get(key), "x", 2)
-                 for arm in ("aiohttp-floor", "sidekey", "sidekey-nocache")]
+        cells = [_fmt(result["ratios"].get(arm, {}).get(key), "x", 2) for arm in shown]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     lines += ["", "| target | goal | measured | |", "|---|---|---:|---|"]
     for t in result["targets"]:
@@ -179,8 +181,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     medians = result["medians"]
-    colors = {"direct": "#9e9e9e", "nginx": "#2e7d32", "aiohttp-floor": "#f9a825", "sidekey": "#1565c0",
-              "sidekey-nocache": "#90caf9"}
+    colors = {"direct": "#9e9e9e", "nginx": "#2e7d32", "llhttp-floor": "#8d6e63", "aiohttp-floor": "#f9a825",
+              "sidekey": "#1565c0", "sidekey-nocache": "#90caf9"}
     panels = (
         ("saturation rps (16 / 64 conns)", ("rps_c16", "rps_c64"), ARMS),
         ("proxy CPU us per request", ("cpu_us_per_req_c16", "cpu_us_per_req_500"), ARMS[1:]),
@@ -190,7 +192,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
         ("RSS MiB (idle / after load)", ("rss_idle_mib", "rss_loaded_mib"), ARMS[1:]),
     )
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
-    for ax, (title, metrics, arms) in zip(axes, panels, strict=True):
+    for ax, (title, metrics, wanted) in zip(axes, panels, strict=True):
+        arms = [arm for arm in wanted if arm in medians]
         width = 0.8 / len(arms)
         for i, arm in enumerate(arms):
             values = [medians.get(arm, {}).get(m, 0.0) for m in metrics]
@@ -205,3 +208,19 @@ def chart(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+START_MARK = "<!-- bench:results:start -->"
+END_MARK = "<!-- bench:results:end -->"
+
+
+def update_docs(result: dict[str, Any], doc: Path) -> bool:
+    """Replace the results block of docs/performance.md with this run's table."""
+    text = doc.read_text()
+    start, end = text.find(START_MARK), text.find(END_MARK)
+    if start < 0 or end < start:
+        return False
+    block = (f"{START_MARK}\n\n{table(result)}\n\nReproduce with `bench/run`; every sample is in "
+             f"`bench/results/latest.json`, the chart in `bench/results/latest.png`.\n\n")
+    doc.write_text(text[:start] + block + text[end:])
+    return True
