@@ -21,6 +21,6 @@ def test_twenty_seconds_of_load_with_rotations_and_edits_has_no_errors_and_no_gr
     summary = report.summary()
     assert report.errors == 0, (report.error_samples, summary)
     assert report.requests > 200 and report.denials > 20, summary
-    assert report.rotations >= 3 and report.edits >= 3, summary
+    assert report.rotations >= 2 and report.edits >= 2, summary
     assert report.newest_key_used, summary
     assert report.rss_growth < soak.MAX_RSS_GROWTH, summary

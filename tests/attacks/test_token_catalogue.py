@@ -238,8 +238,8 @@ CATALOGUE: dict[str, Callable[[Ctx], str | bytes]] = {
     # --- parser attacks
     "oversized-token": lambda c: c.w.token + "A" * 20_000,
     "oversized-header-segment": lambda c: b64(b'{"alg":"RS256","kid":"' + b"k" * 30_000 + b'"}') + ".e30.AA",
-    "deeply-nested-json-header": lambda c: b64(b"[" * 4000 + b"]" * 4000) + ".e30.AA",
-    "deeply-nested-json-payload": lambda c: c.f.real(b"[" * 4000 + b"]" * 4000),
+    "deeply-nested-json-header": lambda c: b64(b"[" * 2500 + b"]" * 2500) + ".e30.AA",
+    "deeply-nested-json-payload": lambda c: c.f.real(b"[" * 2500 + b"]" * 2500),
     "non-utf8-token-bytes": lambda c: c.w.token.encode()[:40] + b"\xff\xfe\x80" + c.w.token.encode()[40:],
     "non-utf8-payload": lambda c: c.f.real(b'{"iss":"\xff\xfe"}'),
     "payload-not-an-object": lambda c: c.f.real(b'["sidekey"]'),
