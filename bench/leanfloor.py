@@ -12,7 +12,7 @@ upstream connection per client connection and route (the benchmark's
 clients keep theirs alive), so there is no pool.
 
     python -m bench.leanfloor PORT UPSTREAM_PORT SSE_PORT KEY   # needs: pip install httptools
-    python -m bench.leanfloor --measure
+    python -m bench.leanfloor --measure [--with-work]
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ class _Upstream(asyncio.Protocol):
         self.client.write(b"\r\n".join(lines) + b"\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        if WORK is not None:
+            body = WORK.scrubber.scrub(body)
         if self.length is not None:
             self.client.write(body)
         else:
@@ -68,7 +70,66 @@ class _Upstream(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.length is None:
             self.client.write(b"0\r\n\r\n")
+        if WORK is not None:
+            WORK.finish(self.client.method, self.client.target, self.parser.get_status_code(),
+                        self.client.started)
         self.headers, self.length = [], None
+
+
+class _Work:
+    """sidekey's per-request work, done with sidekey's own functions (``--with-work``).
+
+    Path checks, the token-cache lookup (a SHA-256 and a dict hit), the allow
+    rules, one audit line and the request counter and histogram, plus the
+    response scrub: what the real handler adds to the passthrough, without
+    aiohttp. It shows whether the data plane plus sidekey's checks fit the
+    CPU goal.
+    """
+
+    def __init__(self, key: str) -> None:
+        import hashlib
+        import io
+        import itertools
+
+        from sidekey.core import logs, policies
+        from sidekey.proxy import metrics, paths, scrubbing
+        self.hashlib, self.paths, self.metrics = hashlib, paths, metrics
+        policy = policies.parse({
+            "apiVersion": "sidekey.io/v1alpha1", "kind": "AgentPolicy",
+            "metadata": {"name": "p", "namespace": "team", "uid": "u", "generation": 1,
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"subjects": {"serviceAccounts": ["agent"]}, "upstreams": [
+                {"name": "bench", "url": "http://127.0.0.1:1", "insecure": True,
+                 "auth": {"type": "bearer", "secretRef": {"name": "k", "key": "k"}},
+                 "allow": [{"methods": ["GET", "POST"], "paths": ["/**"]}]}]}})
+        self.upstream = policy.upstreams[0]
+        self.scrubber = scrubbing.Scrubber([key])
+        self.audit = logs.AuditWriter(io.StringIO())
+        self.cache: dict[bytes, str] = {}
+        self.ids = itertools.count(1)
+        self.counter = metrics.REQUESTS.labels("bench", "GET", "200", "allowed")
+        self.histogram = metrics.DURATION.labels("bench")
+
+    def check(self, method: bytes, url: bytes, token: bytes) -> None:
+        target = self.paths.parse(url.decode("latin-1"))
+        digest = self.hashlib.sha256(token).digest()
+        if self.cache.setdefault(digest, "agent") != "agent":
+            raise PermissionError("token")
+        if not self.upstream.allows(method.decode(), target.segments):
+            raise PermissionError("policy")
+
+    def finish(self, method: bytes, url: bytes, status: int, started: float) -> None:
+        import time
+        elapsed = time.perf_counter() - started
+        self.audit.write({"request_id": next(self.ids), "pod": "agent-0", "namespace": "team",
+                          "service_account": "agent", "upstream": "bench", "method": method.decode(),
+                          "path": url.decode("latin-1"), "status": status, "decision": "allowed",
+                          "reason": "ok", "duration_ms": round(elapsed * 1000, 3)})
+        self.counter.inc()
+        self.histogram.observe(elapsed)
+
+
+WORK: _Work | None = None
 
 
 class _Client(asyncio.Protocol):
@@ -83,7 +144,9 @@ class _Client(asyncio.Protocol):
         self.connecting: set[asyncio.Task[Any]] = set()
         self.headers: list[tuple[bytes, bytes]] = []
         self.url = b""
+        self.token = b""
         self.queue: dict[bytes, list[bytes]] = {}
+        self.method, self.target, self.started = b"", b"", 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -101,10 +164,18 @@ class _Client(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() not in DROP:
+        low = name.lower()
+        if low == b"authorization":
+            self.token = value[7:]
+        elif low not in DROP:
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if WORK is not None:
+            import time
+            self.started = time.perf_counter()
+            WORK.check(self.parser.get_method(), self.url, self.token)
+            self.method, self.target = self.parser.get_method(), self.url
         route, _, rest = self.url[1:].partition(b"/")
         origin = self.origins.get(route)
         if origin is None:
@@ -157,7 +228,7 @@ async def serve(port: int, upstream_port: int, sse_port: int, key: str) -> None:
         await server.serve_forever()
 
 
-def measure(seconds: int = 5, reps: int = 3) -> None:
+def measure(seconds: int = 5, reps: int = 3, work: bool = False) -> None:
     """nginx upstream and this prototype, pinned as in the harness; CPU per request at 16 connections."""
     import contextlib
     import os
@@ -183,21 +254,24 @@ def measure(seconds: int = 5, reps: int = 3) -> None:
         proxy = procs.start("lean", [*procstats.pin_prefix(proxy_core), sys.executable, "-m",
                                      "bench.leanfloor", str(port), str(up_port), str(up_port),
                                      "sk-bench-FAKE"],
-                            env={**os.environ, "PYTHONPATH": str(root)})
+                            env={**os.environ, "PYTHONPATH": str(root), "LEAN_WORK": "1" if work else ""})
         time.sleep(1.0)
         url = f"http://127.0.0.1:{port}/bench/v1/chat/completions"
-        loads.wrk(url, connections=16, seconds=1, core=load_core)
+        loads.wrk(url, connections=16, seconds=1, core=load_core, token="agent-token")
         per_request = []
         for _ in range(reps):
             before = procstats.cpu_seconds([proxy.popen.pid])
-            r = loads.wrk(url, connections=16, seconds=seconds, core=load_core)
+            r = loads.wrk(url, connections=16, seconds=seconds, core=load_core, token="agent-token")
             per_request.append((procstats.cpu_seconds([proxy.popen.pid]) - before) / r.requests * 1e6)
-            print(f"llhttp + asyncio proxy, 16 conns: {r.rps:.0f} rps, {per_request[-1]:.1f} us CPU/request")
+            print(f"llhttp + asyncio proxy{' + sidekey work' if work else ''}, 16 conns: {r.rps:.0f} rps, {per_request[-1]:.1f} us CPU/request")
         print(f"median: {statistics.median(per_request):.1f} us CPU/request")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--measure"]:
-        measure()
+    if sys.argv[1:2] == ["--measure"]:
+        measure(work="--with-work" in sys.argv)
     else:
+        import os
+        if os.environ.get("LEAN_WORK"):
+            WORK = _Work(sys.argv[4])
         asyncio.run(serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
