@@ -11,6 +11,8 @@ named by the Location must see no request: redirects are passed back, not follow
 
 from __future__ import annotations
 
+import gzip
+
 import pytest
 
 from tests.attacks import leaks, world
@@ -24,7 +26,7 @@ AUTH = {
     "header": ("header-leak", leaks.forms(world.KEYS["header"])),
     "basic": ("basic-leak", leaks.basic_forms(world.KEYS["username"], world.KEYS["password"])),
 }
-ECHOES = {"body": 401, "header": 403, "location": 302}
+ECHOES = {"body": 401, "header": 403, "location": 302, "reason": 401}
 
 
 @pytest.mark.parametrize("echo", list(ECHOES))
@@ -44,5 +46,23 @@ def test_an_upstream_echo_of_the_key_never_reaches_the_agent(fresh: World, auth:
         assert location and f":{w.trap.port}/cb".encode() in location[0], "the redirect was not passed back"
 
 
+@pytest.mark.parametrize("auth", list(AUTH))
+def test_an_echo_in_a_compressed_error_page_never_reaches_the_agent(fresh: World, auth: str) -> None:
+    """The agent chooses Accept-Encoding: asking for gzip must not hide the echo from the scrubber."""
+    w = fresh
+    route, forms = AUTH[auth]
+    before = len(w.upstream.seen)
+    answer = w.request(f"/{route}/leak/gzip", w.token, headers={"Accept-Encoding": "gzip"})
+    assert answer.status == 401, answer.raw[:300]
+    [seen] = w.upstream.seen[before:]
+    sent = seen.raw_path.encode() + b"".join(f"{k}: {v}".encode() for k, v in seen.headers.items())
+    assert leaks.find(sent, forms), "the upstream did not receive the key: the echo proves nothing"
+    body = answer.body
+    if b"content-encoding: gzip" in answer.head.lower():
+        body = gzip.decompress(body)
+    assert b"invalid key" in body
+    assert leaks.find(answer.head + body, forms) == [], f"{auth}: the key came back to the agent, compressed"
+
+
 def test_the_count_of_flowback_cases() -> None:
-    assert len(AUTH) * len(ECHOES) == 12
+    assert len(AUTH) * len(ECHOES) == 16

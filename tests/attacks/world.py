@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
 import json
 import os
 import shutil
@@ -214,6 +215,19 @@ class Upstream:
             return web.Response(status=302, text=f"see {self.trap_url}/cb?{q}",
                                 headers={"Location": f"{self.trap_url}/cb?{q}&raw={value}"})
 
+        async def leak_gzip(request: web.Request) -> web.Response:
+            """An error page compressed when the client asks for it, as CDNs and frameworks do."""
+            await record(request)
+            text = f"invalid key {echoes(received_credential(request))}\n".encode()
+            if "gzip" in request.headers.get("Accept-Encoding", ""):
+                return web.Response(status=401, body=gzip.compress(text),
+                                    headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
+            return web.Response(status=401, body=text, headers={"Content-Type": "text/plain"})
+
+        async def leak_reason(request: web.Request) -> web.Response:
+            await record(request)
+            return web.Response(status=401, reason=f"Invalid key {received_credential(request)}", text="no")
+
         app = web.Application(client_max_size=64 << 20)
         app.router.add_route("*", "/v1/stream", stream)
         app.router.add_route("*", "/v1/slow", slow)
@@ -221,6 +235,8 @@ class Upstream:
         app.router.add_route("*", "/leak/body", leak_body)
         app.router.add_route("*", "/leak/header", leak_header)
         app.router.add_route("*", "/leak/location", leak_location)
+        app.router.add_route("*", "/leak/gzip", leak_gzip)
+        app.router.add_route("*", "/leak/reason", leak_reason)
         app.router.add_route("*", "/{tail:.*}", ok)
         return app
 
