@@ -148,6 +148,23 @@ POD_CASES: dict[str, Callable[[str], dict[str, Any]]] = {
 }
 
 
+NO_SIDECAR = "must run with the sidekey sidecar"
+API_TOKEN = "only the sidekey-proxy sidecar may hold it"
+SECRET_REF = "reference a Secret of that policy"
+#: What each refusal must say (the guard's or the webhook's own words).
+WHY = {
+    "bare-pod": NO_SIDECAR, "inject-false": NO_SIDECAR, "pre-stamped-status-annotation": NO_SIDECAR,
+    "stamped-and-opted-out": NO_SIDECAR, "sidecar-as-a-regular-container": NO_SIDECAR,
+    "doctored-sidecar-image": "is not on the sidekey chart's allow-list",
+    "image-annotation-outside-the-allow-list": "is not on the sidecar image allow-list",
+    "agent-mounts-the-sidecars-api-volume": API_TOKEN, "agent-with-its-own-api-token-projection": API_TOKEN,
+    "a-second-sidecar-named-like-ours": API_TOKEN,
+    "agent-reads-the-secret-by-env": SECRET_REF, "agent-reads-the-secret-by-envfrom": SECRET_REF,
+    "agent-reads-the-secret-by-volume": SECRET_REF,
+    "automount-left-on": "must set automountServiceAccountToken: false",
+}
+
+
 def test_control_an_annotated_pod_through_the_webhook_is_admitted(
         cluster: Any, guarded: tuple[str, RunningWebhook]) -> None:
     ns, _ = guarded
@@ -162,7 +179,7 @@ def test_a_pod_that_would_hold_an_api_token_as_a_subject_is_refused(
     pod = POD_CASES[case](ns)
     answer = admission.create(cluster, pod)
     assert not answer.admitted, f"{case} was admitted:\n{json.dumps(answer.obj)[:1500]}"
-    assert answer.message, "a refusal must say why"
+    assert WHY[case] in answer.message, answer.message
     assert not admission.exists(cluster, "pod", ns, pod["metadata"]["name"])
 
 
