@@ -126,7 +126,7 @@ def fuzz_namespace(cluster: Any) -> Any:
     cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=40, deadline=15_000, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @given(pod=user_pod())
 def test_a_random_pod_is_patched_into_a_valid_idempotent_injected_pod(

@@ -38,7 +38,7 @@ def _upstream_views(path: str) -> list[str]:
     return [path, once, twice, once.replace("\\", "/"), twice.replace("\\", "/")]
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1500, deadline=2_000)
 @given(target=TARGETS)
 def test_an_accepted_target_means_the_same_path_to_any_upstream(target: str) -> None:
     try:
@@ -63,7 +63,7 @@ def test_an_accepted_target_means_the_same_path_to_any_upstream(target: str) -> 
     assert t.route not in ("", ".", "..") and "\\" not in t.route
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500, deadline=2_000)
 @given(target=st.binary(max_size=60).map(lambda b: "/" + b.decode("latin-1")))
 def test_any_bytes_get_a_target_or_a_path_error_never_a_crash(target: str) -> None:
     try:
