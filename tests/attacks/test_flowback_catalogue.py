@@ -25,6 +25,7 @@ AUTH = {
     "query": ("query-leak", leaks.forms(world.KEYS["query"])),
     "header": ("header-leak", leaks.forms(world.KEYS["header"])),
     "basic": ("basic-leak", leaks.basic_forms(world.KEYS["username"], world.KEYS["password"])),
+    "oauth2": ("oauth-leak", leaks.forms(world.ACCESS_TOKEN) | leaks.forms(world.KEYS["client_secret"])),
 }
 ECHOES = {"body": 401, "header": 403, "location": 302, "reason": 401}
 
@@ -37,7 +38,7 @@ def test_an_upstream_echo_of_the_key_never_reaches_the_agent(fresh: World, auth:
     before = len(w.upstream.seen)
     answer = w.request(f"/{route}/leak/{echo}", w.token)
     assert answer.status == ECHOES[echo], answer.raw[:300]
-    [seen] = w.upstream.seen[before:]
+    [seen] = [s for s in w.upstream.seen[before:] if s.raw_path != "/oauth/token"]
     sent = seen.raw_path.encode() + b"".join(f"{k}: {v}".encode() for k, v in seen.headers.items())
     assert leaks.find(sent, forms), "the upstream did not receive the key: the echo proves nothing"
     assert leaks.find(answer.raw, forms) == [], f"{auth}/{echo}: the key came back to the agent"
@@ -58,7 +59,7 @@ def test_an_echo_in_a_compressed_error_page_never_reaches_the_agent(fresh: World
     before = len(w.upstream.seen)
     answer = w.request(f"/{route}/leak/gzip", w.token, headers={"Accept-Encoding": "gzip"})
     assert answer.status == 401, answer.raw[:300]
-    [seen] = w.upstream.seen[before:]
+    [seen] = [s for s in w.upstream.seen[before:] if s.raw_path != "/oauth/token"]
     sent = seen.raw_path.encode() + b"".join(f"{k}: {v}".encode() for k, v in seen.headers.items())
     assert leaks.find(sent, forms), "the upstream did not receive the key: the echo proves nothing"
     body = answer.body
@@ -69,4 +70,4 @@ def test_an_echo_in_a_compressed_error_page_never_reaches_the_agent(fresh: World
 
 
 def test_the_count_of_flowback_cases() -> None:
-    assert len(AUTH) * len(ECHOES) == 16
+    assert len(AUTH) * len(ECHOES) == 20

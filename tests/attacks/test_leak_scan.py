@@ -45,6 +45,7 @@ class Scan:
             if len(value) >= 12:
                 found.update({f: f"key {name}" for f in leaks.forms(value)})
         found.update({f: "basic pair" for f in leaks.basic_forms(world.KEYS["username"], world.KEYS["password"])})
+        found.update({f: "OAuth2 access token" for f in leaks.forms(world.ACCESS_TOKEN)})
         for name, token in (("agent token", self.w.token), ("api token", self.w.sidecar.api_token)):
             found[token.encode()] = name
             found[token.split(".")[2].encode()] = f"{name} signature"
@@ -57,8 +58,8 @@ def _flows(w: World) -> list[bytes]:
     targets = [
         "/openai/models", "/openai/stream?n=3&gap=0.01", "/openai/redirect", "/openai/admin",
         "/openai/../x", "/nope/models", "/via-localhost/models", "/slowpoke/slow?s=0.1",
-        *(f"/{r}/leak/{e}" for r in ("bearer-leak", "query-leak", "header-leak", "basic-leak")
-          for e in ("body", "header", "location")),
+        *(f"/{r}/leak/{e}" for r in ("bearer-leak", "query-leak", "header-leak", "basic-leak", "oauth-leak")
+          for e in ("body", "header", "location", "reason")),
         "/query-leak/leak/body?key=attacker-supplied",
     ]
     for target in targets:

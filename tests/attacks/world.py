@@ -46,7 +46,11 @@ KEYS = {
     "header": "hk-CANARY+header/0c4e19aa=WV",
     "username": "canary-user",
     "password": "pw-CANARY+basic/93be21f0=UT",
+    "client_id": "canary-client",
+    "client_secret": "cs-CANARY+oauth/4b2e61d0=RS",
 }
+#: What the upstream's OAuth2 token endpoint issues for the canary client (itself a secret).
+ACCESS_TOKEN = "at-CANARY+access/77aa09c3=PQ"
 SECRET_NAME = "upstream-keys"
 
 
@@ -163,6 +167,18 @@ class Upstream:
                              base64.b64encode(value.encode()).decode(),
                              base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")])
 
+        async def oauth_token(request: web.Request) -> web.Response:
+            """An OAuth2 token endpoint (RFC 6749 4.4) that knows the canary client only."""
+            self.seen.append(Seen(request.method, request.raw_path, request.headers.get("Host", ""),
+                                  dict(request.headers), await request.read()))
+            auth = request.headers.get("Authorization", "")
+            pair = base64.b64decode(auth[6:]).decode() if auth.startswith("Basic ") else ":"
+            client, _, secret = pair.partition(":")
+            if (urllib.parse.unquote_plus(client), urllib.parse.unquote_plus(secret)) != (
+                    KEYS["client_id"], KEYS["client_secret"]):
+                return web.json_response({"error": "invalid_client"}, status=401)
+            return web.json_response({"access_token": ACCESS_TOKEN, "token_type": "Bearer", "expires_in": 3600})
+
         async def ok(request: web.Request) -> web.Response:
             s = await record(request)
             return web.json_response({"ok": True, "path": s.raw_path})
@@ -237,6 +253,7 @@ class Upstream:
         app.router.add_route("*", "/leak/location", leak_location)
         app.router.add_route("*", "/leak/gzip", leak_gzip)
         app.router.add_route("*", "/leak/reason", leak_reason)
+        app.router.add_post("/oauth/token", oauth_token)
         app.router.add_route("*", "/{tail:.*}", ok)
         return app
 
@@ -299,6 +316,11 @@ def upstream_specs(upstream_url: str) -> list[dict[str, Any]]:
          "auth": {"type": "query", "secretRef": ref("query"), "query": {"param": "key"}}, "allow": leaks},
         {"name": "header-leak", "url": upstream_url, "insecure": True,
          "auth": {"type": "header", "secretRef": ref("header"), "header": {"name": "X-Goog-Api-Key"}},
+         "allow": leaks},
+        {"name": "oauth-leak", "url": upstream_url, "insecure": True,
+         "auth": {"type": "oauth2ClientCredentials", "secretRef": {"name": SECRET_NAME},
+                  "oauth2ClientCredentials": {"tokenURL": f"{upstream_url}/oauth/token", "clientIdKey": "client_id",
+                                              "clientSecretKey": "client_secret", "scopes": ["read"]}},
          "allow": leaks},
         {"name": "basic-leak", "url": upstream_url, "insecure": True,
          "auth": {"type": "basic", "secretRef": {"name": SECRET_NAME},
