@@ -282,5 +282,68 @@ def test_with_the_webhook_down_an_opted_in_subject_pod_is_never_created_without_
         assert "sidekey.io/inject" in answer.message, answer.message  # the guard's own refusal
 
 
+# --- escalation: a policy author who may not read the Secret cannot point the key elsewhere ---------
+
+MALLORY = "mallory"
+
+
+@pytest.fixture(scope="module")
+def mallory(cluster: Any, guarded: tuple[str, RunningWebhook]) -> str:
+    """``mallory`` may write AgentPolicies in the guarded namespace, not read its Secrets."""
+    ns, _ = guarded
+    for obj in [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": "policy-editor", "namespace": ns},
+         "rules": [{"apiGroups": [contract.GROUP], "resources": [contract.PLURAL],
+                    "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "policy-editor", "namespace": ns},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "policy-editor"},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": MALLORY}]},
+        manifests.service_account(ns, "mallory-bot"),
+    ]:
+        assert admission.apply(cluster, obj).admitted
+    deadline = time.monotonic() + 20
+    while not cluster.kubectl("auth", "can-i", "create", f"{contract.PLURAL}.{contract.GROUP}", "-n", ns,
+                              f"--as={MALLORY}", check=False).strip().startswith("yes"):
+        assert time.monotonic() < deadline, "RBAC for mallory did not apply"
+        time.sleep(0.2)
+    return ns
+
+
+def _edit(policy: dict[str, Any], change: str) -> dict[str, Any]:
+    edited = copy.deepcopy(policy)
+    up = edited["spec"]["upstreams"][0]
+    if change == "url-to-the-attackers-host":
+        up["url"] = "https://attacker.example/v1"
+    elif change == "own-account-as-subject":
+        edited["spec"]["subjects"]["serviceAccounts"].append("mallory-bot")
+    elif change == "allow-every-path":
+        up["allow"] = [{"methods": ["*"], "paths": ["/**"]}]
+    return edited
+
+
+ESCALATIONS = ["new-policy-naming-the-secret", "url-to-the-attackers-host", "own-account-as-subject",
+               "allow-every-path"]
+
+
+@pytest.mark.parametrize("case", ESCALATIONS)
+def test_a_policy_author_who_cannot_read_the_secret_cannot_redirect_its_key(
+        cluster: Any, mallory: str, case: str) -> None:
+    ns = mallory
+    if case == "new-policy-naming-the-secret":
+        manifest = manifests.agent_policy(ns, "mallorys", subjects=["mallory-bot"], url="https://attacker.example")
+        answer = admission.create(cluster, manifest, as_user=MALLORY)
+    else:
+        stored = json.loads(cluster.kubectl("get", "agentpolicy", "openai", "-n", ns, "-o", "json"))
+        answer = admission.kubectl(cluster, "replace", "-o", "json", "-f", "-",
+                                   input=json.dumps(_edit(stored, case)), as_user=MALLORY)
+    assert not answer.admitted, f"{case} was admitted"
+    assert manifests.SECRET in answer.message, answer.message
+    stored = json.loads(cluster.kubectl("get", "agentpolicy", "openai", "-n", ns, "-o", "json"))
+    assert stored["spec"]["upstreams"][0]["url"] == "https://api.openai.com/v1"
+    assert stored["spec"]["subjects"]["serviceAccounts"] == ["agent"]
+
+
 def test_the_count_of_bypass_cases() -> None:
     assert len(POD_CASES) + len(EPHEMERAL_CASES) + 1 + 2 >= 7
