@@ -156,6 +156,16 @@ CATALOGUE: dict[str, Shape] = {
     "pipelined-second-request-without-token": Shape(raw(
         b"GET /openai/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
         b"GET /openai/admin HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"), "contained"),
+    # --- protocol switches: a tunnel past the checks would carry the key for any request
+    "h2c-upgrade": Shape(req("GET /openai/models HTTP/1.1", "Upgrade: h2c", "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+                             "X-Conn: x"), "contained"),
+    "websocket-upgrade": Shape(req("GET /openai/models HTTP/1.1", "Upgrade: websocket",
+                                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"),
+                               "contained"),
+    "http2-prior-knowledge-preface": Shape(raw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), "refused", timeout=2),
+    "very-long-target": Shape(req("GET /openai/models/" + "a" * 70_000 + " HTTP/1.1"), "refused"),
+    "lowercase-method": Shape(req("get /openai/admin HTTP/1.1"), "refused"),
+    "asterisk-form": Shape(req("OPTIONS * HTTP/1.1"), "refused"),
     # --- methods and routes
     "method-not-allowed": Shape(req("DELETE /openai/models HTTP/1.1"), "refused"),
     "trace-method": Shape(req("TRACE /openai/models HTTP/1.1"), "refused"),
@@ -196,7 +206,7 @@ def test_a_request_shape_cannot_move_the_key(fresh: World, case: str) -> None:
             assert s.host == f"127.0.0.1:{w.upstream.port}", (case, s.host)
             lowered = {k.lower(): v for k, v in s.headers.items()}
             for header in ("x-http-method-override", "x-http-method", "x-method-override",
-                           "x-original-url", "x-rewrite-url"):
+                           "x-original-url", "x-rewrite-url", "upgrade"):
                 assert header not in lowered, f"{case}: {header} reached the upstream, which may honour it"
             assert s.method in ("GET", "POST"), (case, s.method)
     for form in forms_of_every_key():
