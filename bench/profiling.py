@@ -69,8 +69,8 @@ def fold(raw: Path) -> tuple[int, collections.Counter[str], collections.Counter[
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
+        if not stack or not count.isdigit():
+            continue  # py-spy's raw format does not escape spaces inside frame names
         n = int(count)
         frame, area = _frame(stack.split(";")[-1])
         total += n
@@ -84,7 +84,7 @@ def own_lines(raw: Path) -> collections.Counter[str]:
     lines: collections.Counter[str] = collections.Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
+        if not stack or not count.isdigit():
             continue
         m = re.match(r"^(?P<func>.*) \((?P<file>[^()]*)\)$", stack.split(";")[-1].strip())
         if m is None:
