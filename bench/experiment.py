@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     rps: dict[tuple[str, int], list[float]] = {}
     with contextlib.ExitStack() as stack:
         workdir = Path(tempfile.mkdtemp(prefix="sidekey-experiment-"))
+        if not os.environ.get("BENCH_KEEP"):  # the audit logs alone reach 100+ MB
+            stack.callback(shutil.rmtree, workdir, True)
         procs = stack.enter_context(Processes(workdir / "logs"))
         cluster = kubelet.start_cluster(workdir)
         stack.callback(cluster.stop)

@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -339,6 +340,8 @@ def execute(plan: Plan, *, quick: bool, externals: bool) -> dict[str, Any]:
     machine = _machine()
     with contextlib.ExitStack() as stack:
         workdir = Path(tempfile.mkdtemp(prefix="sidekey-bench-"))
+        if not os.environ.get("BENCH_KEEP"):  # the audit logs alone reach 100+ MB
+            stack.callback(shutil.rmtree, workdir, True)
         procs = stack.enter_context(Processes(workdir / "logs"))
         _say("starting the local control plane")
         cluster = kubelet.start_cluster(workdir)  # before pinning: the apiserver is not part of any arm

@@ -232,6 +232,7 @@ def measure(seconds: int = 5, reps: int = 3, work: bool = False) -> None:
     """nginx upstream and this prototype, pinned as in the harness; CPU per request at 16 connections."""
     import contextlib
     import os
+    import shutil
     import statistics
     import tempfile
     import time
@@ -246,6 +247,8 @@ def measure(seconds: int = 5, reps: int = 3, work: bool = False) -> None:
     load_core, proxy_core = (cores[0], cores[1]) if len(cores) >= 2 else (None, None)
     with contextlib.ExitStack() as stack:
         workdir = Path(tempfile.mkdtemp(prefix="sidekey-leanfloor-"))
+        if not os.environ.get("BENCH_KEEP"):  # the audit logs alone reach 100+ MB
+            stack.callback(shutil.rmtree, workdir, True)
         procs = stack.enter_context(Processes(workdir / "logs"))
         stack.callback(procstats.raise_priority()[1])
         up_port, port = free_port(), free_port()

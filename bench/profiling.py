@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
         workdir = Path(tempfile.mkdtemp(prefix="sidekey-profile-"))
+        if not os.environ.get("BENCH_KEEP"):  # the audit logs alone reach 100+ MB
+            stack.callback(shutil.rmtree, workdir, True)
         procs = stack.enter_context(Processes(workdir / "logs"))
         cluster = kubelet.start_cluster(workdir)
         stack.callback(cluster.stop)

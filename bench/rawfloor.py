@@ -65,6 +65,7 @@ def measure(seconds: int = 5, reps: int = 3) -> None:
     """nginx upstream, this relay and (for comparison) the nginx proxy arm, pinned as in the harness."""
     import contextlib
     import os
+    import shutil
     import statistics
     import tempfile
     from pathlib import Path
@@ -78,6 +79,8 @@ def measure(seconds: int = 5, reps: int = 3) -> None:
     load_core, proxy_core = (cores[0], cores[1]) if len(cores) >= 2 else (None, None)
     with contextlib.ExitStack() as stack:
         workdir = Path(tempfile.mkdtemp(prefix="sidekey-rawfloor-"))
+        if not os.environ.get("BENCH_KEEP"):  # the audit logs alone reach 100+ MB
+            stack.callback(shutil.rmtree, workdir, True)
         procs = stack.enter_context(Processes(workdir / "logs"))
         stack.callback(procstats.raise_priority()[1])
         up_port, relay_port = free_port(), free_port()
