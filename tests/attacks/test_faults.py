@@ -127,7 +127,7 @@ def test_a_slow_upstream_gives_504_at_its_timeout_while_others_are_served(faulty
     assert answer.status == 504, answer.raw[:300]
     assert "timeoutSeconds" in _error(answer)["message"]
     assert 1.8 <= elapsed < 4.0, elapsed
-    assert len(fast) >= 10 and max(fast) < 1.0, fast
+    assert len(fast) >= 10 and max(fast) < 1.5, fast  # never held up by the slow one (2 s)
 
 
 @pytest.mark.parametrize(("route", "says"), [
