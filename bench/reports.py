@@ -191,7 +191,21 @@ def chart(result: dict[str, Any], path: Path) -> None:
          ("added_sse_ttfb_us", "sse_cpu_us_per_event"), ARMS[1:]),
         ("RSS MiB (idle / after load)", ("rss_idle_mib", "rss_loaded_mib"), ARMS[1:]),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 4.2))
+    ratio_keys = ("efficiency_c16_vs_nginx", "rps_c16_vs_nginx", "sse_efficiency_vs_nginx")
+    ratio_arms = [arm for arm in COMPARED if arm in result["ratios"]]
+    ax0 = axes[0]
+    width0 = 0.8 / max(1, len(ratio_arms))
+    for i, arm in enumerate(ratio_arms):
+        values = [result["ratios"][arm].get(k, 0.0) for k in ratio_keys]
+        xs = [j + (i - (len(ratio_arms) - 1) / 2) * width0 for j in range(len(ratio_keys))]
+        bars = ax0.bar(xs, values, width0, label=arm, color=colors[arm])
+        ax0.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax0.axhline(1.0, color=colors["nginx"], linewidth=1)
+    ax0.set_xticks(range(len(ratio_keys)), ["CPU efficiency", "rps (16 conns)", "SSE efficiency"], fontsize=7)
+    ax0.set_title("vs nginx (x; nginx = 1)", fontsize=9)
+    ax0.legend(fontsize=7)
+    axes = axes[1:]
     for ax, (title, metrics, wanted) in zip(axes, panels, strict=True):
         arms = [arm for arm in wanted if arm in medians]
         width = 0.8 / len(arms)
