@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 from urllib.parse import unquote_plus
@@ -50,6 +51,11 @@ RESPONSE_HOP_BY_HOP: Final = frozenset(
 #: Headers aiohttp's client would add on its own; the agent's own are forwarded instead.
 SKIP_AUTO_HEADERS: Final = ("User-Agent", "Accept-Encoding", "Accept", "Content-Type")
 
+#: Encodings the sidecar can undo to scrub a body, should an upstream ignore its
+#: ``Accept-Encoding: identity``. A compressed body hides an echoed key from the
+#: scrubber, and compression on loopback saves nothing, so bodies go to the
+#: agent uncompressed.
+_DECODABLE: Final = frozenset({"gzip", "x-gzip", "deflate"})
 _JSON: Final = "application/json"
 _DENIALS: Final = frozenset({400, 401, 403, 404, 413, 429})
 
@@ -295,6 +301,7 @@ class Proxy:
             query = (
                 f"{query}&{cred.query[0]}={cred.query[1]}" if query else f"{cred.query[0]}={cred.query[1]}"
             )
+        headers.append(("Accept-Encoding", "identity"))
         url = route.origin + up.base_path + target.path
         if query:
             url = f"{url}?{query}"
@@ -393,15 +400,35 @@ class Proxy:
         status = upstream.status
         out_headers: CIMultiDict[str] = CIMultiDict()
         raw = upstream.headers
+        encoding = raw.get("Content-Encoding", "").strip().lower()
+        decoder = None
+        if encoding and encoding != "identity":
+            if encoding not in _DECODABLE:
+                upstream.close()
+                record["reason"] = "upstream_encoding"
+                return _error(502, "api_error",
+                              f"the upstream answered with Content-Encoding {encoding!r} although the "
+                              "sidecar asked for identity; such a body cannot be checked for the key"), 502
+            decoder = zlib.decompressobj(wbits=47)  # gzip or zlib framing, detected
         # one search over all values; per-header scrubbing only when something matched
         dirty = scrubber.contains_text("\n".join(raw.values()))
         scrub_text = scrubber.scrub_text
         for name, value in raw.items():
-            if name.lower() not in RESPONSE_HOP_BY_HOP:
-                out_headers.add(name, scrub_text(value) if dirty else value)
+            lowered = name.lower()
+            if lowered in RESPONSE_HOP_BY_HOP or (
+                    decoder is not None and lowered in ("content-encoding", "content-length")):
+                continue
+            out_headers.add(name, scrub_text(value) if dirty else value)
         length = upstream.content_length
         if length is not None and length <= SMALL_BODY:
-            body = scrubber.scrub(await upstream.read())
+            data = await upstream.read()
+            if decoder is not None:
+                try:
+                    data = decoder.decompress(data) + decoder.flush()
+                except zlib.error:
+                    record["reason"] = "upstream_encoding"
+                    return _error(502, "api_error", f"the upstream sent a corrupt {encoding} body"), 502
+            body = scrubber.scrub(data)
             record["bytes_out"] = len(body)
             small = web.Response(status=status, reason=upstream.reason, headers=out_headers)
             small.body = body
@@ -413,11 +440,11 @@ class Proxy:
         sent = 0
         try:
             async for chunk in upstream.content.iter_any():
-                data = stream.feed(chunk)
+                data = stream.feed(decoder.decompress(chunk) if decoder is not None else chunk)
                 if data:
                     sent += len(data)
                     await response.write(data)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, zlib.error) as exc:
             # the status is gone; end the connection so the agent sees a cut stream,
             # not a clean end of a truncated body
             record["reason"] = "upstream_broke_stream"
@@ -427,7 +454,7 @@ class Proxy:
             if request.transport is not None:
                 request.transport.abort()
             return response, status
-        tail = stream.flush()
+        tail = stream.feed(decoder.flush()) + stream.flush() if decoder is not None else stream.flush()
         if tail:
             sent += len(tail)
             await response.write(tail)

@@ -164,6 +164,22 @@ def _upstream_app(state: Upstream) -> web.Application:
             body=buf.getvalue(), headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"}
         )
 
+    async def gz_leak(request: web.Request) -> web.StreamResponse:
+        # a large compressed error page echoing the key, streamed in pieces
+        await record(request)
+        page = b"x" * 100_000 + request.headers.get("Authorization", "").encode() + b"y" * 100_000
+        data = gzip.compress(page)
+        resp = web.StreamResponse(status=500, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
+        await resp.prepare(request)
+        for i in range(0, len(data), 7):
+            await resp.write(data[i : i + 7])
+        await resp.write_eof()
+        return resp
+
+    async def brotli(request: web.Request) -> web.Response:
+        await record(request)
+        return web.Response(body=b"\x1b\x00\x00", headers={"Content-Encoding": "br"})
+
     async def token(request: web.Request) -> web.Response:
         body = await request.read()
         r = Received(request.method, request.raw_path, dict(request.headers), body)
@@ -188,6 +204,8 @@ def _upstream_app(state: Upstream) -> web.Application:
     app.router.add_route("*", "/base/slow", slow)
     app.router.add_route("*", "/base/broken", broken)
     app.router.add_route("*", "/base/gzip", gz)
+    app.router.add_route("*", "/base/gzip-leak", gz_leak)
+    app.router.add_route("*", "/base/brotli", brotli)
     app.router.add_post("/oauth/token", token)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gzip
 import itertools
 import ssl
 import time
@@ -251,16 +250,37 @@ async def test_large_bodies_stream_both_ways(make_proxy: ProxyFactory, upstream:
     assert p.audit_lines()[-1]["bytes_out"] == size
 
 
-async def test_compressed_responses_pass_through_compressed(
+async def test_the_upstream_is_asked_for_identity_and_a_compressed_answer_is_decoded_to_scrub_it(
     make_proxy: ProxyFactory, upstream: Upstream
 ) -> None:
+    # A compressed body would hide an echoed key from the scrubber; on loopback
+    # compression saves nothing, so the agent gets the body uncompressed.
     p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
     status, headers, body = await call(
         f"{p.url}/openai/gzip", token=mint(), headers={"Accept-Encoding": "gzip"}
     )
-    assert status == 200 and headers["Content-Encoding"] == "gzip"
-    assert gzip.decompress(body).startswith(b"compressed hello")
-    assert upstream.last.headers["Accept-Encoding"] == "gzip"
+    assert status == 200 and "Content-Encoding" not in headers
+    assert body.startswith(b"compressed hello")
+    assert upstream.last.headers["Accept-Encoding"] == "identity"
+
+
+async def test_a_streamed_compressed_page_echoing_the_key_is_decoded_and_scrubbed(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    status, headers, body = await call(
+        f"{p.url}/openai/gzip-leak", token=mint(), headers={"Accept-Encoding": "gzip"}
+    )
+    assert status == 500 and "Content-Encoding" not in headers
+    assert len(body) > 200_000 and SECRET.encode() not in body
+
+
+async def test_an_encoding_the_sidecar_cannot_undo_is_a_502(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    status, _, body = await call(f"{p.url}/openai/brotli", token=mint(), headers={"Accept-Encoding": "br"})
+    assert status == 502 and b"cannot be checked for the key" in body
 
 
 # --- failures --------------------------------------------------------------------------------
