@@ -56,7 +56,7 @@ def forms(secret: str) -> set[bytes]:
 class Scrubber:
     """Finds any of a fixed set of byte strings; immutable, shared by all requests of a route."""
 
-    __slots__ = ("_first", "_longest", "_patterns", "_regex")
+    __slots__ = ("_alphabet", "_first", "_longest", "_patterns", "_regex")
 
     def __init__(self, secrets: Iterable[str], extra_forms: Iterable[bytes] = ()) -> None:
         patterns: set[bytes] = set(extra_forms)
@@ -66,6 +66,9 @@ class Scrubber:
         self._patterns = tuple(sorted(patterns, key=len, reverse=True))
         self._longest = max((len(p) for p in self._patterns), default=0)
         self._first = frozenset(p[:1] for p in self._patterns)
+        #: Every byte value that occurs in some form. A held-back tail is a prefix of a
+        #: form, so all its bytes, the chunk's last byte included, are among these.
+        self._alphabet = frozenset(b"".join(self._patterns))
         self._regex = re.compile(b"|".join(re.escape(p) for p in self._patterns)) if self._patterns else None
 
     @property
@@ -94,8 +97,8 @@ class Scrubber:
 
     def held_back(self, data: bytes) -> int:
         """How many trailing bytes could start a secret and must wait for more data."""
-        if self._regex is None or not data:
-            return 0
+        if self._regex is None or not data or data[-1] not in self._alphabet:
+            return 0  # SSE events end in a newline, which no form holds: nothing to wait for
         window = min(len(data), self._longest - 1)
         start = len(data) - window
         best = 0
