@@ -186,11 +186,27 @@ class KeySet:
             self._on_refresh(result)
 
 
+class _RepeatedMember(ValueError):
+    pass
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A repeated member name is refused: first-wins and last-wins readers would disagree."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedMember(key)
+        out[key] = value
+    return out
+
+
 def _b64json(segment: str, what: str) -> dict[str, Any]:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        value = json.loads(raw)
-    except (binascii.Error, ValueError) as exc:
+        value = json.loads(raw, object_pairs_hook=_unique_members)
+    except _RepeatedMember:
+        raise TokenError("malformed", f"token {what} repeats a member name") from None
+    except (binascii.Error, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise TokenError("malformed", f"token {what} is not base64url JSON") from exc
     if not isinstance(value, dict):
         raise TokenError("malformed", f"token {what} is not a JSON object")
@@ -220,6 +236,8 @@ class Validator:
         if self._cache_generation != self.keys.generation:
             self._cache.clear()
             self._cache_generation = self.keys.generation
+            return None
+        if not token.isascii():  # never a JWT; and surrogates from undecodable header bytes cannot be hashed
             return None
         digest = hashlib.sha256(token.encode()).digest()
         identity = self._cache.get(digest)
@@ -255,6 +273,8 @@ class Validator:
             raise TokenError("missing", "no token: send the pod's token as 'Authorization: Bearer'")
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError("malformed", "token is too long")
+        if not token.isascii():
+            raise TokenError("malformed", "token holds characters a JWT never has: send the token file's content")
         parts = token.split(".")
         if len(parts) != 3:
             raise TokenError("malformed", "token is not a signed JWT (expected three '.'-separated parts)")
@@ -266,6 +286,11 @@ class Validator:
                 f"token algorithm {str(alg)[:20]!r} is not accepted; "
                 "use a service-account token signed by the apiserver",
             )
+        if "crit" in header or "b64" in header:
+            # RFC 7797 unencoded payloads would let the signature cover one reading of the
+            # payload while the claims are taken from another; the apiserver never uses them
+            raise TokenError("malformed", "token header uses JWS extensions (crit, b64) that "
+                             "service-account tokens never carry")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise TokenError("unknown_kid", "token header has no key id (kid)")
