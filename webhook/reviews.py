@@ -112,6 +112,8 @@ def parse(body: bytes) -> Request:
         raw = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadReview(f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadReview("the body is not an AdmissionReview: its JSON is nested too deeply") from None
     if not isinstance(raw, Mapping):
         raise BadReview("the body must be a JSON object (an AdmissionReview)")
     if raw.get("kind") != KIND or raw.get("apiVersion") != API_VERSION:
