@@ -419,6 +419,8 @@ class Proxy:
                     decoder is not None and lowered in ("content-encoding", "content-length")):
                 continue
             out_headers.add(name, scrub_text(value) if dirty else value)
+        # upstreams echo keys in the reason phrase too ("401 Invalid key sk-...")
+        reason = scrub_text(upstream.reason) if upstream.reason else upstream.reason
         length = upstream.content_length
         if length is not None and length <= SMALL_BODY:
             data = await upstream.read()
@@ -430,10 +432,10 @@ class Proxy:
                     return _error(502, "api_error", f"the upstream sent a corrupt {encoding} body"), 502
             body = scrubber.scrub(data)
             record["bytes_out"] = len(body)
-            small = web.Response(status=status, reason=upstream.reason, headers=out_headers)
+            small = web.Response(status=status, reason=reason, headers=out_headers)
             small.body = body
             return small, status
-        response = web.StreamResponse(status=status, reason=upstream.reason, headers=out_headers)
+        response = web.StreamResponse(status=status, reason=reason, headers=out_headers)
         record["streamed"] = True
         await response.prepare(request)
         stream = scrubber.stream()

@@ -50,6 +50,11 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 CALLER_TOKEN_HEADERS: Final = ("authorization", "x-api-key", "api-key")
+#: Headers some upstream frameworks honour to change the method or the path
+#: *after* the sidecar checked both against the policy: never forwarded.
+OVERRIDE_HEADERS: Final = frozenset(
+    {"x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url"}
+)
 #: How long to wait for a TCP/TLS connection before giving up with 504.
 CONNECT_TIMEOUT: Final = 30.0
 
@@ -266,7 +271,7 @@ class Routes:
             same = previous is not None and previous.bucket is not None and previous.bucket.capacity == rpm
             bucket = previous.bucket if same and previous is not None else limits.TokenBucket(rpm)
         # accept-encoding: the sidecar asks for identity itself (see forwarding._respond)
-        strip = set(HOP_BY_HOP) | set(CALLER_TOKEN_HEADERS) | {"accept-encoding"}
+        strip = set(HOP_BY_HOP) | set(CALLER_TOKEN_HEADERS) | OVERRIDE_HEADERS | {"accept-encoding"}
         if up.auth.type == "header":
             strip.add(up.auth.header_name.lower())
         host = f"[{up.host}]" if ":" in up.host else up.host
