@@ -400,16 +400,18 @@ class Proxy:
         status = upstream.status
         out_headers: CIMultiDict[str] = CIMultiDict()
         raw = upstream.headers
-        encoding = raw.get("Content-Encoding", "").strip().lower()
-        decoder = None
-        if encoding and encoding != "identity":
-            if encoding not in _DECODABLE:
+        codings = [c.strip().lower() for v in raw.getall("Content-Encoding", ()) for c in v.split(",")]
+        codings = [c for c in codings if c and c != "identity"]
+        encoding = ", ".join(codings)
+        decoder: _Decoder | None = None
+        if codings:
+            if len(codings) > 1 or codings[0] not in _DECODABLE:
                 upstream.close()
                 record["reason"] = "upstream_encoding"
                 return _error(502, "api_error",
                               f"the upstream answered with Content-Encoding {encoding!r} although the "
                               "sidecar asked for identity; such a body cannot be checked for the key"), 502
-            decoder = zlib.decompressobj(wbits=47)  # gzip or zlib framing, detected
+            decoder = _Decoder()
         # one search over all values; per-header scrubbing only when something matched
         dirty = scrubber.contains_text("\n".join(raw.values()))
         scrub_text = scrubber.scrub_text
@@ -426,8 +428,8 @@ class Proxy:
             data = await upstream.read()
             if decoder is not None:
                 try:
-                    data = decoder.decompress(data) + decoder.flush()
-                except zlib.error:
+                    data = decoder.feed(data) + decoder.flush()
+                except (zlib.error, _DecodedTooLarge):
                     record["reason"] = "upstream_encoding"
                     return _error(502, "api_error", f"the upstream sent a corrupt {encoding} body"), 502
             body = scrubber.scrub(data)
@@ -442,11 +444,11 @@ class Proxy:
         sent = 0
         try:
             async for chunk in upstream.content.iter_any():
-                data = stream.feed(decoder.decompress(chunk) if decoder is not None else chunk)
+                data = stream.feed(decoder.feed(chunk) if decoder is not None else chunk)
                 if data:
                     sent += len(data)
                     await response.write(data)
-        except (aiohttp.ClientError, TimeoutError, zlib.error) as exc:
+        except (aiohttp.ClientError, TimeoutError, zlib.error, _DecodedTooLarge) as exc:
             # the status is gone; end the connection so the agent sees a cut stream,
             # not a clean end of a truncated body
             record["reason"] = "upstream_broke_stream"
@@ -463,6 +465,39 @@ class Proxy:
         await response.write_eof()
         record["bytes_out"] = sent
         return response, status
+
+
+class _DecodedTooLarge(Exception):
+    pass
+
+
+class _Decoder:
+    """Undoes gzip or deflate (zlib framing, detected) with a bound on the output.
+
+    Only an upstream that ignored ``Accept-Encoding: identity`` gets here; the
+    bound keeps a small compressed body from growing without limit in memory.
+    """
+
+    LIMIT: Final = 256 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self._z = zlib.decompressobj(wbits=47)
+        self._out = 0
+
+    def feed(self, data: bytes) -> bytes:
+        room = self.LIMIT - self._out + 1
+        out = self._z.decompress(data, room)
+        self._out += len(out)
+        if self._out > self.LIMIT or self._z.unconsumed_tail:
+            raise _DecodedTooLarge()
+        return out
+
+    def flush(self) -> bytes:
+        out = self._z.flush()
+        self._out += len(out)
+        if self._out > self.LIMIT:
+            raise _DecodedTooLarge()
+        return out
 
 
 class _Limiter:

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from joserfc import jwk, jwt
+from multidict import CIMultiDict
 
 from sidekey.core import logs, policies, tokens
 from sidekey.proxy import forwarding, routes
@@ -176,6 +177,16 @@ def _upstream_app(state: Upstream) -> web.Application:
         await resp.write_eof()
         return resp
 
+    async def double_encoding(request: web.Request) -> web.Response:
+        await record(request)
+        headers = CIMultiDict([("Content-Encoding", "identity"), ("Content-Encoding", "gzip")])
+        return web.Response(body=gzip.compress(request.headers.get("Authorization", "").encode()),
+                            headers=headers)
+
+    async def bomb(request: web.Request) -> web.Response:
+        await record(request)
+        return web.Response(body=gzip.compress(b"\0" * 4_000_000), headers={"Content-Encoding": "gzip"})
+
     async def brotli(request: web.Request) -> web.Response:
         await record(request)
         return web.Response(body=b"\x1b\x00\x00", headers={"Content-Encoding": "br"})
@@ -206,6 +217,8 @@ def _upstream_app(state: Upstream) -> web.Application:
     app.router.add_route("*", "/base/gzip", gz)
     app.router.add_route("*", "/base/gzip-leak", gz_leak)
     app.router.add_route("*", "/base/brotli", brotli)
+    app.router.add_route("*", "/base/double-encoding", double_encoding)
+    app.router.add_route("*", "/base/bomb", bomb)
     app.router.add_post("/oauth/token", token)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from sidekey.core import certificates
+from sidekey.proxy import forwarding
 from tests.proxy.conftest import (
     SECRET,
     SECRETS,
@@ -281,6 +282,25 @@ async def test_an_encoding_the_sidecar_cannot_undo_is_a_502(
     p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
     status, _, body = await call(f"{p.url}/openai/brotli", token=mint(), headers={"Accept-Encoding": "br"})
     assert status == 502 and b"cannot be checked for the key" in body
+
+
+async def test_every_content_encoding_header_is_read_so_none_hides_a_compressed_echo(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    # "identity" then "gzip": reading only the first would pass the gzip body through unscrubbed
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    status, headers, body = await call(f"{p.url}/openai/double-encoding", token=mint())
+    assert status == 200 and "Content-Encoding" not in headers
+    assert body.startswith(b"Bearer ") and SECRET.encode() not in body
+
+
+async def test_a_compressed_body_that_decodes_past_the_bound_is_refused(
+    make_proxy: ProxyFactory, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(forwarding._Decoder, "LIMIT", 1_000_000)
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    status, _, body = await call(f"{p.url}/openai/bomb", token=mint())
+    assert status == 502 and len(body) < 1_000_000
 
 
 # --- failures --------------------------------------------------------------------------------
