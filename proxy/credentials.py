@@ -46,13 +46,19 @@ class CredentialError(Exception):
         self.status = status
 
 
+#: Stands for a Secret value that is not UTF-8 text, so the error can say so
+#: instead of "no such key". It can never be a real value (NUL is refused).
+NOT_TEXT: Final = "\x00not-utf-8"
+
+
 def decode_secret(obj: Mapping[str, Any]) -> dict[str, str]:
-    """The Secret's ``data`` as text; keys that are not UTF-8 are left out."""
+    """The Secret's ``data`` as text; a value that is not UTF-8 becomes ``NOT_TEXT``."""
     out: dict[str, str] = {}
     for key, value in (obj.get("data") or {}).items():
         try:
             text = base64.b64decode(value, validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError, TypeError, ValueError):
+            out[key] = NOT_TEXT
             continue
         out[key] = text.rstrip("\r\n")  # files often end in a newline the key never had
     for key, value in (obj.get("stringData") or {}).items():
@@ -68,6 +74,10 @@ def _value(auth: policies.Auth, data: Mapping[str, str] | None, key: str | None)
     value = data.get(key)
     if not value:
         raise CredentialError(f"Secret {auth.secret_name!r} has no key {key!r} (or it is empty)")
+    if value is NOT_TEXT:
+        raise CredentialError(
+            f"Secret {auth.secret_name!r} key {key!r} is not UTF-8 text; store the key as text"
+        )
     if not _HEADER_SAFE.match(value):
         raise CredentialError(
             f"Secret {auth.secret_name!r} key {key!r} holds control characters, "

@@ -134,7 +134,7 @@ def test_a_slow_upstream_gives_504_at_its_timeout_while_others_are_served(faulty
     ("missing-key", "has no key 'absent'"),
     ("empty-key", "has no key 'empty'"),
     ("crlf-key", "control characters"),
-    ("not-utf8-key", "has no key 'binary'"),
+    ("not-utf8-key", "key 'binary' is not UTF-8 text"),
 ])
 def test_malformed_secret_data_gives_a_clear_503_and_nothing_upstream(
         faulty: Faulty, route: str, says: str) -> None:

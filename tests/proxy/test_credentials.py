@@ -98,7 +98,14 @@ def test_control_characters_in_a_key_are_refused_without_showing_it() -> None:
 
 def test_secret_data_is_decoded_and_a_trailing_newline_dropped() -> None:
     obj = {"data": {"k": base64.b64encode(b"sk-from-file\n").decode(), "bad": "!!!"}}
-    assert credentials.decode_secret(obj) == {"k": "sk-from-file"}
+    assert credentials.decode_secret(obj) == {"k": "sk-from-file", "bad": credentials.NOT_TEXT}
+
+
+def test_a_value_that_is_not_text_is_reported_as_such_not_as_a_missing_key() -> None:
+    data = credentials.decode_secret({"data": {"k": base64.b64encode(b"\xff\xfe\x80").decode()}})
+    with pytest.raises(credentials.CredentialError) as info:
+        credentials.build(auth(BEARER), data)
+    assert "not UTF-8" in info.value.message
 
 
 # --- header stripping ----------------------------------------------------------------------
