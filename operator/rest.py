@@ -39,30 +39,15 @@ def terminating(exc: BaseException) -> bool:
             and "being terminated" in exc.message)
 
 
-class Rest:
+class Rest(kubeapi.ApiClient):
     """``async with Rest(config) as rest``: the shared apiserver client, plus writes."""
 
     def __init__(self, config: kubeapi.ApiConfig) -> None:
-        self.config = config
-        self._api = kubeapi.ApiClient(config, limit=20)
+        super().__init__(config, limit=20)
 
     async def __aenter__(self) -> Rest:
-        await self._api.__aenter__()
+        await super().__aenter__()
         return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._api.close()
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: Any = None,
-        params: Mapping[str, str] | None = None,
-        content_type: str = "application/json",
-    ) -> dict[str, Any]:
-        return await self._api.request(method, path, body=body, params=params, content_type=content_type)
 
     async def get(self, path: str, params: Mapping[str, str] | None = None
                   ) -> dict[str, Any] | None:
