@@ -11,16 +11,10 @@ This is how docs/performance.md attributes the hot path's cost.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import shutil
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 from bench import arms, harness, kubelet, loads, procstats, sse
-from sidekey.localcluster.processes import Processes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,47 +35,37 @@ def main(argv: list[str] | None = None) -> int:
         variants[name] = frozenset(p for p in patches.split("+") if p)
     cpu: dict[tuple[str, int], list[float]] = {}
     rps: dict[tuple[str, int], list[float]] = {}
-    with contextlib.ExitStack() as stack:
-        workdir = Path(tempfile.mkdtemp(prefix="sidekey-experiment-"))
-        if not os.environ.get("BENCH_KEEP"):  # the audit logs alone reach 100+ MB
-            stack.callback(shutil.rmtree, workdir, True)
-        procs = stack.enter_context(Processes(workdir / "logs"))
-        cluster = kubelet.start_cluster(workdir)
-        stack.callback(cluster.stop)
-        run = harness.Run(harness.Plan.quick(), workdir, procs, cluster)
-        stack.callback(procstats.raise_priority()[1])
-        with harness._pinned(run.load_core):
-            run.start_upstreams()
-            run.create_pod()
-            sidecars = {name: kubelet.start_sidecar(cluster, run.pod, procs, f"sidekey-{name}",
-                                                    core=run.proxy_core, patches=patches)
-                        for name, patches in variants.items()}
-            rss_idle = {name: procstats.rss_kib([s.pid]) / 1024 for name, s in sidecars.items()}
-            token = run.pod.agent_token
-            names = list(sidecars)
-            for name in names:  # warm up
-                loads.wrk(f"http://127.0.0.1:{sidecars[name].port}/bench/v1/chat/completions",
-                          connections=16, seconds=1, token=token, core=run.load_core)
-            for rep in range(args.reps):
-                order = names[rep % len(names):] + names[:rep % len(names)]
-                for c in args.connections:
-                    for name in order:
-                        s = sidecars[name]
-                        before = procstats.cpu_seconds([s.pid])
-                        if args.sse:
-                            streamed = sse.run(s.port, "/sse" + arms.SSE_PATH, token, clients=c, streams=15)
-                            units, rate = streamed.events, streamed.events / streamed.seconds
-                        else:
-                            r = loads.wrk(f"http://127.0.0.1:{s.port}/bench/v1/chat/completions",
-                                          connections=c, seconds=args.seconds, token=token,
-                                          core=run.load_core, rate=args.rate or None)
-                            units, rate = r.requests, r.rps
-                        used = procstats.cpu_seconds([s.pid]) - before
-                        cpu.setdefault((name, c), []).append(used / units * 1e6)
-                        rps.setdefault((name, c), []).append(rate)
-                        print(f"[{time.strftime('%H:%M:%S')}] rep {rep + 1} c{c} {name:14} {rate:7.0f} /s "
-                              f"{used / units * 1e6:7.1f} us each", flush=True)
-            rss_loaded = {name: procstats.rss_kib([s.pid]) / 1024 for name, s in sidecars.items()}
+    with harness.quick_run("sidekey-experiment-") as run:
+        procs, cluster = run.procs, run.cluster
+        sidecars = {name: kubelet.start_sidecar(cluster, run.pod, procs, f"sidekey-{name}",
+                                                core=run.proxy_core, patches=patches)
+                    for name, patches in variants.items()}
+        rss_idle = {name: procstats.rss_kib([s.pid]) / 1024 for name, s in sidecars.items()}
+        token = run.pod.agent_token
+        names = list(sidecars)
+        for name in names:  # warm up
+            loads.wrk(f"http://127.0.0.1:{sidecars[name].port}/bench/v1/chat/completions",
+                      connections=16, seconds=1, token=token, core=run.load_core)
+        for rep in range(args.reps):
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            for c in args.connections:
+                for name in order:
+                    s = sidecars[name]
+                    before = procstats.cpu_seconds([s.pid])
+                    if args.sse:
+                        streamed = sse.run(s.port, "/sse" + arms.SSE_PATH, token, clients=c, streams=15)
+                        units, rate = streamed.events, streamed.events / streamed.seconds
+                    else:
+                        r = loads.wrk(f"http://127.0.0.1:{s.port}/bench/v1/chat/completions",
+                                      connections=c, seconds=args.seconds, token=token,
+                                      core=run.load_core, rate=args.rate or None)
+                        units, rate = r.requests, r.rps
+                    used = procstats.cpu_seconds([s.pid]) - before
+                    cpu.setdefault((name, c), []).append(used / units * 1e6)
+                    rps.setdefault((name, c), []).append(rate)
+                    print(f"[{time.strftime('%H:%M:%S')}] rep {rep + 1} c{c} {name:14} {rate:7.0f} /s "
+                          f"{used / units * 1e6:7.1f} us each", flush=True)
+        rss_loaded = {name: procstats.rss_kib([s.pid]) / 1024 for name, s in sidecars.items()}
     base = names[0]
     unit = "event" if args.sse else "req"
     print(f"\n| variant | patches | conns | {unit}/s | CPU us/{unit} | vs {base} | RSS idle / loaded MiB | ready s |")

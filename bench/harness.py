@@ -320,6 +320,26 @@ def _external(module: str, out: Path, quick: bool) -> dict[str, Any] | None:
     return result
 
 
+@contextlib.contextmanager
+def quick_run(prefix: str) -> Iterator[Run]:
+    """The setup the side tools share (bench.profiling, bench.experiment): a control
+    plane, the upstreams and a pod, pinned and at raised priority. The sidecars are
+    theirs to start; everything is stopped, and the workdir removed, on exit."""
+    with contextlib.ExitStack() as stack:
+        workdir = Path(tempfile.mkdtemp(prefix=prefix))
+        if not os.environ.get("BENCH_KEEP"):  # the audit logs alone reach 100+ MB
+            stack.callback(shutil.rmtree, workdir, True)
+        procs = stack.enter_context(Processes(workdir / "logs"))
+        cluster = kubelet.start_cluster(workdir)
+        stack.callback(cluster.stop)
+        run = Run(Plan.quick(), workdir, procs, cluster)
+        stack.callback(procstats.raise_priority()[1])
+        with _pinned(run.load_core):
+            run.start_upstreams()
+            run.create_pod()
+            yield run
+
+
 def _machine() -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError):

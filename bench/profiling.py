@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 from bench import arms, harness, kubelet, loads, procstats, sse
-from sidekey.localcluster.processes import Processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,45 +105,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="also list sidekey's own source lines by self time")
     parser.add_argument("--flamegraph", type=Path, help="also write a flamegraph SVG here")
     args = parser.parse_args(argv)
-    with contextlib.ExitStack() as stack:
-        workdir = Path(tempfile.mkdtemp(prefix="sidekey-profile-"))
-        if not os.environ.get("BENCH_KEEP"):  # the audit logs alone reach 100+ MB
-            stack.callback(shutil.rmtree, workdir, True)
-        procs = stack.enter_context(Processes(workdir / "logs"))
-        cluster = kubelet.start_cluster(workdir)
-        stack.callback(cluster.stop)
-        run = harness.Run(harness.Plan.quick(), workdir, procs, cluster)
-        stack.callback(procstats.raise_priority()[1])
-        with harness._pinned(run.load_core):
-            run.start_upstreams()
-            run.create_pod()
-            sidecar = kubelet.start_sidecar(cluster, run.pod, procs, "sidekey", core=run.proxy_core,
-                                            token_cache=not args.no_cache)
-            url = f"http://127.0.0.1:{sidecar.port}/bench/v1/chat/completions"
-            loads.wrk(url, connections=args.connections, seconds=2, token=run.pod.agent_token,
-                      core=run.load_core)
-            raw = workdir / "profile.txt"
-            result: list[loads.WrkResult | sse.SseResult] = []
-            if args.sse:
-                streams = max(1, int(args.seconds * 8))  # ~0.12 s per stream
-                load = threading.Thread(target=lambda: result.append(sse.run(
-                    sidecar.port, "/sse" + arms.SSE_PATH, run.pod.agent_token, clients=args.connections,
-                    streams=streams)))
-            else:
-                load = threading.Thread(target=lambda: result.append(loads.wrk(
-                    url, connections=args.connections, seconds=args.seconds + 2,
-                    token=run.pod.agent_token, core=run.load_core)))
-            cpu0 = procstats.cpu_seconds([sidecar.pid])
-            load.start()
-            spy = [_py_spy(), "record", "--pid", str(sidecar.pid), "--rate", "250",
-                   "--duration", str(args.seconds), "--nonblocking"]
-            subprocess.run([*spy, "--format", "raw", "--output", str(raw)], check=True,
-                           capture_output=True, env={**os.environ})
-            load.join()
-            cpu = procstats.cpu_seconds([sidecar.pid]) - cpu0
-            if args.flamegraph:
-                subprocess.run([*spy[:-2], "--duration", "5", "--format", "flamegraph",
-                                "--output", str(args.flamegraph)], check=False, capture_output=True)
+    with harness.quick_run("sidekey-profile-") as run:
+        workdir, procs, cluster = run.workdir, run.procs, run.cluster
+        sidecar = kubelet.start_sidecar(cluster, run.pod, procs, "sidekey", core=run.proxy_core,
+                                        token_cache=not args.no_cache)
+        url = f"http://127.0.0.1:{sidecar.port}/bench/v1/chat/completions"
+        loads.wrk(url, connections=args.connections, seconds=2, token=run.pod.agent_token,
+                  core=run.load_core)
+        raw = workdir / "profile.txt"
+        result: list[loads.WrkResult | sse.SseResult] = []
+        if args.sse:
+            streams = max(1, int(args.seconds * 8))  # ~0.12 s per stream
+            load = threading.Thread(target=lambda: result.append(sse.run(
+                sidecar.port, "/sse" + arms.SSE_PATH, run.pod.agent_token, clients=args.connections,
+                streams=streams)))
+        else:
+            load = threading.Thread(target=lambda: result.append(loads.wrk(
+                url, connections=args.connections, seconds=args.seconds + 2,
+                token=run.pod.agent_token, core=run.load_core)))
+        cpu0 = procstats.cpu_seconds([sidecar.pid])
+        load.start()
+        spy = [_py_spy(), "record", "--pid", str(sidecar.pid), "--rate", "250",
+               "--duration", str(args.seconds), "--nonblocking"]
+        subprocess.run([*spy, "--format", "raw", "--output", str(raw)], check=True,
+                       capture_output=True, env={**os.environ})
+        load.join()
+        cpu = procstats.cpu_seconds([sidecar.pid]) - cpu0
+        if args.flamegraph:
+            subprocess.run([*spy[:-2], "--duration", "5", "--format", "flamegraph",
+                            "--output", str(args.flamegraph)], check=False, capture_output=True)
     total, own, areas = fold(raw)
     r = result[0]
     if isinstance(r, sse.SseResult):
