@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.flamegraph:
             subprocess.run([*spy[:-2], "--duration", "5", "--format", "flamegraph",
                             "--output", str(args.flamegraph)], check=False, capture_output=True)
-    total, own, areas = fold(raw)
+        # read the samples before the workdir is removed on leaving the block
+        total, own, areas = fold(raw)
+        lines = own_lines(raw) if args.lines else None
     r = result[0]
     if isinstance(r, sse.SseResult):
         print(f"sidecar under {args.connections} SSE clients: {r.events / r.seconds:.0f} events/s, "
@@ -145,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n## self time (top {args.top})")
     for frame, n in own.most_common(args.top):
         print(f"{100 * n / total:5.1f}%  {frame}")
-    if args.lines:
+    if lines is not None:
         print(f"\n## sidekey's own lines by self time (top {args.top})")
-        for line, n in own_lines(raw).most_common(args.top):
+        for line, n in lines.most_common(args.top):
             print(f"{100 * n / total:5.1f}%  {line}")
     print("\n## self time by package")
     for area, n in areas.most_common():
