@@ -33,6 +33,7 @@ import yaml
 from aiohttp import web
 
 from sidekey.core import contract
+from sidekey.localcluster.cluster import free_port
 
 SA = "agent"
 POD = "agent-pod"
@@ -52,13 +53,6 @@ KEYS = {
 #: What the upstream's OAuth2 token endpoint issues for the canary client (itself a secret).
 ACCESS_TOKEN = "at-CANARY+access/77aa09c3=PQ"
 SECRET_NAME = "upstream-keys"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
