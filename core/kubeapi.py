@@ -75,6 +75,16 @@ class ApiConfig:
 
     @classmethod
     def in_cluster(cls, token_dir: Path | None = None, server: str | None = None) -> ApiConfig:
+        """The apiserver as a pod sees it, trusting only the CA mounted with the token.
+
+        An https apiserver is verified against ``ca.crt`` from the token
+        directory and nothing else: without it the start fails instead of
+        falling back to the system store, because the token this client sends
+        reads the policy's Secret, and a system store accepts any host with a
+        public certificate (a pod spec that points ``KUBERNETES_SERVICE_HOST``
+        elsewhere and drops the ``kube-root-ca.crt`` source would collect it).
+        A plain-http server (``SIDEKEY_API_SERVER``, tests only) needs no CA.
+        """
         if token_dir is None:
             token_dir = Path(os.environ.get(contract.ENV_API_TOKEN_DIR) or contract.API_TOKEN_DIR)
         if server is None:
@@ -90,9 +100,16 @@ class ApiConfig:
                 host = f"[{host}]"
             server = f"https://{host}:{port}"
         ca = token_dir / contract.API_CA_FILENAME
+        https = server.lower().startswith("https://")
+        if https and not ca.is_file():
+            raise ValueError(
+                f"no cluster CA at {ca}: the sidecar verifies the apiserver against the "
+                f"{contract.API_CA_FILENAME} mounted with its API token (the kube-root-ca.crt "
+                "source of the projected volume) and never against the system store"
+            )
         return cls(
             server=server.rstrip("/"),
-            ca_file=ca if ca.exists() else None,
+            ca_file=ca if https else None,
             token_file=token_dir / contract.API_TOKEN_FILENAME,
         )
 
@@ -157,7 +174,17 @@ class ApiConfig:
         )
 
     def ssl_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        """Verify the server against ``ca_file`` alone when one is set.
+
+        ``create_default_context(cafile=...)`` loads only that file, not the
+        system store; the store is used only when a kubeconfig names no CA (as
+        kubectl does). A CA file that does not parse is a ``ValueError`` that
+        names it, so a start-up with a broken mount says what is wrong.
+        """
+        try:
+            ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"cannot load the cluster CA from {self.ca_file}: {exc.strerror or exc}") from exc
         if self.client_cert is not None:
             ctx.load_cert_chain(str(self.client_cert), str(self.client_key) if self.client_key else None)
         return ctx

@@ -18,6 +18,13 @@ rewritten hosts file seen by a sidecar in a private mount namespace.
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +33,8 @@ from typing import Any
 
 import pytest
 
+from sidekey.core import certificates, contract
+from sidekey.localcluster.cluster import free_port
 from tests.attacks import world
 from tests.attacks.conftest import World
 
@@ -286,3 +295,67 @@ def test_a_policy_hostname_rewritten_in_the_pods_hosts_file_is_refused(
     assert w.upstream.seen[before:] == []
     world.wait_until(lambda: any(a.get("reason") == "host_refused" and a.get("upstream") == name
                                  for a in rewritten.audit()), 5, "the audit line (flushed every second)")
+
+
+# --- the sidecar's own API token -------------------------------------------------------------
+
+
+def test_a_sidecar_without_the_mounted_cluster_ca_never_sends_its_api_token(tmp_path: Path) -> None:
+    """A look-alike spec points ``KUBERNETES_SERVICE_HOST`` at a host with a publicly trusted
+    certificate and drops the ``kube-root-ca.crt`` source from the API token's volume.
+
+    ``SSL_CERT_FILE`` stands for the image's system store here: it trusts the attacker's CA, as
+    the real store trusts any public CA. The sidecar must refuse to start rather than verify the
+    apiserver against that store, and the attacker's TLS listener must never see the token.
+    """
+    public_ca = certificates.make_ca("a public CA")
+    leaf = certificates.issue(public_ca, "attacker.example", ip_addresses=["127.0.0.1"])
+    (tmp_path / "system-store.pem").write_bytes(public_ca.cert_pem)
+    (tmp_path / "leaf.pem").write_bytes(leaf.cert_pem + leaf.key_pem)
+    api_dir = tmp_path / "api"
+    api_dir.mkdir()
+    api_token = "api-token-CANARY-reads-the-secret"
+    (api_dir / contract.API_TOKEN_FILENAME).write_text(api_token)  # no ca.crt next to it
+    received: list[bytes] = []
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(tmp_path / "leaf.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            with contextlib.suppress(OSError), server.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(1)
+                received.append(tls.recv(65536))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    env = {
+        "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
+        "SSL_CERT_FILE": str(tmp_path / "system-store.pem"),
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(listener.getsockname()[1]),
+        contract.ENV_POD_NAME: world.POD, contract.ENV_POD_NAMESPACE: "team", contract.ENV_POD_UID: "uid-1",
+        contract.ENV_POD_IP: world.POD_IP, contract.ENV_SERVICE_ACCOUNT: world.SA,
+        contract.ENV_PROXY_PORT: str(free_port()), contract.ENV_HEALTH_PORT: str(free_port()),
+        contract.ENV_HEALTH_ADDRESS: "127.0.0.1", contract.ENV_API_TOKEN_DIR: str(api_dir),
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "sidekey", "proxy"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    finally:
+        stop.set()
+        thread.join(2)
+        listener.close()
+    assert not any(api_token.encode() in r for r in received), "the API token reached the attacker's host"
+    assert received == [], "the sidecar connected to the apiserver address without the cluster CA"
+    assert proc.returncode == 2, out.decode(errors="replace")[-2000:]
+    assert b"no cluster CA at" in out, out.decode(errors="replace")[-2000:]

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from sidekey.core import contract, kubeapi
+from sidekey.core import certificates, contract, kubeapi
 
 PATH = "/api/v1/namespaces/ns/secrets"
 
@@ -161,9 +161,44 @@ def test_in_cluster_config_falls_back_to_the_service_env(
     monkeypatch.delenv(contract.ENV_API_SERVER, raising=False)
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    (tmp_path / "ca.crt").write_bytes(certificates.make_ca("cluster").cert_pem)
     cfg = kubeapi.ApiConfig.in_cluster(token_dir=tmp_path)
     assert cfg.server == "https://10.0.0.1:443"
+    assert cfg.ca_file == tmp_path / "ca.crt"
+
+
+def test_in_cluster_config_without_the_mounted_ca_refuses_to_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the system store would accept any host with a public certificate
+    monkeypatch.delenv(contract.ENV_API_SERVER, raising=False)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    with pytest.raises(ValueError, match=r"no cluster CA at .*ca\.crt.*never against the system store"):
+        kubeapi.ApiConfig.in_cluster(token_dir=tmp_path)
+
+
+def test_in_cluster_config_for_a_plain_http_test_server_needs_no_ca(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(contract.ENV_API_SERVER, "http://127.0.0.1:8001")
+    cfg = kubeapi.ApiConfig.in_cluster(token_dir=tmp_path)
     assert cfg.ca_file is None
+
+
+def test_the_ssl_context_trusts_the_cluster_ca_alone(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(certificates.make_ca("cluster").cert_pem)
+    ctx = kubeapi.ApiConfig(server="https://10.0.0.1:443", ca_file=ca, token_file=None).ssl_context()
+    subjects = [dict(x[0] for x in c["subject"]) for c in ctx.get_ca_certs()]
+    assert subjects == [{"commonName": "cluster"}]
+
+
+def test_an_unreadable_cluster_ca_is_a_value_error_naming_the_file(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not a certificate")
+    config = kubeapi.ApiConfig(server="https://10.0.0.1:443", ca_file=ca, token_file=None)
+    with pytest.raises(ValueError, match=r"cannot load the cluster CA from .*ca\.crt"):
+        config.ssl_context()
 
 
 def test_in_cluster_config_without_any_server_says_what_to_set(
