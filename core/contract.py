@@ -8,7 +8,7 @@ as a public API.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, TypedDict
 
 # --- API ------------------------------------------------------------------
 GROUP: Final = "sidekey.io"
@@ -64,8 +64,19 @@ SYSTEM_NAMESPACES: Final = frozenset({"kube-system", "kube-public", "kube-node-l
 
 # --- The injected sidecar ---------------------------------------------------
 SIDECAR_CONTAINER_NAME: Final = "sidekey-proxy"
+#: The sidecar's command. An absolute path, so that no ``PATH`` can put another
+#: ``sidekey`` first; the image's launcher there runs ``python -I``, so the
+#: interpreter ignores ``PYTHON*`` variables and the working directory.
+SIDECAR_COMMAND: Final = ("/opt/sidekey/bin/sidekey", "proxy")
 DEFAULT_PROXY_PORT: Final = 8787
 DEFAULT_HEALTH_PORT: Final = 8788
+#: The name of the sidecar's health port in the pod spec (probes and scrapes use it).
+HEALTH_PORT_NAME: Final = "sidekey-health"
+#: Paths the sidecar serves on its health port: alive, ready (JWKS loaded and
+#: policies read once), and Prometheus metrics.
+HEALTHZ_PATH: Final = "/healthz"
+READY_PATH: Final = "/readyz"
+METRICS_PATH: Final = "/metrics"
 #: The sidecar's own UID: not the agent's, so the agent cannot ptrace or read it.
 SIDECAR_UID: Final = 65532
 
@@ -86,6 +97,18 @@ API_NAMESPACE_FILENAME: Final = "namespace"
 SIDEKEY_VOLUMES: Final = frozenset({AGENT_TOKEN_VOLUME, API_TOKEN_VOLUME})
 #: The volume name prefix the ServiceAccount admission plugin uses.
 KUBE_API_ACCESS_PREFIX: Final = "kube-api-access-"
+#: The ConfigMap every namespace holds with the apiserver's CA: the only CA the
+#: sidecar trusts for the apiserver.
+KUBE_ROOT_CA_CONFIGMAP: Final = "kube-root-ca.crt"
+
+# --- Pod shapes ---------------------------------------------------------------
+#: Capabilities that let a process read or control another's memory. "ALL" includes them.
+DANGEROUS_CAPABILITIES: Final = frozenset({"SYS_PTRACE", "SYS_ADMIN", "ALL"})
+#: Capabilities agent containers must drop when an upstream of their policies is
+#: ``insecure`` (plain http on the pod's loopback): with NET_RAW an AF_PACKET
+#: socket on ``lo`` reads the key the sidecar attaches; NET_ADMIN reconfigures
+#: the pod's network to the same end.
+SNIFFING_CAPABILITIES: Final = ("NET_ADMIN", "NET_RAW")
 
 # --- Environment ------------------------------------------------------------
 # Set on the sidecar (downward API) so it can check a token is bound to this pod.
@@ -93,6 +116,9 @@ ENV_POD_NAME: Final = "POD_NAME"
 ENV_POD_NAMESPACE: Final = "POD_NAMESPACE"
 ENV_POD_UID: Final = "POD_UID"
 ENV_POD_IP: Final = "POD_IP"
+#: Every address of the pod (``status.podIPs``, comma-separated): a dual-stack
+#: pod has two, and an upstream resolving to either is the pod itself.
+ENV_POD_IPS: Final = "POD_IPS"
 ENV_SERVICE_ACCOUNT: Final = "POD_SERVICE_ACCOUNT"
 # Sidecar settings, set by the webhook from its own settings.
 ENV_PROXY_PORT: Final = "SIDEKEY_PORT"
@@ -108,6 +134,12 @@ ENV_API_TOKEN_DIR: Final = "SIDEKEY_API_TOKEN_DIR"
 ENV_HEALTH_ADDRESS: Final = "SIDEKEY_HEALTH_ADDRESS"
 ENV_DRAIN_SECONDS: Final = "SIDEKEY_DRAIN_SECONDS"
 ENV_LOG_LEVEL: Final = "SIDEKEY_LOG_LEVEL"
+#: Every variable the sidecar reads, for its help text.
+SIDECAR_ENV: Final = (
+    ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_POD_UID, ENV_POD_IP, ENV_POD_IPS, ENV_SERVICE_ACCOUNT,
+    ENV_PROXY_PORT, ENV_HEALTH_PORT, ENV_AUDIENCE, ENV_API_SERVER, ENV_API_TOKEN_DIR,
+    ENV_HEALTH_ADDRESS, ENV_DRAIN_SECONDS, ENV_LOG_LEVEL,
+)
 # Set on agent containers.
 ENV_TOKEN_FILE: Final = "SIDEKEY_TOKEN_FILE"
 ENV_URL: Final = "SIDEKEY_URL"
@@ -135,3 +167,19 @@ WEBHOOK_NAMESPACE_PATH: Final = "/mutate/namespace"
 def local_base_url(port: int, upstream: str, suffix: str = "") -> str:
     """The base URL an agent SDK is pointed at for one upstream."""
     return f"http://127.0.0.1:{port}/{upstream}{suffix}"
+
+
+class InjectionStatus(TypedDict):
+    """The JSON the webhook writes to ``ANNOTATION_STATUS``: what it injected, for people and tools."""
+
+    image: str
+    port: int
+    healthPort: int
+    audience: str
+    tokenExpirationSeconds: int
+    policies: list[str]
+    upstreams: list[str]
+    env: list[str]
+    #: Capabilities the webhook dropped from agent containers (SNIFFING_CAPABILITIES
+    #: when an upstream is insecure), empty otherwise.
+    droppedCapabilities: list[str]

@@ -46,7 +46,7 @@ class Outcome:
     patch: list[diffing.Operation]
     warnings: tuple[str, ...]
     policies: tuple[str, ...]  # names of the AgentPolicies that select the pod
-    status: dict[str, Any]  # what the sidekey.io/status annotation records
+    status: contract.InjectionStatus  # what the sidekey.io/status annotation records
 
 
 def service_account(pod: Mapping[str, Any]) -> str:
@@ -83,6 +83,24 @@ def _volumes(existing: list[dict[str, Any]], ours: Sequence[sidecars.Volume]) ->
         out.append(v)
     out.extend(wanted[v["name"]] for v in ours if v["name"] in wanted)
     return out
+
+
+def _drop(c: dict[str, Any], capabilities: Sequence[str]) -> None:
+    """Add ``capabilities`` to the container's dropped ones (nothing when it drops ALL)."""
+    if not capabilities:
+        return
+    sc = c.get("securityContext")
+    sc = dict(sc) if isinstance(sc, Mapping) else {}
+    caps = sc.get("capabilities")
+    caps = dict(caps) if isinstance(caps, Mapping) else {}
+    dropped = list(caps.get("drop") or [])
+    have = {str(d).upper().removeprefix("CAP_") for d in dropped}
+    if "ALL" in have:
+        return
+    dropped += [cap for cap in capabilities if cap not in have]
+    caps["drop"] = dropped
+    sc["capabilities"] = caps
+    c["securityContext"] = sc
 
 
 def _agent_container(c: dict[str, Any], env: Sequence[tuple[str, str]],
@@ -136,9 +154,13 @@ def mutate(pod: Mapping[str, Any], policy_list: Sequence[policies.AgentPolicy],
 
     env = [(e["name"], e.get("value", "")) for e in sidecars.agent_env(sidecar.port)]
     env += [(e.name, contract.local_base_url(sidecar.port, up.name, e.suffix)) for e, up in selection.env]
+    # A plain-http upstream carries the key over the pod's loopback, which an
+    # agent with NET_RAW could read: such pods' agents lose the capabilities.
+    drop = contract.SNIFFING_CAPABILITIES if refusals.insecure_upstreams(policy_list, sa) else ()
     skipped: dict[str, str] = {}
     for c in [*rest, *(spec.get("containers") or [])]:
         _agent_container(c, env, skipped)
+        _drop(c, drop)
 
     warnings: list[str] = []
     if not selection.policies:
@@ -149,7 +171,7 @@ def mutate(pod: Mapping[str, Any], policy_list: Sequence[policies.AgentPolicy],
                         f"older AgentPolicy {c.winner.name}; ignored here")
     for name, container in sorted(skipped.items()):
         warnings.append(f"container {container} already sets {name}; sidekey left it as is")
-    status: dict[str, Any] = {
+    status: contract.InjectionStatus = {
         "image": sidecar.image,
         "port": sidecar.port,
         "healthPort": sidecar.health_port,
@@ -158,6 +180,7 @@ def mutate(pod: Mapping[str, Any], policy_list: Sequence[policies.AgentPolicy],
         "policies": [p.name for p in selection.policies],
         "upstreams": sorted(selection.upstreams),
         "env": [name for name, _ in env if name not in skipped],
+        "droppedCapabilities": list(drop),
     }
     meta = new.setdefault("metadata", {})
     meta["annotations"] = {**(meta.get("annotations") or {}),

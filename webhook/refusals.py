@@ -12,14 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from sidekey.core import contract, policies
 from sidekey.webhook import settings as settings_mod
 from sidekey.webhook import sidecars
-
-#: Capabilities that let a process read or control another's memory. "ALL" includes them.
-DANGEROUS_CAPABILITIES: Final = frozenset({"SYS_PTRACE", "SYS_ADMIN", "ALL"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +44,16 @@ def _agent_containers(spec: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[st
             yield where, c
 
 
+def _service_account(spec: Mapping[str, Any]) -> str:
+    return str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default")
+
+
+def insecure_upstreams(policy_list: Iterable[policies.AgentPolicy], service_account: str) -> list[str]:
+    """Names of the plain-http (``insecure``) upstreams of the policies that select the account."""
+    return sorted({u.name for p in policy_list if p.selects(service_account) for u in p.upstreams
+                   if u.insecure})
+
+
 def _capabilities(container: Mapping[str, Any]) -> set[str]:
     caps = ((container.get("securityContext") or {}).get("capabilities") or {}).get("add") or []
     return {str(c).upper().removeprefix("CAP_") for c in caps}
@@ -61,7 +68,7 @@ def container_risks(containers: Iterable[Mapping[str, Any]], annotations: Mappin
     so tracing is what debugging it means (``kubectl debug --profile=general``
     adds SYS_PTRACE). Privileged and SYS_ADMIN stay refused: they reach the node.
     """
-    dangerous = DANGEROUS_CAPABILITIES - ({"SYS_PTRACE"} if ptrace_ok else set())
+    dangerous = contract.DANGEROUS_CAPABILITIES - ({"SYS_PTRACE"} if ptrace_ok else set())
     out: list[Refusal] = []
     for c in containers:
         name = c.get("name", "?")
@@ -78,27 +85,59 @@ def container_risks(containers: Iterable[Mapping[str, Any]], annotations: Mappin
     return out
 
 
+def policy_secrets(policy_list: Iterable[policies.AgentPolicy]) -> dict[str, str]:
+    """Each Secret an AgentPolicy of the namespace names, and the (first) policy naming it."""
+    out: dict[str, str] = {}
+    for p in sorted(policy_list, key=lambda p: p.name):
+        for secret in sorted(p.secret_names):
+            out.setdefault(secret, p.name)
+    return out
+
+
+def _policy_secret(what: str, secret: str, policy: str) -> Refusal:
+    return Refusal("policy-secret", (
+        f"{what} Secret {secret}, which AgentPolicy {policy} names as an upstream key; no pod in the "
+        "namespace may reference it, whatever its service account: call the sidecar instead (a "
+        "workload that must hold the key itself runs uninjected, as a service account the platform "
+        "team lists in the chart value guards.policySecretReaders)"))
+
+
 def secret_references(containers: Iterable[Mapping[str, Any]],
-                      secret_names: frozenset[str]) -> list[Refusal]:
-    """Env or envFrom naming a Secret an AgentPolicy holds a key in."""
+                      secrets: Mapping[str, str]) -> list[Refusal]:
+    """Env or envFrom naming a Secret an AgentPolicy holds a key in (``secrets``: Secret -> policy)."""
     out: list[Refusal] = []
-    if not secret_names:
+    if not secrets:
         return out
     for c in containers:
         name = c.get("name", "?")
         refs: set[str] = set()
         for e in c.get("env") or []:
             ref = ((e or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
-            if ref.get("name") in secret_names:
+            if ref.get("name") in secrets:
                 refs.add(str(ref["name"]))
         for e in c.get("envFrom") or []:
             ref = (e or {}).get("secretRef") or {}
-            if ref.get("name") in secret_names:
+            if ref.get("name") in secrets:
                 refs.add(str(ref["name"]))
         for secret in sorted(refs):
-            out.append(Refusal("policy-secret", (
-                f"container {name} reads Secret {secret}, which holds an AgentPolicy's upstream key; "
-                "agents must call the sidecar instead of holding the key")))
+            out.append(_policy_secret(f"container {name} reads", secret, secrets[secret]))
+    return out
+
+
+def sniffing_capabilities(containers: Iterable[Mapping[str, Any]],
+                          insecure: Sequence[str]) -> list[Refusal]:
+    """Agents that add NET_RAW/NET_ADMIN while a plain-http upstream carries the key on loopback."""
+    if not insecure:
+        return []
+    sniffing = {*contract.SNIFFING_CAPABILITIES, "ALL"}
+    out: list[Refusal] = []
+    for c in containers:
+        bad = sorted(_capabilities(c) & sniffing)
+        if bad:
+            out.append(Refusal("sniffing-capabilities", (
+                f"container {c.get('name', '?')} adds capability {', '.join(bad)} while upstream "
+                f"{', '.join(insecure)} is insecure (plain http): it could read the key on the pod's "
+                "loopback; remove the capability, or give the upstream an https URL")))
     return out
 
 
@@ -125,7 +164,7 @@ def _sidekey_mounts(container: Mapping[str, Any]) -> list[Refusal]:
 
 
 def _volume_risks(volumes: Sequence[Mapping[str, Any]], annotations: Mapping[str, str],
-                  secret_names: frozenset[str], settings: settings_mod.Settings) -> list[Refusal]:
+                  secret_names: Mapping[str, str], settings: settings_mod.Settings) -> list[Refusal]:
     out: list[Refusal] = []
     for v in volumes:
         name = str(v.get("name", "?"))
@@ -154,9 +193,7 @@ def _volume_risks(volumes: Sequence[Mapping[str, Any]], annotations: Mapping[str
                         "only the sidecar may hold an API credential; remove the projection or give "
                         "it another audience")))
         for s in sorted(secrets):
-            out.append(Refusal("policy-secret", (
-                f"volume {name} holds Secret {s}, which holds an AgentPolicy's upstream key; "
-                "agents must call the sidecar instead of holding the key")))
+            out.append(_policy_secret(f"volume {name} holds", s, secret_names[s]))
     return out
 
 
@@ -199,8 +236,9 @@ def pod_risks(pod: Mapping[str, Any], policy_list: Sequence[policies.AgentPolicy
                 "gives its sidecar; rename it")))
     containers = [c for _, c in agents]
     out += container_risks(containers, annotations)
-    secret_names = frozenset(s for p in policy_list for s in p.secret_names)
+    secret_names = policy_secrets(policy_list)
     out += secret_references(containers, secret_names)
+    out += sniffing_capabilities(containers, insecure_upstreams(policy_list, _service_account(spec)))
     for c in containers:
         out += _sidekey_mounts(c)
     out += _volume_risks([v for v in spec.get("volumes") or [] if isinstance(v, Mapping)],
@@ -233,7 +271,7 @@ def ephemeral_risks(pod: Mapping[str, Any], old_pod: Mapping[str, Any] | None,
                 out.append(Refusal("sidekey-volume", (
                     f"ephemeral container {name} mounts sidekey's volume {vol}; debug without it")))
     out += container_risks(new, annotations, ptrace_ok=True)
-    out += secret_references(new, frozenset(s for p in policy_list for s in p.secret_names))
+    out += secret_references(new, policy_secrets(policy_list))
     return out
 
 

@@ -18,11 +18,6 @@ from typing import Any, Final, NotRequired, TypedDict
 from sidekey.core import contract
 from sidekey.webhook import settings as settings_mod
 
-PROXY_PORT_NAME: Final = "sidekey-proxy"
-HEALTH_PORT_NAME: Final = "sidekey-health"
-READY_PATH: Final = "/readyz"
-#: The image runs every part; the sidecar is the ``proxy`` subcommand.
-COMMAND: Final = ("sidekey", "proxy")
 #: Startup: poll every second for up to two minutes (JWKS and first policy read).
 STARTUP_PERIOD_SECONDS: Final = 1
 STARTUP_FAILURE_THRESHOLD: Final = 120
@@ -191,7 +186,7 @@ def _field_env(name: str, path: str) -> EnvVar:
 
 def _probe(sidecar: Sidecar, *, period: int, failures: int) -> Probe:
     return {
-        "httpGet": {"path": READY_PATH, "port": sidecar.health_port, "scheme": "HTTP"},
+        "httpGet": {"path": contract.READY_PATH, "port": sidecar.health_port, "scheme": "HTTP"},
         "timeoutSeconds": 1, "periodSeconds": period, "successThreshold": 1,
         "failureThreshold": failures,
     }
@@ -203,14 +198,15 @@ def container(sidecar: Sidecar, settings: settings_mod.Settings) -> Container:
         "name": contract.SIDECAR_CONTAINER_NAME,
         "image": sidecar.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": list(COMMAND),
+        "command": list(contract.SIDECAR_COMMAND),
         "restartPolicy": "Always",
-        "ports": [{"name": HEALTH_PORT_NAME, "containerPort": sidecar.health_port, "protocol": "TCP"}],
+        "ports": [{"name": contract.HEALTH_PORT_NAME, "containerPort": sidecar.health_port, "protocol": "TCP"}],
         "env": [
             _field_env(contract.ENV_POD_NAME, "metadata.name"),
             _field_env(contract.ENV_POD_NAMESPACE, "metadata.namespace"),
             _field_env(contract.ENV_POD_UID, "metadata.uid"),
             _field_env(contract.ENV_POD_IP, "status.podIP"),
+            _field_env(contract.ENV_POD_IPS, "status.podIPs"),
             _field_env(contract.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName"),
             {"name": contract.ENV_PROXY_PORT, "value": str(sidecar.port)},
             {"name": contract.ENV_HEALTH_PORT, "value": str(sidecar.health_port)},
@@ -251,7 +247,7 @@ def api_volume() -> Volume:
                 {"serviceAccountToken": {
                     "expirationSeconds": contract.SIDECAR_API_TOKEN_EXPIRATION_SECONDS,
                     "path": contract.API_TOKEN_FILENAME}},
-                {"configMap": {"name": "kube-root-ca.crt",
+                {"configMap": {"name": contract.KUBE_ROOT_CA_CONFIGMAP,
                                "items": [{"key": "ca.crt", "path": contract.API_CA_FILENAME}]}},
                 {"downwardAPI": {"items": [{
                     "path": contract.API_NAMESPACE_FILENAME,
