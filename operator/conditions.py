@@ -16,6 +16,10 @@ from sidekey.operator import kubeobjects
 
 READY = "Ready"
 SECRETS_RESOLVED = "SecretsResolved"
+#: Every subject account holds its grant (False: held back, naming the pods why).
+SUBJECTS_GRANTED = "SubjectsGranted"
+#: Present (True) only while the policy names the namespace's ``default`` account.
+DEFAULT_SUBJECT = "DefaultSubject"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,17 @@
 
 One run for one policy: parse it, find the conflicts it loses against older
 policies of its namespace, look at the Secrets it names (which keys hold a
-value; the values are dropped on read), keep its Role and RoleBinding in
-step, then write the status and post Events on transitions. Every step is
+value; the values are dropped on read), list the pods of each subject
+account and hold back the grant of any account whose pods hold an API token
+outside the sidecar (``exposure``), keep its Role and RoleBinding in step,
+then write the status and post Events on transitions. Every step is
 idempotent and cheap when nothing changed (no write at all), so the run can
 be triggered as often as the world changes: by the policy, by a neighbour
-policy, or by a Secret it names.
+policy, by a Secret it names, or by a subject's pod that comes or goes.
+
+The pods are listed from the apiserver (a consistent read), not from the
+watch: a pod created just before the edit that names its account may not
+have reached the watch yet, and granting first would hand it the Secret.
 
 The policies themselves come from a kopf index: kopf fills it before any
 handler runs, so a conflict with an older policy is seen from the first
@@ -20,12 +26,13 @@ import base64
 import binascii
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any, Protocol, cast
 
 from sidekey.core import contract, kubeapi, policies
 from sidekey.operator import (
     conditions,
+    exposure,
     kubeobjects,
     metrics,
     queueing,
@@ -72,6 +79,14 @@ def referenced_secrets(raw: Mapping[str, Any]) -> set[str]:
     return names
 
 
+def subject_accounts(raw: Mapping[str, Any]) -> set[str]:
+    """Subject accounts a policy names, read leniently so an invalid spec still counts."""
+    spec = raw.get("spec")
+    subjects = spec.get("subjects") if isinstance(spec, Mapping) else None
+    accounts = subjects.get("serviceAccounts") if isinstance(subjects, Mapping) else None
+    return {a for a in accounts if isinstance(a, str)} if isinstance(accounts, list) else set()
+
+
 def secret_keys(name: str, secret: Mapping[str, Any]) -> kubeobjects.SecretKeys:
     """Narrow a served Secret to which keys hold a value; the values go no further."""
     present: set[str] = set()
@@ -95,12 +110,16 @@ def reference(raw: Mapping[str, Any]) -> kubeobjects.ObjectReference:
 
 class Controller:
     def __init__(self, api: rest.Rest, recorder: recording.Recorder, stats: metrics.Metrics,
-                 *, workers: int = 4) -> None:
+                 *, agent_audiences: Collection[str] = (contract.DEFAULT_AUDIENCE,),
+                 workers: int = 4) -> None:
         self._api = api
         self._recorder = recorder
         self._stats = stats
+        self._audiences = frozenset(agent_audiences)
         self._index: PolicyIndex | None = None
         self._ready: dict[Key, bool] = {}
+        #: Per policy, the uids of the pods its last reconcile held a grant back for.
+        self._held: dict[Key, frozenset[str]] = {}
         #: Set once kopf delivers events, i.e. its indexes are filled.
         self.handling = asyncio.Event()
         self.queue: queueing.Queue[Key] = queueing.Queue(self.reconcile, workers=workers)
@@ -130,6 +149,7 @@ class Controller:
         """
         if deleted:
             self._ready.pop((namespace, name), None)
+            self._held.pop((namespace, name), None)
             self._update_gauge()
         else:
             self.queue.add((namespace, name))
@@ -144,6 +164,24 @@ class Controller:
         for raw in self._policies(namespace):
             if name in referenced_secrets(raw):
                 self.queue.add((namespace, str(raw["metadata"]["name"])))
+
+    def pod_changed(self, body: Mapping[str, Any], *, deleted: bool) -> None:
+        """A pod came, changed or went: reconcile the policies whose hold it changes.
+
+        Only a change of the answer matters: a pod of a subject account that now
+        holds an API token outside the sidecar and is not yet holding a grant
+        back, or one that was and no longer does (it went, or was replaced).
+        Every other pod event costs a set lookup.
+        """
+        meta = body.get("metadata") or {}
+        namespace, uid = str(meta.get("namespace", "")), str(meta.get("uid", ""))
+        account = exposure.service_account(body)
+        holds = not deleted and exposure.exposed(body, agent_audiences=self._audiences) is not None
+        for raw in self._policies(namespace):
+            name = str((raw.get("metadata") or {}).get("name", ""))
+            if name and account in subject_accounts(raw) and \
+                    holds != (uid in self._held.get((namespace, name), frozenset())):
+                self.queue.add((namespace, name))
 
     def role_changed(self, namespace: str, labels: Mapping[str, str]) -> None:
         """A Role or RoleBinding we manage changed: put it back if someone edited it."""
@@ -186,13 +224,15 @@ class Controller:
         ready = verdict.ready.status == "True"
         self._stats.reconciles.labels("ready" if ready else "not_ready").inc()
         self._ready[key] = ready
+        self._held[key] = frozenset(p.uid for p in verdict.held_pods)
         self._update_gauge()
         if rbac_changed and verdict.policy is not None:
             p = verdict.policy
+            granted = ", ".join(sorted(verdict.granted)) or "none (every grant is held back)"
             await self._recorder.post(
                 reference(raw), "Normal", "RBACUpdated",
                 f"Role and RoleBinding {rbac.object_name(p.name)} let service account(s) "
-                f"{', '.join(sorted(p.service_accounts))} read Secret(s) "
+                f"{granted} read Secret(s) "
                 f"{', '.join(sorted(p.secret_names))} and the namespace's AgentPolicies")
         if verdict.retry:
             # Nothing we watch announces the fix (granted rights, a foreign Role
@@ -203,6 +243,7 @@ class Controller:
         ready = sum(1 for v in self._ready.values() if v)
         self._stats.policies.labels("true").set(ready)
         self._stats.policies.labels("false").set(len(self._ready) - ready)
+        self._stats.blocked_subject_pods.set(len({u for uids in self._held.values() for u in uids}))
 
     async def _judge(self, raw: Mapping[str, Any]) -> tuple[verdicts.Verdict, bool]:
         meta = raw.get("metadata") or {}
@@ -214,8 +255,32 @@ class Controller:
         lost = verdicts.conflicts(parsed, self._policies(parsed.namespace))
         lookups = {s: await self._lookup(parsed.namespace, s) for s in sorted(parsed.secret_names)}
         secrets = verdicts.secrets_resolved(parsed, lookups)
-        problem, changed = await self._ensure_rbac(parsed)
-        return verdicts.judge(parsed, lost, secrets, problem), changed
+        held = verdicts.hold(parsed, await self._exposed_pods(parsed))
+        problem, changed = await self._ensure_rbac(parsed, held.granted)
+        return verdicts.judge(parsed, lost, secrets, problem, held), changed
+
+    async def _exposed_pods(self, policy: policies.AgentPolicy
+                            ) -> dict[str, list[exposure.ExposedPod]]:
+        """Per subject account, its pods that hold an API token outside the sidecar.
+
+        A consistent LIST per account (``spec.serviceAccountName`` is a pod field
+        selector), paged, so a pod created a moment ago is seen. Pods being
+        deleted still count: their token is valid until the object is gone.
+        """
+        found: dict[str, list[exposure.ExposedPod]] = {}
+        for account in sorted(policy.service_accounts):
+            params = {"fieldSelector": f"spec.serviceAccountName={account}", "limit": "500"}
+            while True:
+                page = await self._api.get(rest.pods_path(policy.namespace), params) or {}
+                for pod in page.get("items") or []:
+                    hit = exposure.exposed(pod, agent_audiences=self._audiences)
+                    if hit is not None:
+                        found.setdefault(account, []).append(hit)
+                more = (page.get("metadata") or {}).get("continue")
+                if not more:
+                    break
+                params = {**params, "continue": str(more)}
+        return found
 
     async def _lookup(self, namespace: str, name: str) -> verdicts.SecretLookup:
         try:
@@ -228,8 +293,9 @@ class Controller:
             return verdicts.Missing(name)
         return secret_keys(name, secret)
 
-    async def _ensure_rbac(self, policy: policies.AgentPolicy) -> tuple[tuple[str, str] | None, bool]:
-        """Create or fix the Role and RoleBinding; (problem, changed)."""
+    async def _ensure_rbac(self, policy: policies.AgentPolicy, granted: Collection[str]
+                           ) -> tuple[tuple[str, str] | None, bool]:
+        """Create or fix the Role and RoleBinding of the ``granted`` accounts; (problem, changed)."""
         ns, obj_name = policy.namespace, rbac.object_name(policy.name)
         changed = False
         try:
@@ -241,7 +307,7 @@ class Controller:
             if current is None or not rbac.role_matches(current, want_role):
                 await self._api.patch(rest.role_path(ns, obj_name), want_role, "apply")
                 changed = True
-            want_binding = rbac.role_binding(policy)
+            want_binding = rbac.role_binding(policy, granted)
             current = await self._api.get(rest.role_binding_path(ns, obj_name))
             if current is not None and not rbac.owned_by(current, policy.uid):
                 return ("RoleConflict", f"RoleBinding {obj_name!r} exists but is not managed by "
@@ -301,14 +367,26 @@ class Controller:
                                 old: Mapping[str, kubeobjects.Condition],
                                 new: list[kubeobjects.Condition]) -> None:
         target = reference(raw)
+        posted: set[tuple[str, str]] = set()  # (reason, message): one Event says it once
         for c in _changed(old, new):
+            event: tuple[kubeobjects.EventType, str] | None = None
             if c["type"] == conditions.READY:
-                if c["status"] == "True":
-                    await self._recorder.post(target, "Normal", "Ready", c["message"])
-                else:
-                    await self._recorder.post(target, "Warning", c["reason"], c["message"])
+                event = ("Normal", "Ready") if c["status"] == "True" else ("Warning", c["reason"])
                 log.info("AgentPolicy %s/%s Ready=%s %s: %s", target["namespace"],
                          target["name"], c["status"], c["reason"], c["message"])
+            elif c["type"] == conditions.SUBJECTS_GRANTED:
+                before = old.get(c["type"])
+                if c["status"] == "False":
+                    event = ("Warning", "GrantHeld")
+                    log.warning("AgentPolicy %s/%s: %s", target["namespace"], target["name"],
+                                c["message"])
+                elif before is not None and before["status"] == "False":
+                    event = ("Normal", "GrantReleased")
+            elif c["type"] == conditions.DEFAULT_SUBJECT:
+                event = ("Warning", "DefaultSubject")
+            if event is not None and (event[1], c["message"]) not in posted:
+                posted.add((event[1], c["message"]))
+                await self._recorder.post(target, event[0], event[1], c["message"])
 
 
 def _conflict_stale(raw: Mapping[str, Any], lost: list[policies.Conflict]) -> bool:

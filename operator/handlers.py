@@ -15,7 +15,9 @@ Watched:
   to the webhook's TLS or CA Secret re-checks TLS;
 - Roles and RoleBindings the operator manages: an edit is reverted;
 - the MutatingWebhookConfiguration: its caBundle is (re)set;
-- Pods and labelled Namespaces: opted-in pods without a sidecar are reported.
+- Pods and labelled Namespaces: opted-in pods without a sidecar are reported,
+  and a subject's pod holding an API token outside the sidecar (or such a pod
+  going away) reconciles the policies whose grant it holds back.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def register(registry: kopf.OperatorRegistry, opts: Options, ctl: controller.Con
 
     @kopf.on.event("", "v1", "pods", registry=registry, id="pod")
     async def _pod(type: str, body: kopf.Body, uid: str, **kwargs: Any) -> None:
+        ctl.pod_changed(body, deleted=type == "DELETED")
         if type == "DELETED":
             reporter.forget(uid)
             return

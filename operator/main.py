@@ -57,9 +57,10 @@ async def operate(opts: options.Options, *, stop: asyncio.Event | None = None) -
     stats = metrics.Metrics()
     async with rest.Rest(config) as api:
         recorder = recording.Recorder(api)
-        ctl = controller.Controller(api, recorder, stats)
-        reporter = pods.PodReporter(recorder, stats, own_namespace=opts.namespace,
-                                    sidecar_image=opts.sidecar_image)
+        ctl = controller.Controller(api, recorder, stats, agent_audiences=opts.agent_audiences)
+        reporter = pods.PodReporter(recorder, stats, pods.Rules(
+            own_namespace=opts.namespace, sidecar_image=opts.sidecar_image,
+            sidecar_images=opts.sidecar_images, excluded_namespaces=opts.excluded_namespaces))
         tls = webhook_tls.TlsManager(api, opts, stats) if opts.certificates == "operator" else None
         registry = kopf.OperatorRegistry()
         handlers.register(registry, opts, ctl, reporter, tls)

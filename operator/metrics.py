@@ -39,6 +39,10 @@ class Metrics:
         self.outdated_sidecars = prom.Gauge(
             "sidekey_outdated_sidecars",
             "Pods whose sidecar image differs from the installed one.", registry=r)
+        self.blocked_subject_pods = prom.Gauge(
+            "sidekey_operator_blocked_subject_pods",
+            "Pods of a policy's subject accounts that hold an API token outside the sidecar, "
+            "so the operator holds back their account's grant.", registry=r)
         self.certificate_expiry = prom.Gauge(
             "sidekey_webhook_certificate_expiry_timestamp_seconds",
             "When the webhook's serving certificate (or its CA) expires.", ["certificate"],

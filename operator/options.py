@@ -1,7 +1,10 @@
 """The operator's options, parsed once from the command line.
 
 The flags are a contract with the Helm chart (it renders them), so their
-names live here and nowhere else. The TLS timing flags exist so tests and
+names live here and nowhere else. Some repeat the webhook's settings on
+purpose (the excluded namespaces, the sidecar images, the agents' token
+audiences): the chart renders both from the same values, so the operator
+judges pods by the webhook's rule (``core/optin.py``) and the guard's shape. The TLS timing flags exist so tests and
 cautious operators can shorten the rotation cycle; the defaults suit a cluster.
 """
 
@@ -54,6 +57,12 @@ class Options:
     tls_secret: str
     certificates: CertificatesMode
     sidecar_image: str | None
+    #: Further images a sidecar may run (the chart's sidecar.imageAllowList).
+    sidecar_images: frozenset[str]
+    #: Namespaces never injected besides the system ones and ours (webhook.excludedNamespaces).
+    excluded_namespaces: frozenset[str]
+    #: Token audiences an agent container may hold: not API credentials.
+    agent_audiences: frozenset[str]
     health_port: int
     metrics_port: int
     listen_address: str
@@ -117,6 +126,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "external: leave TLS to cert-manager")
     parser.add_argument("--sidecar-image", default=None,
                         help="the installed sidecar image, to report pods with an older one")
+    parser.add_argument("--allowed-sidecar-image", dest="sidecar_images", action="append",
+                        default=[], metavar="IMAGE",
+                        help="a further image a pod may pick with sidekey.io/image; such pods "
+                             "are current, not outdated (repeatable)")
+    parser.add_argument("--excluded-namespace", dest="excluded_namespaces", action="append",
+                        default=[], metavar="NAMESPACE",
+                        help="a namespace the webhook never injects: its pods are never "
+                             "reported as missing the sidecar (repeatable)")
+    parser.add_argument("--agent-token-audience", dest="agent_audiences", action="append",
+                        default=[], metavar="AUDIENCE",
+                        help="a token audience agent containers may hold, which the apiserver "
+                             "refuses (repeatable; default: the sidekey audience)")
     parser.add_argument("--health-port", type=_port, default=8080,
                         help="serves /healthz and /readyz (0: off)")
     parser.add_argument("--metrics-port", type=_port, default=9090,
@@ -146,6 +167,9 @@ def from_args(args: argparse.Namespace) -> Options:
         tls_secret=args.tls_secret,
         certificates=args.certificates,
         sidecar_image=args.sidecar_image or None,
+        sidecar_images=frozenset(args.sidecar_images),
+        excluded_namespaces=frozenset(args.excluded_namespaces),
+        agent_audiences=frozenset(args.agent_audiences or [contract.DEFAULT_AUDIENCE]),
         health_port=args.health_port,
         metrics_port=args.metrics_port,
         listen_address=args.listen_address,

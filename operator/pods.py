@@ -6,6 +6,12 @@ without anyone being told (linkerd #13702). The operator sees every pod
 event, so it counts such pods in ``sidekey_uninjected_pods`` and posts one
 Warning Event per pod. After an upgrade, pods still running an older sidecar
 image are counted in ``sidekey_outdated_sidecars`` (one Normal Event each).
+
+Who counts as opted in is the webhook's rule, the same function
+(``core/optin.py``) fed the same chart values: a pod the webhook would never
+inject (an excluded namespace) is never reported missing its sidecar, and a
+pod running an image the chart allows (``sidekey.io/image`` from the
+allow-list) is current, not outdated.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sidekey.core import contract
+from sidekey.core import contract, optin
 from sidekey.operator import kubeobjects, metrics, recording
 
 log = logging.getLogger(__name__)
@@ -54,33 +60,40 @@ class PodFacts:
         )
 
 
-def classify(pod: PodFacts, *, labelled_namespaces: Container[str], own_namespace: str,
-             sidecar_image: str | None) -> PodState:
-    """Whether the pod opted in, and if so whether it carries a current sidecar.
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What the chart tells both the webhook and the operator about injection."""
 
-    The opt-in rule is the webhook's: the pod annotation ``"true"`` opts in,
-    ``"false"`` opts out, and otherwise the namespace label decides.
-    """
-    if pod.finished or pod.namespace in contract.SYSTEM_NAMESPACES or pod.namespace == own_namespace:
+    own_namespace: str
+    sidecar_image: str | None  # None: not told, so no pod is called outdated
+    sidecar_images: frozenset[str] = frozenset()  # the allow-list
+    excluded_namespaces: frozenset[str] = frozenset()
+
+
+def classify(pod: PodFacts, *, labelled_namespaces: Container[str], rules: Rules) -> PodState:
+    """Whether the pod opted in, and if so whether it carries a current sidecar."""
+    if pod.finished:
         return "ignored"
-    if pod.annotation == "false":
-        return "ignored"
-    if pod.annotation != "true" and pod.namespace not in labelled_namespaces:
+    annotations = {contract.ANNOTATION_INJECT: pod.annotation} if pod.annotation is not None else {}
+    decision = optin.decide(pod.namespace, annotations,
+                            namespace_opted_in=pod.namespace in labelled_namespaces,
+                            excluded_namespaces=rules.excluded_namespaces,
+                            own_namespace=rules.own_namespace)
+    if not decision.inject:
         return "ignored"
     if pod.sidecar_image is None:
         return "uninjected"
-    if sidecar_image and pod.sidecar_image != sidecar_image:
+    if rules.sidecar_image and not optin.allowed_image(
+            pod.sidecar_image, default=rules.sidecar_image, allow_list=rules.sidecar_images):
         return "outdated"
     return "injected"
 
 
 class PodReporter:
-    def __init__(self, recorder: recording.Recorder, stats: metrics.Metrics, *,
-                 own_namespace: str, sidecar_image: str | None) -> None:
+    def __init__(self, recorder: recording.Recorder, stats: metrics.Metrics, rules: Rules) -> None:
         self._recorder = recorder
         self._stats = stats
-        self._own = own_namespace
-        self._image = sidecar_image
+        self._rules = rules
         self._state: dict[str, PodState] = {}  # uid -> last state worth counting
 
     def forget(self, uid: str) -> None:
@@ -91,8 +104,7 @@ class PodReporter:
         pod = PodFacts.from_body(body)
         if not pod.uid:
             return
-        state = classify(pod, labelled_namespaces=labelled_namespaces, own_namespace=self._own,
-                         sidecar_image=self._image)
+        state = classify(pod, labelled_namespaces=labelled_namespaces, rules=self._rules)
         before = self._state.get(pod.uid)
         if state in ("uninjected", "outdated"):
             self._state[pod.uid] = state
@@ -116,7 +128,7 @@ class PodReporter:
             await self._recorder.post(
                 target, "Normal", "SidecarOutdated",
                 f"the pod runs sidecar image {pod.sidecar_image!r}, the installed one is "
-                f"{self._image!r}; recreate the pod to upgrade it")
+                f"{self._rules.sidecar_image!r}; recreate the pod to upgrade it")
 
     def _update(self) -> None:
         values = list(self._state.values())

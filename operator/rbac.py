@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sidekey.core import contract, policies
@@ -70,11 +70,18 @@ def role(policy: policies.AgentPolicy) -> kubeobjects.Role:
     )
 
 
-def role_binding(policy: policies.AgentPolicy) -> kubeobjects.RoleBinding:
+def role_binding(policy: policies.AgentPolicy, granted: Iterable[str] | None = None
+                 ) -> kubeobjects.RoleBinding:
+    """The binding of ``granted`` (default: every subject account) to the policy's Role.
+
+    Accounts whose grant is held back (``verdicts.hold``) are left out; with all
+    of them held the binding names no subject and grants nothing.
+    """
+    accounts = policy.service_accounts if granted is None else granted
     return kubeobjects.RoleBinding(
         apiVersion=RBAC_API_VERSION, kind="RoleBinding", metadata=_metadata(policy),
         subjects=[kubeobjects.Subject(kind="ServiceAccount", name=sa, namespace=policy.namespace)
-                  for sa in sorted(policy.service_accounts)],
+                  for sa in sorted(accounts)],
         roleRef=kubeobjects.RoleRef(apiGroup="rbac.authorization.k8s.io", kind="Role",
                                     name=object_name(policy.name)),
     )

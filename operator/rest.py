@@ -108,6 +108,10 @@ def policy_path(namespace: str, name: str = "") -> str:
             + (f"/{name}" if name else ""))
 
 
+def pods_path(namespace: str) -> str:
+    return f"/api/v1/namespaces/{namespace}/pods"
+
+
 def events_path(namespace: str) -> str:
     return f"/api/v1/namespaces/{namespace}/events"
 

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidekey.core import policies
-from sidekey.operator import conditions, kubeobjects
+from sidekey.operator import conditions, exposure, kubeobjects
+
+#: How many held-back pods a condition names; the rest are counted.
+MAX_PODS_NAMED = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +47,19 @@ class Verdict:
     wanted: tuple[conditions.Wanted, ...]
     grants: bool  # keep the Role and RoleBinding (False: remove them)
     retry: bool = False  # look again with backoff: the fix would come unannounced
+    #: The pods holding a subject's grant back (empty: every subject is granted).
+    held_pods: tuple[exposure.ExposedPod, ...] = ()
 
     @property
     def ready(self) -> conditions.Wanted:
         return next(w for w in self.wanted if w.type == conditions.READY)
+
+    @property
+    def granted(self) -> frozenset[str]:
+        """The subject accounts the RoleBinding names."""
+        if self.policy is None:
+            return frozenset()
+        return self.policy.service_accounts - {p.service_account for p in self.held_pods}
 
 
 def parse(raw: Mapping[str, Any]) -> policies.AgentPolicy | policies.PolicyError:
@@ -160,6 +172,61 @@ def _join(messages: Sequence[str]) -> str:
     return "; ".join(messages[:3]) + f"; and {len(messages) - 3} more"
 
 
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Which subject accounts the RoleBinding names, and why the others wait."""
+
+    granted: frozenset[str]
+    pods: tuple[exposure.ExposedPod, ...]
+    condition: conditions.Wanted
+
+
+def hold(policy: policies.AgentPolicy,
+         exposed: Mapping[str, Sequence[exposure.ExposedPod]]) -> Hold:
+    """Grant each subject account unless one of its pods holds an API token outside
+    the sidecar: that pod would read the Secrets the moment the account is bound.
+
+    The grant follows once those pods are gone (deleted, or recreated injected);
+    the pod watch brings the reconcile back when they go.
+    """
+    pods = tuple(sorted((p for sa in sorted(policy.service_accounts) for p in exposed.get(sa, ())),
+                        key=lambda p: (p.service_account, p.name)))
+    held = frozenset(p.service_account for p in pods)
+    granted = frozenset(policy.service_accounts) - held
+    if not pods:
+        return Hold(granted, (), conditions.Wanted(
+            conditions.SUBJECTS_GRANTED, "True", "Granted",
+            f"service account{'s' if len(granted) != 1 else ''} {', '.join(sorted(granted))} "
+            "may read the policy's Secrets"))
+    named = [f"{p.name} (container {p.container!r} mounts API token volume {p.volume!r})"
+             for p in pods[:MAX_PODS_NAMED]]
+    more = f" and {len(pods) - MAX_PODS_NAMED} more" if len(pods) > MAX_PODS_NAMED else ""
+    accounts = ", ".join(sorted(held))
+    one = len(pods) == 1
+    message = (
+        f"the grant to service account{'s' if len(held) != 1 else ''} {accounts} is held back: "
+        f"pod{'' if one else 's'} {'; '.join(named)}{more} {'runs' if one else 'run'} without "
+        f"the sidekey sidecar and {'holds' if one else 'hold'} an API token that would read the "
+        "policy's Secrets once granted. Delete "
+        f"{'it' if one else 'them'}, or recreate {'it' if one else 'them'} injected "
+        '(sidekey.io/inject: "true"), and the grant follows')
+    return Hold(granted, pods, conditions.Wanted(
+        conditions.SUBJECTS_GRANTED, "False", "UninjectedPods", message))
+
+
+def default_subject(policy: policies.AgentPolicy) -> conditions.Wanted | None:
+    """A warning while the policy names ``default``: every pod of the namespace
+    that names no account runs as it, so each of them must carry the sidecar."""
+    if "default" not in policy.service_accounts:
+        return None
+    return conditions.Wanted(
+        conditions.DEFAULT_SUBJECT, "True", "DefaultServiceAccount",
+        f"the policy names the 'default' service account: every pod in namespace "
+        f"{policy.namespace!r} that sets no serviceAccountName runs as it, so each must now run "
+        "with the sidekey sidecar (the bypass guard refuses the others) and any that already "
+        "runs without it holds the grant back; give the agents an account of their own")
+
+
 def invalid(raw: Mapping[str, Any], error: policies.PolicyError) -> Verdict:
     message = f"{error.field}: {error.message}"
     return Verdict(
@@ -174,17 +241,22 @@ def invalid(raw: Mapping[str, Any], error: policies.PolicyError) -> Verdict:
 
 
 def judge(policy: policies.AgentPolicy, lost: Sequence[policies.Conflict],
-          secrets: conditions.Wanted, rbac_problem: tuple[str, str] | None) -> Verdict:
-    """Ready is True only with no conflict, every Secret resolved and RBAC in place.
+          secrets: conditions.Wanted, rbac_problem: tuple[str, str] | None,
+          held: Hold | None = None) -> Verdict:
+    """Ready is True only with no conflict, RBAC in place, every subject granted
+    and every Secret resolved.
 
     A policy that loses a conflict keeps its grants: the sidecar merges
     policies with ``policies.select`` and still serves its other upstreams.
     """
+    held = held if held is not None else hold(policy, {})
     count = len(policy.upstreams)
     if lost:
         ready = conditions.Wanted(conditions.READY, "False", "Conflict", conflict_message(lost))
     elif rbac_problem is not None:
         ready = conditions.Wanted(conditions.READY, "False", rbac_problem[0], rbac_problem[1])
+    elif held.pods:
+        ready = conditions.Wanted(conditions.READY, "False", "GrantHeld", held.condition.message)
     elif secrets.status != "True":
         ready = conditions.Wanted(conditions.READY, "False", "SecretsUnresolved", secrets.message)
     else:
@@ -194,5 +266,7 @@ def judge(policy: policies.AgentPolicy, lost: Sequence[policies.Conflict],
             f"{count} upstream{'s' if count != 1 else ''} ready for service account"
             f"{'s' if len(policy.service_accounts) != 1 else ''} {sas}")
     retry = rbac_problem is not None or secrets.status == "Unknown"
-    return Verdict(policy=policy, upstream_count=count, wanted=(secrets, ready), grants=True,
-                   retry=retry)
+    warning = default_subject(policy)
+    wanted = (secrets, held.condition, *((warning,) if warning else ()), ready)
+    return Verdict(policy=policy, upstream_count=count, wanted=wanted, grants=True,
+                   retry=retry, held_pods=held.pods)

@@ -1,9 +1,13 @@
-"""Who is injected: the pod's annotation, its namespace's label, and the exclusions.
+"""Who is injected: the shared opt-in rule (``core/optin.py``) fed the webhook's settings.
 
 The MutatingWebhookConfiguration already sends only opted-in pods here, but
 the code decides again so that a hand-edited configuration can never inject
 into a system namespace or the webhook's own (whose pods would then need the
 webhook to start: a deadlock).
+
+The rule itself lives in the core, because the operator applies it too (to
+report opted-in pods that run without the sidecar): one rule, so the two can
+never disagree about who is opted in.
 
 Namespace labels are invisible to the webhook (an AdmissionReview carries
 the pod, not its namespace) and to ``matchConditions``. The apiserver checks
@@ -15,43 +19,17 @@ what "the namespace opted in" means here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
 
-from sidekey.core import contract
+from sidekey.core import optin
 from sidekey.webhook import settings as settings_mod
 
-Reason = Literal[
-    "annotation", "namespace-label",  # injected
-    "opted-out", "not-opted-in", "system-namespace", "own-namespace", "excluded-namespace",
-]
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    inject: bool
-    reason: Reason
-    warning: str | None = None
+Decision = optin.Decision
+Reason = optin.Reason
 
 
 def decide(namespace: str, annotations: Mapping[str, str], *, namespace_opted_in: bool,
-           settings: settings_mod.Settings, own_namespace: str | None) -> Decision:
+           settings: settings_mod.Settings, own_namespace: str | None) -> optin.Decision:
     """Whether to inject; the pod's annotation wins over the namespace label."""
-    if namespace in contract.SYSTEM_NAMESPACES:
-        return Decision(False, "system-namespace")
-    if own_namespace and namespace == own_namespace:
-        return Decision(False, "own-namespace")
-    if namespace in settings.excluded_namespaces:
-        return Decision(False, "excluded-namespace")
-    value = annotations.get(contract.ANNOTATION_INJECT)
-    if value == "false":
-        return Decision(False, "opted-out")
-    if value == "true":
-        return Decision(True, "annotation")
-    warning = None
-    if value is not None:
-        warning = (f'annotation {contract.ANNOTATION_INJECT}: {value!r} is neither "true" nor '
-                   '"false" and was ignored')
-    if namespace_opted_in:
-        return Decision(True, "namespace-label", warning)
-    return Decision(False, "not-opted-in", warning)
+    return optin.decide(namespace, annotations, namespace_opted_in=namespace_opted_in,
+                        excluded_namespaces=settings.excluded_namespaces,
+                        own_namespace=own_namespace)

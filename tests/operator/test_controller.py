@@ -162,3 +162,74 @@ async def test_the_secret_value_never_leaves_the_boundary() -> None:
     written = repr({k: v for k, v in api.objects.items() if k != SECRET_PATH})
     assert "sk-very-secret-value" not in written
     assert base64.b64encode(b"sk-very-secret-value").decode() not in written
+
+
+# --- pods that predate the grant -----------------------------------------------------------
+
+PODS_PATH = "/api/v1/namespaces/team/pods"
+BINDING_PATH = "/apis/rbac.authorization.k8s.io/v1/namespaces/team/rolebindings/sidekey-policy-agents"
+BARE_POD = {"metadata": {"namespace": "team", "name": "bare", "uid": "pod-1"},
+            "spec": {"serviceAccountName": "agent",
+                     "containers": [{"name": "agent", "image": "a", "volumeMounts": [
+                         {"name": "kube-api-access-x", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]}],
+                     "volumes": [{"name": "kube-api-access-x", "projected": {"sources": [
+                         {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}]}}
+
+
+def _events(api: FakeApi) -> dict[str, dict[str, Any]]:
+    return {e["reason"]: e for path, e in api.objects.items() if "/events/" in path}
+
+
+async def test_a_bare_pod_of_the_subject_holds_the_grant_back_until_it_goes() -> None:
+    api, ctl, stats = _setup()
+    api.objects[PODS_PATH] = {"items": [BARE_POD], "metadata": {}}
+    await ctl.reconcile(("team", "agents"))
+    assert api.objects[BINDING_PATH]["subjects"] == []
+    held = next(c for c in _status(api)["conditions"] if c["type"] == "SubjectsGranted")
+    assert (held["status"], held["reason"]) == ("False", "UninjectedPods") and "bare" in held["message"]
+    events = _events(api)
+    assert events["GrantHeld"]["type"] == "Warning" and "bare" in events["GrantHeld"]["message"]
+    assert stats.registry.get_sample_value("sidekey_operator_blocked_subject_pods") == 1
+
+    # the pod goes: its DELETED event queues the policy, and the grant follows
+    ctl.attach(Index(api.objects[POLICY_PATH]))
+    ctl.pod_changed(BARE_POD, deleted=True)
+    assert ctl.queue.depth == 1
+    api.objects[PODS_PATH] = {"items": [], "metadata": {}}
+    await ctl.reconcile(("team", "agents"))
+    assert [s["name"] for s in api.objects[BINDING_PATH]["subjects"]] == ["agent"]
+    assert next(c for c in _status(api)["conditions"] if c["type"] == "Ready")["status"] == "True"
+    assert stats.registry.get_sample_value("sidekey_operator_blocked_subject_pods") == 0
+    assert "GrantReleased" in _events(api)
+
+
+async def test_only_pod_events_that_change_the_hold_queue_a_reconcile() -> None:
+    _api, ctl, _ = _setup()
+    await ctl.reconcile(("team", "agents"))
+    injected = {"metadata": {"namespace": "team", "name": "ok", "uid": "pod-2"},
+                "spec": {"serviceAccountName": "agent", "containers": [{"name": "agent"}]}}
+    ctl.pod_changed(injected, deleted=False)
+    other_account = {**BARE_POD, "spec": {**BARE_POD["spec"], "serviceAccountName": "bystander"}}
+    ctl.pod_changed(other_account, deleted=False)
+    assert ctl.queue.depth == 0
+    ctl.pod_changed(BARE_POD, deleted=False)  # a granted account gains a bare pod: revoke
+    assert ctl.queue.depth == 1
+
+
+async def test_the_pods_of_a_subject_are_listed_page_by_page() -> None:
+    api, ctl, _ = _setup()
+    pages = [{"items": [], "metadata": {"continue": "next"}}, {"items": [BARE_POD], "metadata": {}}]
+    seen: list[Any] = []
+    plain_get = api.get
+
+    async def get(path: str, params: Any = None) -> dict[str, Any] | None:
+        if path == PODS_PATH:
+            seen.append(dict(params))
+            return pages[len(seen) - 1]
+        return await plain_get(path, params)
+
+    api.get = get  # type: ignore[method-assign]
+    await ctl.reconcile(("team", "agents"))
+    assert [p.get("continue") for p in seen] == [None, "next"]
+    assert seen[0]["fieldSelector"] == "spec.serviceAccountName=agent"
+    assert api.objects[BINDING_PATH]["subjects"] == []

@@ -29,8 +29,29 @@ def _facts(ns: str = "team", annotation: str | None = "true", image: str | None 
 ])
 def test_pods_are_classified_by_the_webhooks_opt_in_rule(pod: pods.PodFacts, labelled: set[str],
                                                          state: str) -> None:
-    assert pods.classify(pod, labelled_namespaces=labelled, own_namespace="sidekey-system",
-                         sidecar_image="img:2") == state
+    assert pods.classify(pod, labelled_namespaces=labelled, rules=RULES) == state
+
+
+RULES = pods.Rules(own_namespace="sidekey-system", sidecar_image="img:2",
+                   sidecar_images=frozenset({"mirror.example/sidekey:2"}),
+                   excluded_namespaces=frozenset({"legacy"}))
+
+
+@pytest.mark.parametrize("labelled", [set(), {"legacy"}])
+def test_a_pod_in_an_excluded_namespace_is_never_reported_missing_its_sidecar(
+        labelled: set[str]) -> None:
+    # Bug: the operator ignored webhook.excludedNamespaces and warned SidecarMissing
+    # about pods the webhook is configured never to inject.
+    assert pods.classify(_facts(ns="legacy"), labelled_namespaces=labelled, rules=RULES) == "ignored"
+
+
+def test_a_pod_running_an_allow_listed_sidecar_image_is_current_not_outdated() -> None:
+    # Bug: a pod that picked an allow-listed image with sidekey.io/image was
+    # reported SidecarOutdated for as long as it ran.
+    pod = _facts(image="mirror.example/sidekey:2")
+    assert pods.classify(pod, labelled_namespaces=set(), rules=RULES) == "injected"
+    elsewhere = _facts(image="mirror.example/sidekey:1")
+    assert pods.classify(elsewhere, labelled_namespaces=set(), rules=RULES) == "outdated"
 
 
 def test_the_sidecar_is_found_as_a_native_sidecar_or_a_container() -> None:

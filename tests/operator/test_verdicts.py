@@ -6,7 +6,7 @@ import base64
 from typing import Any
 
 from sidekey.core import policies
-from sidekey.operator import conditions, controller, kubeobjects, verdicts
+from sidekey.operator import conditions, controller, exposure, kubeobjects, verdicts
 from tests.operator.support import policy
 
 
@@ -141,3 +141,50 @@ def test_problems_nothing_announces_are_looked_at_again() -> None:
     assert not verdicts.judge(p, [], missing, None).retry  # the Secret watch announces it
     assert verdicts.judge(p, [], unknown, None).retry
     assert verdicts.judge(p, [], ok, ("RoleConflict", "someone else's Role")).retry
+
+
+# --- pods that predate the grant ----------------------------------------------------------
+
+
+def _exposed(name: str, account: str = "agent") -> exposure.ExposedPod:
+    return exposure.ExposedPod("team", name, f"uid-{name}", account, "agent", "kube-api-access-x")
+
+
+def test_an_account_with_an_exposed_pod_is_held_back_and_the_condition_names_the_pod() -> None:
+    p = _parsed(service_accounts=("agent", "late"))
+    held = verdicts.hold(p, {"late": [_exposed("bare", "late")]})
+    assert held.granted == {"agent"}
+    c = held.condition
+    assert (c.type, c.status, c.reason) == ("SubjectsGranted", "False", "UninjectedPods")
+    assert "late" in c.message and "bare" in c.message and "'kube-api-access-x'" in c.message
+    ok = verdicts.secrets_resolved(p, {"openai": _keys("openai", {"api-key"})})
+    verdict = verdicts.judge(p, [], ok, None, held)
+    assert (verdict.ready.status, verdict.ready.reason) == ("False", "GrantHeld")
+    assert verdict.granted == {"agent"} and [x.name for x in verdict.held_pods] == ["bare"]
+
+
+def test_without_exposed_pods_every_account_is_granted() -> None:
+    p = _parsed(service_accounts=("agent", "late"))
+    held = verdicts.hold(p, {})
+    assert held.granted == {"agent", "late"} and held.condition.status == "True"
+
+
+def test_the_held_pods_named_are_bounded() -> None:
+    p = _parsed(service_accounts=("agent",))
+    held = verdicts.hold(p, {"agent": [_exposed(f"pod-{i:02}") for i in range(40)]})
+    message = held.condition.message
+    assert "pod-00" in message and f"pod-{verdicts.MAX_PODS_NAMED - 1:02}" in message
+    assert f"pod-{verdicts.MAX_PODS_NAMED:02}" not in message
+    assert f"and {40 - verdicts.MAX_PODS_NAMED} more" in message
+    assert len(held.pods) == 40  # all of them are still counted
+
+
+def test_a_policy_naming_default_gets_a_warning_condition() -> None:
+    p = _parsed(service_accounts=("default",))
+    ok = verdicts.secrets_resolved(p, {"openai": _keys("openai", {"api-key"})})
+    wanted = {w.type: w for w in verdicts.judge(p, [], ok, None).wanted}
+    warning = wanted["DefaultSubject"]
+    assert (warning.status, warning.reason) == ("True", "DefaultServiceAccount")
+    assert "'default'" in warning.message and "serviceAccountName" in warning.message
+    other = _parsed(service_accounts=("agent",))
+    assert "DefaultSubject" not in {w.type for w in verdicts.judge(other, [], ok, None).wanted}
