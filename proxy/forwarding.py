@@ -1,71 +1,88 @@
-"""The request path: authenticate, authorise, attach the key, stream both ways.
+"""The request path: authenticate, authorise, attach the key, relay both ways.
 
-Every request ends in exactly one audit line and one counter increment. The
-order of checks is deliberate: a malformed target is refused before anything
-else (400), the caller is authenticated before the route is looked up (so
-an unauthenticated caller learns nothing about upstreams), and the rate
-limit only counts requests the policy allows.
+    agent ──► listener (llhttp) ──► Proxy.handle
+                                      │ paths.parse, the token (cached), decision.authorise   (no I/O)
+                                      │ hooks (after the decision, before the key is attached)
+                                      │ the key, the headers, the body
+                                      ▼
+                                  upstream.Pool ──► the upstream (llhttp), body relayed
+                                      │               chunk by chunk: decode? scrub, hooks
+                                      ▼
+                                  one audit line, one counter increment
 
-Errors are JSON (``{"error": {"type", "message"}}``) with messages that tell
-the agent's developer what to fix and never echo a token or a key.
+Every request ends in exactly one audit line and one counter increment, on
+every path (refused, forwarded, cut by either side), with the upstream's
+label once the route is known. The order of checks is deliberate: a
+malformed target is refused before anything else (400), the caller is
+authenticated before the route is looked up (so an unauthenticated caller
+learns nothing about upstreams), and the rate limit only counts requests the
+policy allows. Refusals are ``refusals.Refusal`` exceptions, rendered in one
+place; their messages tell the agent's developer what to fix and never echo a
+token or a key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import os
 import time
-import zlib
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
-from urllib.parse import unquote_plus
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Protocol
 
 import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
 from sidekey.core import logs, tokens
-from sidekey.proxy import credentials, metrics, paths, routes, scrubbing
+from sidekey.proxy import audit as auditing
+from sidekey.proxy import (
+    credentials,
+    decision,
+    decoding,
+    headers,
+    listener,
+    metrics,
+    paths,
+    refusals,
+    routes,
+    scrubbing,
+    upstream,
+)
 
 log = logging.getLogger("sidekey.proxy")
 
-#: Bodies up to this size are read at once (cheaper); larger ones are streamed.
+#: Bodies up to this size are read at once and sent with their length; larger ones are streamed.
 SMALL_BODY: Final = 64 * 1024
-#: Response headers that describe the hop, not the message.
-RESPONSE_HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-#: Headers aiohttp's client would add on its own; the agent's own are forwarded instead.
-SKIP_AUTO_HEADERS: Final = ("User-Agent", "Accept-Encoding", "Accept", "Content-Type")
+_JSON_HEAD: Final = b"Content-Type: application/json\r\n"
+_EVENT_STREAM: Final = b"text/event-stream"
+#: The last event of a completed stream (OpenAI's and Anthropic's): a client may close right after.
+_FINAL_EVENTS: Final = (b"data: [DONE]", b"event: message_stop")
 
-#: Encodings the sidecar can undo to scrub a body, should an upstream ignore its
-#: ``Accept-Encoding: identity``. A compressed body hides an echoed key from the
-#: scrubber, and compression on loopback saves nothing, so bodies go to the
-#: agent uncompressed.
-_DECODABLE: Final = frozenset({"gzip", "x-gzip", "deflate"})
-_JSON: Final = "application/json"
-_DENIALS: Final = frozenset({400, 401, 403, 404, 413, 429})
+# the names the tests and the bench knew before the split
+_Decoder = decoding.Decoder
+_redacted = auditing.redacted
+_without_param = headers.without_param
+_forward_headers = headers.forward_request
 
 
-class _BodyTooLarge(Exception):
-    pass
+class ChunkHook(Protocol):
+    """Sees every piece of an allowed response after scrubbing (an SSE event as it arrives)."""
+
+    def chunk(self, data: bytes) -> bytes: ...
+
+    def end(self) -> None: ...
+
+
+#: Called once a call is allowed, before the key is attached: may raise a Refusal
+#: (a model not on the allow-list, a spent budget) or return a ChunkHook for the response.
+#: ``body`` is the whole request body when it was small enough to be read at once, else None.
+RequestHook = Callable[
+    [routes.Route, tokens.Identity, listener.Request, "bytes | None", auditing.AuditRecord], "ChunkHook | None"
+]
 
 
 class Proxy:
-    """The aiohttp low-level handler of the agent-facing listener."""
+    """The handler of the agent-facing listener."""
 
     def __init__(
         self,
@@ -77,492 +94,467 @@ class Proxy:
         audit: logs.AuditWriter,
         pod: str,
         namespace: str,
+        resolver: routes.GuardedResolver | None = None,
+        hooks: Sequence[RequestHook] = (),
+        token_cache: bool = True,
     ) -> None:
         self._table = table
         self._validator = validator
         self._ready = ready
-        self.session = session
+        self.session = session  # for the OAuth2 token endpoint only
+        self.pool = upstream.Pool(resolver or routes.GuardedResolver(frozenset()))
         self._audit = audit
         self._pod = pod
         self._namespace = namespace
+        self.hooks = list(hooks)
+        self._token_cache = token_cache
         self._ids = itertools.count(1)
         self._boot = os.urandom(4).hex()
         self._counters: dict[tuple[str, str, int, str], Any] = {}
         self._histograms: dict[tuple[int, str], Any] = {}
+        self._now = auditing.Stamp().now
         self.in_flight = 0
-        self._stamp_second = -1
-        self._stamp_text = ""
         metrics.IN_FLIGHT.set_function(lambda: self.in_flight)
 
     # --- the handler ---------------------------------------------------------------------
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def listen(self, host: str, port: int) -> listener.Listener:
+        """The agent-facing listener on ``host:port`` (0: any free port), serving this proxy."""
+        server = listener.Listener(self.handle)
+        await server.start(host, port)
+        return server
+
+    async def close(self) -> None:
+        self.pool.close()
+
+    async def handle(self, request: listener.Request, conn: listener.AgentConnection) -> None:
         started = time.perf_counter()
         self.in_flight += 1
-        record: dict[str, Any] = {
+        record: auditing.AuditRecord = {
             "request_id": f"{self._boot}-{next(self._ids)}",
             "pod": self._pod,
             "namespace": self._namespace,
             "service_account": None,
             "upstream": None,
             "method": request.method,
-            "path": _redacted(request.raw_path),
+            "path": auditing.redacted(request.target),
         }
+        reply = listener.Reply(conn, request)
         status = 500
-        upstream_label = ""
         try:
             try:
-                response, status = await self._handle(request, record)
-            except (asyncio.CancelledError, ConnectionError):
-                raise
+                status = await self._handle(request, conn, reply, record)
+            except refusals.Refusal as refusal:
+                status = self._refuse(reply, record, refusal)
+                if request.has_body and not request.body.eof:
+                    reply.keep_alive = False  # the unread body would be read as the next request
+            except (ConnectionError, upstream.UpstreamError) as exc:
+                # the agent left mid-body, or a failure after the status line was sent
+                if reply.started:
+                    status = reply.status
+                    record["reason"] = getattr(exc, "reason", "upstream_broke_stream")
+                else:
+                    status = 499
+                    record["reason"] = "client_disconnected"
+                conn.abort()
             except Exception as exc:
-                if record.get("streamed"):
-                    raise  # the status line is sent; aiohttp closes the connection
                 log.error("request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
-                response, status = _refuse(
-                    record,
-                    500,
-                    "internal_error",
-                    "api_error",
-                    "the sidecar failed on this request; see its logs",
-                )
-            upstream_label = record["upstream"] or ""
-            return response
+                if reply.started:
+                    conn.abort()
+                    status = reply.status
+                else:
+                    status = self._refuse(reply, record, refusals.Internal(
+                        "internal_error", "the sidecar failed on this request; see its logs"))
         except asyncio.CancelledError:
             record.setdefault("decision", "allowed")
-            record["reason"] = "client_disconnected"
-            status = 499
+            if record.get("reason") == "stream_complete":
+                status = reply.status  # the agent closed after the final event: a completed stream
+                record["reason"] = "ok"
+            else:
+                record["reason"] = "client_disconnected"
+                status = 499
             raise
         finally:
             elapsed = time.perf_counter() - started
             self.in_flight -= 1
             record["status"] = status
             record["duration_ms"] = round(elapsed * 1000, 3)
-            record["time"] = self._timestamp()
+            record["time"] = self._now()
             self._audit.write(record)
-            self._count(upstream_label, request.method, status, record.get("decision", "error"), elapsed)
+            self._count(record["upstream"] or "", request.method, status, record.get("decision", "error"), elapsed)
 
-    def _timestamp(self) -> str:
-        """RFC 3339 UTC with milliseconds; strftime runs once a second, not per request."""
-        now = time.time()
-        second = int(now)
-        if second != self._stamp_second:
-            self._stamp_second = second
-            self._stamp_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp_text}.{int((now - second) * 1000):03d}Z"
+    def _refuse(self, reply: listener.Reply, record: auditing.AuditRecord, refusal: refusals.Refusal) -> int:
+        if refusal.decision is not None:
+            record["decision"] = refusal.decision
+        record["reason"] = refusal.reason
+        if refusal.upstream is not None:
+            record["upstream"] = refusal.upstream
+        head = _JSON_HEAD + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in refusal.extra_headers())
+        reply.whole(refusal.status, head, refusal.body())
+        return refusal.status
 
-    def _count(self, upstream: str, method: str, status: int, decision: str, elapsed: float) -> None:
-        key = (upstream, method, status, decision)
+    def _count(self, upstream_name: str, method: str, status: int, decided: str, elapsed: float) -> None:
+        key = (upstream_name, method, status, decided)
         child = self._counters.get(key)
         if child is None:
-            child = metrics.REQUESTS.labels(upstream, metrics.method_label(method), str(status), decision)
+            child = metrics.REQUESTS.labels(upstream_name, metrics.method_label(method), str(status), decided)
             if len(self._counters) < 4096:
                 self._counters[key] = child
         child.inc()
-        if upstream:
-            self._histogram(metrics.DURATION, upstream).observe(elapsed)
+        if upstream_name:
+            self._histogram(metrics.DURATION, upstream_name).observe(elapsed)
 
-    def _histogram(self, family: Any, upstream: str) -> Any:
-        key = (id(family), upstream)
+    def _histogram(self, family: Any, upstream_name: str) -> Any:
+        key = (id(family), upstream_name)
         child = self._histograms.get(key)
         if child is None:
-            child = family.labels(upstream)
+            child = family.labels(upstream_name)
             if len(self._histograms) < 1024:
                 self._histograms[key] = child
         return child
 
+    # --- the decision --------------------------------------------------------------------
+
     async def _handle(
-        self, request: web.BaseRequest, record: dict[str, Any]
-    ) -> tuple[web.StreamResponse, int]:
+        self,
+        request: listener.Request,
+        conn: listener.AgentConnection,
+        reply: listener.Reply,
+        record: auditing.AuditRecord,
+    ) -> int:
         validator = self._validator()
         if validator is None or not self._ready():
-            return _refuse(
-                record,
-                503,
-                "not_ready",
-                "unavailable",
-                "the sidecar is starting: its keys or policies are not loaded yet",
+            raise refusals.NotReady(
+                "not_ready", "the sidecar is starting: its keys or policies are not loaded yet"
             )
         try:
-            target = paths.parse(request.raw_path)
+            target = paths.parse(request.target)
         except paths.PathError as exc:
-            return _refuse(record, 400, "bad_path", "invalid_request", str(exc))
-        # --- who is calling
-        token = _caller_token(request)
+            raise refusals.BadRequest("bad_path", str(exc)) from None
+        token = headers.caller_token(request.authorization, request.token_header)
         if token is None:
             metrics.TOKEN_FAILURES.labels("missing").inc()
-            return _refuse(
-                record,
-                401,
+            raise refusals.Unauthenticated(
                 "missing",
-                "authentication_error",
                 "no token: send the pod's token (the file in SIDEKEY_TOKEN_FILE) as "
                 "'Authorization: Bearer <token>' or as the SDK's API key",
             )
-        identity = validator.cached(token)
+        if self._token_cache:
+            identity = validator.cached(token)
+        else:
+            # the benchmark knob (SIDEKEY_TOKEN_CACHE=0): every call pays the full check
+            validator._cache.clear()
+            identity = None
         if identity is None:
             try:
                 identity = await validator.validate(token)
             except tokens.TokenError as exc:
                 metrics.TOKEN_FAILURES.labels(exc.reason).inc()
-                return _refuse(record, 401, exc.reason, "authentication_error", exc.message)
+                raise refusals.Unauthenticated(exc.reason, exc.message) from None
         record["service_account"] = identity.service_account
-        # --- what it may call
-        route = self._table().get(target.route)
-        if route is None:
-            return _refuse(
-                record,
-                404,
-                "unknown_upstream",
-                "not_found",
-                f"no AgentPolicy gives service account {identity.service_account!r} an "
-                f"upstream named {target.route[:63]!r}",
-            )
+        try:
+            route = decision.authorise(target, identity, self._table(), request.method, request.content_length)
+        except refusals.RateLimited as exc:
+            metrics.RATE_LIMITED.labels(exc.upstream or "").inc()
+            raise
         record["upstream"] = route.name
-        method = request.method
-        if not route.upstream.allows(method, target.segments):
-            return _refuse(
-                record,
-                403,
-                "not_allowed",
-                "permission_error",
-                f"AgentPolicy {route.policy!r} does not allow {method} "
-                f"{target.path or '/'} on upstream {route.name!r}; "
-                "add a matching allow rule (methods and paths)",
-            )
-        length = request.content_length
-        max_body = route.upstream.limits.max_request_bytes
-        if length is not None and length > max_body:
-            return _refuse(
-                record,
-                413,
-                "too_large",
-                "request_too_large",
-                f"request body is {length} bytes; upstream {route.name!r} allows at most "
-                f"{max_body} (limits.maxRequestBytes)",
-            )
-        if route.bucket is not None:
-            wait = route.bucket.take()
-            if wait:
-                metrics.RATE_LIMITED.labels(route.name).inc()
-                response, status = _refuse(
-                    record,
-                    429,
-                    "rate_limited",
-                    "rate_limit_error",
-                    f"upstream {route.name!r} allows {int(route.bucket.capacity)} requests per minute "
-                    "from this pod (limits.requestsPerMinute)",
-                )
-                response.headers["Retry-After"] = route.bucket.retry_after(wait)
-                return response, status
-        cred = route.credential
-        if cred is None:
-            return _refuse(
-                record,
-                503,
-                "credential_unavailable",
-                "unavailable",
-                f"upstream {route.name!r} has no usable credential: {route.unavailable}",
-            )
         record["decision"] = "allowed"
         record["reason"] = "ok"
-        return await self._forward(request, route, cred, target, record)
+        return await self._forward(request, conn, reply, route, identity, target, record)
 
-    # --- forwarding ---------------------------------------------------------------------------
+    # --- forwarding ------------------------------------------------------------------------------
 
     async def _forward(
         self,
-        request: web.BaseRequest,
+        request: listener.Request,
+        conn: listener.AgentConnection,
+        reply: listener.Reply,
         route: routes.Route,
-        cred: credentials.Credential,
+        identity: tokens.Identity,
         target: paths.Target,
-        record: dict[str, Any],
-    ) -> tuple[web.StreamResponse, int]:
+        record: auditing.AuditRecord,
+    ) -> int:
         up = route.upstream
-        headers = _forward_headers(request, route.strip)
+        cred = route.credential
+        assert cred is not None  # authorise refused a route without one
+        # --- the body: invite it (the call is allowed), then read a small one at once
+        expect = request.expect
+        if expect is not None and expect.lower() == "100-continue" and request.version == "1.1":
+            conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        length = request.content_length
+        body: bytes | None = None
+        if not request.has_body:
+            body = b""
+        elif length is not None and length <= SMALL_BODY:
+            body = await request.body.read_all()
+        record["bytes_in"] = len(body) if body is not None else length or 0
+        chunk_hooks: list[ChunkHook] = []
+        for hook in self.hooks:
+            extra = hook(route, identity, request, body, record)
+            if extra is not None:
+                chunk_hooks.append(extra)
+        # --- the key and the head
         scrubber = cred.scrubber
+        lines = headers.forward(request.headers, request.connection, route.strip)
         if cred.oauth is not None:
             try:
                 access = await cred.oauth.token(self.session, route.ssl)
             except credentials.CredentialError as exc:
-                record["reason"] = "oauth_failed"
-                return _error(
-                    exc.status,
-                    "api_error" if exc.status == 502 else "unavailable",
-                    f"upstream {route.name!r}: {exc.message}",
-                ), exc.status
-            headers.append(("Authorization", f"Bearer {access}"))
+                raise refusals.UpstreamFailure(
+                    "oauth_failed", f"upstream {route.name!r}: {exc.message}", exc.status
+                ) from None
+            lines.append(("Authorization", f"Bearer {access}"))
             scrubber = cred.oauth.scrubber
         else:
-            headers.extend(cred.headers)
+            lines.extend(cred.headers)
         query = target.query
         if cred.query is not None:
-            query = _without_param(query, cred.query[0])
-            query = (
-                f"{query}&{cred.query[0]}={cred.query[1]}" if query else f"{cred.query[0]}={cred.query[1]}"
-            )
-        headers.append(("Accept-Encoding", "identity"))
-        url = route.origin + up.base_path + target.path
+            name, value = cred.query
+            query = headers.without_param(query, name)
+            query = f"{query}&{name}={value}" if query else f"{name}={value}"
+        path = up.base_path + target.path
         if query:
-            url = f"{url}?{query}"
-        # --- the body
-        data: Any = None
-        length = request.content_length
-        limiter: _Limiter | None = None
-        record["bytes_in"] = length or 0
-        expect = request.headers.get("Expect")
-        if expect is not None and expect.lower() == "100-continue" and request.version >= (1, 1):
-            # the call is allowed: invite the body (curl waits a second otherwise)
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if length is not None and length <= SMALL_BODY:
-            data = await request.content.read() if length else b""
-            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-        elif request.body_exists:
-            limiter = _Limiter(request.content, up.limits.max_request_bytes)
-            data = limiter.iterate()
+            path = f"{path}?{query}"
+        host = f"[{up.host}]" if ":" in up.host else up.host
+        if up.port != (443 if up.scheme == "https" else 80):
+            host = f"{host}:{up.port}"
+        head = [f"{request.method} {path or '/'} HTTP/1.1\r\nHost: {host}\r\n"]
+        head.extend(f"{k}: {v}\r\n" for k, v in lines)
+        head.append("Accept-Encoding: identity\r\n")
+        streamed_body = body is None
+        if streamed_body:
+            head.append(f"Content-Length: {length}\r\n\r\n" if length is not None else "Transfer-Encoding: chunked\r\n\r\n")
+        elif body or request.method in ("POST", "PUT", "PATCH"):
+            head.append(f"Content-Length: {len(body or b'')}\r\n\r\n")
+        else:
+            head.append("\r\n")
+        data = "".join(head).encode("utf-8", "surrogateescape")
+        if body:
+            data += body
+        # --- the exchange
+        timeout = route.timeout.sock_read or float(up.limits.timeout_seconds)
         started = time.perf_counter()
+        up_conn = await self._send(route, data, request, timeout, retry=not streamed_body)
         try:
-            upstream = await self.session.request(
-                request.method,
-                URL(url, encoded=True),
-                headers=CIMultiDict(headers),
-                data=data,
-                ssl=route.ssl,
-                allow_redirects=False,
-                timeout=route.timeout,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-            )
-        except TimeoutError:  # before ClientError: ServerTimeoutError is both
-            record["reason"] = "upstream_timeout"
-            return _error(
-                504,
-                "timeout_error",
-                f"upstream {route.name!r} did not answer within "
-                f"{up.limits.timeout_seconds} s (limits.timeoutSeconds)",
-            ), 504
-        except (
-            _BodyTooLarge,
-            aiohttp.ClientPayloadError,
-            aiohttp.ClientOSError,
-            aiohttp.ClientConnectionError,
-        ) as exc:
-            if limiter is not None and limiter.exceeded:
-                record["decision"], record["reason"] = "denied", "too_large"
-                return _error(
-                    413,
-                    "request_too_large",
-                    f"request body exceeds {up.limits.max_request_bytes} bytes "
-                    f"(limits.maxRequestBytes of upstream {route.name!r})",
-                ), 413
-            return self._upstream_failed(route, exc, record)
-        except aiohttp.ClientError as exc:
-            return self._upstream_failed(route, exc, record)
-        self._histogram(metrics.UPSTREAM_DURATION, route.name).observe(time.perf_counter() - started)
-        if limiter is not None:
-            record["bytes_in"] = limiter.total
-        try:
-            result = await self._respond(request, upstream, scrubber, record)
+            if streamed_body:
+                await self._upload(request, route, up_conn, length is None, record)
+            await up_conn.head()
+            self._histogram(metrics.UPSTREAM_DURATION, route.name).observe(time.perf_counter() - started)
+            status = await self._respond(request, conn, reply, up_conn, scrubber, chunk_hooks, record)
+        except upstream.UpstreamError as exc:
+            up_conn.abandon()
+            if reply.started:
+                raise
+            raise self._failure(route, exc) from None
         except BaseException:
-            upstream.close()  # a half-read response never goes back to the pool
+            up_conn.abandon()  # a half-read response never goes back to the pool
             raise
-        upstream.release()
-        return result
+        up_conn.release()
+        return status
 
-    def _upstream_failed(
-        self, route: routes.Route, exc: BaseException, record: dict[str, Any]
-    ) -> tuple[web.StreamResponse, int]:
-        record["reason"] = "upstream_error"
-        os_error = getattr(exc, "os_error", None)
-        if isinstance(os_error, routes.HostRefused) or isinstance(exc.__cause__, routes.HostRefused):
-            record["reason"] = "host_refused"
-            message = str(os_error if isinstance(os_error, routes.HostRefused) else exc.__cause__)
-            return _error(502, "api_error", f"upstream {route.name!r}: {message}"), 502
-        if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-            record["reason"] = "upstream_tls"
-            return _error(
-                502,
-                "api_error",
-                f"upstream {route.name!r}: TLS verification failed "
-                "(check the certificate, or the policy's caBundle)",
-            ), 502
-        log.info("upstream %s failed: %s", route.name, type(exc).__name__)
-        return _error(
-            502, "api_error", f"upstream {route.name!r} could not be reached ({type(exc).__name__})"
-        ), 502
+    async def _send(
+        self, route: routes.Route, data: bytes, request: listener.Request, read_timeout: float, *, retry: bool
+    ) -> upstream.UpstreamConnection:
+        """A connection with the request head (and small body) on its way; one retry on a stale one."""
+        try:
+            up_conn = await self.pool.acquire(route)
+        except upstream.UpstreamError as exc:
+            raise self._failure(route, exc) from None
+        up_conn.send(data, head_method=request.method == "HEAD", timeout=read_timeout)
+        if not (retry and up_conn.reused):
+            return up_conn
+        # a pooled connection the upstream closed while idle fails before any answer: try a new one
+        await asyncio.sleep(0)
+        if not up_conn.closed:
+            return up_conn
+        if up_conn.received_any:
+            return up_conn
+        try:
+            fresh = await self.pool.acquire(route)
+        except upstream.UpstreamError as exc:
+            raise self._failure(route, exc) from None
+        fresh.send(data, head_method=request.method == "HEAD", timeout=read_timeout)
+        return fresh
+
+    async def _upload(
+        self,
+        request: listener.Request,
+        route: routes.Route,
+        up_conn: upstream.UpstreamConnection,
+        chunked: bool,
+        record: auditing.AuditRecord,
+    ) -> None:
+        """Stream a large or chunked request body up, within the policy's size limit."""
+        limit = route.upstream.limits.max_request_bytes
+        total = 0
+        body = request.body
+        while chunk := await body.read():
+            total += len(chunk)
+            if total > limit:
+                record["bytes_in"] = total
+                up_conn.abandon()
+                raise decision.too_large_stream(route)
+            up_conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            await up_conn.drain()
+        if chunked:
+            up_conn.write(b"0\r\n\r\n")
+        record["bytes_in"] = total
+
+    def _failure(self, route: routes.Route, exc: upstream.UpstreamError) -> refusals.UpstreamFailure:
+        name = route.name
+        if isinstance(exc, upstream.ReadTimeout):
+            limit = route.upstream.limits.timeout_seconds
+            what = "could not be connected to" if isinstance(exc, upstream.ConnectTimeout) else "did not answer"
+            return refusals.UpstreamTimeout(
+                exc.reason, f"upstream {name!r} {what} within {limit} s (limits.timeoutSeconds)"
+            )
+        if isinstance(exc, upstream.TlsFailed):
+            return refusals.UpstreamFailure(
+                exc.reason,
+                f"upstream {name!r}: TLS verification failed (check the certificate, or the policy's caBundle)",
+            )
+        if isinstance(exc, upstream.Refused | upstream.Unacceptable | upstream.DnsFailed):
+            return refusals.UpstreamFailure(exc.reason, f"upstream {name!r}: {exc}")
+        log.info("upstream %s failed: %s", name, exc)
+        return refusals.UpstreamFailure(exc.reason, f"upstream {name!r} {exc}")
+
+    # --- the response ----------------------------------------------------------------------------
 
     async def _respond(
         self,
-        request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        request: listener.Request,
+        conn: listener.AgentConnection,
+        reply: listener.Reply,
+        up_conn: upstream.UpstreamConnection,
         scrubber: scrubbing.Scrubber,
-        record: dict[str, Any],
-    ) -> tuple[web.StreamResponse, int]:
-        status = upstream.status
-        out_headers: CIMultiDict[str] = CIMultiDict()
-        raw = upstream.headers
-        codings = [c.strip().lower() for v in raw.getall("Content-Encoding", ()) for c in v.split(",")]
-        codings = [c for c in codings if c and c != "identity"]
-        encoding = ", ".join(codings)
-        decoder: _Decoder | None = None
+        chunk_hooks: list[ChunkHook],
+        record: auditing.AuditRecord,
+    ) -> int:
+        status = up_conn.status
+        codings = decoding.codings(v.decode("latin-1") for v in up_conn.codings)
+        decoder: decoding.Decoder | None = None
         if codings:
-            if len(codings) > 1 or codings[0] not in _DECODABLE:
-                upstream.close()
-                record["reason"] = "upstream_encoding"
-                return _error(502, "api_error",
-                              f"the upstream answered with Content-Encoding {encoding!r} although the "
-                              "sidecar asked for identity; such a body cannot be checked for the key"), 502
-            decoder = _Decoder()
-        # one search over all values; per-header scrubbing only when something matched
-        dirty = scrubber.contains_text("\n".join(raw.values()))
-        scrub_text = scrubber.scrub_text
-        for name, value in raw.items():
-            lowered = name.lower()
-            if lowered in RESPONSE_HOP_BY_HOP or (
-                    decoder is not None and lowered in ("content-encoding", "content-length")):
-                continue
-            out_headers.add(name, scrub_text(value) if dirty else value)
+            if len(codings) > 1 or codings[0] not in decoding.DECODABLE:
+                encoding = ", ".join(codings)
+                raise upstream.Unacceptable(
+                    f"the upstream answered with Content-Encoding {encoding!r} although the "
+                    "sidecar asked for identity; such a body cannot be checked for the key"
+                )
+            decoder = decoding.Decoder()
+        block = headers.response_head(
+            up_conn.headers, headers.DECODED_DROP if decoder is not None else headers.RESPONSE_DROP, scrubber
+        )
         # upstreams echo keys in the reason phrase too ("401 Invalid key sk-...")
-        reason = scrub_text(upstream.reason) if upstream.reason else upstream.reason
-        length = upstream.content_length
-        if length is not None and length <= SMALL_BODY:
-            data = await upstream.read()
-            if decoder is not None:
-                try:
-                    data = decoder.feed(data) + decoder.flush()
-                except (zlib.error, _DecodedTooLarge):
-                    record["reason"] = "upstream_encoding"
-                    return _error(502, "api_error", f"the upstream sent a corrupt {encoding} body"), 502
-            body = scrubber.scrub(data)
-            record["bytes_out"] = len(body)
-            small = web.Response(status=status, reason=reason, headers=out_headers)
-            small.body = body
-            return small, status
-        response = web.StreamResponse(status=status, reason=reason, headers=out_headers)
-        record["streamed"] = True
-        await response.prepare(request)
-        stream = scrubber.stream()
-        sent = 0
+        reason = scrubber.scrub(up_conn.reason) if up_conn.reason else listener.reason_phrase(status)
+        length = up_conn.content_length
+        if decoder is not None and length is not None and length <= SMALL_BODY:
+            return await self._respond_decoded(
+                reply, up_conn, decoder, scrubber, chunk_hooks, status, reason, block, record
+            )
+        relay = _Relay(reply, up_conn, scrubber.stream(), decoder, chunk_hooks)
+        sse = _EVENT_STREAM in block.lower()
+        if length is None or length > SMALL_BODY or decoder is not None:
+            record["streamed"] = True
+        reply.start(status, reason, block, length if decoder is None else None)
+        conn.on_pause, conn.on_resume = up_conn.pause, up_conn.resume
+        if conn.write_paused:
+            up_conn.pause()
+        done = up_conn.relay(relay.feed)
         try:
-            async for chunk in upstream.content.iter_any():
-                data = stream.feed(decoder.feed(chunk) if decoder is not None else chunk)
-                if data:
-                    sent += len(data)
-                    await response.write(data)
-        except (aiohttp.ClientError, TimeoutError, zlib.error, _DecodedTooLarge) as exc:
-            # the status is gone; end the connection so the agent sees a cut stream,
+            await done
+        except asyncio.CancelledError:
+            if sse and relay.final:
+                record["reason"] = "stream_complete"
+            record["bytes_out"] = reply.sent
+            raise
+        except upstream.UpstreamError as exc:
+            # the status is gone: end the connection so the agent sees a cut stream,
             # not a clean end of a truncated body
             record["reason"] = "upstream_broke_stream"
-            record["bytes_out"] = sent
+            record["bytes_out"] = reply.sent
             log.info("upstream stream broke: %s", type(exc).__name__)
-            upstream.close()
-            if request.transport is not None:
-                request.transport.abort()
-            return response, status
-        tail = stream.feed(decoder.flush()) + stream.flush() if decoder is not None else stream.flush()
-        if tail:
-            sent += len(tail)
-            await response.write(tail)
-        await response.write_eof()
-        record["bytes_out"] = sent
-        return response, status
+            up_conn.abandon()
+            conn.abort()
+            return status
+        relay.finish()
+        reply.end()
+        record["bytes_out"] = reply.sent
+        return status
+
+    async def _respond_decoded(
+        self,
+        reply: listener.Reply,
+        up_conn: upstream.UpstreamConnection,
+        decoder: decoding.Decoder,
+        scrubber: scrubbing.Scrubber,
+        chunk_hooks: list[ChunkHook],
+        status: int,
+        reason: bytes,
+        block: bytes,
+        record: auditing.AuditRecord,
+    ) -> int:
+        """A small compressed body: read whole, decoded, scrubbed, sent with its new length."""
+        parts: list[bytes] = []
+        await up_conn.relay(parts.append)
+        try:
+            data = decoder.feed(b"".join(parts)) + decoder.flush()
+        except decoding.DecodeError:
+            raise upstream.Unacceptable("the upstream sent a corrupt or oversized compressed body") from None
+        body = scrubber.scrub(data)
+        for hook in chunk_hooks:
+            body = hook.chunk(body)
+            hook.end()
+        reply.whole(status, block, body, reason)
+        record["bytes_out"] = len(body)
+        return status
 
 
-class _DecodedTooLarge(Exception):
-    pass
+class _Relay:
+    """The body from the upstream to the agent, run from the upstream protocol's callback."""
 
+    __slots__ = ("_decoder", "_hooks", "_reply", "_stream", "_up", "final")
 
-class _Decoder:
-    """Undoes gzip or deflate (zlib framing, detected) with a bound on the output.
+    def __init__(
+        self,
+        reply: listener.Reply,
+        up: upstream.UpstreamConnection,
+        stream: scrubbing.StreamScrubber,
+        decoder: decoding.Decoder | None,
+        hooks: list[ChunkHook],
+    ) -> None:
+        self._reply = reply
+        self._up = up
+        self._stream = stream
+        self._decoder = decoder
+        self._hooks = hooks
+        self.final = False
 
-    Only an upstream that ignored ``Accept-Encoding: identity`` gets here; the
-    bound keeps a small compressed body from growing without limit in memory.
-    """
+    def feed(self, chunk: bytes) -> None:
+        if self._decoder is not None:
+            try:
+                chunk = self._decoder.feed(chunk)
+            except decoding.DecodeError:
+                raise upstream.Broken("a corrupt or oversized compressed body") from None
+        data = self._stream.feed(chunk)
+        if not data:
+            return
+        for hook in self._hooks:
+            data = hook.chunk(data)
+        self._reply.write(data)
+        tail = data[-64:]
+        self.final = any(f in tail for f in _FINAL_EVENTS)
 
-    LIMIT: Final = 256 * 1024 * 1024
+    def finish(self) -> None:
+        tail = b""
+        if self._decoder is not None:
+            try:
+                tail = self._decoder.flush()
+            except decoding.DecodeError:
+                raise upstream.Broken("a corrupt or oversized compressed body") from None
+        data = self._stream.feed(tail) + self._stream.flush() if tail else self._stream.flush()
+        for hook in self._hooks:
+            if data:
+                data = hook.chunk(data)
+            hook.end()
+        self._reply.write(data)
 
-    def __init__(self) -> None:
-        self._z = zlib.decompressobj(wbits=47)
-        self._out = 0
-
-    def feed(self, data: bytes) -> bytes:
-        room = self.LIMIT - self._out + 1
-        out = self._z.decompress(data, room)
-        self._out += len(out)
-        if self._out > self.LIMIT or self._z.unconsumed_tail:
-            raise _DecodedTooLarge()
-        return out
-
-    def flush(self) -> bytes:
-        out = self._z.flush()
-        self._out += len(out)
-        if self._out > self.LIMIT:
-            raise _DecodedTooLarge()
-        return out
-
-
-class _Limiter:
-    """Streams the request body up and stops at the policy's size limit."""
-
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
-        self._content = content
-        self._limit = limit
-        self.exceeded = False
-        self.total = 0
-
-    async def iterate(self) -> AsyncIterator[bytes]:
-        async for chunk in self._content.iter_any():
-            self.total += len(chunk)
-            if self.total > self._limit:
-                self.exceeded = True
-                raise _BodyTooLarge()
-            yield chunk
-
-
-def _caller_token(request: web.BaseRequest) -> str | None:
-    headers = request.headers
-    auth = headers.get("Authorization")
-    if auth is not None and auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return headers.get("x-api-key") or headers.get("api-key") or None
-
-
-def _forward_headers(request: web.BaseRequest, strip: frozenset[str]) -> list[tuple[str, str]]:
-    headers = request.headers
-    drop = strip
-    connection = headers.get("Connection")
-    if connection:
-        drop = strip | {t.strip().lower() for t in connection.split(",")}
-    return [(k, v) for k, v in headers.items() if k.lower() not in drop]
-
-
-def _without_param(query: str, name: str) -> str:
-    """The caller's query minus any value it gave for the credential's parameter."""
-    if not query:
-        return query
-    kept = [p for p in query.split("&") if unquote_plus(p.split("=", 1)[0]) != name]
-    return "&".join(kept)
-
-
-def _redacted(raw: str) -> str:
-    """The request target for the audit line: query values are replaced."""
-    path, sep, query = raw.partition("?")
-    if not sep:
-        return path[:2048]
-    names = "&".join(f"{p.split('=', 1)[0]}=REDACTED" for p in query.split("&") if p)
-    return f"{path}?{names}"[:2048]
-
-
-def _error(status: int, kind: str, message: str) -> web.Response:
-    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
-    response = web.Response(status=status, body=body, content_type=_JSON)
-    if status == 401:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="sidekey"'
-    return response
-
-
-def _refuse(
-    record: dict[str, Any], status: int, reason: str, kind: str, message: str
-) -> tuple[web.Response, int]:
-    record["decision"] = "denied" if status in _DENIALS else "error"
-    record["reason"] = reason
-    return _error(status, kind, message), status

@@ -14,6 +14,9 @@ from typing import Final
 from sidekey.core import contract
 
 DEFAULT_DRAIN_SECONDS: Final = 25.0
+#: A benchmark knob, never set in a pod: ``0`` turns the token cache off, so every
+#: request pays the full signature and claims check (what a first call costs).
+ENV_TOKEN_CACHE: Final = "SIDEKEY_TOKEN_CACHE"
 
 
 class SettingsError(ValueError):
@@ -33,6 +36,7 @@ class Settings:
     audience: str = contract.DEFAULT_AUDIENCE
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     log_level: str = "info"
+    token_cache: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -69,6 +73,7 @@ class Settings:
             audience=env.get(contract.ENV_AUDIENCE, "").strip() or contract.DEFAULT_AUDIENCE,
             drain_seconds=max(0.0, drain),
             log_level=env.get(contract.ENV_LOG_LEVEL, "").strip().lower() or "info",
+            token_cache=env.get(ENV_TOKEN_CACHE, "").strip() != "0",
         )
         if settings.port == settings.health_port:
             raise SettingsError(f"{contract.ENV_PROXY_PORT} and {contract.ENV_HEALTH_PORT} must differ")

@@ -22,10 +22,6 @@ from sidekey.proxy import forwarding, metrics, routes, settings
 
 log = logging.getLogger("sidekey.proxy")
 
-#: Connections per upstream host: well above the concurrent streams an agent
-#: pod holds, so long streams never starve short calls (a failure seen in peers).
-CONNECTIONS_PER_HOST: Final = 256
-CONNECTIONS_TOTAL: Final = 1024
 AUDIT_FLUSH_SECONDS: Final = 0.2
 
 
@@ -73,15 +69,10 @@ class Sidecar:
         self._tasks.append(asyncio.create_task(self._discover(), name="discover-issuer"))
         self._tasks.append(asyncio.create_task(self.keys.run(), name="jwks-refresh"))
         self._tasks.append(asyncio.create_task(self._flush_audit(), name="audit-flush"))
-        connector = aiohttp.TCPConnector(
-            limit=CONNECTIONS_TOTAL,
-            limit_per_host=CONNECTIONS_PER_HOST,
-            resolver=routes.GuardedResolver(frozenset({s.pod_ip} if s.pod_ip else ())),
-            ttl_dns_cache=10,
-            enable_cleanup_closed=True,
-        )
+        resolver = routes.GuardedResolver(frozenset({s.pod_ip} if s.pod_ip else ()))
+        # aiohttp only for the OAuth2 token endpoint; the forwarding has its own pool (proxy.upstream)
         self.session = aiohttp.ClientSession(
-            connector=connector,
+            connector=aiohttp.TCPConnector(limit=16, resolver=resolver, ttl_dns_cache=10),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None),
@@ -95,14 +86,11 @@ class Sidecar:
             audit=self.audit,
             pod=s.pod_name,
             namespace=s.namespace,
+            resolver=resolver,
+            token_cache=s.token_cache,
         )
-        server = web.Server(self.proxy, handler_cancellation=True, access_log=None)
-        runner = web.ServerRunner(server, shutdown_timeout=s.drain_seconds)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", s.port, reuse_address=True)
-        await site.start()
-        self._runners.append(runner)
-        self.proxy_port = _bound_port(runner)
+        self.listener = await self.proxy.listen("127.0.0.1", s.port)
+        self.proxy_port = self.listener.port
         health = web.Server(self._health, access_log=None)
         hrunner = web.ServerRunner(health, shutdown_timeout=1.0)
         await hrunner.setup()
@@ -127,15 +115,16 @@ class Sidecar:
         self.draining = True
         metrics.READY.set(0)
         log.info("draining", extra={"fields": {"in_flight": self.proxy.in_flight}})
-        proxy_runner, *others = self._runners
-        await proxy_runner.cleanup()  # stops the site, waits up to drain_seconds for handlers
+        # stop accepting, close idle connections, wait up to drain_seconds for the busy ones
+        await self.listener.drain(self.settings.drain_seconds)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.routes.stop()
+        await self.proxy.close()
         await self.session.close()
         await self.api.close()
-        for runner in others:
+        for runner in self._runners:
             await runner.cleanup()
         self.audit.flush()
         log.info("stopped")

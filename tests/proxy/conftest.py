@@ -308,8 +308,9 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
         table = StaticRoutes(secrets or {})
         table.set_policies(*objs)
         audit_stream = io.StringIO()
+        resolver = routes.GuardedResolver(frozenset({pod_ip} - {""}))
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(resolver=routes.GuardedResolver(frozenset({pod_ip} - {""}))),
+            connector=aiohttp.TCPConnector(resolver=resolver),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None),
@@ -322,16 +323,14 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
             audit=logs.AuditWriter(audit_stream),
             pod=POD,
             namespace=NAMESPACE,
+            resolver=resolver,
         )
-        server = web.Server(proxy, handler_cancellation=True, access_log=None)
-        runner = web.ServerRunner(server, shutdown_timeout=0.5)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        server = await proxy.listen("127.0.0.1", 0)
+        port = server.port
 
         async def cleanup() -> None:
-            await runner.cleanup()
+            await server.drain(0.5)
+            await proxy.close()
             await session.close()
 
         cleanups.append(cleanup)

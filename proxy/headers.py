@@ -1,0 +1,97 @@
+"""Which headers cross the sidecar, in each direction, in one pass each.
+
+Up: the agent's headers minus the hop-by-hop ones, every header an SDK may
+carry the caller's token in, the override headers an upstream framework
+could honour to change the checked method or path, and whatever the agent
+names in ``Connection``; the route's strip set holds all of them, computed
+when the route is built. Down: the upstream's headers minus hop-by-hop and
+framing (the sidecar frames the body itself), with every form of the key
+scrubbed from names and values alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, Protocol
+from urllib.parse import unquote_plus
+
+from sidekey.proxy import scrubbing
+
+#: Response headers that describe the hop or the framing, not the message.
+RESPONSE_DROP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+    }
+)
+#: Dropped too when the sidecar decodes the body (its length and coding change).
+DECODED_DROP: Final = RESPONSE_DROP | {b"content-encoding"}
+
+
+class _HasHeaders(Protocol):
+    @property
+    def headers(self) -> Any: ...
+
+
+def caller_token(authorization: str | None, token_header: str | None) -> str | None:
+    """The caller's token: ``Authorization: Bearer``, else the SDKs' ``x-api-key``/``api-key``."""
+    if authorization is not None and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return token_header or None
+
+
+def forward(items: Iterable[tuple[str, str]], connection: str | None, strip: frozenset[str]) -> list[tuple[str, str]]:
+    """The agent's headers that go up; ``connection`` is its Connection header, if any."""
+    drop = _with_length.get(strip)
+    if drop is None:
+        drop = _with_length[strip] = strip | {"content-length"}  # the sidecar frames the body itself
+    if connection:
+        drop = drop | {t.strip().lower() for t in connection.split(",")}
+    return [(k, v) for k, v in items if k.lower() not in drop]
+
+
+_with_length: dict[frozenset[str], frozenset[str]] = {}
+
+
+def forward_request(request: _HasHeaders, strip: frozenset[str]) -> list[tuple[str, str]]:
+    """``forward`` for anything with a ``headers`` mapping (a multidict or a Request's list)."""
+    headers = request.headers
+    if isinstance(headers, list):
+        pairs: Iterable[tuple[str, str]] = headers
+        connection = ", ".join(v for k, v in headers if k.lower() == "connection") or None
+    else:
+        assert isinstance(headers, Mapping)
+        pairs = headers.items()
+        connection = headers.get("Connection")
+    return forward(pairs, connection, strip)
+
+
+def without_param(query: str, name: str) -> str:
+    """The caller's query minus any value it gave for the credential's parameter."""
+    if not query:
+        return query
+    kept = [p for p in query.split("&") if unquote_plus(p.split("=", 1)[0]) != name]
+    return "&".join(kept)
+
+
+def response_head(
+    raw: list[tuple[bytes, bytes]], drop: frozenset[bytes], scrubber: scrubbing.Scrubber
+) -> bytes:
+    """The upstream's headers as ``Name: value`` lines for the agent, scrubbed.
+
+    One search over the whole block, names and values together; a match is
+    replaced by as many ``*`` (a token character), so the block stays well formed.
+    """
+    kept = [(k, v) for k, v in raw if k.lower() not in drop]
+    if not kept:
+        return b""
+    block = b"".join([b"%s: %s\r\n" % kv for kv in kept])
+    # names too: an upstream may echo the key as a header *name* ("sk-live-...: 1")
+    return scrubber.scrub(block)

@@ -1,0 +1,528 @@
+"""The agent-facing listener: HTTP/1.1 on an ``asyncio.Protocol``, parsed by llhttp.
+
+llhttp (through ``httptools``, the parser Node.js uses) is strict where a
+proxy must be: it refuses a request carrying both ``Content-Length`` and
+``Transfer-Encoding``, duplicate lengths, obs-fold, bare CR or LF, invalid
+header characters and lowercase methods, so no request can be read one way
+here and another way upstream (smuggling). On top of it this module refuses
+what llhttp allows but a proxy in front of a credential must not: a second
+``Host``, a transfer coding other than ``chunked``, HTTP versions other than
+1.0 and 1.1, oversized targets and header blocks. Every malformed request is
+answered ``400`` (or ``414``/``431``) and the connection closed; nothing
+raises out of the protocol.
+
+Each connection runs one task that serves its requests in order
+(pipelining), so a response is never interleaved with another. A request
+body is buffered up to a bound and then reading from the agent pauses until
+the handler takes it (back-pressure); the handler's writes pause the
+upstream read when the agent reads slowly (``pause_writing``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import httptools
+
+log = logging.getLogger("sidekey.proxy")
+
+#: The longest request target accepted (aiohttp's and nginx's line limit is of this order).
+MAX_TARGET: Final = 8190
+#: The largest header block accepted, names and values together.
+MAX_HEADERS_BYTES: Final = 64 * 1024
+MAX_HEADERS: Final = 128
+#: Buffered request body above which reading from the agent pauses.
+BODY_HIGH_WATER: Final = 256 * 1024
+
+_REASONS: Final = {
+    100: b"Continue", 200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
+    404: b"Not Found", 413: b"Payload Too Large", 414: b"URI Too Long", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large", 499: b"Client Closed Request", 500: b"Internal Server Error",
+    502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+}
+#: Statuses whose responses never have a body (RFC 9112 §6.3).
+NO_BODY: Final = frozenset({204, 304})
+
+
+def reason_phrase(status: int) -> bytes:
+    return _REASONS.get(status, b"Unknown")
+
+
+class Malformed(Exception):
+    """A request this listener will not read further; ``status`` is what the agent is told."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Body:
+    """A request body arriving from the agent: buffered up to a bound, then read by the handler."""
+
+    __slots__ = ("_chunks", "_conn", "_paused", "_size", "_waiter", "broken", "eof", "received")
+
+    def __init__(self, conn: AgentConnection) -> None:
+        self._conn = conn
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self.eof = False
+        self.broken = False  # ended by a framing error or the agent leaving, not by its last byte
+        self.received = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        self.received += len(chunk)
+        if self._size > BODY_HIGH_WATER and not self._paused:
+            self._paused = True
+            self._conn.pause_reading()
+        self._wake()
+
+    def end(self) -> None:
+        self.eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def read(self) -> bytes:
+        """The next piece of the body; ``b""`` at its end. Raises ConnectionError if the agent left."""
+        while not self._chunks:
+            if self.eof:
+                if self.broken:
+                    raise ConnectionResetError("the request body ended before its framing said")
+                return b""
+            if self._conn.closed:
+                raise ConnectionResetError("the agent closed the connection mid-body")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._size -= len(chunk)
+        if self._paused and self._size <= BODY_HIGH_WATER // 2:
+            self._paused = False
+            self._conn.resume_reading()
+        return chunk
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while chunk := await self.read():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def discard(self) -> None:
+        """The handler will not read the body: drop what came and what comes."""
+        self._chunks.clear()
+        self._size = 0
+        if self._paused:
+            self._paused = False
+            self._conn.resume_reading()
+
+
+class Request:
+    """One parsed request head; headers as the agent wrote them (latin-1 text)."""
+
+    __slots__ = (
+        "authorization", "body", "chunked", "connection", "content_length", "expect", "headers",
+        "keep_alive", "method", "target", "token_header", "version",
+    )
+
+    def __init__(self, conn: AgentConnection) -> None:
+        self.method = ""
+        self.target = ""
+        self.version = ""
+        self.headers: list[tuple[str, str]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect: str | None = None
+        self.connection: str | None = None
+        self.authorization: str | None = None
+        self.token_header: str | None = None  # x-api-key or api-key, the first given
+        self.keep_alive = True
+        self.body = Body(conn)
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+Handler = Callable[[Request, "AgentConnection"], Awaitable[None]]
+
+
+class AgentConnection(asyncio.Protocol):
+    """One agent connection: parses requests and serves them one after another."""
+
+    def __init__(self, handler: Handler, server: Listener) -> None:
+        self._handler = handler
+        self._server = server
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._queue: collections.deque[Request | Malformed] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._current: Request | None = None  # being parsed
+        self._url: list[bytes] = []
+        self._header_bytes = 0
+        self._hosts = 0
+        self._reading_paused = False
+        self.closed = False
+        self.busy = False  # a request is being handled
+        #: Set by a relay while it streams an upstream body: the agent's buffer is full / has room.
+        self.on_pause: Callable[[], None] | None = None
+        self.on_resume: Callable[[], None] | None = None
+        self.write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._stop_reading = False  # after an upgrade, a refusal with an unread body, or an error
+        self._error: Malformed | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._server.connections.add(self)
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def data_received(self, data: bytes) -> None:
+        if self._stop_reading:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # CONNECT or Upgrade: the request itself is served (its Upgrade header is
+            # hop-by-hop and never forwarded); whatever follows is not read.
+            self._stop_reading = True
+        except httptools.HttpParserCallbackError:
+            error, self._error = self._error, None
+            self._malformed(error if isinstance(error, Malformed) else Malformed(400, "malformed request"))
+        except httptools.HttpParserError as exc:
+            self._malformed(Malformed(400, f"malformed request: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        # The agent closed its side. Like aiohttp (and most servers), that is an agent that
+        # went away: the transport closes, and a request in flight is cancelled and audited.
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._server.connections.discard(self)
+        if self._current is not None:
+            self._current.body._wake()
+        for item in self._queue:
+            if isinstance(item, Request):
+                item.body._wake()
+        if self._task is not None and not self._task.done():
+            if self.busy:
+                self._task.cancel()  # the handler audits a client disconnect
+            else:
+                self._wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError("the agent closed the connection"))
+            self._drain.exception()  # retrieved: no "never retrieved" noise if nobody waits
+        self._server.forget(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.on_pause is not None:
+            self.on_pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.on_resume is not None:
+            self.on_resume()
+        d = self._drain
+        if d is not None and not d.done():
+            d.set_result(None)
+
+    # --- llhttp callbacks -------------------------------------------------------------------
+
+    def _stash(self, error: Malformed) -> Malformed:
+        # httptools replaces a callback's exception with HttpParserCallbackError: keep ours
+        self._error = error
+        return error
+
+    def on_message_begin(self) -> None:
+        self._current = Request(self)
+        self._url = []
+        self._header_bytes = 0
+        self._hosts = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        self._header_bytes += len(url)
+        if self._header_bytes > MAX_TARGET:
+            raise self._stash(Malformed(414, f"the request target is longer than {MAX_TARGET} bytes"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self._current
+        if req is None or req.target:  # trailers of a chunked body: never forwarded
+            return
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADERS_BYTES or len(req.headers) >= MAX_HEADERS:
+            raise self._stash(Malformed(431, "the request headers are too large"))
+        key = name.decode("latin-1")
+        text = value.decode("latin-1")
+        req.headers.append((key, text))
+        low = key.lower()
+        if low == "authorization":
+            if req.authorization is None:
+                req.authorization = text
+        elif low == "x-api-key" or low == "api-key":
+            if req.token_header is None:
+                req.token_header = text
+        elif low == "content-length":
+            req.content_length = int(text)  # llhttp checked the digits and refused duplicates
+        elif low == "host":
+            self._hosts += 1
+            if self._hosts > 1:
+                raise self._stash(Malformed(400, "more than one Host header"))
+        elif low == "transfer-encoding":
+            if text.strip().lower() != "chunked" or req.chunked:
+                raise self._stash(Malformed(400, "a Transfer-Encoding other than chunked is not accepted"))
+            req.chunked = True
+        elif low == "expect":
+            req.expect = text
+        elif low == "connection":
+            req.connection = text if req.connection is None else f"{req.connection}, {text}"
+
+    def on_headers_complete(self) -> None:
+        req = self._current
+        assert req is not None
+        parser = self._parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise self._stash(Malformed(505 if version.startswith("2") else 400, f"HTTP/{version} is not served here"))
+        req.version = version
+        req.method = parser.get_method().decode("ascii")
+        req.target = b"".join(self._url).decode("latin-1") or "/"
+        req.keep_alive = version == "1.1" and parser.should_keep_alive()
+        if req.content_length == 0:
+            req.body.end()
+        self._queue.append(req)
+        if len(self._queue) > 1 or self.busy:
+            self.pause_reading()  # pipelined: one request ahead is enough
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        if self._current is not None:
+            self._current.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._current is not None:
+            self._current.body.end()
+            self._current = None
+
+    # --- serving ----------------------------------------------------------------------------
+
+    def _malformed(self, error: Malformed) -> None:
+        self._stop_reading = True
+        if self._current is not None:
+            self._current.body.broken = True
+            self._current.body.end()
+            if self._current in self._queue:
+                # the head was read, the body broke (bad chunk framing): the handler sees a short body
+                self._current = None
+        self._queue.append(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                while not self._queue:
+                    if self.closed or self._stop_reading or self._server.draining:
+                        return
+                    self._waiter = loop.create_future()
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
+                item = self._queue.popleft()
+                if isinstance(item, Malformed):
+                    self.answer_malformed(item)
+                    return
+                self.busy = True
+                try:
+                    await self._handler(item, self)
+                finally:
+                    self.busy = False
+                    self.on_pause = self.on_resume = None
+                if self.closed or not item.keep_alive or self._server.draining:
+                    return
+                if not item.body.eof:
+                    return  # a body the handler did not take: its framing is unknown from here
+                item.body.discard()
+                if not self._queue:
+                    self.resume_reading()
+        except asyncio.CancelledError:
+            pass  # the agent left while a request was handled; the handler audited it
+        except Exception as exc:  # a bug must cost one connection, never the listener
+            log.error("connection failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
+        finally:
+            self.close()
+
+    def answer_malformed(self, error: Malformed) -> None:
+        import json
+
+        body = json.dumps({"error": {"type": "invalid_request", "message": error.message}}).encode()
+        self.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (error.status, reason_phrase(error.status), len(body), body)
+        )
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the agent has read enough that its buffer has room."""
+        if not self.write_paused or self.closed:
+            if self.closed:
+                raise ConnectionResetError("the agent closed the connection")
+            return
+        self._drain = asyncio.get_running_loop().create_future()
+        try:
+            await self._drain
+        finally:
+            self._drain = None
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        """End the connection without a clean end: the agent sees a cut response."""
+        if self.transport is not None:
+            self.transport.abort()
+        self._stop_reading = True
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self._queue
+
+
+class Reply:
+    """Writes one response to the agent with the right framing for the request."""
+
+    __slots__ = ("_chunked", "_conn", "_no_body", "keep_alive", "sent", "started", "status")
+
+    def __init__(self, conn: AgentConnection, request: Request) -> None:
+        self._conn = conn
+        self._chunked = False
+        self._no_body = request.method == "HEAD"
+        self.keep_alive = request.keep_alive
+        self.started = False
+        self.sent = 0
+        self.status = 0
+
+    def start(self, status: int, reason: bytes, headers: bytes, length: int | None) -> None:
+        """The status line and ``headers`` (``Name: value\\r\\n`` lines) plus the framing."""
+        self.started = True
+        self.status = status
+        if status in NO_BODY:
+            self._no_body = True
+            framing = b""
+        elif length is not None:
+            framing = b"Content-Length: %d\r\n" % length
+        elif self._no_body:
+            framing = b""
+        elif self.keep_alive:
+            self._chunked = True
+            framing = b"Transfer-Encoding: chunked\r\n"
+        else:
+            framing = b""  # HTTP/1.0 or closing: the body ends with the connection
+        if not self.keep_alive or self._conn._server.draining:
+            self.keep_alive = False
+            framing += b"Connection: close\r\n"
+        self._conn.write(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, reason, headers, framing))
+
+    def write(self, data: bytes) -> None:
+        if not data or self._no_body:
+            return
+        self.sent += len(data)
+        if self._chunked:
+            self._conn.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self._conn.write(data)
+
+    def end(self) -> None:
+        if self._chunked:
+            self._conn.write(b"0\r\n\r\n")
+        if not self.keep_alive:
+            self._conn.close()
+
+    def whole(self, status: int, headers: bytes, body: bytes, reason: bytes | None = None) -> None:
+        """A complete small response at once."""
+        self.start(status, reason or reason_phrase(status), headers, len(body))
+        self.write(body)
+        self.end()
+
+
+class Listener:
+    """The listening socket and its connections, with a drain for SIGTERM."""
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+        self.connections: set[AgentConnection] = set()
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._gone: asyncio.Event | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: AgentConnection(self._handler, self), host, port, reuse_address=True, backlog=1024
+        )
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    def forget(self, conn: AgentConnection) -> None:
+        if self._gone is not None and not self.connections:
+            self._gone.set()
+
+    async def drain(self, seconds: float) -> None:
+        """Stop accepting; close idle connections; give the busy ones ``seconds`` to finish."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        self._gone = asyncio.Event()
+        for conn in list(self.connections):
+            if conn.idle:
+                conn._wake()  # its task sees the drain and closes it
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._gone.wait()
+        for conn in list(self.connections):
+            conn.abort()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await self._server.wait_closed()

@@ -1,0 +1,443 @@
+"""The upstream side: pooled keep-alive connections, responses parsed by llhttp.
+
+One pool per sidecar holds idle connections per origin (scheme, host,
+port, TLS context), so a chat call reuses the TCP and TLS session of the
+previous one. A connection carries one exchange at a time; the response
+head is awaited, the body is handed chunk by chunk to a sink (the relay to
+the agent) from the protocol callback itself, with no task or queue per
+chunk. When the agent reads slowly the relay pauses this connection's reading
+(back-pressure), and the read timeout is not counted while paused.
+
+Timeouts: a connect timeout (TCP and TLS) and a read timeout, the longest
+silence allowed while the sidecar waits for the upstream; never a total
+one, so a long stream that keeps sending is never cut.
+
+Only responses the sidecar can check for the key are relayed: a transfer
+coding other than ``chunked`` (``gzip, chunked``) would carry a compressed
+body past the scrubber, and ``101 Switching Protocols`` would open a tunnel;
+both end the exchange as a failure (502).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Final
+
+import httptools
+
+from sidekey.proxy import routes
+
+#: An idle pooled connection older than this is closed instead of reused (servers drop them).
+IDLE_SECONDS: Final = 15.0
+#: Idle connections kept per origin.
+IDLE_PER_ORIGIN: Final = 64
+
+
+class UpstreamError(Exception):
+    """The exchange failed; ``reason`` is the audit word, the message names no secret."""
+
+    reason = "upstream_error"
+
+
+class ConnectFailed(UpstreamError):
+    pass
+
+
+class TlsFailed(UpstreamError):
+    reason = "upstream_tls"
+
+
+class Refused(UpstreamError):
+    reason = "host_refused"
+
+
+class DnsFailed(UpstreamError):
+    pass
+
+
+class ReadTimeout(UpstreamError):
+    reason = "upstream_timeout"
+
+
+class ConnectTimeout(ReadTimeout):
+    pass
+
+
+class Broken(UpstreamError):
+    """The upstream closed, reset or sent an unparsable response."""
+
+
+class Unacceptable(UpstreamError):
+    """A response the sidecar will not relay (a transfer coding it cannot check, a protocol switch)."""
+
+    reason = "upstream_encoding"
+
+
+Origin = tuple[str, str, int, int]  # scheme, host, port, id of the TLS context
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to an upstream; one exchange at a time."""
+
+    def __init__(self, pool: Pool, origin: Origin) -> None:
+        self._pool = pool
+        self.origin = origin
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        # --- the exchange in progress
+        self._head: asyncio.Future[None] | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._head_method = False
+        self._in_head = False
+        self._info = False  # a 1xx response is being skipped
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.codings: list[bytes] = []  # Content-Encoding values
+        self._until_close = False
+        self.complete = False
+        self.keep_alive = False
+        self.received_any = False
+        self._sink: Callable[[bytes], None] | None = None
+        self._pending: list[bytes] = []
+        self.sink_error: BaseException | None = None
+        # --- flow control and the read timeout
+        self._timeout = 0.0
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self.read_paused = False
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._error: UpstreamError | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._last = self._loop.time()
+        self.received_any = True
+        if self._head is None:  # nothing asked: an idle connection that talks is broken
+            self._close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            error, self._error = self._error, None
+            self._fail(error if isinstance(error, UpstreamError) else Broken("the relay failed"))
+            self._close()
+        except httptools.HttpParserError as exc:
+            self._fail(Broken(f"an unparsable response ({type(exc).__name__})"))
+            self._close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool.forget(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._head is not None and not self.complete:
+            if self._until_close and self._head.done():
+                self._finish()  # a body delimited by the end of the connection
+            else:
+                self._fail(Broken("the upstream closed the connection"))
+        d = self._drain
+        if d is not None and not d.done():
+            d.set_exception(Broken("the upstream closed the connection"))
+            d.exception()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        d = self._drain
+        if d is not None and not d.done():
+            d.set_result(None)
+
+    # --- llhttp callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self.headers = []
+        self.codings = []
+        self.content_length = None
+        self.chunked = False
+        self.reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # trailers: never relayed
+        self.headers.append((name, value))
+        low = name.lower()
+        if low == b"content-length":
+            self.content_length = int(value)
+        elif low == b"transfer-encoding":
+            codings = [c.strip() for c in value.lower().split(b",") if c.strip()]
+            if codings != [b"chunked"] or self.chunked:
+                raise self._stash(Unacceptable(
+                    f"the upstream answered with Transfer-Encoding {value.decode('latin-1')[:64]!r}; "
+                    "only chunked can be checked for the key"
+                ))
+            self.chunked = True
+        elif low == b"content-encoding":
+            self.codings.append(value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                raise self._stash(Unacceptable("the upstream switched protocols (101), which the sidecar does not relay"))
+            self._info = True  # 100 Continue, 103 Early Hints: skipped, the final answer follows
+            return
+        self.status = status
+        self._until_close = (
+            not self.chunked and self.content_length is None and not self._head_method and status not in (204, 304)
+        )
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result(None)
+        if self._head_method:
+            # llhttp cannot be told the answer is to HEAD; the head is the whole message
+            self._parser = httptools.HttpResponseParser(self)
+            self.keep_alive = self.content_length is not None or self.chunked
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        sink = self._sink
+        if sink is None:
+            self._pending.append(body)
+            return
+        try:
+            sink(body)
+        except UpstreamError as exc:
+            raise self._stash(exc) from None
+
+    def _stash(self, error: UpstreamError) -> UpstreamError:
+        # httptools replaces a callback's exception with HttpParserCallbackError: keep ours
+        self._error = error
+        return error
+
+    def on_message_complete(self) -> None:
+        if self._info:
+            self._info = False
+            return
+        if self.complete:
+            return
+        self.keep_alive = self._parser.should_keep_alive()
+        self._finish()
+
+    # --- the exchange -------------------------------------------------------------------------
+
+    def send(self, data: bytes, *, head_method: bool, timeout: float) -> None:
+        """Start an exchange: ``data`` is the request head (and a small body)."""
+        assert self.transport is not None
+        self._head = self._loop.create_future()
+        self._done = self._loop.create_future()
+        self._head_method = head_method
+        self.complete = False
+        self.received_any = False
+        self._sink = None
+        self._pending = []
+        self.sink_error = None
+        self._timeout = timeout
+        self._last = self._loop.time()
+        self._timer = self._loop.call_at(self._last + timeout, self._check_timeout)
+        self.transport.write(data)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+            self._last = self._loop.time()  # sending counts: the upstream is reading
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise Broken("the upstream closed the connection")
+        if not self._write_paused:
+            return
+        self._drain = self._loop.create_future()
+        try:
+            await self._drain
+        finally:
+            self._drain = None
+        self._last = self._loop.time()
+
+    async def head(self) -> None:
+        assert self._head is not None
+        await self._head
+
+    def relay(self, sink: Callable[[bytes], None]) -> asyncio.Future[None]:
+        """Hand the body to ``sink`` from now on; the future ends with the body (or its failure)."""
+        assert self._done is not None
+        self._sink = sink
+        pending, self._pending = self._pending, []
+        try:
+            for chunk in pending:
+                sink(chunk)
+        except UpstreamError as exc:
+            self._fail(exc)
+            self._close()
+        return self._done
+
+    def pause(self) -> None:
+        """The agent's buffer is full: stop reading from the upstream until it drains."""
+        if not self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = False
+            self._last = self._loop.time()
+            self.transport.resume_reading()
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        if self.complete or self.closed or self._head is None:
+            return
+        now = self._loop.time()
+        if self.read_paused:
+            self._last = now
+        idle = now - self._last
+        if idle >= self._timeout:
+            self._fail(ReadTimeout(f"no answer within {self._timeout:g} s"))
+            self._close()
+        else:
+            self._timer = self._loop.call_at(self._last + self._timeout, self._check_timeout)
+
+    def _finish(self) -> None:
+        self.complete = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def _fail(self, exc: UpstreamError) -> None:
+        self.complete = True
+        self.keep_alive = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for fut in (self._head, self._done):
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # marked retrieved: the waiter may already be gone
+
+    def _close(self) -> None:
+        self.keep_alive = False
+        if self.transport is not None:
+            self.transport.abort()
+
+    def abandon(self) -> None:
+        """The exchange will not be finished (the agent left, or a failure): drop the connection."""
+        self.complete = True
+        self._sink = None
+        self._close()
+
+    def release(self) -> None:
+        """Back to the pool if the exchange ended cleanly and both sides keep the connection."""
+        if self.complete and self.keep_alive and not self.closed and self.sink_error is None:
+            self._head = self._done = None
+            self._sink = None
+            self._pool.put(self)
+        else:
+            self.abandon()
+
+
+class Pool:
+    """Idle keep-alive connections per origin, and how new ones are made."""
+
+    def __init__(self, resolver: routes.GuardedResolver) -> None:
+        self._resolver = resolver
+        self._idle: dict[Origin, list[UpstreamConnection]] = {}
+        self._all: set[UpstreamConnection] = set()
+
+    async def acquire(self, route: routes.Route) -> UpstreamConnection:
+        up = route.upstream
+        ctx = route.ssl if isinstance(route.ssl, ssl.SSLContext) else None
+        origin: Origin = (up.scheme, up.host, up.port, id(ctx))
+        idle = self._idle.get(origin)
+        if idle:
+            now = time.monotonic()
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and now - conn.idle_since < IDLE_SECONDS:
+                    conn.reused = True
+                    return conn
+                conn.abandon()
+        timeout = route.timeout.sock_connect or routes.CONNECT_TIMEOUT
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._connect(origin, up.host, up.port, ctx)
+        except TimeoutError:
+            raise ConnectTimeout(f"no connection within {timeout:g} s") from None
+
+    async def _connect(
+        self, origin: Origin, host: str, port: int, ctx: ssl.SSLContext | None
+    ) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            ipaddress.ip_address(host)
+            addresses = [host]  # an IP literal in the policy is trusted as written
+        except ValueError:
+            try:
+                results = await self._resolver.resolve(host, port, socket.AF_UNSPEC)
+            except routes.HostRefused as exc:
+                raise Refused(str(exc)) from None
+            except OSError as exc:
+                raise DnsFailed(f"its host {host!r} does not resolve ({type(exc).__name__})") from None
+            addresses = [r["host"] for r in results]
+        last: Exception | None = None
+        for address in addresses:
+            try:
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self, origin), address, port,
+                    ssl=ctx, server_hostname=host if ctx is not None else None,
+                )
+            except ssl.SSLError as exc:
+                raise TlsFailed(f"TLS failed ({type(exc).__name__})") from None
+            except OSError as exc:
+                last = exc
+                continue
+            self._all.add(conn)
+            return conn
+        name = type(last).__name__ if last is not None else "no address"
+        raise ConnectFailed(f"could not be reached ({name})")
+
+    def put(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.setdefault(conn.origin, [])
+        if len(idle) >= IDLE_PER_ORIGIN:
+            conn.abandon()
+            return
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self._all.discard(conn)
+        idle = self._idle.get(conn.origin)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close(self) -> None:
+        for conn in list(self._all):
+            conn.abandon()
+        self._idle.clear()
