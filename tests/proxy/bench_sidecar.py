@@ -31,8 +31,7 @@ from typing import Any
 from aiohttp import web
 
 from sidekey.core import contract
-from tests.proxy.conftest import POD, POD_UID, SA, bearer_upstream, mint, policy
-from tests.proxy.test_sidecar import FakeApi
+from tests.proxy.fakes import POD, POD_UID, SA, FakeApi, bearer_upstream, mint, policy
 
 
 def proc_cpu_seconds(pid: int) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from multidict import CIMultiDict
 
 from sidekey.core import policies
 from sidekey.proxy import credentials, forwarding, limits
-from tests.proxy.conftest import StaticRoutes, policy
+from tests.proxy.fakes import StaticRoutes, policy
 
 
 def auth(raw: dict[str, Any]) -> policies.Auth:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from sidekey.core import certificates
 from sidekey.proxy import forwarding
-from tests.proxy.conftest import (
+from tests.proxy.fakes import (
     SECRET,
     SECRETS,
     ProxyFactory,

@@ -9,101 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from sidekey.core import contract, kubeapi, logs
+from sidekey.core import kubeapi, logs
 from sidekey.proxy import settings, sidecar
-from tests.proxy.conftest import (
+from tests.proxy.fakes import (
     ISSUER,
-    KEY,
     NAMESPACE,
     POD,
     POD_UID,
     SA,
+    FakeApi,
     Upstream,
     bearer_upstream,
     mint,
     policy,
 )
-
-POLICIES = f"/apis/{contract.GROUP}/{contract.VERSION}/namespaces/{NAMESPACE}/{contract.PLURAL}"
-SECRETS = f"/api/v1/namespaces/{NAMESPACE}/secrets"
-
-
-class FakeApi:
-    def __init__(self) -> None:
-        self.policies: dict[str, dict[str, Any]] = {}
-        self.secrets: dict[str, dict[str, Any]] = {}
-        self.forbid_policies = True
-        self.rv = 1
-        self.changed = asyncio.Event()
-        self.runner: web.AppRunner | None = None
-        self.port = 0
-
-    def bump(self) -> None:
-        self.rv += 1
-        self.changed.set()
-        self.changed = asyncio.Event()
-
-    async def discovery(self, request: web.Request) -> web.Response:
-        return web.json_response({"issuer": ISSUER, "jwks_uri": "https://evil.example/jwks"})
-
-    async def jwks(self, request: web.Request) -> web.Response:
-        if "application/jwk-set+json" not in request.headers.get("Accept", ""):
-            return web.json_response({"kind": "Status", "code": 406}, status=406)
-        return web.json_response({"keys": [KEY.as_dict(private=False)]})
-
-    async def collection(
-        self, request: web.Request, objs: dict[str, dict[str, Any]], forbidden: bool
-    ) -> web.StreamResponse:
-        if forbidden:
-            return web.json_response(
-                {"kind": "Status", "code": 403, "reason": "Forbidden", "message": "forbidden"}, status=403
-            )
-        fs = request.query.get("fieldSelector", "")
-        name = fs.split("=", 1)[1] if fs else None
-        items = [o for n, o in objs.items() if name is None or n == name]
-        if request.query.get("watch") != "true":
-            return web.json_response({"items": items, "metadata": {"resourceVersion": str(self.rv)}})
-        # a "watch" that ends at the next change: the reflector then resumes, and
-        # its resourceVersion is stale, so answer 410 to make it relist
-        resp = web.StreamResponse()
-        await resp.prepare(request)
-        if int(request.query.get("resourceVersion", "0")) < self.rv:
-            await resp.write(json.dumps({"type": "ERROR", "object": {"code": 410}}).encode() + b"\n")
-            return resp
-        await self.changed.wait()
-        return resp
-
-    async def policies_handler(self, request: web.Request) -> web.StreamResponse:
-        return await self.collection(request, self.policies, self.forbid_policies)
-
-    async def secrets_handler(self, request: web.Request) -> web.StreamResponse:
-        return await self.collection(request, self.secrets, False)
-
-    async def start(self, port: int = 0) -> None:
-        app = web.Application()
-        app.router.add_get("/.well-known/openid-configuration", self.discovery)
-        app.router.add_get("/openid/v1/jwks", self.jwks)
-        app.router.add_get(POLICIES, self.policies_handler)
-        app.router.add_get(SECRETS, self.secrets_handler)
-        self.runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    async def stop(self) -> None:
-        self.bump()
-        assert self.runner is not None
-        await self.runner.cleanup()
 
 
 @pytest.fixture
