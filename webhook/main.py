@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from sidekey.core import contract, kubeapi
+from sidekey.core import contract, kubeapi, logs
 from sidekey.webhook import caching, serving, tls
 from sidekey.webhook import metrics as metrics_mod
 from sidekey.webhook import settings as settings_mod
@@ -97,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
     except settings_mod.SettingsError as exc:
         print(f"sidekey webhook: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(settings.log_level)  # one JSON object per line, as the operator and the sidecar
     try:
         return asyncio.run(serve(args, settings))
     except FileNotFoundError as exc:
