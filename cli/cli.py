@@ -17,8 +17,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from importlib import metadata
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 # subcommand -> (module, help). Each module exposes ``add_arguments(parser)``
 # and ``run(args) -> int``.
@@ -32,10 +31,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def version() -> str:
+    from importlib import metadata  # here, not at load: see the module docstring
+
     try:
         return metadata.version("sidekey")
     except metadata.PackageNotFoundError:  # a bare checkout, not installed
         return "0.0.0+unknown"
+
+
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked for (argparse's own wants the string up front)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"sidekey {version()}")
+        parser.exit()
 
 
 class Command(Protocol):
@@ -50,7 +64,7 @@ def _top_parser() -> argparse.ArgumentParser:
         epilog="\n".join(f"  {name:10} {help_text}" for name, (_, help_text) in COMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"sidekey {version()}")
+    parser.add_argument("--version", action=_Version)
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND", help="see below")
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
