@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from sidekey.core import contract, policies
 
@@ -190,6 +193,30 @@ def test_a_second_upstream_may_not_set_the_same_env_var() -> None:
 def test_a_star_is_one_segment_and_two_stars_any_number(pattern: str, path: list[str],
                                                          expected: bool) -> None:
     assert policies.PathPattern.compile(pattern).matches(path) is expected
+
+
+def _reference(pattern: str, path: list[str]) -> bool:
+    """The meaning of a pattern as a regular expression over the joined path (the model)."""
+    parts = [{"*": "/[^/]*", "**": "(?:/[^/]*)*"}.get(seg, "/" + re.escape(seg))
+             for seg in pattern.split("/")[1:] if pattern != "/"]
+    return re.fullmatch("".join(parts), "".join("/" + seg for seg in path)) is not None
+
+
+_SEGMENTS = st.sampled_from(["a", "b", "c", "*", "**"])
+
+
+@hypothesis.settings(max_examples=600, deadline=None)
+@hypothesis.given(pattern=st.lists(_SEGMENTS, max_size=7), path=st.lists(st.sampled_from(["a", "b", "c", ""]), max_size=9))
+def test_the_linear_glob_match_agrees_with_a_regex_model(pattern: list[str], path: list[str]) -> None:
+    text = "/" + "/".join(pattern)
+    assert policies.PathPattern.compile(text).matches(path) is _reference(text, path)
+
+
+def test_the_glob_worst_case_matches_in_one_pass_over_the_path() -> None:
+    compiled = policies.PathPattern.compile("/**/a/**/b/**/c")
+    assert compiled.matches(["x"] * 400 + ["a", "y", "b", "z", "c"])
+    assert not compiled.matches(["a", "b"] * 300)
+    assert compiled.matches(["a", "b"] * 299 + ["c"])
 
 
 def test_an_upstream_allows_only_the_listed_methods_and_paths() -> None:
