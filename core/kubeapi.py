@@ -17,7 +17,7 @@ import os
 import random
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypedDict
 
@@ -64,7 +64,10 @@ class ApiConfig:
 
     ``token_file`` is a path, not a token: the kubelet rotates the projected
     token, so the file is re-read whenever it changes and never kept for the
-    process's life.
+    process's life. A kubeconfig's inline credentials (``*-data``, ``token``)
+    stay in memory (``ca_data``, ``client_cert_data``, ``client_key_data``,
+    ``token``): written to a temp dir they would outlive the process, a
+    client key and a token left on disk.
     """
 
     server: str
@@ -72,6 +75,10 @@ class ApiConfig:
     token_file: Path | None
     client_cert: Path | None = None
     client_key: Path | None = None
+    ca_data: bytes | None = None
+    client_cert_data: bytes | None = None
+    client_key_data: bytes | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
 
     @classmethod
     def in_cluster(cls, token_dir: Path | None = None, server: str | None = None) -> ApiConfig:
@@ -115,9 +122,8 @@ class ApiConfig:
 
     @classmethod
     def from_kubeconfig(cls, path: Path) -> ApiConfig:
-        """The current context of a kubeconfig; inline ``*-data`` goes to a private temp dir."""
+        """The current context of a kubeconfig; inline ``*-data`` and tokens are kept in memory."""
         import base64
-        import tempfile
 
         import yaml  # only tools and tests use kubeconfigs; the sidecar never imports yaml
 
@@ -135,42 +141,26 @@ class ApiConfig:
         if cluster is None:
             raise ValueError(f"{path}: cluster {ctx.get('cluster')!r} is not defined")
         user = users.get(ctx.get("user"), {})
-        tmp: Path | None = None
 
-        def materialise(file_key: str, data_key: str, source: Mapping[str, Any], name: str) -> Path | None:
-            nonlocal tmp
-            if source.get(file_key):
-                p = Path(source[file_key])
-                return p if p.is_absolute() else path.parent / p
-            if source.get(data_key):
-                if tmp is None:
-                    tmp = Path(tempfile.mkdtemp(prefix="sidekey-kubeconfig-"))
-                target = tmp / name
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(base64.b64decode(source[data_key]))
-                return target
-            return None
+        def file(key: str, source: Mapping[str, Any]) -> Path | None:
+            if not source.get(key):
+                return None
+            p = Path(source[key])
+            return p if p.is_absolute() else path.parent / p
 
-        ca = materialise("certificate-authority", "certificate-authority-data", cluster, "ca.crt")
-        cert = materialise("client-certificate", "client-certificate-data", user, "client.crt")
-        key = materialise("client-key", "client-key-data", user, "client.key")
-        token_file: Path | None = None
-        if user.get("tokenFile"):
-            token_file = Path(user["tokenFile"])
-        elif user.get("token"):
-            if tmp is None:
-                tmp = Path(tempfile.mkdtemp(prefix="sidekey-kubeconfig-"))
-            token_file = tmp / "token"
-            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(user["token"])
+        def data(key: str, source: Mapping[str, Any]) -> bytes | None:
+            return base64.b64decode(source[key]) if source.get(key) else None
+
         return cls(
             server=str(cluster["server"]).rstrip("/"),
-            ca_file=ca,
-            token_file=token_file,
-            client_cert=cert,
-            client_key=key,
+            ca_file=file("certificate-authority", cluster),
+            token_file=Path(user["tokenFile"]) if user.get("tokenFile") else None,
+            client_cert=file("client-certificate", user),
+            client_key=file("client-key", user),
+            ca_data=None if cluster.get("certificate-authority") else data("certificate-authority-data", cluster),
+            client_cert_data=None if user.get("client-certificate") else data("client-certificate-data", user),
+            client_key_data=None if user.get("client-key") else data("client-key-data", user),
+            token=None if user.get("tokenFile") else (str(user["token"]) if user.get("token") else None),
         )
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -182,25 +172,40 @@ class ApiConfig:
         names it, so a start-up with a broken mount says what is wrong.
         """
         try:
-            ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
-        except (ssl.SSLError, OSError) as exc:
-            raise ValueError(f"cannot load the cluster CA from {self.ca_file}: {exc.strerror or exc}") from exc
+            ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None,
+                                             cadata=self.ca_data.decode() if self.ca_data else None)
+        except (ssl.SSLError, OSError, UnicodeDecodeError) as exc:
+            where = self.ca_file or "the kubeconfig's certificate-authority-data"
+            raise ValueError(f"cannot load the cluster CA from {where}: {getattr(exc, 'strerror', None) or exc}"
+                             ) from exc
         if self.client_cert is not None:
             ctx.load_cert_chain(str(self.client_cert), str(self.client_key) if self.client_key else None)
+        elif self.client_cert_data is not None:
+            import tempfile  # ssl loads a chain from files only; they exist just long enough to be read
+
+            with tempfile.TemporaryDirectory(prefix="sidekey-client-cert-") as tmp:
+                cert, key = Path(tmp) / "client.crt", Path(tmp) / "client.key"
+                cert.write_bytes(self.client_cert_data)  # the directory is the user's alone (0700)
+                key.write_bytes(self.client_key_data or b"")
+                ctx.load_cert_chain(str(cert), str(key) if self.client_key_data else None)
         return ctx
 
 
 class _TokenFile:
-    """The bearer token, re-read when the file changes (the kubelet swaps a symlink)."""
+    """The bearer token, re-read when the file changes (the kubelet swaps a symlink).
 
-    def __init__(self, path: Path | None) -> None:
+    ``static`` is a token given inline (a kubeconfig's ``token``), used when there is no file.
+    """
+
+    def __init__(self, path: Path | None, static: str | None = None) -> None:
         self._path = path
         self._stamp: tuple[int, int, int] | None = None
         self._value: str | None = None
+        self._static = static
 
     def header(self) -> str | None:
         if self._path is None:
-            return None
+            return f"Bearer {self._static}" if self._static else None
         try:
             st = os.stat(self._path)
         except OSError:
@@ -233,7 +238,7 @@ class ApiClient:
 
     def __init__(self, config: ApiConfig, *, limit: int = 20) -> None:
         self.config = config
-        self._token = _TokenFile(config.token_file)
+        self._token = _TokenFile(config.token_file, static=config.token)
         self._limit = limit
         self._session: aiohttp.ClientSession | None = None
 

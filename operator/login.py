@@ -29,7 +29,7 @@ def api_config(kubeconfig: Path | None) -> kubeapi.ApiConfig:
 
 def connection_info(kubeconfig: Path | None) -> kopf.ConnectionInfo:
     config = api_config(kubeconfig)
-    token = None
+    token = config.token  # inline in a kubeconfig; a token file is read now
     if config.token_file is not None:
         try:
             token = config.token_file.read_text().strip() or None
@@ -38,10 +38,13 @@ def connection_info(kubeconfig: Path | None) -> kopf.ConnectionInfo:
     return kopf.ConnectionInfo(
         server=config.server,
         ca_path=str(config.ca_file) if config.ca_file else None,
+        ca_data=config.ca_data,
         scheme="Bearer" if token else None,
         token=token,
         certificate_path=str(config.client_cert) if config.client_cert else None,
+        certificate_data=config.client_cert_data,
         private_key_path=str(config.client_key) if config.client_key else None,
+        private_key_data=config.client_key_data,
     )
 
 

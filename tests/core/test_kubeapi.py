@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import ssl
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -239,9 +241,9 @@ def test_kubeconfig_inline_data_is_written_to_private_files(tmp_path: Path) -> N
     path.write_text(yaml.safe_dump(kc))
     cfg = kubeapi.ApiConfig.from_kubeconfig(path)
     assert cfg.server == "https://127.0.0.1:1"
-    assert cfg.ca_file is not None and cfg.ca_file.read_bytes() == b"CA"
-    assert cfg.client_key is not None and cfg.client_key.read_bytes() == b"KEY"
-    assert cfg.client_key.stat().st_mode & 0o077 == 0
+    assert cfg.ca_data == b"CA" and cfg.ca_file is None
+    assert cfg.client_cert_data == b"CERT" and cfg.client_key_data == b"KEY"
+    assert cfg.client_key is None  # kept as data, never a path to a file left behind
 
 
 def test_kubeconfig_with_a_token_and_relative_ca(tmp_path: Path) -> None:
@@ -258,7 +260,35 @@ def test_kubeconfig_with_a_token_and_relative_ca(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(kc))
     cfg = kubeapi.ApiConfig.from_kubeconfig(path)
     assert cfg.ca_file == tmp_path / "ca.pem"
-    assert cfg.token_file is not None and cfg.token_file.read_text() == "abc"
+    assert cfg.token == "abc" and cfg.token_file is None
+    assert "abc" not in repr(cfg)
+
+
+def test_inline_kubeconfig_credentials_leave_no_file_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kubeconfig's client key and token stay in memory: nothing is left in the temp dir."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    ca = certificates.make_ca("kubeconfig-ca")
+    client = certificates.issue(ca, "admin", client=True, server=False)
+    kc = {
+        "current-context": "c",
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+        "clusters": [{"name": "k", "cluster": {"server": "https://127.0.0.1:1",
+                                               "certificate-authority-data": base64.b64encode(ca.cert_pem).decode()}}],
+        "users": [{"name": "u", "user": {"client-certificate-data": base64.b64encode(client.cert_pem).decode(),
+                                         "client-key-data": base64.b64encode(client.key_pem).decode(),
+                                         "token": "tok-123"}}],
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(kc))
+    cfg = kubeapi.ApiConfig.from_kubeconfig(path)
+    ctx = cfg.ssl_context()  # loads the CA from memory and the client chain through a transient file
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+    assert list(temp.iterdir()) == [], "a credential was left on disk"
+    assert kubeapi._TokenFile(cfg.token_file, static=cfg.token).header() == "Bearer tok-123"
 
 
 # --- requests ------------------------------------------------------------------
