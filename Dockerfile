@@ -8,12 +8,18 @@
 # the root filesystem at run time, so the pods run with readOnlyRootFilesystem.
 #
 # Paths the chart relies on:
-#   /opt/sidekey/bin/sidekey   the entrypoint; also on PATH as `sidekey`
-#                              (the webhook injects `command: [sidekey, proxy]`)
-#   /opt/sidekey/bin/python    on PATH as `python` (the helm test pod uses it)
+#   /opt/sidekey/bin/sidekey   the entrypoint, a launcher whose interpreter runs
+#                              isolated (python -I: no PYTHON* variable and no PATH
+#                              entry changes what runs); the webhook injects
+#                              `command: [/opt/sidekey/bin/sidekey, proxy]`
+#   /opt/sidekey/bin/python    the venv's interpreter, on PATH as `python` (the helm
+#                              test pod uses it)
 #   /etc/sidekey/tls, /etc/sidekey/settings   mounted by the chart (webhook)
 #   /tmp                       an emptyDir in the chart (operator, webhook)
 #   UID/GID 65532              the chart's runAsUser and contract.SIDECAR_UID
+#
+# Without Docker, `hack/image` builds an image with the same layout from Debian
+# packages and this lock (localcluster/image.py; docs/install.md).
 #
 # Refresh the lock after changing dependencies in pyproject.toml:
 #   pip-compile --generate-hashes --allow-unsafe --strip-extras --build-deps-for=wheel \
@@ -37,10 +43,15 @@ COPY webhook /src/webhook
 COPY operator /src/operator
 COPY client /src/client
 COPY localcluster /src/localcluster
+COPY demo /src/demo
 # The project itself: no dependency resolution here (--no-deps), only the lock's.
+# Then only the interpreter's links stay in bin/ (pip's console scripts would run
+# the same code without -I), and the launcher replaces pip's `sidekey` script.
 RUN /opt/sidekey/bin/pip install --no-cache-dir --no-deps --no-build-isolation /src \
  && /opt/sidekey/bin/pip uninstall --yes pip setuptools wheel \
+ && find /opt/sidekey/bin -mindepth 1 ! -name 'python*' -delete \
  && /opt/sidekey/bin/python -m compileall -q /opt/sidekey/lib
+COPY --chmod=755 localcluster/images/sidekey /opt/sidekey/bin/sidekey
 
 FROM gcr.io/distroless/python3-debian12:nonroot
 COPY --from=build /opt/sidekey /opt/sidekey

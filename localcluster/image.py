@@ -53,9 +53,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
 
+#: The checkout: the image is built from the working tree (an installed sidekey has no lock).
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
-DATA = Path(__file__).with_name("images")
+DATA = ROOT / "localcluster" / "images"
 AGENT_LOCK = DATA / "agent.lock"
 LAUNCHER = DATA / "sidekey"
 
