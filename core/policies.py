@@ -225,6 +225,8 @@ class Auth:
     client_secret_key: str | None = None
     scopes: tuple[str, ...] = ()
     audience: str | None = None
+    #: PEM CAs for the token URL alone; None: the system store. Never the upstream's caBundle.
+    token_ca_bundle: str | None = None
 
     @property
     def secret_keys(self) -> tuple[str, ...]:
@@ -388,11 +390,15 @@ def parse_auth(raw: Mapping[str, Any], where: str) -> Auth:
     scopes = o.get("scopes") or []
     if not isinstance(scopes, list) or not all(isinstance(s, str) and s for s in scopes):
         raise PolicyError(f"{ow}.scopes", "must be a list of non-empty strings")
+    token_ca = _str(o.get("caBundle"), f"{ow}.caBundle", required=False)
+    if token_ca is not None and "-----BEGIN CERTIFICATE-----" not in token_ca:
+        raise PolicyError(f"{ow}.caBundle", "must hold PEM certificates (-----BEGIN CERTIFICATE-----)")
     return Auth(type="oauth2ClientCredentials", secret_name=secret_name,
                 token_url=token_url,
                 client_id_key=_secret_key(o.get("clientIdKey"), f"{ow}.clientIdKey"),
                 client_secret_key=_secret_key(o.get("clientSecretKey"), f"{ow}.clientSecretKey"),
-                scopes=tuple(scopes), audience=_str(o.get("audience"), f"{ow}.audience", required=False))
+                scopes=tuple(scopes), audience=_str(o.get("audience"), f"{ow}.audience", required=False),
+                token_ca_bundle=token_ca)
 
 
 def parse_upstream(raw: Mapping[str, Any], where: str) -> Upstream:

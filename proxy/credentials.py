@@ -7,6 +7,13 @@ exchanged for an access token with the sidecar's own aiohttp session (authlib's
 clients would pull httpx or requests into every agent pod); the token is
 cached and refreshed before it expires, so the upstream too only ever sees a
 short-lived credential.
+
+The token URL is its own TLS peer, usually a public IdP apart from the
+upstream: it is verified against the system store, or against its own
+``oauth2ClientCredentials.caBundle``, never with the upstream's context. The
+upstream's ``caBundle`` names the CA of a private upstream, which a public IdP
+does not have, and an ``insecure`` (plain-http) upstream has no context at
+all: borrowing it sent the client secret to an unverified https token URL.
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ import binascii
 import json
 import logging
 import re
+import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote_plus
@@ -96,8 +104,25 @@ class Credential:
     oauth: OAuthClient | None = None
 
 
-def build(auth: policies.Auth, data: Mapping[str, str] | None, *, insecure: bool = False) -> Credential:
-    """Prepare the credential for ``auth`` from decoded Secret data; raise CredentialError."""
+def verifying_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """A context that verifies against ``ca_bundle`` alone, or the system store without one."""
+    return ssl.create_default_context(cadata=ca_bundle) if ca_bundle is not None else ssl.create_default_context()
+
+
+def build(
+    auth: policies.Auth,
+    data: Mapping[str, str] | None,
+    *,
+    insecure: bool = False,
+    tls: Callable[[str | None], ssl.SSLContext] = verifying_context,
+) -> Credential:
+    """Prepare the credential for ``auth`` from decoded Secret data; raise CredentialError.
+
+    ``insecure`` (the upstream's flag) only lets an OAuth2 token URL be plain
+    http, as the upstream is; it never turns off the verification of an https
+    one. ``tls`` makes the token URL's verifying context from its own bundle
+    (the routes pass their cache: loading the system store is slow).
+    """
     kind = auth.type
     if kind == "bearer":
         key = _value(auth, data, auth.key)
@@ -123,14 +148,26 @@ def build(auth: policies.Auth, data: Mapping[str, str] | None, *, insecure: bool
     client_id = _value(auth, data, auth.client_id_key)
     client_secret = _value(auth, data, auth.client_secret_key)
     assert auth.token_url is not None
-    if auth.token_url.startswith("http://") and not insecure:
-        raise CredentialError("the OAuth2 tokenURL must use https (or the upstream must be insecure)")
-    client = OAuthClient(auth.token_url, client_id, client_secret, auth.scopes, auth.audience)
+    context: ssl.SSLContext | None = None
+    if auth.token_url.startswith("http://"):
+        if not insecure:
+            raise CredentialError("the OAuth2 tokenURL must use https (or the upstream must be insecure)")
+    else:
+        try:
+            context = tls(auth.token_ca_bundle)
+        except (ssl.SSLError, ValueError):
+            raise CredentialError("the oauth2ClientCredentials.caBundle holds no usable PEM certificate") from None
+    client = OAuthClient(auth.token_url, client_id, client_secret, auth.scopes, auth.audience,
+                         context=context, ca_bundle=auth.token_ca_bundle)
     return Credential((), None, scrubbing.Scrubber([client_secret]), oauth=client)
 
 
 class OAuthClient:
-    """Client-credentials grant with a cached access token (one fetch at a time)."""
+    """Client-credentials grant with a cached access token (one fetch at a time).
+
+    ``context`` verifies an https token URL (see the module docstring); it is
+    None only for a plain-http one, which only an insecure upstream may have.
+    """
 
     def __init__(
         self,
@@ -139,8 +176,15 @@ class OAuthClient:
         client_secret: str,
         scopes: tuple[str, ...],
         audience: str | None,
+        *,
+        context: ssl.SSLContext | None = None,
+        ca_bundle: str | None = None,
     ) -> None:
+        if context is None and not token_url.startswith("http://"):
+            context = verifying_context(ca_bundle)
         self.token_url = token_url
+        self.context = context
+        self._ca_bundle = ca_bundle
         self._client_id = client_id
         self._client_secret = client_secret
         self._scopes = scopes
@@ -154,19 +198,27 @@ class OAuthClient:
 
     def same_as(self, other: OAuthClient) -> bool:
         """Keep the cached token across reloads when nothing it depends on changed."""
-        return (self.token_url, self._client_id, self._client_secret, self._scopes, self._audience) == (
+        mine = (self.token_url, self._client_id, self._client_secret, self._scopes, self._audience, self._ca_bundle)
+        return mine == (
             other.token_url,
             other._client_id,
             other._client_secret,
             other._scopes,
             other._audience,
+            other._ca_bundle,
         )
 
     def adopt(self, other: OAuthClient) -> None:
         self._token, self._refresh_at, self._expires_at = other._token, other._refresh_at, other._expires_at
         self.scrubber = other.scrubber
 
-    async def token(self, session: aiohttp.ClientSession, ssl: Any) -> str:
+    async def token(self, session: aiohttp.ClientSession, upstream_ssl: object = None) -> str:
+        """The access token, fetched or refreshed when due.
+
+        ``upstream_ssl`` is ignored: the token URL is verified with
+        ``self.context`` whatever the upstream uses (the argument stays until
+        every caller stops passing the upstream's context).
+        """
         now = time.monotonic()
         if self._token is not None and now < self._refresh_at:
             return self._token
@@ -175,7 +227,7 @@ class OAuthClient:
             if self._token is not None and now < self._refresh_at:
                 return self._token
             try:
-                await self._fetch(session, ssl)
+                await self._fetch(session)
             except CredentialError:
                 if self._token is not None and now < self._expires_at:
                     log.warning("OAuth2 token refresh failed; using the current token until it expires")
@@ -184,7 +236,7 @@ class OAuthClient:
             assert self._token is not None
             return self._token
 
-    async def _fetch(self, session: aiohttp.ClientSession, ssl: Any) -> None:
+    async def _fetch(self, session: aiohttp.ClientSession) -> None:
         form = {"grant_type": "client_credentials"}
         if self._scopes:
             form["scope"] = " ".join(self._scopes)
@@ -200,7 +252,7 @@ class OAuthClient:
                 self.token_url,
                 data=form,
                 headers=headers,
-                ssl=ssl,
+                ssl=self.context if self.context is not None else True,
                 allow_redirects=False,
                 timeout=OAUTH_TIMEOUT,
             ) as resp:

@@ -251,7 +251,9 @@ class Routes:
         cred: credentials.Credential | None = None
         unavailable: str | None = None
         try:
-            cred = credentials.build(up.auth, data, insecure=up.insecure)
+            # the token URL gets its own verification (its own bundle or the system store),
+            # never this upstream's context
+            cred = credentials.build(up.auth, data, insecure=up.insecure, tls=self._tls.get)
         except credentials.CredentialError as exc:
             unavailable = exc.message
             if data is not None:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import base64
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from sidekey.core import policies
+from sidekey.core import certificates, policies
 from sidekey.proxy import credentials, forwarding, limits
 from tests.proxy.fakes import StaticRoutes, policy
 
@@ -169,3 +174,95 @@ def test_the_bucket_allows_a_burst_then_paces() -> None:
     assert 0.9 < wait <= 1.0 and b.retry_after(wait) == "1"
     now[0] += 1.0
     assert b.take() == 0
+
+
+# --- the OAuth2 token URL's own TLS ----------------------------------------------------------
+
+
+def oauth(token_url: str, ca_bundle: str | None = None) -> policies.Auth:
+    raw: dict[str, Any] = {"type": "oauth2ClientCredentials", "secretRef": {"name": "s"},
+                           "oauth2ClientCredentials": {"tokenURL": token_url, "clientIdKey": "id",
+                                                       "clientSecretKey": "sec"}}
+    if ca_bundle is not None:
+        raw["oauth2ClientCredentials"]["caBundle"] = ca_bundle
+    return auth(raw)
+
+
+SECRETS = {"id": "client", "sec": "client-secret-tls-1"}
+
+
+@pytest.fixture
+async def idp(tmp_path: Path) -> AsyncIterator[tuple[str, certificates.KeyPair, list[bytes]]]:
+    """An https token endpoint on loopback with a certificate from its own private CA."""
+    ca = certificates.make_ca("the IdP's CA")
+    leaf = certificates.issue(ca, "idp", ip_addresses=["127.0.0.1"])
+    (tmp_path / "idp.pem").write_bytes(leaf.cert_pem + leaf.key_pem)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "idp.pem")
+    forms: list[bytes] = []
+
+    async def token(request: web.Request) -> web.Response:
+        forms.append(await request.read() + request.headers.get("Authorization", "").encode())
+        return web.json_response({"access_token": "at-from-the-idp", "expires_in": 300})
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"https://127.0.0.1:{port}/token", ca, forms
+    await runner.cleanup()
+
+
+async def fetch(client: credentials.OAuthClient, upstream_ssl: object) -> str:
+    async with aiohttp.ClientSession() as session:
+        return await client.token(session, upstream_ssl)
+
+
+async def test_an_insecure_upstream_never_lends_its_missing_verification_to_the_token_url(
+    idp: tuple[str, certificates.KeyPair, list[bytes]],
+) -> None:
+    url, _, forms = idp
+    cred = credentials.build(oauth(url), SECRETS, insecure=True)
+    assert cred.oauth is not None
+    with pytest.raises(credentials.CredentialError, match="unreachable"):
+        await fetch(cred.oauth, False)  # what an http upstream's route passes: no verification
+    assert forms == [], "the client secret reached a token URL nobody verified"
+
+
+async def test_the_token_url_is_verified_against_its_own_ca_bundle(
+    idp: tuple[str, certificates.KeyPair, list[bytes]],
+) -> None:
+    url, ca, forms = idp
+    cred = credentials.build(oauth(url, ca.cert_pem.decode()), SECRETS, insecure=True)
+    assert cred.oauth is not None
+    assert await fetch(cred.oauth, False) == "at-from-the-idp"
+    assert len(forms) == 1
+
+
+async def test_the_upstreams_ca_bundle_does_not_apply_to_the_token_url(
+    idp: tuple[str, certificates.KeyPair, list[bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, ca, forms = idp
+    # the IdP is "public": its CA is in the system store, which SSL_CERT_FILE stands for
+    (tmp_path / "store.pem").write_bytes(ca.cert_pem)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "store.pem"))
+    upstream_ssl = ssl.create_default_context(cadata=certificates.make_ca("private upstream").cert_pem.decode())
+    cred = credentials.build(oauth(url), SECRETS)
+    assert cred.oauth is not None
+    assert await fetch(cred.oauth, upstream_ssl) == "at-from-the-idp"
+    assert len(forms) == 1
+
+
+def test_a_token_ca_bundle_that_does_not_load_is_a_clear_503() -> None:
+    bad = "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"
+    with pytest.raises(credentials.CredentialError, match="caBundle holds no usable PEM") as info:
+        credentials.build(oauth("https://idp.example/token", bad), SECRETS)
+    assert info.value.status == 503
+
+
+def test_a_token_ca_bundle_must_be_pem() -> None:
+    with pytest.raises(policies.PolicyError, match=r"oauth2ClientCredentials\.caBundle"):
+        oauth("https://idp.example/token", "MIIB...")
