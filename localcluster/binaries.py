@@ -91,3 +91,36 @@ def find(*, build: bool = True, progress: bool = False) -> Binaries:
     if progress:
         print(f"control-plane binaries in {directory}", file=sys.stderr)
     return Binaries(directory)
+
+
+NODE_REQUIRED = ("kubelet", "kube-proxy", "kube-scheduler", "containerd", "containerd-shim-runc-v2", "ctr", "pause")
+NODE_BUILD_SCRIPT = Path(__file__).with_name("build-node-binaries.sh")
+
+
+def find_node(*, build: bool = True, progress: bool = False) -> Binaries:
+    """The node's binaries (kubelet, kube-proxy, kube-scheduler, containerd, pause).
+
+    Kept apart from the control plane's folder and key, because only a run
+    with a node needs them. ``SIDEKEY_NODE_BIN_DIR`` points at a folder of
+    one's own; otherwise they are built once and cached like the others.
+    """
+    own = os.environ.get("SIDEKEY_NODE_BIN_DIR")
+    if own:
+        missing = [n for n in NODE_REQUIRED if not os.access(Path(own) / n, os.X_OK)]
+        if missing:
+            raise BinariesUnavailable(f"SIDEKEY_NODE_BIN_DIR={own} lacks {', '.join(missing)}; "
+                                      f"unset it so that {NODE_BUILD_SCRIPT} builds them")
+        return Binaries(Path(own))
+    cached = subprocess.run(["bash", str(NODE_BUILD_SCRIPT), "--check"], capture_output=True, text=True, check=False)
+    if cached.returncode == 0:
+        return Binaries(Path(cached.stdout.strip()))
+    if not build or shutil.which("go") is None or shutil.which("gcc") is None:
+        raise BinariesUnavailable(
+            f"the node's binaries ({', '.join(NODE_REQUIRED)}) are not built; run {NODE_BUILD_SCRIPT} "
+            "(needs Go >= 1.26, gcc with a static libc, and the Go module proxy)")
+    stderr = None if progress else subprocess.PIPE
+    proc = subprocess.run(["bash", str(NODE_BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=stderr,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise BinariesUnavailable(f"{NODE_BUILD_SCRIPT} failed (exit {proc.returncode}):\n{(proc.stderr or '')[-4000:]}")
+    return Binaries(Path(proc.stdout.strip().splitlines()[-1]))

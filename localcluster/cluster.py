@@ -35,6 +35,11 @@ from sidekey.core import certificates
 from sidekey.localcluster import binaries, processes
 
 SERVICE_CIDR = "10.0.0.0/24"
+LOOPBACK = "127.0.0.1"
+# Controllers a pod-less cluster has no use for. A cluster with a node
+# (node.NodeCluster) keeps nodelifecycle, which lifts the not-ready taint.
+DISABLED_CONTROLLERS = ("nodeipam", "nodelifecycle", "cloud-node-lifecycle", "service-lb-controller",
+                        "node-route-controller", "persistentvolume-binder", "attachdetach", "ttl")
 START_TIMEOUT = float(os.environ.get("SIDEKEY_CONTROLPLANE_START_TIMEOUT", "90"))
 
 
@@ -55,6 +60,9 @@ class LocalCluster:
 
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sidekey-cluster-")))
     keep_workdir: bool = False
+    # Where the apiserver listens and what it advertises for the `kubernetes`
+    # Service; a node's pods cannot reach loopback, so NodeCluster sets its bridge.
+    address: str = LOOPBACK
     with_controller_manager: bool = True
     build: bool = True
     progress: bool = False
@@ -73,6 +81,8 @@ class LocalCluster:
     _procs: processes.Processes | None = None
     _etcd_dirs: list[Path] = field(default_factory=list)
     _binaries: binaries.Binaries | None = None
+    _ca: certificates.KeyPair | None = None
+    _cgroup: Path | None = None  # NodeCluster's egress guard matches on it
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -123,8 +133,9 @@ class LocalCluster:
             ca, "kube-apiserver",
             dns_names=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                        "kubernetes.default.svc.cluster.local"],
-            ip_addresses=["127.0.0.1", "10.0.0.1"],
+            ip_addresses=sorted({LOOPBACK, self.address, "10.0.0.1"}),
         )
+        self._ca = ca
         admin = certificates.issue(ca, "admin", organizations=["system:masters"], client=True, server=False)
         self.ca_file, self.ca_key_file = d / "ca.crt", d / "ca.key"
         self.admin_cert_file, self.admin_key_file = d / "admin.crt", d / "admin.key"
@@ -164,7 +175,7 @@ class LocalCluster:
 
     def _spawn(self, name: str, args: Sequence[str]) -> processes.Process:
         if self._procs is None:
-            self._procs = processes.Processes(self.workdir)
+            self._procs = processes.Processes(self.workdir, cgroup=self._cgroup)
         return self._procs.start(name, args)
 
     def _start_processes(self) -> None:
@@ -184,14 +195,16 @@ class LocalCluster:
             "--unsafe-no-fsync", "--log-level=warn", "--quota-backend-bytes=2147483648",
         ])
         self._etcd_dirs.append(data_root)
-        self.url = f"https://127.0.0.1:{api_port}"
+        self.url = f"https://{self.address}:{api_port}"
         self.issuer = self.url
         pki = self.workdir / "pki"
         api = self._spawn("kube-apiserver", [
             str(b.path("kube-apiserver")),
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            "--bind-address=127.0.0.1", f"--secure-port={api_port}",
-            "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
+            f"--bind-address={self.address}", f"--secure-port={api_port}",
+            # "lease" keeps the `kubernetes` Endpoints pointing here, which pods need
+            f"--advertise-address={self.address}",
+            f"--endpoint-reconciler-type={'none' if self.address == LOOPBACK else 'lease'}",
             f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--client-ca-file={self.ca_file}",
             "--authorization-mode=Node,RBAC",
@@ -204,6 +217,7 @@ class LocalCluster:
             "--enable-aggregator-routing=true",
             "--profiling=false",
             "--v=1",
+            *self._apiserver_args(),
         ])
         self._write_kubeconfig()
         deadline = time.monotonic() + START_TIMEOUT
@@ -222,13 +236,19 @@ class LocalCluster:
                 "--leader-elect=false",
                 "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service-lb-controller,"
-                "-node-route-controller,-persistentvolume-binder,-attachdetach,-ttl",
+                "--controllers=*," + ",".join(f"-{c}" for c in self._disabled_controllers()),
                 "--concurrent-gc-syncs=5", "--namespace-sync-period=10s",
                 "--v=1",
             ])
             self._wait_for(deadline, kcm, lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default"),
                            "the controller-manager to create the default ServiceAccount")
+
+    def _apiserver_args(self) -> list[str]:
+        """Extra kube-apiserver flags; a subclass with a node adds the kubelet's."""
+        return []
+
+    def _disabled_controllers(self) -> Sequence[str]:
+        return DISABLED_CONTROLLERS
 
     def _wait_ready(self, deadline: float, *procs: processes.Process) -> None:
         self._wait_for(deadline, procs[-1], lambda: self._get("/readyz"), "kube-apiserver /readyz", *procs)

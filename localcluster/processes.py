@@ -73,6 +73,9 @@ class Processes:
     """Starts named children; stops them all, newest first, on exit."""
 
     log_dir: Path
+    # A cgroup (v2 or a v1 hierarchy's folder) every child is started in, so
+    # that a netfilter rule can match their traffic (the node's egress guard).
+    cgroup: Path | None = None
     _procs: list[Process] = field(default_factory=list)
 
     def __enter__(self) -> Processes:
@@ -85,10 +88,17 @@ class Processes:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
         log_file = log.open("ab")
+        cgroup = self.cgroup
+
+        def before_exec() -> None:
+            _die_with_parent()
+            if cgroup is not None:
+                (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
         popen = subprocess.Popen(
             list(argv), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=dict(env) if env is not None else None,
-            preexec_fn=_die_with_parent,
+            preexec_fn=before_exec,
         )
         proc = Process(name, popen, log, log_file)
         self._procs.append(proc)

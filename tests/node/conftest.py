@@ -1,0 +1,64 @@
+"""The real node, for the test modules that need pods to run (marker ``node``).
+
+A module opts in by asking for ``node_cluster`` (and marking itself
+``pytestmark = [pytest.mark.e2e, pytest.mark.node]``); the node starts once,
+for the first such test, and stops at the end of the session, so a run of the
+pod-less suite never starts one. There is one node per machine: if another
+session holds it, the fixture waits for it (``SIDEKEY_NODE_LOCK_WAIT``
+seconds, default 15 minutes). If the node cannot run here (not root, no
+cgroups, a missing package) the fixture *fails* with what is missing; node
+tests are never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import make_namespace
+
+LOCK_WAIT = float(os.environ.get("SIDEKEY_NODE_LOCK_WAIT", "900"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the host-restored check before any module starts the session's node.
+
+    That test brings up and tears down a node of its own, and there can be
+    only one at a time.
+    """
+    first = [i for i in items if i.path.name == "test_host_restored.py" and i.path.parent.name == "node"]
+    if first:
+        rest = [i for i in items if i not in first]
+        at = next((n for n, i in enumerate(rest) if i.path.parent.name == "node"
+                   and i.path.parent.parent.name == "tests"), len(rest))
+        items[:] = rest[:at] + first + rest[at:]
+
+
+@pytest.fixture(scope="session")
+def node_cluster() -> Iterator[Any]:
+    from sidekey.localcluster import binaries, node
+    from sidekey.localcluster.cluster import ControlPlaneError
+
+    cluster = node.NodeCluster(lock_wait=LOCK_WAIT, keep_workdir=bool(os.environ.get("SIDEKEY_KEEP_CLUSTER")))
+    try:
+        cluster.start()
+    except (node.NodeUnavailable, binaries.BinariesUnavailable, ControlPlaneError) as exc:
+        pytest.fail(f"no node for the node tests: {exc}", pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def node_namespace(node_cluster: Any) -> Iterator[str]:
+    """A fresh namespace on the node's cluster whose `default` ServiceAccount exists; deleted afterwards."""
+    name = make_namespace(node_cluster, "nd")
+    try:
+        yield name
+    finally:
+        node_cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+

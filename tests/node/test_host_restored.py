@@ -1,0 +1,63 @@
+"""A node leaves the host exactly as it found it.
+
+The kubelet, containerd, the CNI plugins and kube-proxy change the host
+(sysctls, iptables chains for IPv4 and IPv6, kubepods cgroups, overlay and
+netns mounts, tmpfs volumes, paths such as /var/lib/kubelet); teardown must
+put every one back. This test brings up a node of its own, runs a pod with a
+projected token and a Service behind it, shows that the host did change, and
+compares the host after teardown with the host before. It runs before the
+session's node starts (tests/node/conftest.py orders it first): one node per
+machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.node import pods
+from tests.node.conftest import LOCK_WAIT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.node]
+
+
+def _snapshot(node_mod: Any, bin_dir: Any) -> Any:
+    from sidekey.localcluster import hoststate
+
+    return hoststate.snapshot(state_dir=node_mod.STATE_DIR, bridge=node_mod.BRIDGE, bin_dirs=[bin_dir])
+
+
+def test_teardown_restores_sysctls_netfilter_mounts_cgroups_paths_and_processes() -> None:
+    from sidekey.localcluster import binaries, node
+
+    bin_dir = binaries.find_node().directory
+    before = _snapshot(node, bin_dir)
+    cluster = node.NodeCluster(lock_wait=LOCK_WAIT)
+    try:
+        cluster.start()
+    except (node.NodeUnavailable, binaries.BinariesUnavailable, node.ControlPlaneError) as exc:
+        pytest.fail(f"no node for the node tests: {exc}", pytrace=False)
+    try:
+        ns = "host-check"
+        pods.apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        pods.apply(cluster, {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": ns, "labels": {"app": "p"}},
+            "spec": {"containers": [{"name": "pause", "image": node.PAUSE_IMAGE, "imagePullPolicy": "Never"}],
+                     "serviceAccountName": "default", "automountServiceAccountToken": True}})
+        pods.apply(cluster, {
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "p", "namespace": ns},
+            "spec": {"selector": {"app": "p"}, "ports": [{"port": 80}]}})
+        pods.wait_for_phase(cluster, ns, "p", {"Running"}, timeout=90)
+        during = _snapshot(node, bin_dir)
+    finally:
+        cluster.stop()
+    after = _snapshot(node, bin_dir)
+
+    # The node really changed the host (so the comparison below can fail) ...
+    changed = "\n".join(before.differences(during))
+    for what in ("sysctls[kernel.panic]", "netfilter[iptables-save]", "netfilter[ip6tables-save]",
+                 "cgroups[", "mounts", "paths[/var/lib/kubelet]", "processes", "links"):
+        assert what in changed, f"expected the running node to change {what}; it changed:\n{changed}"
+    # ... and teardown put all of it back.
+    assert before.differences(after) == []
