@@ -38,6 +38,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from sidekey.core import llmpolicy, policies
+
 ANNOTATION: Final = "sidekey.io/ledger"
 LABEL: Final = "sidekey.io/ledger"
 #: How long a holder may go unseen before its slice is reclaimed (the Lease's
@@ -209,3 +211,31 @@ def lease_name(policy: str, upstream: str, index: int, service_account: str) -> 
     """A stable Lease name per (policy, upstream, budget index, service account)."""
     digest = hashlib.sha256(f"{policy}\0{upstream}\0{index}\0{service_account}".encode()).hexdigest()[:16]
     return f"sidekey-budget-{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where one serviceAccount budget's ledger lives, and what it counts."""
+
+    namespace: str
+    name: str  # the Lease's
+    policy: str
+    upstream: str
+    index: int  # in the upstream's budgets
+    service_account: str
+    budget: llmpolicy.Budget
+
+
+def places(policy: policies.AgentPolicy) -> list[Place]:
+    """Every ledger a policy needs: one per serviceAccount budget and subject account."""
+    found: list[Place] = []
+    for up in policy.upstreams:
+        if up.llm is None:
+            continue
+        for i, b in enumerate(up.llm.budgets):
+            if b.scope != "serviceAccount":
+                continue
+            for sa in sorted(policy.service_accounts):
+                found.append(Place(policy.namespace, lease_name(policy.name, up.name, i, sa), policy.name,
+                                   up.name, i, sa, b))
+    return found

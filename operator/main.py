@@ -18,6 +18,7 @@ from sidekey.core import logs
 from sidekey.operator import (
     controller,
     handlers,
+    ledger,
     login,
     metrics,
     options,
@@ -68,7 +69,9 @@ async def operate(opts: options.Options, *, stop: asyncio.Event | None = None) -
         login.configure(settings)
         kopf_ready = asyncio.Event()
         background: list[asyncio.Task[None]] = [
-            asyncio.create_task(ctl.queue.run(), name="reconcile-queue")]
+            asyncio.create_task(ctl.queue.run(), name="reconcile-queue"),
+            # serviceAccount token budgets: ledger Leases and status.budgets (operator/ledger.py)
+            asyncio.create_task(ledger.LedgerKeeper(api).run(), name="budget-ledgers")]
         if tls is not None:
             background.append(asyncio.create_task(tls.run(), name="webhook-tls"))
 

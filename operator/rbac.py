@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sidekey.core import contract, policies
+from sidekey.core import contract, llmledger, policies
 from sidekey.operator import kubeobjects
 
 RBAC_API_VERSION = "rbac.authorization.k8s.io/v1"
@@ -66,6 +66,10 @@ def role(policy: policies.AgentPolicy) -> kubeobjects.Role:
                                    verbs=["get", "list", "watch"]),
             kubeobjects.PolicyRule(apiGroups=[contract.GROUP], resources=[contract.PLURAL],
                                    verbs=["get", "list", "watch"]),
+            # the ledger Leases of serviceAccount token budgets (core/llmledger.py)
+            *([kubeobjects.PolicyRule(apiGroups=["coordination.k8s.io"], resources=["leases"],
+                                      resourceNames=names, verbs=["get", "update"])]
+              if (names := sorted(p.name for p in llmledger.places(policy))) else []),
         ],
     )
 

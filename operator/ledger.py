@@ -1,0 +1,203 @@
+"""The operator's side of serviceAccount budgets: keep the ledger Leases and report the spend.
+
+For every policy budget with ``scope: serviceAccount`` and every subject
+account there is one Lease (``core/llmledger`` holds the format). This
+keeper, a background task next to the reconcile queue, every few seconds:
+
+- creates the missing Leases (owned by the policy, so the garbage collector
+  removes them with it; no finalizer);
+- writes a changed budget (tokens, window) into the ledger;
+- reclaims the slices of holders unseen for the Lease's
+  ``leaseDurationSeconds``, so a dead sidecar's unspent slice comes back;
+- writes ``status.budgets`` (spend per budget, in its window) and
+  ``status.spend`` (the Spend column) when they changed.
+
+Every write carries the ``resourceVersion`` it read, like the sidecars'
+writes: a 409 means a sidecar wrote first, and the next tick looks again.
+Only this task writes ``status.budgets`` and ``status.spend``; the reconcile
+writes the conditions, and a merge patch of one leaves the other alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import aiohttp
+
+from sidekey.core import contract, kubeapi, llmledger, policies
+from sidekey.operator import rest
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two passes over the ledgers.
+INTERVAL: Final = 5.0
+#: Least seconds between two spend reports of one policy (each one wakes the reconcile).
+REPORT_EVERY: Final = 15.0
+LEASES: Final = "/apis/coordination.k8s.io/v1/leases"
+
+
+def lease_path(namespace: str, name: str = "") -> str:
+    return f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases" + (f"/{name}" if name else "")
+
+
+def new_lease(place: llmledger.Place, policy: policies.AgentPolicy, now: float,
+              holder_seconds: int = llmledger.DEFAULT_HOLDER_SECONDS) -> dict[str, Any]:
+    led = llmledger.new(place.budget.tokens, place.budget.window_seconds, now)
+    return {
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {
+            "name": place.name, "namespace": place.namespace,
+            "labels": {llmledger.LABEL: "true", contract.LABEL_MANAGED_BY: contract.MANAGED_BY},
+            "annotations": {
+                llmledger.ANNOTATION: llmledger.dumps(led),
+                "sidekey.io/budget": (f"AgentPolicy {place.policy}, upstream {place.upstream}, "
+                                      f"budgets[{place.index}], service account {place.service_account}"),
+            },
+            "ownerReferences": [{"apiVersion": contract.API_VERSION, "kind": contract.KIND,
+                                 "name": policy.name, "uid": policy.uid, "controller": True}],
+        },
+        "spec": {"leaseDurationSeconds": holder_seconds},
+    }
+
+
+def _ledger_of(lease: Mapping[str, Any]) -> llmledger.Ledger | None:
+    text = ((lease.get("metadata") or {}).get("annotations") or {}).get(llmledger.ANNOTATION)
+    try:
+        return llmledger.loads(str(text or ""))
+    except llmledger.LedgerError:
+        return None
+
+
+def holder_seconds(lease: Mapping[str, Any]) -> int:
+    value = (lease.get("spec") or {}).get("leaseDurationSeconds")
+    return value if isinstance(value, int) and value > 0 else llmledger.DEFAULT_HOLDER_SECONDS
+
+
+def status_entry(place: llmledger.Place, led: llmledger.Ledger) -> dict[str, Any]:
+    return {
+        "upstream": place.upstream, "serviceAccount": place.service_account, "scope": place.budget.scope,
+        "window": place.budget.window,
+        "windowStart": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(led.window)),
+        "tokens": led.tokens, "spent": led.spent, "granted": led.granted,
+        "holders": len(led.holders), "lease": place.name,
+    }
+
+
+def spend_column(entries: list[dict[str, Any]]) -> str:
+    """The most spent budget, for ``kubectl get``: ``1200/100000 per 24h (openai/agent)``."""
+    if not entries:
+        return ""
+    top = max(entries, key=lambda e: e["spent"] / max(1, e["tokens"]))
+    return f"{top['spent']}/{top['tokens']} per {top['window']} ({top['upstream']}/{top['serviceAccount']})"
+
+
+class LedgerKeeper:
+    """Creates, reclaims and reports the ledgers; ``run`` until cancelled."""
+
+    def __init__(self, api: rest.Rest, *, interval: float = INTERVAL, report_every: float = REPORT_EVERY,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._api = api
+        self._interval = interval
+        self._report_every = report_every
+        self._reported: dict[str, float] = {}  # policy uid -> monotonic time of the last report
+        self._clock = clock
+        self.policies = kubeapi.Reflector(api, f"/apis/{contract.GROUP}/{contract.VERSION}/{contract.PLURAL}")
+        self.leases = kubeapi.Reflector(api, LEASES, label_selector=f"{llmledger.LABEL}=true")
+        self.reclaimed = 0  # holders reclaimed since start (tests and logs)
+
+    async def run(self) -> None:
+        watches = [asyncio.create_task(self.policies.run(), name="ledger-policies"),
+                   asyncio.create_task(self.leases.run(), name="ledger-leases")]
+        try:
+            await self.policies.synced.wait()
+            await self.leases.synced.wait()
+            while True:
+                try:
+                    await self.tick()
+                except (kubeapi.ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    log.warning("budget ledgers: %s", exc)
+                await asyncio.sleep(self._interval)
+        finally:
+            for t in watches:
+                t.cancel()
+            await asyncio.gather(*watches, return_exceptions=True)
+
+    async def tick(self) -> None:
+        now = self._clock()
+        for raw in list(self.policies.objects.values()):
+            try:
+                policy = policies.parse(raw)
+            except policies.PolicyError:
+                continue
+            places = llmledger.places(policy)
+            if not places and not (raw.get("status") or {}).get("budgets"):
+                continue
+            entries: list[dict[str, Any]] = []
+            for place in places:
+                led = await self._keep(place, policy, now)
+                if led is not None:
+                    entries.append(status_entry(place, led))
+            await self._report(raw, entries)
+
+    async def _keep(self, place: llmledger.Place, policy: policies.AgentPolicy, now: float
+                    ) -> llmledger.Ledger | None:
+        lease = self.leases.objects.get(f"{place.namespace}/{place.name}")
+        if lease is None:
+            body = new_lease(place, policy, now)
+            try:
+                created = await self._api.create(lease_path(place.namespace), body)
+            except kubeapi.ApiError as exc:
+                if exc.status != 409:  # 409: it exists, the watch will bring it
+                    log.warning("cannot create budget Lease %s/%s: %s", place.namespace, place.name, exc)
+                return None
+            self.leases.objects[f"{place.namespace}/{place.name}"] = created
+            return _ledger_of(created)
+        led = _ledger_of(lease)
+        if led is None:
+            # unreadable: start the window again rather than grant from a guess
+            led = llmledger.new(place.budget.tokens, place.budget.window_seconds, now)
+        new = llmledger.rolled(led, now)
+        if (new.tokens, new.window_seconds) != (place.budget.tokens, place.budget.window_seconds):
+            new = llmledger.rebudgeted(new, place.budget.tokens, place.budget.window_seconds, now)
+        new, gone = llmledger.reclaim(new, now, holder_seconds(lease))
+        if new == led and _ledger_of(lease) is not None:
+            return led
+        body = dict(lease)
+        annotations = dict((lease.get("metadata") or {}).get("annotations") or {})
+        annotations[llmledger.ANNOTATION] = llmledger.dumps(new)
+        body["metadata"] = {**lease["metadata"], "annotations": annotations}
+        try:
+            written = await self._api.replace(lease_path(place.namespace, place.name), body)
+        except kubeapi.ApiError as exc:
+            if exc.status in (404, 409):
+                return led  # a sidecar wrote first (or it is gone): look again next tick
+            raise
+        self.leases.objects[f"{place.namespace}/{place.name}"] = written
+        if gone:
+            self.reclaimed += len(gone)
+            log.info("budget Lease %s/%s: reclaimed the unspent slices of %d silent holder(s)",
+                     place.namespace, place.name, len(gone))
+        return new
+
+    async def _report(self, raw: Mapping[str, Any], entries: list[dict[str, Any]]) -> None:
+        status = raw.get("status") or {}
+        spend = spend_column(entries)
+        if status.get("budgets") == entries and status.get("spend", "") == spend:
+            return
+        meta = raw.get("metadata") or {}
+        uid, mono = str(meta.get("uid", "")), time.monotonic()
+        same_shape = [e.get("lease") for e in status.get("budgets") or []] == [e["lease"] for e in entries]
+        if same_shape and mono - self._reported.get(uid, -1e9) < self._report_every:
+            return
+        self._reported[uid] = mono
+        try:
+            await self._api.patch(
+                rest.policy_path(str(meta.get("namespace")), str(meta.get("name"))) + "/status",
+                {"status": {"budgets": entries, "spend": spend or None}}, "merge")
+        except kubeapi.ApiError as exc:
+            if exc.status != 404:
+                raise
