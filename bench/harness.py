@@ -382,10 +382,6 @@ def execute(plan: Plan, *, quick: bool, externals: bool) -> dict[str, Any]:
             if not kubelet.cache_knob_exists():
                 run.notes.append("the proxy has no SIDEKEY_TOKEN_CACHE knob yet: the no-cache arm runs "
                                  "the sidecar through bench.launch, which patches the cache out")
-            if kubelet.jwks_accept_missing():
-                run.notes.append("core/kubeapi.py asks for application/json only and the apiserver answers "
-                                 "its JWKS with 406: both sidekey arms ran through bench.launch, which adds "
-                                 "application/jwk-set+json to Accept")
             run.extra_cold_starts()
             for rep in range(plan.reps):
                 _say(f"repetition {rep + 1} of {plan.reps}")

@@ -5,10 +5,10 @@ AgentPolicies naming its account and the Secrets they reference), so the
 harness starts a ``LocalCluster`` and creates what a team and the operator
 would: a namespace, a ServiceAccount, a Secret with the (fake) key, an
 AgentPolicy with two upstreams on loopback, a Role that lets the account read
-that Secret by name and the policies, and a Pod that stays Pending. Then it
-plays the kubelet: mints the sidecar's API token and the agent's pod-bound
-token with TokenRequest, writes the API token directory and starts
-``sidekey proxy`` with the downward-API env resolved by hand.
+that Secret by name and the policies, and a Pod that stays Pending. Then
+``localcluster.podplayer`` plays the kubelet: it mints the sidecar's API
+token and the agent's pod-bound token with TokenRequest and starts
+``sidekey proxy`` (pinned to its core) with the downward API resolved.
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ import os
 import secrets
 import shutil
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +26,9 @@ import yaml
 
 from bench import procstats
 from sidekey.core import contract
-from sidekey.localcluster.cluster import LocalCluster, free_port
-from sidekey.localcluster.processes import Process, Processes
+from sidekey.localcluster import podplayer
+from sidekey.localcluster.cluster import LocalCluster
+from sidekey.localcluster.processes import Processes
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE_ACCOUNT = "agent"
@@ -44,23 +42,14 @@ TOKEN_CACHE_ENV = "SIDEKEY_TOKEN_CACHE"
 
 @dataclass
 class Pod:
-    namespace: str
-    uid: str
+    identity: podplayer.PodIdentity
     key: str  # the upstream key the sidecar attaches (fake, made up here)
     agent_token: str
-    api_dir: Path
-
-
-@dataclass
-class Sidecar:
-    process: Process
-    port: int
-    health_port: int
-    ready_seconds: float
+    workdir: Path
 
     @property
-    def pid(self) -> int:
-        return int(self.process.popen.pid)
+    def namespace(self) -> str:
+        return self.identity.namespace
 
 
 def _apply(cluster: LocalCluster, *manifests: dict[str, Any]) -> None:
@@ -106,17 +95,9 @@ def create_pod(cluster: LocalCluster, workdir: Path, *, upstream_port: int, sse_
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": POD, "namespace": ns},
         "spec": {"serviceAccountName": SERVICE_ACCOUNT,
                  "containers": [{"name": "agent", "image": "example.invalid/agent:1"}]}}))
-    uid = json.loads(out)["metadata"]["uid"]
-    api_dir = workdir / "api"
-    api_dir.mkdir(parents=True, exist_ok=True)
-    (api_dir / contract.API_TOKEN_FILENAME).write_text(cluster.token(
-        ns, SERVICE_ACCOUNT, audience=cluster.issuer, pod_name=POD, pod_uid=uid,
-        seconds=contract.SIDECAR_API_TOKEN_EXPIRATION_SECONDS))
-    (api_dir / contract.API_CA_FILENAME).write_bytes(cluster.ca_file.read_bytes())
-    (api_dir / contract.API_NAMESPACE_FILENAME).write_text(ns)
-    agent_token = cluster.token(ns, SERVICE_ACCOUNT, audience=contract.DEFAULT_AUDIENCE,
-                                pod_name=POD, pod_uid=uid, seconds=3600)
-    return Pod(namespace=ns, uid=uid, key=key, agent_token=agent_token, api_dir=api_dir)
+    identity = podplayer.PodIdentity.of(json.loads(out), FAKE_POD_IP)
+    agent_token = podplayer.mint_agent_token(cluster, identity, seconds=3600)
+    return Pod(identity=identity, key=key, agent_token=agent_token, workdir=workdir)
 
 
 def _sidekey_binary() -> str:
@@ -133,60 +114,31 @@ def cache_knob_exists() -> bool:
                [*(ROOT / "proxy").glob("*.py"), ROOT / "core" / "tokens.py", ROOT / "core" / "contract.py"])
 
 
-def jwks_accept_missing() -> bool:
-    """Whether the API client still asks for JSON only (the apiserver's JWKS answers 406 to it)."""
-    return "jwk-set" not in (ROOT / "core" / "kubeapi.py").read_text()
-
-
 def patches_for(token_cache: bool, extra: frozenset[str] = frozenset()) -> set[str]:
     """The bench.launch patches a sidecar needs (none: the real console script runs)."""
     patches = set(extra)
     if not token_cache and not cache_knob_exists():
         patches.add("nocache")
-    if jwks_accept_missing():
-        patches.add("jwks-accept")
     return patches
-
-
-def _ready(health_port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/readyz", timeout=1) as r:
-            return bool(r.status == 200)
-    except (OSError, urllib.error.URLError):
-        return False
 
 
 def start_sidecar(cluster: LocalCluster, pod: Pod, procs: Processes, name: str, *,
                   core: int | None, token_cache: bool = True, timeout: float = 30.0,
-                  patches: frozenset[str] = frozenset(), env_extra: dict[str, str] | None = None) -> Sidecar:
-    port, health_port = free_port(), free_port()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        contract.ENV_POD_NAME: POD, contract.ENV_POD_NAMESPACE: pod.namespace,
-        contract.ENV_POD_UID: pod.uid, contract.ENV_POD_IP: FAKE_POD_IP,
-        contract.ENV_SERVICE_ACCOUNT: SERVICE_ACCOUNT,
-        contract.ENV_PROXY_PORT: str(port), contract.ENV_HEALTH_PORT: str(health_port),
-        contract.ENV_HEALTH_ADDRESS: "127.0.0.1",
-        contract.ENV_API_SERVER: cluster.url, contract.ENV_API_TOKEN_DIR: str(pod.api_dir),
-    }
-    env.update(env_extra or {})
-    argv = [_sidekey_binary(), "proxy"]
+                  patches: frozenset[str] = frozenset(),
+                  env_extra: dict[str, str] | None = None) -> podplayer.RunningSidecar:
+    """The sidecar, pinned to ``core``, through bench.launch when a patch is needed."""
+    env = {"PATH": os.environ.get("PATH", ""), **(env_extra or {})}
+    command: list[str] = [_sidekey_binary(), "proxy"]
     if not token_cache:
         env[TOKEN_CACHE_ENV] = "0"
     needed = patches_for(token_cache, patches)
     if needed:
         env["BENCH_PATCHES"] = ",".join(sorted(needed))
         env["PYTHONPATH"] = str(ROOT)
-        argv = [sys.executable, "-m", "bench.launch", "proxy"]
-    started = time.perf_counter()
-    proc = procs.start(name, [*procstats.pin_prefix(core), *argv], env=env)
-    deadline = started + timeout
-    while time.perf_counter() < deadline:
-        proc.check_alive()
-        if _ready(health_port):
-            return Sidecar(proc, port, health_port, time.perf_counter() - started)
-        time.sleep(0.005)
-    raise TimeoutError(f"sidecar {name} was not ready within {timeout} s; log:\n{proc.tail()}")
+        command = [sys.executable, "-m", "bench.launch", "proxy"]
+    return podplayer.start_sidecar(cluster, pod.identity, procs, pod.workdir / name, name=name, env=env,
+                                   command=command, prefix=procstats.pin_prefix(core), timeout=timeout,
+                                   poll=0.005)
 
 
 def start_cluster(workdir: Path) -> LocalCluster:

@@ -9,13 +9,8 @@ proxy:
   pays the full signature and claims check (a cache miss: the first call with
   each freshly rotated token). Used while the proxy has no
   ``SIDEKEY_TOKEN_CACHE`` knob.
-- ``jwks-accept``: the apiserver answers ``/openid/v1/jwks`` only as
-  ``application/jwk-set+json`` (406 to ``Accept: application/json`` alone);
-  this adds the type while ``core/kubeapi.py`` lacks it.
 - ``noaudit``, ``nometrics``, ``noscrub``: ablations (no audit line, no
   Prometheus updates, no response scrubbing). Never a way to run a sidecar.
-- ``gcfreeze``: ``gc.freeze()`` once the sidecar has started, so the
-  collector stops rescanning the import-time heap.
 - ``uvloop``: the uvloop event loop instead of asyncio's.
 - ``tailcheck``: the stream scrubber returns at once when a chunk's last
   byte occurs in no secret form (a held-back tail must be a prefix of one,
@@ -35,11 +30,11 @@ import sys
 from typing import Any
 
 from sidekey import cli
-from sidekey.core import kubeapi, tokens
+from sidekey.core import tokens
 
-ACCEPT = "application/json, application/jwk-set+json;q=0.9"
-KNOWN = frozenset({"nocache", "jwks-accept", "noaudit", "nometrics", "noscrub", "gcfreeze", "uvloop", "trim",
-                   "tailcheck", "gcstats"})
+#: The product itself now asks for ``application/jwk-set+json`` and calls
+#: ``gc.freeze()`` after start-up, so those two former patches are gone.
+KNOWN = frozenset({"nocache", "noaudit", "nometrics", "noscrub", "uvloop", "trim", "tailcheck", "gcstats"})
 
 
 class _Nothing:
@@ -59,14 +54,6 @@ def apply(patches: set[str]) -> None:
     if "nocache" in patches:
         tokens.Validator.cached = lambda self, token: None  # type: ignore[method-assign]
         tokens.Validator._remember = lambda self, token, identity: None  # type: ignore[method-assign]
-    if "jwks-accept" in patches:
-        original = kubeapi.ApiClient._headers
-
-        def headers(self: kubeapi.ApiClient) -> dict[str, str]:
-            h = original(self)
-            h["Accept"] = ACCEPT
-            return h
-        kubeapi.ApiClient._headers = headers  # type: ignore[method-assign]
     if "noaudit" in patches:
         from sidekey.core import logs
         logs.AuditWriter.write = lambda self, record: None  # type: ignore[method-assign]
@@ -79,15 +66,6 @@ def apply(patches: set[str]) -> None:
         scrubbing.Scrubber.scrub = lambda self, data: data  # type: ignore[method-assign]
         scrubbing.Scrubber.scrub_text = lambda self, text: text  # type: ignore[method-assign]
         scrubbing.Scrubber.held_back = lambda self, data: 0  # type: ignore[method-assign]
-    if "gcfreeze" in patches:
-        from sidekey.proxy import sidecar
-        start = sidecar.Sidecar.start
-
-        async def start_then_freeze(self: sidecar.Sidecar) -> None:
-            await start(self)
-            gc.collect()
-            gc.freeze()
-        sidecar.Sidecar.start = start_then_freeze  # type: ignore[method-assign]
     if "tailcheck" in patches:
         from sidekey.proxy import scrubbing as scrub
         held_back = scrub.Scrubber.held_back

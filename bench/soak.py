@@ -13,8 +13,8 @@ Secret is rotated and the AgentPolicy edited periodically. Pass criteria:
 - after the last rotation the upstream receives the newest key;
 - the sidecar's RSS grows less than 10% from the end of warm-up to the end.
 
-It reuses the attack suites' world (``tests/attacks/world.py``): the same
-recording upstream, objects and kubelet-style launch as the CI catalogues.
+It uses the shared harness the attack catalogues use (``localcluster``: the
+recording upstream, the subject's objects, the kubelet-style launch).
 A 20-second version runs in CI (``tests/attacks/test_soak.py``).
 """
 
@@ -27,6 +27,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,8 +37,25 @@ from typing import Any
 import aiohttp
 
 from bench import procstats
+from sidekey.localcluster import podplayer, subjects, upstreams
+from sidekey.localcluster.cluster import LocalCluster
+from sidekey.localcluster.processes import Processes
 
 MAX_RSS_GROWTH = 0.10
+ROOT = Path(__file__).resolve().parent.parent
+SA = "agent"
+POD = "agent-pod"
+SECRET = "upstream-keys"
+FIRST_KEY = "sk-soak-0000+first/key="
+
+
+def upstream_spec(url: str) -> dict[str, Any]:
+    """The policy's one upstream: the recording upstream, every call of CALLS but the denied one allowed."""
+    return {"name": "openai", "url": f"{url}/v1", "insecure": True,
+            "auth": {"type": "bearer", "secretRef": {"name": SECRET, "key": "openai"}},
+            "allow": [{"methods": ["GET"], "paths": ["/models", "/stream"]},
+                      {"methods": ["POST"], "paths": ["/chat/completions"]}],
+            "env": [{"name": "OPENAI_BASE_URL"}]}
 
 
 @dataclass
@@ -80,36 +99,40 @@ CALLS = [
 ]
 
 
-def run(cluster: Any, workdir: Path, seconds: float, *, concurrency: int = 8, rotate_every: float = 5.0,
-        edit_every: float = 7.0, warmup: float | None = None) -> Report:
+def run(cluster: LocalCluster, workdir: Path, seconds: float, *, concurrency: int = 8,
+        rotate_every: float = 5.0, edit_every: float = 7.0, warmup: float | None = None) -> Report:
     """Soak a sidecar on ``cluster`` for ``seconds``; the cluster is left running."""
-    from tests.attacks import world
-    from tests.conftest import make_namespace
-
     warmup = min(max(5.0, seconds * 0.25), 60.0) if warmup is None else warmup
     report = Report(seconds)
-    trap = world.Trap()
-    namespace = make_namespace(cluster, "sksoak")
+    namespace = subjects.namespace(cluster, "sksoak")
     try:
-        with world.running_upstream(trap) as up:
-            upstreams = world.upstream_specs(up.url)[:1]
-            uid = world.subject(cluster, namespace, up.url, upstreams)
-            sc = world.launch(cluster, namespace, uid, workdir / "sidecar")
-            try:
-                _soak(cluster, world, sc, up, namespace, upstreams, report, seconds, concurrency,
-                      rotate_every, edit_every, warmup)
-            finally:
-                sc.stop()
+        with upstreams.Trap() as trap, upstreams.RecordingUpstream(trap.url) as up, \
+                Processes(workdir / "logs") as procs:
+            spec = [upstream_spec(up.url)]
+            pod = podplayer.PodIdentity.of(subjects.create_subject(
+                cluster, namespace, account=SA, pod=POD, secret_name=SECRET, keys={"openai": FIRST_KEY},
+                upstreams=spec))
+            sc = podplayer.start_sidecar(cluster, pod, procs, workdir / "sidecar")
+            _soak(cluster, sc, pod, up, spec, report, seconds, concurrency, rotate_every, edit_every, warmup)
     finally:
-        trap.close()
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
     return report
 
 
-def _soak(cluster: Any, world: Any, sc: Any, up: Any, namespace: str, upstreams: list[dict[str, Any]],
-          report: Report, seconds: float, concurrency: int, rotate_every: float, edit_every: float,
-          warmup: float) -> None:
-    state = {"token": sc.agent_token, "key": world.KEYS["openai"]}
+def _get(url: str, token: str) -> None:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - loopback only
+            resp.read()
+    except (OSError, urllib.error.URLError):
+        pass
+
+
+def _soak(cluster: LocalCluster, sc: podplayer.RunningSidecar, pod: podplayer.PodIdentity,
+          up: upstreams.RecordingUpstream, spec: list[dict[str, Any]], report: Report, seconds: float,
+          concurrency: int, rotate_every: float, edit_every: float, warmup: float) -> None:
+    namespace = pod.namespace
+    state = {"token": podplayer.mint_agent_token(cluster, pod), "key": FIRST_KEY}
     stop = threading.Event()
     outcomes: Counter[str] = Counter()
 
@@ -122,24 +145,23 @@ def _soak(cluster: Any, world: Any, sc: Any, up: Any, namespace: str, upstreams:
             if now >= next_rotation:
                 report.rotations += 1
                 key = f"sk-soak-{report.rotations:04d}+rotated/key="
-                world.apply(cluster, world.secret_manifest(namespace, dict(world.KEYS, openai=key)))
+                subjects.apply(cluster, subjects.secret(namespace, SECRET, {"openai": key}))
                 state["key"] = key
-                state["token"] = cluster.token(namespace, world.SA, audience="sidekey", pod_name=world.POD,
-                                               pod_uid=sc.pod_uid)
+                state["token"] = podplayer.mint_agent_token(cluster, pod)
                 next_rotation = now + rotate_every
             if now >= next_edit:
                 report.edits += 1
-                edited = json.loads(json.dumps(upstreams))
+                edited = json.loads(json.dumps(spec))
                 if report.edits % 2:  # alternately add and remove a rule; the calls above stay allowed
                     edited[0]["allow"].append({"methods": ["GET"], "paths": [f"/extra/{report.edits}"]})
                     edited[0]["limits"] = {"timeoutSeconds": 30 + report.edits}
-                world.apply(cluster, world.policy_manifest(namespace, edited))
+                subjects.apply(cluster, subjects.policy(namespace, "agent", [SA], edited))
                 next_edit = now + edit_every
 
     def sample_rss() -> None:
         started = time.monotonic()
         while not stop.wait(0.5):
-            rss = procstats.rss_kib([sc.process.pid])
+            rss = procstats.rss_kib([sc.pid])
             report.rss_kib_samples.append(rss)
             if not report.rss_kib_after_warmup and time.monotonic() - started >= warmup:
                 report.rss_kib_after_warmup = rss
@@ -183,14 +205,14 @@ def _soak(cluster: Any, world: Any, sc: Any, up: Any, namespace: str, upstreams:
         for t in threads:
             t.join(30)
     report.by_outcome = dict(outcomes)
-    report.rss_kib_end = procstats.rss_kib([sc.process.pid])
+    report.rss_kib_end = procstats.rss_kib([sc.pid])
     if not report.rss_kib_after_warmup and report.rss_kib_samples:
         report.rss_kib_after_warmup = report.rss_kib_samples[0]
     # the newest key is in use within 2 s of the last rotation
     deadline = time.monotonic() + 2.5
     while time.monotonic() < deadline and not report.newest_key_used:
         before = len(up.seen)
-        world.get(sc.port, "/openai/models", state["token"])
+        _get(f"{sc.url}/openai/models", state["token"])
         report.newest_key_used = any(s.headers.get("Authorization") == f"Bearer {state['key']}"
                                      for s in up.seen[before:])
         time.sleep(0.1)
@@ -204,11 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edit-every", type=float, default=45.0, help="seconds between policy edits")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
-    from sidekey.localcluster.cluster import LocalCluster
-    from tests.conftest import CRDS
-
     with tempfile.TemporaryDirectory(prefix="sidekey-soak-") as tmp, LocalCluster() as cluster:
-        for f in sorted(CRDS.glob("*.yaml")):
+        for f in sorted((ROOT / "crds").glob("*.yaml")):
             cluster.kubectl("apply", "--server-side", "-f", str(f))
         cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/agentpolicies.sidekey.io")
         report = run(cluster, Path(tmp), args.minutes * 60, concurrency=args.concurrency,

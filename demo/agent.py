@@ -12,10 +12,26 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import openai
 
 from sidekey.core import contract
+
+
+def pod(name: str, namespace: str, service_account: str, proxy_port: int | None) -> dict[str, Any]:
+    """The agent's pod as a team would write it: an annotation, nothing else about sidekey."""
+    annotations = {contract.ANNOTATION_INJECT: "true"}
+    if proxy_port is not None:
+        # Real pods each have their own loopback; here sidecars share one, so each gets a port.
+        annotations[contract.ANNOTATION_PORT] = str(proxy_port)
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "annotations": annotations},
+        "spec": {"serviceAccountName": service_account,
+                 "containers": [{"name": "agent", "image": "python:3.12-slim",
+                                 "command": ["python", "-m", "my_agent"]}]},
+    }
 
 
 def _client(env: Mapping[str, str]) -> openai.OpenAI:

@@ -18,7 +18,6 @@ import os
 import secrets
 import signal
 import ssl
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,15 +32,14 @@ from typing import Any
 import yaml
 
 from sidekey.core import certificates, contract
-from sidekey.demo import agent, kubelet, upstream
-from sidekey.localcluster import binaries
+from sidekey.demo import agent
+from sidekey.localcluster import binaries, helm, podplayer, upstreams
 from sidekey.localcluster.cluster import ControlPlaneError, LocalCluster, free_port
 from sidekey.localcluster.processes import Processes
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = ROOT / "crds"
-CHART = ROOT / "charts" / "sidekey"
-SYSTEM_NS = "sidekey-system"
+SYSTEM_NS = helm.NAMESPACE
 DEMO_NS = "demo"
 SIDECAR_IMAGE = "ghcr.io/sidekey/sidekey:0.1.0"
 FAKE_POD_IP = "10.244.0.17"
@@ -119,7 +117,8 @@ class Demo:
         self.cluster: LocalCluster
         self.keys = {"first": f"sk-demo-FAKE-{secrets.token_hex(12)}",
                      "rotated": f"sk-demo-FAKE-{secrets.token_hex(12)}"}
-        self.mock = upstream.MockOpenAI(self.keys, record_file=args.record)
+        self.mock = upstreams.MockLLM(self.keys, record_file=args.record,
+                                      reply="Hello from the upstream; your call carried the key.")
 
     # --- helpers -------------------------------------------------------------
 
@@ -130,16 +129,10 @@ class Demo:
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(list(manifests)))
 
     def helm_template(self, *show_only: str, values: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        vfile = self.workdir / "values.yaml"
-        vfile.write_text(yaml.safe_dump(dict(values or {})))
-        args = [str(self.cluster.bin_dir / "helm"), "template", "sidekey", str(CHART),
-                "--namespace", SYSTEM_NS, "-f", str(vfile), "--kube-version", self.kube_version]
-        for s in show_only:
-            args += ["--show-only", s]
-        proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=60)
-        if proc.returncode != 0:
-            raise DemoFailed(f"helm template failed: {proc.stderr.strip()}")
-        return [d for d in yaml.safe_load_all(proc.stdout) if d]
+        try:
+            return helm.template(values, show_only=show_only, namespace=SYSTEM_NS, kube_version=self.kube_version)
+        except helm.HelmFailed as exc:
+            raise DemoFailed(str(exc)) from None
 
     # --- the steps -------------------------------------------------------------
 
@@ -192,24 +185,18 @@ class Demo:
                          env=env)
         _wait("the webhook's /readyz", lambda: self.procs.alive() and _https_ok(
             f"https://127.0.0.1:{port}/readyz", tls / contract.TLS_CA_KEY))
-        mwc = self.helm_template("templates/webhook-mutatingwebhookconfiguration.yaml")[0]
-        ca_b64 = base64.b64encode(ca.cert_pem).decode()
-        for hook in mwc["webhooks"]:  # nothing routes a Service here, so point the apiserver at the process
-            path = hook["clientConfig"].get("service", {}).get("path", contract.WEBHOOK_PATH)
-            hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca_b64}
+        # nothing routes a Service here, so the chart's configuration points the apiserver at the process
+        mwc = helm.local_webhook_configuration(f"https://127.0.0.1:{port}", ca.cert_pem,
+                                               kube_version=self.kube_version)
         self.apply(mwc)
         self.out.ok(f"operator running; webhook serving https://127.0.0.1:{port}, registered "
                     f"({len(mwc['webhooks'])} entries, failurePolicy Fail, matchConditions for opted-in pods)")
 
     def create_policy(self) -> None:
         self.out.step("A team's namespace, its key in a Secret, and an AgentPolicy for 'openai'")
-        up_ca = certificates.make_ca("mock-openai-ca")
-        up_cert = certificates.issue(up_ca, "mock-openai", ip_addresses=["127.0.0.1"])
-        (self.workdir / "upstream.crt").write_bytes(up_cert.cert_pem)
-        (self.workdir / "upstream.key").write_bytes(up_cert.key_pem)
-        self.upstream_port = upstream.serve_in_thread(
-            self.mock, self.workdir / "upstream.crt", self.workdir / "upstream.key", self.stack)
-        self.out.ok(f"mock OpenAI API on https://127.0.0.1:{self.upstream_port}/v1 (real TLS, checks the key)")
+        self.mock.start()
+        self.stack.callback(self.mock.stop)
+        self.out.ok(f"mock OpenAI API on {self.mock.url} (real TLS, checks the key)")
         self.apply(
             {"apiVersion": "v1", "kind": "Namespace",
              "metadata": {"name": DEMO_NS, "labels": {contract.LABEL_INJECT: contract.LABEL_INJECT_ENABLED}}},
@@ -223,8 +210,8 @@ class Demo:
                 "subjects": {"serviceAccounts": ["agent"]},
                 "upstreams": [{
                     "name": "openai",
-                    "url": f"https://127.0.0.1:{self.upstream_port}/v1",
-                    "caBundle": up_ca.cert_pem.decode(),
+                    "url": self.mock.url,
+                    "caBundle": self.mock.ca_pem,
                     "auth": {"type": "bearer", "secretRef": {"name": "openai-key", "key": "api-key"}},
                     "allow": [{"methods": ["POST"], "paths": ["/chat/completions"]},
                               {"methods": ["GET"], "paths": ["/models"]}],
@@ -249,7 +236,7 @@ class Demo:
     def create_agent_pod(self) -> dict[str, Any]:
         self.out.step("Create an annotated agent pod; the webhook injects the sidecar")
         self.proxy_port = free_port()
-        pod = kubelet.agent_pod("agent", DEMO_NS, "agent", self.proxy_port)
+        pod = agent.pod("agent", DEMO_NS, "agent", self.proxy_port)
         stored: dict[str, Any] = json.loads(self.kubectl(
             "create", "-o", "json", "-f", "-", input=yaml.safe_dump(pod)))
         sidecar = next(c for c in stored["spec"].get("initContainers", [])
@@ -276,28 +263,28 @@ class Demo:
         self.out.ok("no key anywhere in the pod spec, and no API token mounted in the agent container")
         return stored
 
-    def start_sidecar(self, pod: dict[str, Any], name: str) -> kubelet.RunningSidecar:
-        return kubelet.start_sidecar(self.cluster, pod, self.procs, self.workdir / name,
-                                     pod_ip=FAKE_POD_IP, name=name)
+    def start_pod(self, pod: dict[str, Any], name: str) -> podplayer.PlayedPod:
+        return podplayer.play(self.cluster, pod, self.procs, self.workdir / name, name=name, ip=FAKE_POD_IP)
 
     def play_kubelet(self, pod: dict[str, Any]) -> None:
         self.out.step("Play the kubelet: mint the pod-bound tokens and start the sidecar as the spec says")
         began = time.monotonic()
-        self.sidecar = self.start_sidecar(pod, "sidecar")
+        self.pod = self.start_pod(pod, "sidecar")
+        self.sidecar = self.pod.sidecar
         self.out.ok(f"sidecar ready in {time.monotonic() - began:.2f}s on 127.0.0.1:{self.sidecar.port} "
-                    f"(agent token file {self.sidecar.agent_token_file})")
-        self.agent_env = kubelet.agent_env(pod, self.sidecar)
+                    f"(agent token file {self.pod.agent_token_file})")
+        self.agent_env = self.pod.agent_env
 
     def call_through_sidecar(self) -> None:
         self.out.step("The agent calls OpenAI through the sidecar with the real openai SDK, streaming")
         self.out.say(f"OPENAI_BASE_URL={self.agent_env['OPENAI_BASE_URL']}; api_key = the token file, read per request")
         text = agent.stream_chat(self.agent_env)
         self.out.say(f"streamed: {text}")
-        last = self.mock.records[-1]
+        last = self.mock.seen[-1]
         if last.key != "first" or last.caller_token_seen:
             raise DemoFailed(f"the upstream did not get the key, or got the agent's token: {last}")
         self.out.ok("the upstream received the real key; the agent's token never left the pod")
-        agent_view = json.dumps(self.agent_env) + self.sidecar.agent_token_file.read_text()
+        agent_view = json.dumps(self.agent_env) + self.pod.agent_token_file.read_text()
         if any(k in agent_view for k in self.keys.values()):
             raise DemoFailed("the agent's env or token file holds the key")
         self.out.ok("the agent's env and files hold no key")
@@ -309,9 +296,9 @@ class Demo:
         self.out.refused(f"403 POST /embeddings (not in the policy): {message}")
 
         other = json.loads(self.kubectl("create", "-o", "json", "-f", "-", input=yaml.safe_dump(
-            kubelet.agent_pod("agent-2", DEMO_NS, "agent", free_port()))))
-        sidecar2 = self.start_sidecar(other, "sidecar-2")
-        status, message = agent.raw_call(sidecar2.port, self.sidecar.agent_token_file.read_text())
+            agent.pod("agent-2", DEMO_NS, "agent", free_port()))))
+        sidecar2 = self.start_pod(other, "sidecar-2").sidecar
+        status, message = agent.raw_call(sidecar2.port, self.pod.agent_token_file.read_text())
         _expect(status, 401, "a token replayed from another pod")
         self.out.refused(f"401 pod agent's token replayed at pod agent-2's sidecar: {message}")
 
@@ -321,7 +308,7 @@ class Demo:
         _expect(status, 401, "a token for another audience")
         self.out.refused(f"401 a token minted for another audience: {message}")
 
-        bare = kubelet.agent_pod("bare", DEMO_NS, "agent", None)
+        bare = agent.pod("bare", DEMO_NS, "agent", None)
         bare["metadata"]["annotations"] = {contract.ANNOTATION_INJECT: "false"}
         result = self.kubectl("create", "-f", "-", input=yaml.safe_dump(bare), check=False)
         if "denied" not in result and "forbidden" not in result.lower():
@@ -337,7 +324,7 @@ class Demo:
 
         def rotated() -> bool:
             agent.list_models(self.agent_env)
-            return self.mock.records[-1].key == "rotated"
+            return self.mock.seen[-1].key == "rotated"
 
         _wait("the rotated key to reach the upstream", rotated, timeout=10, interval=0.2)
         self.out.ok(f"the next call carried the rotated key {time.monotonic() - began:.1f}s after the change")
@@ -413,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"\nEverything is still running. Try:\n"
                   f"  export KUBECONFIG={demo.cluster.kubeconfig}\n"
                   f"  kubectl get agentpolicies,pods -n {DEMO_NS}\n"
-                  f"  curl -s -H \"Authorization: Bearer $(cat {demo.sidecar.agent_token_file})\" "
+                  f"  curl -s -H \"Authorization: Bearer $(cat {demo.pod.agent_token_file})\" "
                   f"http://127.0.0.1:{demo.sidecar.port}/openai/models\n"
                   f"Ctrl-C stops it all.")
             try:

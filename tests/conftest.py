@@ -1,4 +1,4 @@
-"""Session fixtures: one real control plane for every e2e test.
+"""Session fixtures: one real control plane for every e2e test (helpers are in tests/support/).
 
 The control plane is started lazily, by the first test that asks for it, so a
 run of unit tests alone needs no binaries. If the binaries cannot be had, the
@@ -8,14 +8,14 @@ fixture *fails* with instructions; e2e tests are never skipped.
 from __future__ import annotations
 
 import os
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.support.namespaces import make_namespace
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = ROOT / "crds"
@@ -63,26 +63,6 @@ def crds(cluster: Any) -> list[str]:
     for name in names:
         cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
     return names
-
-
-def _wait_for_default_sa(cluster: Any, namespace: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = cluster.kubectl("get", "serviceaccount", "default", "-n", namespace,
-                              "--ignore-not-found", "-o", "name")
-        if out.strip():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"the controller-manager did not create {namespace}/default within {timeout}s")
-
-
-def make_namespace(cluster: Any, prefix: str = "sk", labels: dict[str, str] | None = None) -> str:
-    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    manifest = {"apiVersion": "v1", "kind": "Namespace",
-                "metadata": {"name": name, "labels": labels or {}}}
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
-    _wait_for_default_sa(cluster, name)
-    return name
 
 
 @pytest.fixture

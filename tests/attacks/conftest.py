@@ -9,30 +9,13 @@ send requests to it. Tests that break things (faults, drain) build their own.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from tests.attacks import world
-from tests.conftest import make_namespace
-
-
-@dataclass
-class World:
-    cluster: Any
-    namespace: str
-    pod_uid: str
-    upstream: world.Upstream
-    trap: world.Trap
-    sidecar: world.Sidecar
-
-    @property
-    def token(self) -> str:
-        return self.sidecar.agent_token
-
-    def request(self, target: str, token: str | None = None, **kw: Any) -> world.Response:
-        return world.get(self.sidecar.port, target, token, **kw)
+from tests.attacks.world import World
+from tests.support.namespaces import make_namespace
 
 
 @pytest.fixture(scope="package")

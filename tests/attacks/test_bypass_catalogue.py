@@ -25,7 +25,7 @@ import yaml
 from sidekey.core import contract
 from tests.conftest import make_namespace
 from tests.guards import admission, manifests
-from tests.webhook.conftest import RunningWebhook, running_webhook
+from tests.support.webhook import RunningWebhook, running_webhook
 
 pytestmark = pytest.mark.e2e
 

@@ -36,7 +36,7 @@ import pytest
 from sidekey.core import certificates, contract
 from sidekey.localcluster.cluster import free_port
 from tests.attacks import world
-from tests.attacks.conftest import World
+from tests.attacks.world import World
 
 pytestmark = pytest.mark.e2e
 

@@ -28,7 +28,8 @@ import pytest
 
 from sidekey.core import contract
 from tests.attacks import world
-from tests.conftest import CRDS, make_namespace
+from tests.conftest import CRDS
+from tests.support.namespaces import make_namespace
 
 pytestmark = pytest.mark.e2e
 

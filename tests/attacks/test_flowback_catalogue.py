@@ -16,7 +16,7 @@ import gzip
 import pytest
 
 from tests.attacks import leaks, world
-from tests.attacks.conftest import World
+from tests.attacks.world import World
 
 pytestmark = pytest.mark.e2e
 

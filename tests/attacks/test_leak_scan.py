@@ -24,10 +24,10 @@ import pytest
 
 from sidekey.core import contract
 from tests.attacks import leaks, world
-from tests.attacks.conftest import World
+from tests.attacks.world import World
 from tests.guards import admission
 from tests.operator.support import RunningOperator, start_operator
-from tests.webhook.conftest import RunningWebhook, running_webhook
+from tests.support.webhook import RunningWebhook, running_webhook
 
 pytestmark = pytest.mark.e2e
 

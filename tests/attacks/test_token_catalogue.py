@@ -25,9 +25,9 @@ import pytest
 from joserfc import jwe, jwk
 
 from tests.attacks import forging, world
-from tests.attacks.conftest import World
 from tests.attacks.forging import DROP, b64, compact
-from tests.conftest import make_namespace
+from tests.attacks.world import World
+from tests.support.namespaces import make_namespace
 
 pytestmark = pytest.mark.e2e
 

@@ -21,9 +21,9 @@ import aiohttp
 import pytest
 
 from sidekey.core import contract
-from tests.conftest import make_namespace
+from tests.support.namespaces import make_namespace
+from tests.support.webhook import RunningWebhook, running_webhook
 from tests.webhook import reviewing
-from tests.webhook.conftest import RunningWebhook, running_webhook
 
 pytestmark = pytest.mark.e2e
 

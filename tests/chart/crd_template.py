@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.chart import helm
+from sidekey.localcluster import helm
 
 SOURCE = helm.ROOT / "crds" / "sidekey.io_agentpolicies.yaml"
 TEMPLATE = helm.CHART / "templates" / "crd-agentpolicies.yaml"

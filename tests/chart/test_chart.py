@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from sidekey.core import contract
-from tests.chart import helm
+from sidekey.localcluster import helm
 
 GOLDEN = Path(__file__).with_name("golden")
 

@@ -6,7 +6,8 @@ import os
 
 import yaml
 
-from tests.chart import crd_template, helm
+from sidekey.localcluster import helm
+from tests.chart import crd_template
 
 
 def test_the_chart_crd_template_is_generated_from_crds() -> None:

@@ -11,7 +11,7 @@ import re
 import tomllib
 
 from sidekey.core import contract
-from tests.chart import helm
+from sidekey.localcluster import helm
 
 DOCKERFILE = (helm.ROOT / "Dockerfile").read_text()
 LOCK = (helm.ROOT / "requirements.lock").read_text()

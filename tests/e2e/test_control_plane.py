@@ -110,7 +110,7 @@ def test_the_controller_manager_runs_deployments_and_namespaces(cluster: Any, na
 
 
 def test_a_deleted_namespace_goes_away(cluster: Any) -> None:
-    from tests.conftest import make_namespace
+    from tests.support.namespaces import make_namespace
 
     name = make_namespace(cluster, "gone")
     cluster.kubectl("delete", "namespace", name, "--wait=true", "--timeout=60s")

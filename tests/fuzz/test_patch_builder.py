@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from sidekey.core import contract, policies
 from sidekey.webhook import patching
 from sidekey.webhook import settings as settings_mod
-from tests.webhook.conftest import E2E_SETTINGS
+from tests.support.webhook import E2E_SETTINGS
 
 pytestmark = pytest.mark.e2e
 
@@ -118,7 +118,7 @@ def _as_sent(stored: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def fuzz_namespace(cluster: Any) -> Any:
-    from tests.conftest import make_namespace
+    from tests.support.namespaces import make_namespace
 
     ns = make_namespace(cluster, "skfuzz")
     cluster.kubectl("create", "serviceaccount", "agent", "-n", ns)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from tests.chart import helm
+from sidekey.localcluster import helm
 
 GUARD_TEMPLATES = ("templates/guard-bypass.yaml", "templates/guard-escalation.yaml")
 

@@ -24,8 +24,7 @@ import pytest
 import yaml
 
 from sidekey.core import certificates, contract
-from sidekey.localcluster import processes
-from tests.chart import helm
+from sidekey.localcluster import helm, processes
 from tests.guards import admission, manifests
 
 pytestmark = pytest.mark.e2e

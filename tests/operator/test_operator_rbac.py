@@ -42,7 +42,7 @@ def documented_rules() -> dict[str, list[dict[str, Any]]]:
 @pytest.fixture(scope="module")
 def restricted_operator(cluster: Any, crds: Any, tmp_path_factory: pytest.TempPathFactory
                         ) -> Iterator[tuple[RunningOperator, str]]:
-    from tests.conftest import make_namespace
+    from tests.support.namespaces import make_namespace
 
     rules = documented_rules()
     ns = make_namespace(cluster, "sk-rbac")

@@ -36,8 +36,8 @@ import yaml
 
 from sidekey.client import SidekeyAuth
 from sidekey.core import contract
-from tests.conftest import make_namespace
-from tests.proxy.llm_upstream import LlmUpstream
+from sidekey.localcluster.upstreams import MockLLM
+from tests.support.namespaces import make_namespace
 
 pytestmark = pytest.mark.e2e
 
@@ -88,7 +88,7 @@ def http(
         return exc.code, exc.read()
 
 
-def policy_manifest(namespace: str, upstream: LlmUpstream, chat_methods: list[str]) -> dict[str, Any]:
+def policy_manifest(namespace: str, upstream: MockLLM, chat_methods: list[str]) -> dict[str, Any]:
     return {
         "apiVersion": contract.API_VERSION,
         "kind": contract.KIND,
@@ -143,7 +143,7 @@ class Sidecar:
     process: subprocess.Popen[bytes]
     stdout: Path
     stderr: Path
-    upstream: LlmUpstream
+    upstream: MockLLM
     cluster: Any
 
     def token(self) -> str:
@@ -197,8 +197,9 @@ def start_proxy(
 def sidecar(cluster: Any, crds: list[str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
     workdir = tmp_path_factory.mktemp("sidecar")
     namespace = make_namespace(cluster, "skproxy")
-    upstream = LlmUpstream(OPENAI_KEY, ANTHROPIC_KEY)
-    upstream.start(workdir)
+    upstream = MockLLM({"openai-current": OPENAI_KEY, "anthropic-current": ANTHROPIC_KEY},
+                       reply="hello from upstream", word_gap=0.1)
+    upstream.start()
     apply(
         cluster,
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SA, "namespace": namespace}},
@@ -317,9 +318,9 @@ def test_the_openai_sdk_chats_through_the_sidecar_with_the_real_key(sidecar: Sid
     with openai_client(sidecar) as client:
         reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
         assert reply.choices[0].message.content == "hello from upstream"
-        assert [m.id for m in client.models.list()] == ["model-a"]
+        assert [m.id for m in client.models.list()] == ["mock-model"]
     seen = sidecar.upstream.seen[-2:]
-    assert all(s.key_ok and not s.jwt_seen for s in seen)
+    assert all(s.key_ok and not s.caller_token_seen for s in seen)
 
 
 def test_the_openai_sdk_streams_event_by_event(sidecar: Sidecar) -> None:
@@ -333,7 +334,7 @@ def test_the_openai_sdk_streams_event_by_event(sidecar: Sidecar) -> None:
             if chunk.choices and chunk.choices[0].delta.content:
                 arrivals.append(time.monotonic())
                 text += chunk.choices[0].delta.content
-    assert text == "hello from stream"
+    assert text == "hello from upstream"
     assert arrivals[-1] - arrivals[0] > 0.15  # 0.1 s apart upstream: not buffered into one
 
 
@@ -343,15 +344,15 @@ def test_the_anthropic_sdk_with_the_token_as_its_api_key(sidecar: Sidecar) -> No
     msg = client.messages.create(
         model="claude-x", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
     )
-    assert msg.content[0].text == "hello from claude"  # type: ignore[union-attr]
+    assert msg.content[0].text == "hello from upstream"  # type: ignore[union-attr]
     parts: list[str] = []
     with client.messages.stream(
         model="claude-x", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
     ) as stream:
         parts.extend(stream.text_stream)
-    assert "".join(parts) == "hello from claude"
+    assert "".join(parts) == "hello from upstream"
     seen = [s for s in sidecar.upstream.seen if s.path == "/v1/messages"]
-    assert len(seen) == 2 and all(s.key_ok and not s.jwt_seen for s in seen)
+    assert len(seen) == 2 and all(s.key_ok and not s.caller_token_seen for s in seen)
 
 
 def test_curl_works_with_the_token_file(sidecar: Sidecar) -> None:
@@ -371,7 +372,7 @@ def test_curl_works_with_the_token_file(sidecar: Sidecar) -> None:
         check=True,
     ).stdout
     body, code = out.rsplit("\n", 1)
-    assert code == "200" and json.loads(body)["data"][0]["id"] == "model-a"
+    assert code == "200" and json.loads(body)["data"][0]["id"] == "mock-model"
 
 
 def test_refusals_from_the_real_token_path(sidecar: Sidecar) -> None:
@@ -412,7 +413,7 @@ def test_the_sidecar_account_cannot_read_a_secret_outside_the_policy(sidecar: Si
 
 
 def test_a_rotated_secret_is_used_within_two_seconds(sidecar: Sidecar) -> None:
-    sidecar.upstream.openai_key = ROTATED_KEY  # the upstream now accepts only the new key
+    sidecar.upstream.keys = {"openai-rotated": ROTATED_KEY, "anthropic-current": ANTHROPIC_KEY}  # old one revoked
     apply(
         sidecar.cluster,
         secret_manifest(sidecar.namespace, "llm-keys", {"openai": ROTATED_KEY, "anthropic": ANTHROPIC_KEY}),

@@ -21,8 +21,8 @@ import yaml
 from sidekey.core import certificates, contract, policies
 from sidekey.webhook import patching, sidecars
 from sidekey.webhook import settings as settings_mod
-from tests.conftest import make_namespace
-from tests.webhook.conftest import E2E_SETTINGS, RunningWebhook, running_webhook
+from tests.support.namespaces import make_namespace
+from tests.support.webhook import E2E_SETTINGS, RunningWebhook, running_webhook
 
 pytestmark = pytest.mark.e2e
 
