@@ -297,7 +297,43 @@ def test_a_policy_hostname_rewritten_in_the_pods_hosts_file_is_refused(
                                  for a in rewritten.audit()), 5, "the audit line (flushed every second)")
 
 
-# --- the sidecar's own API token -------------------------------------------------------------
+# --- TLS peers the sidecar must verify -------------------------------------------------------
+
+
+class TlsTrap:
+    """The attacker's https host: a TLS listener on loopback with a certificate from ``ca``.
+
+    It records what it decrypts; a client that verifies the certificate against the
+    right CA refuses the handshake, so nothing is recorded.
+    """
+
+    def __init__(self, ca: certificates.KeyPair, directory: Path) -> None:
+        leaf = certificates.issue(ca, "attacker.example", ip_addresses=["127.0.0.1"])
+        (directory / "trap.pem").write_bytes(leaf.cert_pem + leaf.key_pem)
+        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._context.load_cert_chain(directory / "trap.pem")
+        self.received: list[bytes] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port: int = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            with contextlib.suppress(OSError), self._context.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(1)
+                self.received.append(tls.recv(65536))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._listener.close()
 
 
 def test_a_sidecar_without_the_mounted_cluster_ca_never_sends_its_api_token(tmp_path: Path) -> None:
@@ -309,36 +345,16 @@ def test_a_sidecar_without_the_mounted_cluster_ca_never_sends_its_api_token(tmp_
     apiserver against that store, and the attacker's TLS listener must never see the token.
     """
     public_ca = certificates.make_ca("a public CA")
-    leaf = certificates.issue(public_ca, "attacker.example", ip_addresses=["127.0.0.1"])
     (tmp_path / "system-store.pem").write_bytes(public_ca.cert_pem)
-    (tmp_path / "leaf.pem").write_bytes(leaf.cert_pem + leaf.key_pem)
     api_dir = tmp_path / "api"
     api_dir.mkdir()
     api_token = "api-token-CANARY-reads-the-secret"
     (api_dir / contract.API_TOKEN_FILENAME).write_text(api_token)  # no ca.crt next to it
-    received: list[bytes] = []
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(tmp_path / "leaf.pem")
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            with contextlib.suppress(OSError), server.wrap_socket(conn, server_side=True) as tls:
-                tls.settimeout(1)
-                received.append(tls.recv(65536))
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    trap = TlsTrap(public_ca, tmp_path)
     env = {
         "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
         "SSL_CERT_FILE": str(tmp_path / "system-store.pem"),
-        "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(listener.getsockname()[1]),
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(trap.port),
         contract.ENV_POD_NAME: world.POD, contract.ENV_POD_NAMESPACE: "team", contract.ENV_POD_UID: "uid-1",
         contract.ENV_POD_IP: world.POD_IP, contract.ENV_SERVICE_ACCOUNT: world.SA,
         contract.ENV_PROXY_PORT: str(free_port()), contract.ENV_HEALTH_PORT: str(free_port()),
@@ -352,10 +368,47 @@ def test_a_sidecar_without_the_mounted_cluster_ca_never_sends_its_api_token(tmp_
         proc.kill()
         out, _ = proc.communicate()
     finally:
-        stop.set()
-        thread.join(2)
-        listener.close()
-    assert not any(api_token.encode() in r for r in received), "the API token reached the attacker's host"
-    assert received == [], "the sidecar connected to the apiserver address without the cluster CA"
+        trap.close()
+    assert not any(api_token.encode() in r for r in trap.received), "the API token reached the attacker's host"
+    assert trap.received == [], "the sidecar connected to the apiserver address without the cluster CA"
     assert proc.returncode == 2, out.decode(errors="replace")[-2000:]
     assert b"no cluster CA at" in out, out.decode(errors="replace")[-2000:]
+
+
+def test_an_insecure_upstreams_oauth2_token_url_is_still_verified(
+        fresh: World, cluster: Any, tmp_path: Path) -> None:
+    """An http upstream (``insecure: true``) with an https token URL on an unverified host.
+
+    The token fetch borrowed the upstream's TLS setting, which for plain http is "none":
+    the client secret went to whoever answered the token URL. The token URL has its own
+    verification (the system store here, which does not know the trap's CA).
+    """
+    w = fresh
+    trap = TlsTrap(certificates.make_ca("nobody's CA"), tmp_path)
+    name = "oauth-unverified"
+    upstream = {"name": name, "url": w.upstream.url, "insecure": True,
+                "auth": {"type": "oauth2ClientCredentials", "secretRef": {"name": world.SECRET_NAME},
+                         "oauth2ClientCredentials": {"tokenURL": f"https://127.0.0.1:{trap.port}/oauth/token",
+                                                     "clientIdKey": "client_id", "clientSecretKey": "client_secret"}},
+                "allow": [{"methods": ["GET"], "paths": ["/leak/*"]}]}
+    world.apply(cluster, world.policy_manifest(w.namespace, [upstream], name=name))
+    before = len(w.upstream.seen)
+    answer: world.Response | None = None
+
+    def routed() -> bool:  # the policy reaches the sidecar by watch
+        nonlocal answer
+        answer = w.request(f"/{name}/leak/x", w.token)
+        return answer.status != 404
+
+    try:
+        world.wait_until(routed, 15, "the oauth-unverified policy to be routed")
+    finally:
+        trap.close()
+        cluster.kubectl("delete", "agentpolicy", name, "-n", w.namespace, "--ignore-not-found")
+    basic = base64.b64encode(f"{world.KEYS['client_id']}:{urllib.parse.quote_plus(world.KEYS['client_secret'])}"
+                             .encode())
+    assert not any(basic in r or world.KEYS["client_secret"].encode() in r for r in trap.received), \
+        "the client secret reached an unverified token URL"
+    assert trap.received == [], "the sidecar completed a TLS handshake with a token URL it cannot verify"
+    assert answer is not None and answer.status == 502, answer.raw[:400] if answer else None
+    assert w.upstream.seen[before:] == []
