@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import logging
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping
@@ -111,6 +112,7 @@ def reference(raw: Mapping[str, Any]) -> kubeobjects.ObjectReference:
 class Controller:
     def __init__(self, api: rest.Rest, recorder: recording.Recorder, stats: metrics.Metrics,
                  *, agent_audiences: Collection[str] = (contract.DEFAULT_AUDIENCE,),
+                 token_cache_seconds: float = exposure.TOKEN_CACHE_SECONDS,
                  workers: int = 4) -> None:
         self._api = api
         self._recorder = recorder
@@ -118,8 +120,11 @@ class Controller:
         self._audiences = frozenset(agent_audiences)
         self._index: PolicyIndex | None = None
         self._ready: dict[Key, bool] = {}
-        #: Per policy, the uids of the pods its last reconcile held a grant back for.
-        self._held: dict[Key, frozenset[str]] = {}
+        #: Per policy, the pods its last reconcile held a grant back for, by uid.
+        self._held: dict[Key, dict[str, exposure.ExposedPod]] = {}
+        #: Held pods that went, by uid: (when the reconcile first missed them, the pod).
+        self._gone: dict[str, tuple[float, exposure.ExposedPod]] = {}
+        self._token_cache = token_cache_seconds
         #: Set once kopf delivers events, i.e. its indexes are filled.
         self.handling = asyncio.Event()
         self.queue: queueing.Queue[Key] = queueing.Queue(self.reconcile, workers=workers)
@@ -180,7 +185,7 @@ class Controller:
         for raw in self._policies(namespace):
             name = str((raw.get("metadata") or {}).get("name", ""))
             if name and account in subject_accounts(raw) and \
-                    holds != (uid in self._held.get((namespace, name), frozenset())):
+                    holds != (uid in self._held.get((namespace, name), {})):
                 self.queue.add((namespace, name))
 
     def role_changed(self, namespace: str, labels: Mapping[str, str]) -> None:
@@ -224,8 +229,13 @@ class Controller:
         ready = verdict.ready.status == "True"
         self._stats.reconciles.labels("ready" if ready else "not_ready").inc()
         self._ready[key] = ready
-        self._held[key] = frozenset(p.uid for p in verdict.held_pods)
+        self._held[key] = {p.uid: p for p in verdict.held_pods}
         self._update_gauge()
+        settling = [p for p in verdict.held_pods if p.deleted]
+        if settling:
+            # Nothing announces that the apiserver's token cache has expired: look again then.
+            since = min(self._gone[p.uid][0] for p in settling if p.uid in self._gone)
+            self.queue.add_after(key, max(0.1, since + self._token_cache - time.monotonic()))
         if rbac_changed and verdict.policy is not None:
             p = verdict.policy
             granted = ", ".join(sorted(verdict.granted)) or "none (every grant is held back)"
@@ -243,7 +253,7 @@ class Controller:
         ready = sum(1 for v in self._ready.values() if v)
         self._stats.policies.labels("true").set(ready)
         self._stats.policies.labels("false").set(len(self._ready) - ready)
-        self._stats.blocked_subject_pods.set(len({u for uids in self._held.values() for u in uids}))
+        self._stats.blocked_subject_pods.set(len({u for pods in self._held.values() for u in pods}))
 
     async def _judge(self, raw: Mapping[str, Any]) -> tuple[verdicts.Verdict, bool]:
         meta = raw.get("metadata") or {}
@@ -255,7 +265,8 @@ class Controller:
         lost = verdicts.conflicts(parsed, self._policies(parsed.namespace))
         lookups = {s: await self._lookup(parsed.namespace, s) for s in sorted(parsed.secret_names)}
         secrets = verdicts.secrets_resolved(parsed, lookups)
-        held = verdicts.hold(parsed, await self._exposed_pods(parsed))
+        exposed = await self._exposed_pods(parsed)
+        held = verdicts.hold(parsed, self._with_recently_gone(parsed, exposed))
         problem, changed = await self._ensure_rbac(parsed, held.granted)
         return verdicts.judge(parsed, lost, secrets, problem, held), changed
 
@@ -292,6 +303,26 @@ class Controller:
         if secret is None:
             return verdicts.Missing(name)
         return secret_keys(name, secret)
+
+    def _with_recently_gone(self, policy: policies.AgentPolicy,
+                            exposed: dict[str, list[exposure.ExposedPod]]
+                            ) -> dict[str, list[exposure.ExposedPod]]:
+        """Add the pods this policy held that went less than the token cache's TTL ago."""
+        now = time.monotonic()
+        found = {p.uid for pods in exposed.values() for p in pods}
+        key = (policy.namespace, policy.name)
+        for uid, pod in self._held.get(key, {}).items():
+            if uid not in found and uid not in self._gone:
+                self._gone[uid] = (now, pod)
+        for uid, (since, _) in list(self._gone.items()):
+            if now - since >= self._token_cache or uid in found:
+                del self._gone[uid]
+        result = {account: list(pods) for account, pods in exposed.items()}
+        for _, pod in self._gone.values():
+            if pod.namespace == policy.namespace and pod.service_account in policy.service_accounts:
+                result.setdefault(pod.service_account, []).append(
+                    dataclasses.replace(pod, deleted=True))
+        return result
 
     async def _ensure_rbac(self, policy: policies.AgentPolicy, granted: Collection[str]
                            ) -> tuple[tuple[str, str] | None, bool]:

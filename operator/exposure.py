@@ -21,6 +21,11 @@ The phase does not matter: a pod-bound token stays valid while the pod object
 exists, whether the pod is Pending, Running or Succeeded (and the kubelet's
 3607-second API tokens are extended to a year). Only deletion ends it.
 
+Nor does deletion end it at once: the apiserver caches a successful token
+authentication for 10 seconds, so a token copied out of the pod authenticates
+for up to that long after the pod is gone. A held pod that goes therefore
+keeps holding the grant back for ``TOKEN_CACHE_SECONDS`` more.
+
 Pure functions over the served pod; no I/O. Names only: never a value.
 """
 
@@ -31,6 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidekey.core import contract
+
+#: The kube-apiserver's success TTL for cached token authentications (10 s), plus margin.
+TOKEN_CACHE_SECONDS = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +51,9 @@ class ExposedPod:
     service_account: str
     container: str  # the first container found holding a token
     volume: str  # the volume it holds it through
+    #: Gone from the apiserver less than ``TOKEN_CACHE_SECONDS`` ago: its token may
+    #: still authenticate, so it holds the grant back a little longer.
+    deleted: bool = False
 
 
 def service_account(pod: Mapping[str, Any]) -> str:

@@ -198,17 +198,18 @@ def hold(policy: policies.AgentPolicy,
             conditions.SUBJECTS_GRANTED, "True", "Granted",
             f"service account{'s' if len(granted) != 1 else ''} {', '.join(sorted(granted))} "
             "may read the policy's Secrets"))
-    named = [f"{p.name} (container {p.container!r} mounts API token volume {p.volume!r})"
+    named = [f"{p.name} (deleted; the apiserver may accept its token for a few seconds more)"
+             if p.deleted else
+             f"{p.name} (container {p.container!r} mounts API token volume {p.volume!r})"
              for p in pods[:MAX_PODS_NAMED]]
     more = f" and {len(pods) - MAX_PODS_NAMED} more" if len(pods) > MAX_PODS_NAMED else ""
     accounts = ", ".join(sorted(held))
     one = len(pods) == 1
     message = (
         f"the grant to service account{'s' if len(held) != 1 else ''} {accounts} is held back: "
-        f"pod{'' if one else 's'} {'; '.join(named)}{more} {'runs' if one else 'run'} without "
-        f"the sidekey sidecar and {'holds' if one else 'hold'} an API token that would read the "
-        "policy's Secrets once granted. Delete "
-        f"{'it' if one else 'them'}, or recreate {'it' if one else 'them'} injected "
+        f"pod{'' if one else 's'} {'; '.join(named)}{more} {'holds' if one else 'hold'} an API "
+        "token outside the sidekey sidecar, which would read the policy's Secrets once granted. "
+        f"Delete {'it' if one else 'them'}, or recreate {'it' if one else 'them'} injected "
         '(sidekey.io/inject: "true"), and the grant follows')
     return Hold(granted, pods, conditions.Wanted(
         conditions.SUBJECTS_GRANTED, "False", "UninjectedPods", message))

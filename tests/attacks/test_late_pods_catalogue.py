@@ -1,0 +1,188 @@
+"""The late-pods catalogue: a pod that predates the policy naming its account never gains the Secret.
+
+The bypass guard checks pods when they are created; a pod created while its
+account was nobody's subject keeps the ``kube-api-access-*`` token the
+ServiceAccount admission step gave every container. If the operator bound the
+account as soon as an admin named it in a policy, that token would read the
+key. Here, on the real apiserver with both guards applied from ``helm
+template`` and the real ``sidekey operator``, an admin names such accounts,
+and each case asks the apiserver with the pod's own token (minted bound to
+the pod, as the kubelet would) whether it can read the Secret: it must not,
+and the policy's condition and a Warning Event must name the pod. Once the
+pod is gone, the grant follows.
+
+On the code before the hold (the operator bound every subject at once) the
+first GET answers 200 with the key.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import make_namespace
+from tests.guards import admission, manifests
+from tests.operator.support import RunningOperator, condition, get, start_operator, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Any, crds: list[str], tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[RunningOperator]:
+    text = admission.install_guards(cluster)
+    op = start_operator(cluster, tmp_path_factory.mktemp("late-pods"),
+                        "--sidecar-image", manifests.DEFAULT_SIDECAR_IMAGE)
+    try:
+        yield op
+    finally:
+        op.stop()
+        cluster.kubectl("delete", "namespace", op.namespace, "--wait=false", check=False)
+        admission.remove_guards(cluster, text)
+
+
+@pytest.fixture
+def team(cluster: Any, operator: RunningOperator) -> Iterator[str]:
+    """A namespace whose ``agent`` account is a ready policy's subject, and a bare pod of ``late``."""
+    ns = make_namespace(cluster, "sklate")
+    try:
+        for obj in (manifests.service_account(ns, "agent"), manifests.service_account(ns, "late"),
+                    manifests.secret(ns), manifests.agent_policy(ns, subjects=["agent"])):
+            assert admission.apply(cluster, obj).admitted
+        # Guards on: a bare pod of the subject is refused, so the cluster is guarded...
+        probe = admission.wait_until_enforced(cluster, manifests.bare_pod(ns, "probe", sa="agent"))
+        assert not probe.admitted, "the bypass guard did not take effect within 30 s"
+        # ...and a bare pod of an account nobody names yet is admitted, token and all.
+        assert admission.create(cluster, manifests.bare_pod(ns, "late-pod", sa="late")).admitted
+        _wait_ready(cluster, ns, generation=1)
+        yield ns
+    finally:
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def _wait_ready(cluster: Any, ns: str, *, generation: int, status: str | None = None
+                ) -> dict[str, Any]:
+    """The policy once the operator has reconciled this generation (RBAC is written before status)."""
+    def check() -> dict[str, Any] | None:
+        p = get(cluster, "agentpolicy", "openai", ns)
+        c = condition(p, "Ready")
+        if p and c and c["observedGeneration"] >= generation and (status is None or c["status"] == status):
+            return p
+        return None
+    found: dict[str, Any] = wait_for(f"{ns}/openai reconciled at generation {generation}", check, 30)
+    return found
+
+
+def _name(cluster: Any, ns: str, accounts: list[str]) -> dict[str, Any]:
+    """What the admin does: add accounts to the policy's subjects."""
+    p = manifests.agent_policy(ns, subjects=accounts)
+    answer = admission.apply(cluster, p)
+    assert answer.admitted, answer.message
+    generation = int(answer.obj["metadata"]["generation"]) if answer.obj else 2
+    return _wait_ready(cluster, ns, generation=generation)
+
+
+def _pod_token(cluster: Any, ns: str, pod: str, account: str) -> str:
+    """The pod's API token, as the kubelet mints it for the kube-api-access volume."""
+    uid = json.loads(cluster.kubectl("get", "pod", pod, "-n", ns, "-o", "json"))["metadata"]["uid"]
+    token: str = cluster.token(ns, account, audience=cluster.issuer, pod_name=pod, pod_uid=uid)
+    return token
+
+
+def _read_secret(cluster: Any, token: str, ns: str) -> int:
+    ctx = ssl.create_default_context(cafile=str(cluster.ca_file))
+    req = urllib.request.Request(  # noqa: S310 (the test apiserver)
+        f"{cluster.url}/api/v1/namespaces/{ns}/secrets/{manifests.SECRET}",
+        headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:  # noqa: S310 (the test apiserver)
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def _events(cluster: Any, ns: str, reason: str) -> list[dict[str, Any]]:
+    items = json.loads(cluster.kubectl("get", "events", "-n", ns, "-o", "json"))["items"]
+    return [e for e in items if e["reason"] == reason]
+
+
+def test_a_bare_pod_that_predates_its_account_being_named_cannot_read_the_secret(
+        cluster: Any, operator: RunningOperator, team: str) -> None:
+    token = _pod_token(cluster, team, "late-pod", "late")
+    assert _read_secret(cluster, token, team) == 403  # not a subject yet
+    policy = _name(cluster, team, ["agent", "late"])
+
+    assert _read_secret(cluster, token, team) == 403, "the late pod's API token reads the key"
+    held = condition(policy, "SubjectsGranted")
+    assert held is not None and (held["status"], held["reason"]) == ("False", "UninjectedPods")
+    assert "late-pod" in held["message"] and "late" in held["message"]
+    assert condition(policy, "Ready")["reason"] == "GrantHeld"  # type: ignore[index]
+    warning = wait_for("GrantHeld Event", lambda: _events(cluster, team, "GrantHeld"))
+    assert warning[0]["type"] == "Warning" and "late-pod" in warning[0]["message"]
+    assert warning[0]["involvedObject"]["name"] == "openai"
+    assert operator.metric("sidekey_operator_blocked_subject_pods") >= 1
+    # the accounts whose pods are all injected keep their grant
+    agent = cluster.token(team, "agent", audience=cluster.issuer)
+    assert _read_secret(cluster, agent, team) == 200
+
+    # The pod goes. The apiserver caches a token's authentication for 10 s, so a
+    # token copied out of the pod still authenticates for a moment: the hold
+    # outlasts that, and then the grant follows, for the account's pods to come.
+    cluster.kubectl("delete", "pod", "late-pod", "-n", team, "--wait=true", "--grace-period=0",
+                    "--force")
+    gone = time.monotonic()
+    while time.monotonic() - gone < 12:
+        assert _read_secret(cluster, token, team) in (401, 403), "the deleted pod's token read the key"
+        time.sleep(0.5)
+    wait_for("the grant", lambda: (c := condition(get(cluster, "agentpolicy", "openai", team),
+                                                  "SubjectsGranted")) and c["status"] == "True", 30)
+    assert _read_secret(cluster, token, team) == 401  # the old pod's token died with it
+    fresh = cluster.token(team, "late", audience=cluster.issuer)
+    wait_for("late may read", lambda: _read_secret(cluster, fresh, team) == 200)
+    assert _events(cluster, team, "GrantReleased")
+    # no Secret value in what the operator reported
+    seen = cluster.kubectl("get", "agentpolicy", "openai", "-n", team, "-o", "yaml") + \
+        cluster.kubectl("get", "events", "-n", team, "-o", "yaml") + operator.output()
+    assert "sk-test-not-a-real-key" not in seen
+
+
+def test_a_late_pod_holds_back_only_its_own_account_and_injected_pods_hold_nothing(
+        cluster: Any, operator: RunningOperator, team: str) -> None:
+    assert admission.create(cluster, manifests.service_account(team, "tidy")).admitted
+    assert admission.create(cluster, manifests.injected_pod(team, "tidy-pod", sa="tidy")).admitted
+    policy = _name(cluster, team, ["agent", "late", "tidy"])
+    held = condition(policy, "SubjectsGranted")
+    assert held is not None and held["status"] == "False"
+    assert "tidy" not in held["message"].split(":")[0]  # only late is named as held
+    binding = get(cluster, "rolebinding", "sidekey-policy-openai", team)
+    assert binding is not None
+    assert sorted(s["name"] for s in binding["subjects"]) == ["agent", "tidy"]
+    uid = json.loads(cluster.kubectl("get", "pod", "tidy-pod", "-n", team, "-o", "json"))["metadata"]["uid"]
+    tidy = cluster.token(team, "tidy", audience=cluster.issuer, pod_name="tidy-pod", pod_uid=uid)
+    assert _read_secret(cluster, tidy, team) == 200  # the injected pod's sidecar reads it
+    assert _read_secret(cluster, _pod_token(cluster, team, "late-pod", "late"), team) == 403
+
+
+def test_naming_default_warns_and_holds_back_the_default_accounts_bare_pods(
+        cluster: Any, operator: RunningOperator, team: str) -> None:
+    pod = manifests.bare_pod(team, "plain-pod")
+    del pod["spec"]["serviceAccountName"]  # what most pods do: they run as default
+    assert admission.create(cluster, pod).admitted
+    policy = _name(cluster, team, ["agent", "default"])
+    warning = condition(policy, "DefaultSubject")
+    assert warning is not None and (warning["status"], warning["reason"]) == ("True", "DefaultServiceAccount")
+    assert "'default'" in warning["message"]
+    held = condition(policy, "SubjectsGranted")
+    assert held is not None and held["status"] == "False" and "plain-pod" in held["message"]
+    assert _read_secret(cluster, _pod_token(cluster, team, "plain-pod", "default"), team) == 403
+    wait_for("DefaultSubject Event", lambda: _events(cluster, team, "DefaultSubject"))
+    # and the warning goes with the name
+    policy = _name(cluster, team, ["agent"])
+    assert condition(policy, "DefaultSubject") is None
