@@ -28,6 +28,8 @@ class AuditRecord(TypedDict, total=False):
     duration_ms: float
     time: str
     streamed: bool
+    model: str  # LLM upstreams (api set): the model the request named
+    tokens: dict[str, int | bool]  # LLM upstreams: input, output, cached, estimated
 
 
 def redacted(raw: str) -> str:

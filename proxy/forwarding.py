@@ -41,6 +41,7 @@ from sidekey.proxy import (
     decoding,
     headers,
     listener,
+    llmexchange,
     metrics,
     paths,
     refusals,
@@ -97,6 +98,7 @@ class Proxy:
         resolver: routes.GuardedResolver | None = None,
         hooks: Sequence[RequestHook] = (),
         token_cache: bool = True,
+        llm: llmexchange.Gate | None = None,
     ) -> None:
         self._table = table
         self._validator = validator
@@ -107,6 +109,8 @@ class Proxy:
         self._pod = pod
         self._namespace = namespace
         self.hooks = list(hooks)
+        #: The LLM step (models, token budgets) for upstreams with ``api`` set: proxy/llmexchange.py.
+        self.llm = llm
         self._token_cache = token_cache
         self._ids = itertools.count(1)
         self._boot = os.urandom(4).hex()
@@ -287,6 +291,37 @@ class Proxy:
             body = b""
         elif length is not None and length <= SMALL_BODY:
             body = await request.body.read_all()
+        # --- LLM upstreams: the whole body is read, its model checked, its tokens reserved
+        exchange: llmexchange.Exchange | None = None
+        if up.llm is not None and self.llm is not None:
+            if body is None and llmexchange.reads_body(up.llm, request.method, target.segments):
+                body = await llmexchange.read_body(request.body, up.limits.max_request_bytes, route)
+            exchange = await self.llm.admit(route, request.method, target.segments, body, record)
+            if exchange is not None and exchange.body is not None:
+                body = exchange.body
+        try:
+            return await self._forward_allowed(request, conn, reply, route, identity, target, record,
+                                               body, length, exchange)
+        finally:
+            if exchange is not None:
+                exchange.finish(record)
+
+    async def _forward_allowed(
+        self,
+        request: listener.Request,
+        conn: listener.AgentConnection,
+        reply: listener.Reply,
+        route: routes.Route,
+        identity: tokens.Identity,
+        target: paths.Target,
+        record: auditing.AuditRecord,
+        body: bytes | None,
+        length: int | None,
+        exchange: llmexchange.Exchange | None,
+    ) -> int:
+        up = route.upstream
+        cred = route.credential
+        assert cred is not None
         record["bytes_in"] = len(body) if body is not None else length or 0
         chunk_hooks: list[ChunkHook] = []
         for hook in self.hooks:
@@ -340,7 +375,7 @@ class Proxy:
                 await self._upload(request, route, up_conn, length is None, record)
             await up_conn.head()
             self._histogram(metrics.UPSTREAM_DURATION, route.name).observe(time.perf_counter() - started)
-            status = await self._respond(request, conn, reply, up_conn, scrubber, chunk_hooks, record)
+            status = await self._respond(request, conn, reply, up_conn, scrubber, chunk_hooks, record, exchange)
         except upstream.UpstreamError as exc:
             up_conn.abandon()
             if reply.started:
@@ -429,6 +464,7 @@ class Proxy:
         scrubber: scrubbing.Scrubber,
         chunk_hooks: list[ChunkHook],
         record: auditing.AuditRecord,
+        exchange: llmexchange.Exchange | None = None,
     ) -> int:
         status = up_conn.status
         codings = decoding.codings(v.decode("latin-1") for v in up_conn.codings)
@@ -447,12 +483,21 @@ class Proxy:
         # upstreams echo keys in the reason phrase too ("401 Invalid key sk-...")
         reason = scrubber.scrub(up_conn.reason) if up_conn.reason else listener.reason_phrase(status)
         length = up_conn.content_length
+        sse = _EVENT_STREAM in block.lower()
+        if exchange is not None:
+            llm_hook = exchange.response(status, sse)
+            if llm_hook is not None:
+                chunk_hooks = [*chunk_hooks, llm_hook]
+                if llm_hook.whole and length is not None and length <= llmexchange.MAX_JSON_REPLY:
+                    # the model list is filtered whole and sent with its new length
+                    return await self._respond_decoded(
+                        reply, up_conn, decoder, scrubber, chunk_hooks, status, reason, block, record
+                    )
         if decoder is not None and length is not None and length <= SMALL_BODY:
             return await self._respond_decoded(
                 reply, up_conn, decoder, scrubber, chunk_hooks, status, reason, block, record
             )
         relay = _Relay(reply, up_conn, scrubber.stream(), decoder, chunk_hooks)
-        sse = _EVENT_STREAM in block.lower()
         if length is None or length > SMALL_BODY or decoder is not None:
             record["streamed"] = True
         reply.start(status, reason, block, length if decoder is None else None)
@@ -467,6 +512,15 @@ class Proxy:
                 record["reason"] = "stream_complete"
             record["bytes_out"] = reply.sent
             raise
+        except llmexchange.StreamCut:
+            # the token budget ended the stream: its closing events are sent, end it cleanly
+            up_conn.abandon()
+            record["bytes_out"] = reply.sent
+            if length is None:
+                reply.end()
+            else:
+                conn.abort()
+            return status
         except upstream.UpstreamError as exc:
             # the status is gone: end the connection so the agent sees a cut stream,
             # not a clean end of a truncated body
@@ -485,7 +539,7 @@ class Proxy:
         self,
         reply: listener.Reply,
         up_conn: upstream.UpstreamConnection,
-        decoder: decoding.Decoder,
+        decoder: decoding.Decoder | None,
         scrubber: scrubbing.Scrubber,
         chunk_hooks: list[ChunkHook],
         status: int,
@@ -497,7 +551,7 @@ class Proxy:
         parts: list[bytes] = []
         await up_conn.relay(parts.append)
         try:
-            data = decoder.feed(b"".join(parts)) + decoder.flush()
+            data = b"".join(parts) if decoder is None else decoder.feed(b"".join(parts)) + decoder.flush()
         except decoding.DecodeError:
             raise upstream.Unacceptable("the upstream sent a corrupt or oversized compressed body") from None
         body = scrubber.scrub(data)
@@ -543,6 +597,9 @@ class _Relay:
         self._reply.write(data)
         tail = data[-64:]
         self.final = any(f in tail for f in _FINAL_EVENTS)
+        for hook in self._hooks:
+            if getattr(hook, "stopped", False):
+                raise llmexchange.StreamCut("the token budget ended the stream")
 
     def finish(self) -> None:
         tail = b""

@@ -85,19 +85,20 @@ class SharedAccount(llmbudgets.Account):
 
     # --- talking to the ledger ------------------------------------------------------
 
-    async def ensure(self, need: int) -> None:
-        """Hold at least ``need`` tokens if the ledger can give them (no-op when held)."""
-        if self.left() >= need:
+    async def ensure(self, need: int, *, want: int | None = None) -> None:
+        """Hold at least ``need`` tokens if the ledger can give them, ``want`` if it can (no-op when held)."""
+        hope = max(need, want or need)
+        if self.left() >= hope:
             return
         async with self._lock:
             try:
                 if not self._adopted:
                     # first contact (or a restart): take over what the ledger says this pod holds
                     await self.sync(want=0, need=0)
-                short = need - self.left()
-                if short <= 0:
+                left = self.left()
+                if left >= hope:
                     return
-                await self.sync(want=max(self.slice, short), need=short)
+                await self.sync(want=max(self.slice, hope - left), need=max(0, need - left))
             except LedgerUnavailable as exc:
                 log.warning("budget ledger %s: %s; spending only what is held", self._path, exc)
 

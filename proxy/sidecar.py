@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from sidekey.core import kubeapi, logs, tokens
-from sidekey.proxy import forwarding, metrics, routes, settings
+from sidekey.proxy import forwarding, llmexchange, metrics, routes, settings
 
 log = logging.getLogger("sidekey.proxy")
 
@@ -88,6 +88,8 @@ class Sidecar:
             namespace=s.namespace,
             resolver=resolver,
             token_cache=s.token_cache,
+            llm=llmexchange.Gate(api=self.api, namespace=s.namespace, pod=s.pod_name, pod_uid=s.pod_uid,
+                                 service_account=s.service_account),
         )
         self.listener = await self.proxy.listen("127.0.0.1", s.port)
         self.proxy_port = self.listener.port
@@ -120,6 +122,8 @@ class Sidecar:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.proxy.llm is not None:
+            await self.proxy.llm.close()  # unspent budget slices go back to the ledger
         await self.routes.stop()
         await self.proxy.close()
         await self.session.close()
