@@ -52,7 +52,7 @@ class Settings:
             raw = env.get(name, "").strip()
             if not raw:
                 return default
-            if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+            if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65535:  # "²" is a digit to isdigit()
                 raise SettingsError(f"{name}={raw!r} is not a port number")
             return int(raw)
 

@@ -113,7 +113,7 @@ class Sidecar:
 
 
 def _port_override(value: str, settings: settings_mod.Settings) -> tuple[int | None, str | None]:
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 65535:  # "²" is a digit to isdigit()
         return None, f"annotation {contract.ANNOTATION_PORT}: {value!r} is not a port number (1-65535)"
     port = int(value)
     if port == settings.health_port:
