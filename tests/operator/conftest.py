@@ -7,14 +7,22 @@ from typing import Any
 
 import pytest
 
-from tests.operator.support import SIDECAR_IMAGE, RunningOperator, start_operator
+from tests.operator.support import (
+    ALLOWED_SIDECAR_IMAGE,
+    EXCLUDED_NAMESPACE,
+    SIDECAR_IMAGE,
+    RunningOperator,
+    start_operator,
+)
 
 
 @pytest.fixture(scope="module")
 def operator(cluster: Any, crds: Any, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[RunningOperator]:
     op = start_operator(cluster, tmp_path_factory.mktemp("operator"),
-                        "--sidecar-image", SIDECAR_IMAGE)
+                        "--sidecar-image", SIDECAR_IMAGE,
+                        "--allowed-sidecar-image", ALLOWED_SIDECAR_IMAGE,
+                        "--excluded-namespace", EXCLUDED_NAMESPACE)
     try:
         yield op
     finally:

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,10 @@ import yaml
 from tests.conftest import make_namespace
 
 SIDECAR_IMAGE = "ghcr.io/sidekey/sidekey:test-current"
+#: An image on the chart's sidecar.imageAllowList (what sidekey.io/image picks from).
+ALLOWED_SIDECAR_IMAGE = "mirror.example/sidekey:test-current"
+#: A namespace in the chart's webhook.excludedNamespaces; unique per test run.
+EXCLUDED_NAMESPACE = f"sk-excluded-{uuid.uuid4().hex[:8]}"
 
 
 def free_port() -> int:

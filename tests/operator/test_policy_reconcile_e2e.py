@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import ssl
 import time
 import urllib.error
@@ -18,6 +19,8 @@ import pytest
 
 from tests.conftest import make_namespace
 from tests.operator.support import (
+    ALLOWED_SIDECAR_IMAGE,
+    EXCLUDED_NAMESPACE,
     SIDECAR_IMAGE,
     RunningOperator,
     apply,
@@ -73,8 +76,11 @@ def test_a_policy_whose_secret_exists_becomes_ready(cluster: Any, operator: Runn
     assert ready["lastTransitionTime"]
     # kubectl get shows the printer columns
     table = cluster.kubectl("get", "apol", "-n", namespace)
-    assert table.split("\n")[0].split()[:3] == ["NAME", "UPSTREAMS", "READY"]
-    assert table.split("\n")[1].split()[:3] == ["agents", "1", "True"]
+    header, row = table.split("\n")[:2]
+    starts = [m.start() for m in re.finditer(r"\S+", header)]  # columns are fixed-width
+    cells = {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)}
+    assert list(cells)[:2] == ["NAME", "UPSTREAMS"]
+    assert (cells["NAME"], cells["UPSTREAMS"], cells["READY"]) == ("agents", "1", "True")
     # no kopf finalizer or state annotation on the policy
     assert not p["metadata"].get("finalizers")
     assert not any("kopf" in k for k in (p["metadata"].get("annotations") or {}))
@@ -335,11 +341,42 @@ def test_a_pod_with_an_older_sidecar_is_counted_as_outdated(
     wait_for("gauge back", lambda: operator.metric("sidekey_outdated_sidecars") == before)
 
 
+def test_pods_in_an_excluded_namespace_are_never_reported_missing_the_sidecar(
+        cluster: Any, operator: RunningOperator, namespace: str) -> None:
+    # Bug: the operator warned SidecarMissing about pods the webhook never injects
+    # (webhook.excludedNamespaces), even in a labelled namespace.
+    apply(cluster, {"apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": EXCLUDED_NAMESPACE, "labels": {"sidekey.io/inject": "enabled"}}})
+    try:
+        apply(cluster, _pod("legacy", EXCLUDED_NAMESPACE, annotation="true"),
+              _pod("control", namespace, annotation="true"))
+        # the control pod, created at the same time, is reported: events are flowing
+        wait_for("control reported", lambda: "control" in _pod_events(cluster, namespace, "SidecarMissing"))
+        time.sleep(1.0)
+        assert _pod_events(cluster, EXCLUDED_NAMESPACE, "SidecarMissing") == set()
+    finally:
+        cluster.kubectl("delete", "namespace", EXCLUDED_NAMESPACE, "--wait=false", check=False)
+
+
+def test_a_pod_running_an_allow_listed_sidecar_image_is_not_outdated(
+        cluster: Any, operator: RunningOperator, namespace: str) -> None:
+    # Bug: a pod that picked an allow-listed image (sidekey.io/image) was
+    # reported SidecarOutdated for as long as it ran.
+    before = operator.metric("sidekey_outdated_sidecars")
+    apply(cluster, _pod("mirrored", namespace, annotation="true", sidecar_image=ALLOWED_SIDECAR_IMAGE),
+          _pod("old", namespace, annotation="true", sidecar_image="ghcr.io/sidekey/sidekey:0.0.1"))
+    wait_for("old reported", lambda: "old" in _pod_events(cluster, namespace, "SidecarOutdated"))
+    time.sleep(1.0)
+    assert _pod_events(cluster, namespace, "SidecarOutdated") == {"old"}
+    assert operator.metric("sidekey_outdated_sidecars") == before + 1
+
+
 def test_health_and_metrics_endpoints_answer(cluster: Any, operator: RunningOperator) -> None:
     assert operator.get(operator.health_port, "/healthz") == (200, "ok")
     assert operator.get(operator.health_port, "/readyz") == (200, "ok")
     text = operator.metrics()
     for name in ("sidekey_operator_reconciles_total", "sidekey_operator_reconcile_duration_seconds_bucket",
-                 "sidekey_operator_errors", "sidekey_uninjected_pods", "sidekey_outdated_sidecars"):
+                 "sidekey_operator_errors", "sidekey_uninjected_pods", "sidekey_outdated_sidecars",
+                 "sidekey_operator_blocked_subject_pods"):
         assert name in text, name
     assert operator.metric('sidekey_operator_reconciles_total{result="ready"}') >= 1
