@@ -10,19 +10,17 @@ from __future__ import annotations
 import pytest
 
 from sidekey.core import contract
+from sidekey.localcluster import subjects
 from sidekey.webhook import caching, serving
 from sidekey.webhook import metrics as metrics_mod
 from sidekey.webhook import settings as settings_mod
 from tests.webhook import reviewing
 
-POLICY = {
-    "apiVersion": "sidekey.io/v1alpha1", "kind": "AgentPolicy",
-    "metadata": {"name": "openai", "namespace": "agents", "creationTimestamp": "2026-01-01T00:00:00Z"},
-    "spec": {"subjects": {"serviceAccounts": ["agent"]}, "upstreams": [{
-        "name": "openai", "url": "https://api.openai.com/v1",
-        "auth": {"type": "bearer", "secretRef": {"name": "openai-key", "key": "api-key"}},
-        "allow": [{"paths": ["/**"]}]}]},
-}
+#: An ordinary policy for the pod's account: the refusal must come from the annotation alone.
+POLICY = subjects.policy("agents", "openai", ["agent"], [{
+    "name": "openai", "url": "https://api.openai.com/v1",
+    "auth": {"type": "bearer", "secretRef": {"name": "openai-key", "key": "api-key"}},
+    "allow": [{"paths": ["/**"]}]}])
 
 
 #: Superscript, mixed, Arabic-Indic and fullwidth digits: isdigit() accepts them all.
