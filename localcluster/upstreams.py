@@ -169,6 +169,7 @@ class MockLLM:
     record_file: Path | None = None
     reply: str = "Hello from the upstream."
     word_gap: float = 0.02  # seconds between streamed words: each arrives as its own event
+    model_ids: tuple[str, ...] = ("mock-model",)  # what GET /v1/models lists
     seen: list[Seen] = field(default_factory=list)
     ca_pem: str = ""  # the CA that signed the serving certificate, once started with TLS
     _served: Served | None = None
@@ -239,7 +240,7 @@ class MockLLM:
         if not self._record(request).key_ok:
             return self._openai_unauthorized()
         return web.json_response({"object": "list", "data": [
-            {"id": "mock-model", "object": "model", "created": 0, "owned_by": "sidekey"}]})
+            {"id": m, "object": "model", "created": 0, "owned_by": "sidekey"} for m in self.model_ids]})
 
     # --- Anthropic ----------------------------------------------------------------------
 
