@@ -12,6 +12,15 @@ rate-limited refetch, and a periodic refresh drops keys the apiserver no
 longer publishes. Successful results are cached by a hash of the token until
 the token expires, which keeps the hot path to one dict lookup.
 
+The time claims bound the token's *lifetime*, not only its end: ``iat`` is
+required and ``exp - iat`` may not exceed ``MAX_LIFETIME`` (the longest
+``spec.token.expirationSeconds`` a policy may set) plus the leeway. The
+kubelet's projected token never lives longer, so a longer one was minted by
+hand (``kubectl create token --duration=8760h`` for the sidekey audience) and
+would otherwise stay usable for as long as its minter chose. Every time claim
+must be a finite number a timestamp can be: JSON's ``NaN`` and ``Infinity``
+(which Python's parser accepts) and ``1e400`` would make ``exp`` never pass.
+
 Errors carry a ``reason`` (a metric label) and a ``message`` for the agent's
 developer; neither ever holds the token.
 """
@@ -48,6 +57,12 @@ DEFAULT_REFRESH_SECONDS: Final = 60.0
 DEFAULT_CACHE_SIZE: Final = 1024
 #: Tokens longer than this are refused before any parsing.
 MAX_TOKEN_BYTES: Final = 16 * 1024
+#: The longest ``exp - iat`` accepted (plus the leeway): the CRD's maximum
+#: ``spec.token.expirationSeconds``, so no projected token the webhook asks for is longer.
+MAX_LIFETIME: Final = 86400
+#: The latest time claim a token may carry (9999-12-31T23:59:59Z); time claims are
+#: numbers of seconds in [0, MAX_TIMESTAMP], never NaN, infinite or beyond.
+MAX_TIMESTAMP: Final = 253402300799
 
 _KTY_FOR_ALG: Final = {"RS": "RSA", "PS": "RSA", "ES": "EC"}
 
@@ -72,10 +87,14 @@ class Binding:
     pod_uid: str
     service_account: str | None = None  # None: any account (the policy decides)
     leeway: int = DEFAULT_LEEWAY
+    #: The longest lifetime (``exp - iat``) accepted, before the leeway.
+    max_lifetime: int = MAX_LIFETIME
 
     def __post_init__(self) -> None:
         if not 0 <= self.leeway <= MAX_LEEWAY:
             raise ValueError(f"leeway must be between 0 and {MAX_LEEWAY} seconds")
+        if not 0 < self.max_lifetime <= MAX_LIFETIME:
+            raise ValueError(f"max_lifetime must be between 1 and {MAX_LIFETIME} seconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,12 +219,23 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class _NotJson(ValueError):
+    pass
+
+
+def _no_constants(name: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (RFC 8259), though Python reads them."""
+    raise _NotJson(name)
+
+
 def _b64json(segment: str, what: str) -> dict[str, Any]:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        value = json.loads(raw, object_pairs_hook=_unique_members)
+        value = json.loads(raw, object_pairs_hook=_unique_members, parse_constant=_no_constants)
     except _RepeatedMember:
         raise TokenError("malformed", f"token {what} repeats a member name") from None
+    except _NotJson:
+        raise TokenError("malformed", f"token {what} holds NaN or Infinity, which JSON does not have") from None
     except (binascii.Error, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise TokenError("malformed", f"token {what} is not base64url JSON") from exc
     if not isinstance(value, dict):
@@ -331,20 +361,26 @@ class Validator:
                 "mount the projected token with that audience",
             )
         now = self._clock()
-        exp = claims.get("exp")
-        if not isinstance(exp, int | float) or isinstance(exp, bool):
-            raise TokenError("malformed", "token has no expiry (exp)")
+        exp = _timestamp(claims, "exp", "expiry")
+        iat = _timestamp(claims, "iat", "issue time")
+        nbf = None if claims.get("nbf") is None else _timestamp(claims, "nbf", "start time")
+        if exp < iat:
+            raise TokenError("malformed", "token expires (exp) before it was issued (iat)")
+        if exp - iat > b.max_lifetime + b.leeway:
+            raise TokenError(
+                "lifetime_too_long",
+                f"token lives {int(exp - iat)} s (exp - iat), longer than the {b.max_lifetime} s a "
+                "projected sidekey token can: use the token file the webhook mounts, not one minted by hand",
+            )
         if now > exp + b.leeway:
             raise TokenError(
                 "expired",
                 f"token expired {int(now - exp)} s ago: read the token file on every request, "
                 "the kubelet rotates it",
             )
-        nbf = claims.get("nbf")
-        if nbf is not None and (not isinstance(nbf, int | float) or now + b.leeway < nbf):
+        if nbf is not None and now + b.leeway < nbf:
             raise TokenError("not_yet_valid", "token is not valid yet (nbf in the future)")
-        iat = claims.get("iat")
-        if iat is not None and (not isinstance(iat, int | float) or now + b.leeway < iat):
+        if now + b.leeway < iat:
             raise TokenError("issued_in_future", "token was issued in the future (iat); check clocks")
         k8s = claims.get("kubernetes.io")
         if not isinstance(k8s, Mapping):
@@ -394,6 +430,21 @@ class Validator:
             while len(self._cache) >= self._cache_size:
                 del self._cache[next(iter(self._cache))]
         self._cache[hashlib.sha256(token.encode()).digest()] = identity
+
+
+def _timestamp(claims: Mapping[str, Any], name: str, what: str) -> float:
+    """A required time claim as a number in [0, MAX_TIMESTAMP].
+
+    The range check alone refuses NaN (every comparison is false), infinities and
+    integers too big for a float, before anything converts them.
+    """
+    value = claims.get(name)
+    if value is None:
+        raise TokenError("malformed", f"token has no {what} ({name})")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_TIMESTAMP:
+        raise TokenError("malformed", f"token {what} ({name}) is not a timestamp: "
+                         "a finite number of seconds since 1970")
+    return float(value)
 
 
 def _short(value: object) -> str:

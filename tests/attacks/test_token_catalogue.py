@@ -44,6 +44,7 @@ class Minted:
     unbound: str
     api_audience: str
     legacy: str
+    one_year: str  # this pod, this account, the sidekey audience: only its lifetime is wrong
 
 
 @dataclass
@@ -94,11 +95,20 @@ def ctx(attack_world: World) -> Iterator[Ctx]:
         api_audience=cluster.token(ns, world.SA, audience=cluster.issuer, pod_name=world.POD,
                                    pod_uid=w.pod_uid),
         legacy=legacy[0],
+        # what `kubectl create token agent --audience sidekey --bound-object-kind Pod ... --duration 8760h` gives
+        one_year=cluster.token(ns, world.SA, audience="sidekey", pod_name=world.POD, pod_uid=w.pod_uid,
+                               seconds=365 * 86400),
     )
     try:
         yield Ctx(w, forger, minted)
     finally:
         cluster.kubectl("delete", "namespace", elsewhere, "--wait=false", check=False)
+
+
+def _raw_time_claim(c: Ctx, claim: str, literal: str) -> str:
+    """The real key signs claims whose ``claim`` is ``literal`` as written (NaN, Infinity, 1e400)."""
+    text = json.dumps(c.f.claims(**{claim: 1234567890}))
+    return c.f.real(text.replace(f'"{claim}": 1234567890', f'"{claim}": {literal}').encode())
 
 
 def _swap_alg(token: str, alg: str) -> str:
@@ -214,6 +224,19 @@ CATALOGUE: dict[str, Callable[[Ctx], str | bytes]] = {
     "exp-as-a-string": lambda c: c.f.real(c.f.claims(exp=str(int(time.time()) + 600))),
     "exp-as-a-boolean": lambda c: c.f.real(c.f.claims(exp=True)),
     "nbf-as-a-string": lambda c: c.f.real(c.f.claims(nbf="0")),
+    # --- lifetime (exp - iat) and numbers that are no timestamps
+    "minted-by-the-apiserver-for-one-year": lambda c: c.m.one_year,
+    "lifetime-two-days": lambda c: c.f.real(c.f.claims(exp=int(time.time()) + 2 * 86400)),
+    "lifetime-one-day-and-two-minutes": lambda c: c.f.real(c.f.claims(exp=int(time.time()) + 86400 + 120)),
+    "iat-missing": lambda c: c.f.real(c.f.claims(iat=DROP)),
+    "exp-before-iat": lambda c: c.f.real(c.f.claims(iat=int(time.time()) + 20, exp=int(time.time()) + 10)),
+    "exp-nan": lambda c: _raw_time_claim(c, "exp", "NaN"),
+    "exp-infinity": lambda c: _raw_time_claim(c, "exp", "Infinity"),
+    "exp-1e400-overflows-to-infinity": lambda c: _raw_time_claim(c, "exp", "1e400"),
+    "exp-beyond-year-9999": lambda c: _raw_time_claim(c, "exp", str(10**12)),
+    "iat-nan": lambda c: _raw_time_claim(c, "iat", "NaN"),
+    "iat-minus-infinity": lambda c: _raw_time_claim(c, "iat", "-Infinity"),
+    "nbf-nan": lambda c: _raw_time_claim(c, "nbf", "NaN"),
     # --- issuer and audience (real signature)
     "wrong-issuer": lambda c: c.f.real(c.f.claims(iss="https://evil.example")),
     "issuer-with-trailing-slash": lambda c: c.f.real(c.f.claims(iss=c.f.issuer + "/")),

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
-from joserfc import jwk, jwt
+import yaml
+from joserfc import jwk, jws, jwt
 
 from sidekey.core import tokens
 
@@ -58,6 +61,11 @@ def claims(**overrides: Any) -> dict[str, Any]:
 def sign(payload: Mapping[str, Any], key: jwk.Key = RSA, alg: str = "RS256", kid: str | None = None) -> str:
     header = {"alg": alg, "kid": kid if kid is not None else key.kid}
     return jwt.encode(header, dict(payload), key, algorithms=[alg])
+
+
+def sign_raw(payload: bytes, key: jwk.Key = RSA, alg: str = "RS256") -> str:
+    """Sign payload bytes as written (JSON a well-behaved encoder would never produce)."""
+    return jws.serialize_compact({"alg": alg, "kid": key.kid}, payload, key, algorithms=[alg])
 
 
 def b64(data: bytes) -> str:
@@ -185,7 +193,7 @@ async def test_a_token_signed_by_another_key_with_a_known_kid_is_refused() -> No
 
 
 async def test_an_expired_token_is_refused_and_says_to_reread_the_file() -> None:
-    message = await refused(sign(claims(exp=int(NOW) - 61)), "expired")
+    message = await refused(sign(claims(exp=int(NOW) - 61, iat=int(NOW) - 661, nbf=None)), "expired")
     assert "every request" in message
 
 
@@ -199,6 +207,62 @@ async def test_iat_in_the_future_is_refused() -> None:
 
 async def test_a_token_without_exp_is_refused() -> None:
     await refused(sign(claims(exp=None)), "malformed")
+
+
+async def test_a_token_without_iat_is_refused() -> None:
+    message = await refused(sign(claims(iat=None)), "malformed")
+    assert "iat" in message
+
+
+async def test_a_token_that_expires_before_it_was_issued_is_refused() -> None:
+    message = await refused(sign(claims(iat=int(NOW) - 10, exp=int(NOW) - 11)), "malformed")
+    assert "before it was issued" in message
+
+
+async def test_a_lifetime_up_to_the_cap_plus_leeway_is_accepted() -> None:
+    v, _, _ = await make(RSA)
+    iat = int(NOW) - 10
+    assert await v.validate(sign(claims(iat=iat, exp=iat + tokens.MAX_LIFETIME + BINDING.leeway)))
+
+
+@pytest.mark.parametrize("lifetime", [tokens.MAX_LIFETIME + BINDING.leeway + 1, 365 * 86400])
+async def test_a_lifetime_above_the_cap_is_refused(lifetime: int) -> None:
+    iat = int(NOW) - 10
+    message = await refused(sign(claims(iat=iat, exp=iat + lifetime)), "lifetime_too_long")
+    assert f"{tokens.MAX_LIFETIME} s" in message and "minted by hand" in message
+
+
+async def test_a_binding_can_cap_the_lifetime_lower() -> None:
+    v, _, _ = await make(RSA, binding=dataclasses.replace(BINDING, max_lifetime=600))
+    iat = int(NOW) - 10
+    assert await v.validate(sign(claims(iat=iat, exp=iat + 600)))
+    with pytest.raises(tokens.TokenError) as info:
+        await v.validate(sign(claims(iat=iat, exp=iat + 700)))
+    assert info.value.reason == "lifetime_too_long"
+
+
+def test_the_lifetime_cap_is_the_crds_maximum_token_expiration() -> None:
+    crd = yaml.safe_load((Path(__file__).parents[2] / "crds" / "sidekey.io_agentpolicies.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["token"]["properties"]["expirationSeconds"]["maximum"] == tokens.MAX_LIFETIME
+
+
+@pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+async def test_json_constants_in_a_time_claim_are_refused(claim: str, literal: str) -> None:
+    body = json.dumps(claims()).replace(f'"{claim}": {claims()[claim]}', f'"{claim}": {literal}')
+    assert literal in body
+    message = await refused(sign_raw(body.encode()), "malformed")
+    assert "NaN or Infinity" in message
+
+
+@pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
+@pytest.mark.parametrize("raw", ["1e400", "-1", "253402300800", "1" + "0" * 300, "true", '"1800000600"'])
+async def test_a_time_claim_that_is_no_timestamp_is_refused(claim: str, raw: str) -> None:
+    body = json.dumps(claims()).replace(f'"{claim}": {claims()[claim]}', f'"{claim}": {raw}')
+    assert raw in body
+    message = await refused(sign_raw(body.encode()), "malformed")
+    assert claim in message
 
 
 async def test_a_wrong_issuer_is_refused() -> None:
