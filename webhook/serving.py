@@ -187,7 +187,7 @@ def make_app(handler: Handler) -> web.Application:
     app[READY] = [lambda: handler.source.ready]
     app.router.add_post(contract.WEBHOOK_PATH, mutate)
     app.router.add_post(contract.WEBHOOK_NAMESPACE_PATH, mutate_namespace)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get(contract.HEALTHZ_PATH, healthz)
+    app.router.add_get(contract.READY_PATH, readyz)
+    app.router.add_get(contract.METRICS_PATH, metrics_endpoint)
     return app

@@ -92,14 +92,6 @@ def test_every_value_has_a_comment() -> None:
 class TestTheChartSpeaksTheContract:
     """Names the webhook, proxy and operator agree on (core/contract.py) appear as such."""
 
-    def test_the_bypass_guard_uses_the_contract_names(self) -> None:
-        text = (helm.CHART / "templates" / "guard-bypass.yaml").read_text()
-        for name in (contract.SIDECAR_CONTAINER_NAME, contract.API_TOKEN_VOLUME, contract.AGENT_TOKEN_VOLUME,
-                     contract.ENV_API_SERVER, contract.ENV_API_TOKEN_DIR):
-            assert f"'{name}'" in text, name
-        [policy, _] = helm.template(show_only=["templates/guard-bypass.yaml"])
-        assert policy["spec"]["paramKind"] == {"apiVersion": contract.API_VERSION, "kind": contract.KIND}
-
     def test_the_webhook_configuration_uses_the_contract_names_and_paths(self) -> None:
         [config] = helm.template(show_only=["templates/webhook-mutatingwebhookconfiguration.yaml"])
         assert config["metadata"]["name"] == contract.WEBHOOK_CONFIGURATION
@@ -159,6 +151,16 @@ class TestTheChartIsSafeByDefault:
         docs = _by_key(helm.template())
         assert docs["Deployment/sidekey-system/sidekey-webhook"]["spec"]["replicas"] == 2
         assert docs["PodDisruptionBudget/sidekey-system/sidekey-webhook"]["spec"]["minAvailable"] == 1
+
+    def test_network_policies_are_on_by_default_and_open_only_the_webhook_port(self) -> None:
+        """issue 14, Low "Webhook": the webhook's answers name policies; by default only its HTTPS port is open."""
+        docs = _by_key(helm.template())
+        policy = docs["NetworkPolicy/sidekey-system/sidekey-webhook"]["spec"]
+        assert policy["policyTypes"] == ["Ingress"]
+        assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == ["https"]
+        narrowed = _by_key(helm.template({"networkPolicy": {"webhookFrom": [{"ipBlock": {"cidr": "10.0.0.0/24"}}]}}))
+        rule = narrowed["NetworkPolicy/sidekey-system/sidekey-webhook"]["spec"]["ingress"][0]
+        assert rule["from"] == [{"ipBlock": {"cidr": "10.0.0.0/24"}}]
 
     def test_the_webhook_never_reads_secrets(self) -> None:
         role = _by_key(helm.template())["ClusterRole//sidekey-webhook"]

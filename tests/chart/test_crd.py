@@ -47,10 +47,14 @@ def test_leaving_the_crd_out_of_a_cluster_without_it_fails_with_why() -> None:
     assert "crds.enabled=false needs the AgentPolicy CRD" in proc.stderr
 
 
-def test_the_escalation_guard_checks_as_many_upstreams_as_the_crd_allows() -> None:
-    """One rule per upstream (the message must name the Secret): as many as maxItems."""
+def test_the_escalation_guard_checks_as_many_upstreams_and_subjects_as_the_crd_allows() -> None:
+    """One rule per upstream and per subject (the message must name it): as many as maxItems."""
     crd = yaml.safe_load(crd_template.SOURCE.read_text())
-    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    most = schema["properties"]["spec"]["properties"]["upstreams"]["maxItems"]
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    upstreams = spec["upstreams"]["maxItems"]
+    subjects = spec["subjects"]["properties"]["serviceAccounts"]["maxItems"]
     [policy, _] = helm.template(show_only=["templates/guard-escalation.yaml"])
-    assert len(policy["spec"]["validations"]) == most
+    rules = [v["expression"] for v in policy["spec"]["validations"]]
+    assert sum("resource('secrets')" in r for r in rules) == upstreams
+    assert sum("subresource('token')" in r for r in rules) == subjects
+    assert len(rules) == upstreams + subjects

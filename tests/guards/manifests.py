@@ -54,49 +54,28 @@ def bare_pod(namespace: str, name: str, sa: str = "agent",
 
 
 def injected_pod(namespace: str, name: str, sa: str = "agent",
-                 image: str = DEFAULT_SIDECAR_IMAGE) -> dict[str, Any]:
-    """A pod in the shape the webhook produces: the sidecar alone holds an API token."""
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace,
-                     "annotations": {contract.ANNOTATION_INJECT: "true",
-                                     contract.ANNOTATION_STATUS: '{"injected":true}'}},
-        "spec": {
-            "serviceAccountName": sa,
-            "automountServiceAccountToken": False,
-            "initContainers": [{
-                "name": contract.SIDECAR_CONTAINER_NAME, "image": image, "restartPolicy": "Always",
-                "command": ["sidekey", "proxy"],
-                "env": [{"name": contract.ENV_PROXY_PORT, "value": str(contract.DEFAULT_PROXY_PORT)},
-                        {"name": contract.ENV_POD_NAME,
-                         "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-                "volumeMounts": [{"name": contract.API_TOKEN_VOLUME, "mountPath": contract.API_TOKEN_DIR,
-                                  "readOnly": True}],
-                "readinessProbe": {"httpGet": {"path": "/readyz", "port": contract.DEFAULT_HEALTH_PORT}},
-            }],
-            "containers": [{
-                "name": "agent", "image": AGENT_IMAGE,
-                "env": [{"name": contract.ENV_TOKEN_FILE, "value": contract.AGENT_TOKEN_PATH}],
-                "volumeMounts": [{"name": contract.AGENT_TOKEN_VOLUME, "mountPath": contract.AGENT_TOKEN_DIR,
-                                  "readOnly": True}],
-            }],
-            "volumes": [
-                {"name": contract.API_TOKEN_VOLUME, "projected": {"sources": [
-                    {"serviceAccountToken": {"path": contract.API_TOKEN_FILENAME,
-                                             "expirationSeconds": contract.SIDECAR_API_TOKEN_EXPIRATION_SECONDS}},
-                    {"configMap": {"name": "kube-root-ca.crt",
-                                   "items": [{"key": "ca.crt", "path": contract.API_CA_FILENAME}]}},
-                    {"downwardAPI": {"items": [{"path": contract.API_NAMESPACE_FILENAME,
-                                                "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
-                ]}},
-                {"name": contract.AGENT_TOKEN_VOLUME, "projected": {"sources": [
-                    {"serviceAccountToken": {"path": contract.AGENT_TOKEN_FILENAME,
-                                             "audience": contract.DEFAULT_AUDIENCE,
-                                             "expirationSeconds": contract.DEFAULT_TOKEN_EXPIRATION_SECONDS}},
-                ]}},
-            ],
-        },
-    }
+                 image: str = DEFAULT_SIDECAR_IMAGE,
+                 policy_list: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A pod exactly as the sidekey webhook injects it: ``webhook/patching.py`` builds it.
+
+    The guard tests feed the webhook's real output to the guard, so the two
+    cannot drift: the pod the webhook writes is admitted, and each test breaks
+    it in one way. ``image`` replaces the sidecar image afterwards (the webhook
+    itself only writes allowed ones).
+    """
+    from sidekey.core import policies
+    from sidekey.webhook import patching
+    from sidekey.webhook import settings as settings_mod
+
+    pod = bare_pod(namespace, name, sa, annotations={contract.ANNOTATION_INJECT: "true"})
+    objects = policy_list if policy_list is not None else [agent_policy(namespace)]
+    parsed = [policies.parse({**o, "metadata": {"uid": f"uid-{i}", "generation": 1,
+                                                "creationTimestamp": f"2026-01-0{i + 1}T00:00:00Z",
+                                                **o["metadata"]}})
+              for i, o in enumerate(objects)]
+    injected, _ = patching.mutate(pod, parsed, settings_mod.Settings(image=DEFAULT_SIDECAR_IMAGE))
+    sidecar(injected)["image"] = image
+    return injected
 
 
 def variant(pod: dict[str, Any], name: str) -> dict[str, Any]:

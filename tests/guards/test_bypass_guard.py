@@ -110,7 +110,7 @@ class TestTheInjectedShapeIsCheckedInTheSpec:
             self, cluster: Any, subject_namespace: str) -> None:
         pod = manifests.injected_pod(subject_namespace, "not-native")
         side = manifests.sidecar(pod)
-        del side["restartPolicy"], side["readinessProbe"]  # probes need a native sidecar
+        del side["restartPolicy"], side["readinessProbe"], side["startupProbe"]  # probes need a native sidecar
         _denied(admission.create(cluster, pod), "restartPolicy: Always")
 
     def test_a_sidecar_as_a_regular_container_is_denied(self, cluster: Any, subject_namespace: str) -> None:
@@ -215,7 +215,7 @@ class TestTheInjectedShapeIsCheckedInTheSpec:
         pod["spec"]["volumes"].append({"name": "shared", "emptyDir": {}})
         manifests.sidecar(pod)["volumeMounts"].append({"name": "shared", "mountPath": "/out"})
         manifests.agent(pod)["volumeMounts"].append({"name": "shared", "mountPath": "/in"})
-        _denied(admission.create(cluster, pod), "shares a volume")
+        _denied(admission.create(cluster, pod), "must mount only")
 
 
 def _isolation_break(pod: dict[str, Any], shape: str) -> None:

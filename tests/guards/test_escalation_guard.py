@@ -111,6 +111,48 @@ class TestAuthorsWhoCannotReadTheSecretAreDenied:
         assert "which upstream anthropic names" in answer.message, answer.message
 
 
+def _grant_secret(cluster: Any, namespace: str) -> None:
+    for obj in _role(namespace, "read-openai-key", [{
+            "apiGroups": [""], "resources": ["secrets"], "resourceNames": [manifests.SECRET], "verbs": ["get"]}]):
+        assert admission.apply(cluster, obj).admitted
+    _wait_until_allowed(cluster, namespace, "get", f"secret/{manifests.SECRET}")
+
+
+def _grant_tokens(cluster: Any, namespace: str, account: str) -> None:
+    for obj in _role(namespace, f"tokens-of-{account}", [{
+            "apiGroups": [""], "resources": ["serviceaccounts/token"], "resourceNames": [account],
+            "verbs": ["create"]}]):
+        assert admission.apply(cluster, obj).admitted
+    _wait_until_allowed(cluster, namespace, "create", f"serviceaccounts/{account}", "--subresource=token")
+
+
+class TestAuthorsNeedAuthorityOverEverySubject:
+    """Reading the Secret is not enough: naming an account needs the right to act as it."""
+
+    def test_an_author_who_may_read_the_secret_may_not_name_an_account_they_cannot_act_as(
+            self, cluster: Any, policy_editor: str) -> None:
+        _grant_secret(cluster, policy_editor)
+        answer = admission.create(cluster, manifests.agent_policy(policy_editor), as_user=USER)
+        assert not answer.admitted, answer.message
+        assert "escalation-guard" in answer.message, answer.message
+        assert f"may not create tokens for service account agent in namespace {policy_editor}" in answer.message
+        assert "missing permission: create on serviceaccounts/token" in answer.message
+        assert not admission.exists(cluster, "agentpolicy", policy_editor, "openai")
+
+    def test_adding_a_victim_account_to_an_existing_policy_is_refused(
+            self, cluster: Any, policy_editor: str) -> None:
+        _grant_secret(cluster, policy_editor)
+        _grant_tokens(cluster, policy_editor, "agent")
+        assert admission.create(cluster, manifests.agent_policy(policy_editor), as_user=USER).admitted
+        patch = json.dumps({"spec": {"subjects": {"serviceAccounts": ["agent", "mallory-bot"]}}})
+        answer = admission.kubectl(cluster, "patch", "agentpolicy", "openai", "-n", policy_editor,
+                                   "--type=merge", "-p", patch, as_user=USER)
+        assert not answer.admitted, answer.message
+        assert "may not create tokens for service account mallory-bot" in answer.message, answer.message
+        stored = json.loads(cluster.kubectl("get", "agentpolicy", "openai", "-n", policy_editor, "-o", "json"))
+        assert stored["spec"]["subjects"]["serviceAccounts"] == ["agent"]
+
+
 class TestAuthorsWhoCanReadTheSecretAreAllowed:
     def test_an_admin_may_create_and_change_the_policy(self, cluster: Any, policy_editor: str) -> None:
         assert admission.create(cluster, manifests.agent_policy(policy_editor)).admitted
@@ -119,13 +161,10 @@ class TestAuthorsWhoCanReadTheSecretAreAllowed:
         answer = admission.apply(cluster, changed)
         assert answer.admitted, answer.message
 
-    def test_an_author_granted_get_on_exactly_that_secret_may_create_the_policy(
+    def test_an_author_granted_get_on_exactly_that_secret_and_tokens_of_the_subject_may_create_the_policy(
             self, cluster: Any, policy_editor: str) -> None:
-        for obj in _role(policy_editor, "read-openai-key", [{
-                "apiGroups": [""], "resources": ["secrets"], "resourceNames": [manifests.SECRET],
-                "verbs": ["get"]}]):
-            assert admission.apply(cluster, obj).admitted
-        _wait_until_allowed(cluster, policy_editor, "get", f"secret/{manifests.SECRET}")
+        _grant_secret(cluster, policy_editor)
+        _grant_tokens(cluster, policy_editor, "agent")
         answer = admission.create(cluster, manifests.agent_policy(policy_editor), as_user=USER)
         assert answer.admitted, answer.message
 

@@ -108,7 +108,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Namespaces the webhook never injects into. */}}
 {{- define "sidekey.excludedNamespaces" -}}
-{{- concat (list "kube-system" "kube-public" "kube-node-lease" .Release.Namespace) .Values.webhook.excludedNamespaces | uniq | toJson }}
+{{- concat (include "sidekey.contract.systemNamespaces" . | fromJsonArray) (list .Release.Namespace) .Values.webhook.excludedNamespaces | uniq | toJson }}
 {{- end }}
 
 {{/*
