@@ -96,6 +96,9 @@ def test_the_webhook_configuration_and_deployments_use_the_contracts_values() ->
     webhook = docs["Deployment/sidekey-system/sidekey-webhook"]["spec"]["template"]["spec"]["containers"][0]
     assert webhook["readinessProbe"]["httpGet"]["path"] == contract.READY_PATH
     assert webhook["livenessProbe"]["httpGet"]["path"] == contract.HEALTHZ_PATH
+    operator = docs["Deployment/sidekey-system/sidekey-operator"]["spec"]["template"]
+    assert operator["metadata"]["annotations"]["prometheus.io/path"] == contract.METRICS_PATH
+    assert operator["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == contract.READY_PATH
     monitors = [d for d in docs.values() if d["kind"] == "PodMonitor"]
     assert monitors, "monitoring.enabled renders a PodMonitor for the sidecars"
     for endpoint in monitors[0]["spec"]["podMetricsEndpoints"]:
