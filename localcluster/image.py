@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import gzip
 import hashlib
@@ -444,11 +445,18 @@ class Target:
 
     @classmethod
     def of(cls, rootfs: Path) -> Target:
+        """Read once per rootfs (it takes seconds), then from the JSON next to it."""
+        known = rootfs.with_suffix(".target.json")
+        if known.exists():
+            data = json.loads(known.read_text())
+            return cls(data["python"], data["python_full"], tuple(data["glibc"]), data["machine"])
         with tarfile.open(rootfs) as tar:
             fields = Packages.read(tar).fields
         full = fields["python3"]["Version"].split("-")[0]
         major, minor = re.findall(r"\d+", fields["libc6"]["Version"])[:2]
-        return cls(".".join(full.split(".")[:2]), full, (int(major), int(minor)), platform.machine())
+        target = cls(".".join(full.split(".")[:2]), full, (int(major), int(minor)), platform.machine())
+        known.write_text(json.dumps(dataclasses.asdict(target)))
+        return target
 
     def pip_args(self) -> list[str]:
         tags = [f"manylinux_2_{m}_{self.machine}" for m in range(self.glibc[1], 16, -1)]
@@ -572,8 +580,16 @@ def _project_source(tmp: Path) -> Path:
 
 
 def app_layer(venv: str, target: Target, *, launcher: bool) -> Layer:
-    """The sidekey wheel in ``venv`` (no dependencies: the lock's are below it) and the launcher."""
-    with tempfile.TemporaryDirectory(prefix="sidekey-image-") as tmp:
+    """The sidekey wheel in ``venv`` (no dependencies: the lock's are below it) and the launcher.
+
+    It is staged in a fixed folder (the build lock is held), since pip records the
+    wheel's path in direct_url.json: the same tree then gives the same layer."""
+    work = cache_dir() / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, work, True)
+        tmp = str(work)
         stage = Path(tmp) / "root"
         site = stage / venv.lstrip("/") / target.site_packages
         site.mkdir(parents=True)
@@ -583,16 +599,32 @@ def app_layer(venv: str, target: Target, *, launcher: bool) -> Layer:
              timeout=600)
         wheel = next(dist.glob("sidekey-*.whl"))
         _pip_install(site, target, "--no-deps", str(wheel))
+        _forget_wheel_origin(site)
         if launcher:
             bin_dir = stage / venv.lstrip("/") / "bin"
             bin_dir.mkdir(parents=True)
             shutil.copyfile(LAUNCHER, bin_dir / "sidekey")
             (bin_dir / "sidekey").chmod(0o755)
-        _compile(stage, builder(target))
-        # The same tree gives the same blob, so containerd and registries keep one copy.
+        # The key is the installed tree before compiling (marshal's output is not
+        # reproducible): the same sources reuse the same blob, so containerd and
+        # registries keep one copy.
         key = _key(wheel.name, hashlib.sha256(_tree_bytes(stage)).hexdigest(), launcher)
-        return _cached(f"app-{venv.strip('/').replace('/', '-')}", key, f"{venv}: {wheel.name}",
-                       lambda tar: _add_tree(tar, stage))
+
+        def make(tar: tarfile.TarFile) -> None:
+            _compile(stage, builder(target))
+            _add_tree(tar, stage)
+
+        return _cached(f"app-{venv.strip('/').replace('/', '-')}", key, f"{venv}: {wheel.name}", make)
+
+
+def _forget_wheel_origin(site: Path) -> None:
+    """Drop pip's direct_url.json: it names the wheel's path and hash on the build
+    machine (the hash changes with every build's zip timestamps), which mean nothing
+    in the image and would make each build's layer different."""
+    for record in site.glob("sidekey-*.dist-info/RECORD"):
+        (record.parent / "direct_url.json").unlink(missing_ok=True)
+        lines = record.read_text().splitlines(keepends=True)
+        record.write_text("".join(line for line in lines if "/direct_url.json," not in line))
 
 
 def _tree_bytes(stage: Path) -> bytes:
