@@ -1,8 +1,9 @@
-"""The Dockerfile and its lock file agree with the project and the chart.
+"""The Dockerfile and its lock file agree with the project, the chart and hack/image.
 
-No container engine runs here, so the image cannot be built in the tests; what
-can be checked is that every path and number it uses is the one the chart and
-the webhook use, and that every dependency is pinned with hashes.
+No container engine runs here, so the Dockerfile cannot be built in the tests;
+what can be checked is that every path and number it uses is the one the chart,
+the webhook and ``hack/image`` use (tests/image/ builds that image and checks
+it), and that every dependency is pinned with hashes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import re
 import tomllib
 
 from sidekey.core import contract
-from sidekey.localcluster import helm
+from sidekey.localcluster import helm, image
 
 DOCKERFILE = (helm.ROOT / "Dockerfile").read_text()
 LOCK = (helm.ROOT / "requirements.lock").read_text()
@@ -60,22 +61,49 @@ def test_the_image_runs_as_the_charts_numeric_user() -> None:
             assert doc["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == uid
 
 
-def test_the_sidekey_command_is_the_entrypoint_and_on_path() -> None:
-    from sidekey.webhook import sidecars
-
-    assert 'ENTRYPOINT ["/opt/sidekey/bin/sidekey"]' in DOCKERFILE
+def test_the_sidekey_command_is_the_entrypoint_and_injected_by_absolute_path() -> None:
+    assert f'ENTRYPOINT ["{image.ENTRYPOINT}"]' in DOCKERFILE
     assert re.search(r"PATH=/opt/sidekey/bin:", DOCKERFILE)
-    assert sidecars.COMMAND[0] == "sidekey"  # the injected sidecar finds it on PATH
+    # PATH can shadow nothing: the sidecar's command names the launcher itself.
+    assert contract.SIDECAR_COMMAND[0] == image.ENTRYPOINT
     for doc in helm.template():
         if doc["kind"] == "Deployment":
             args = doc["spec"]["template"]["spec"]["containers"][0]["args"]
             assert args[0] in ("operator", "webhook"), args
 
 
+def test_the_dockerfile_installs_the_isolated_launcher_hack_image_uses() -> None:
+    copy = re.search(r"^COPY --chmod=755 (\S+) (\S+)$", DOCKERFILE, re.M)
+    assert copy, "the Dockerfile must install the launcher"
+    assert (helm.ROOT / copy.group(1)).resolve() == image.LAUNCHER.resolve()
+    assert copy.group(2) == image.ENTRYPOINT
+    assert image.LAUNCHER.read_text().splitlines()[0] == f"#!{image.VENV}/bin/python -IBu"
+    assert re.search(rf"python3 -m venv {image.VENV}$", DOCKERFILE, re.M)
+
+
+def test_the_dockerfile_and_hack_image_declare_the_same_runtime_settings() -> None:
+    config = image.sidekey_config()
+    assert re.search(rf"^USER {config['User']}$", DOCKERFILE, re.M)
+    env = dict(item.split("=", 1) for item in config["Env"])
+    block = re.search(r"^ENV (.+?)\n(?!\s)", DOCKERFILE, re.M | re.S)
+    assert block
+    assert dict(re.findall(r"(\w+)=(\S+)", block.group(1))) == env
+    exposed = re.search(r"^EXPOSE (.+)$", DOCKERFILE, re.M)
+    assert exposed
+    assert {f"{p}/tcp" for p in exposed.group(1).split()} == set(config["ExposedPorts"])
+
+
+def test_the_dockerfile_copies_every_package_folder() -> None:
+    project = tomllib.loads((helm.ROOT / "pyproject.toml").read_text())
+    folders = set(project["tool"]["setuptools"]["package-dir"].values())
+    copied = {m.split()[0] for m in re.findall(r"^COPY (\S+) /src/\S+$", DOCKERFILE, re.M)}
+    assert folders <= copied, f"pip install /src would fail without {sorted(folders - copied)}"
+
+
 def test_every_copied_path_exists_and_is_in_the_build_context() -> None:
     ignore = (helm.ROOT / ".dockerignore").read_text().splitlines()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", DOCKERFILE, re.M):
+    for source in re.findall(r"^COPY (?!--from)(?:--\S+ )*(.+) \S+$", DOCKERFILE, re.M):
         for path in source.split():
             assert (helm.ROOT / path).exists(), path
-            assert path.rstrip("/") in allowed, f"{path} is excluded by .dockerignore"
+            assert path.split("/")[0] in allowed, f"{path} is excluded by .dockerignore"
