@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import make_namespace
+from tests.support.namespaces import make_namespace
 
 LOCK_WAIT = float(os.environ.get("SIDEKEY_NODE_LOCK_WAIT", "900"))
 
@@ -62,3 +62,26 @@ def node_namespace(node_cluster: Any) -> Iterator[str]:
     finally:
         node_cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
 
+
+
+@pytest.fixture(scope="session")
+def sidekey_image(node_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The project's image, built by localcluster/image.py (as hack/image does) and imported into the node."""
+    return _built_and_imported(node_cluster, tmp_path_factory, "build_sidekey")
+
+
+@pytest.fixture(scope="session")
+def agent_image(node_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The test agent image (Python with the openai and anthropic SDKs), imported into the node."""
+    return _built_and_imported(node_cluster, tmp_path_factory, "build_agent")
+
+
+def _built_and_imported(node_cluster: Any, tmp_path_factory: pytest.TempPathFactory, build: str) -> Any:
+    from sidekey.localcluster import image
+
+    try:
+        built = getattr(image, build)(tmp_path_factory.mktemp("images"))
+    except image.ImageError as exc:
+        pytest.fail(f"cannot build the image for the node tests: {exc}", pytrace=False)
+    node_cluster.import_image(built.archive)
+    return built
