@@ -8,6 +8,12 @@ encoded dots, slashes and backslashes, double encoding, empty segments
 absolute-form targets (``GET http://other.host/...``). What passes is forwarded
 byte for byte as the agent sent it, and matched against the allow rules in
 its decoded form.
+
+A dot segment is any segment made of dots and whitespace only, after
+percent-decoding and NFKC (which folds fullwidth and one-dot-leader dots,
+and no-break spaces, to ASCII): ``...``, ``..%20`` and ``..%C2%A0`` too.
+Servers that trim whitespace, or treat any run of dots as "up" (Windows
+paths, some static-file servers), would climb on them.
 """
 
 from __future__ import annotations
@@ -96,15 +102,31 @@ def _parse_carefully(raw_target: str) -> Target:
                 raise PathError("the path holds percent-encoded bytes that are not UTF-8") from None
             if not seg.isascii():
                 folded = unicodedata.normalize("NFKC", seg)
-                if "." in folded and folded.strip(".") == "":
-                    raise PathError("'.' and '..' segments are not allowed, in any encoding")
                 if "/" in folded or "\\" in folded:
                     raise PathError("slashes are not allowed inside a segment, in any encoding")
-        if seg in (".", "..") or seg.split(";", 1)[0] in (".", ".."):
-            raise PathError("'.' and '..' segments are not allowed in the path")
+        if _is_dot_segment(seg) or _is_dot_segment(seg.split(";", 1)[0]):
+            raise PathError(
+                "'.' and '..' segments (or any segment of only dots and spaces) are not allowed "
+                "in the path, in any encoding"
+            )
         segments.append(seg)
-    if route in (".", ".."):
+    if _is_dot_segment(unquote(route)):
         raise PathError("'.' and '..' segments are not allowed in the path")
     if not route:
         raise PathError("the path must start with an upstream name: /<upstream>/<path>")
     return Target(route=route, path=path[len(route) + 1 :], query=query, segments=tuple(segments))
+
+
+#: Unicode categories read as blank around dots: spaces, controls and format characters
+#: (a zero-width space is not ``isspace()`` but is as invisible to whoever trims).
+_BLANK_CATEGORIES: Final = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
+
+
+def _is_dot_segment(segment: str) -> bool:
+    """Whether a decoded segment is only dots and blanks (with at least one dot), after NFKC."""
+    if not segment or (segment[0] not in ".\t\n\v\f\r " and segment.isascii()):
+        return False  # the common case: a segment that starts with a letter or digit
+    folded = unicodedata.normalize("NFKC", segment)
+    return "." in folded and all(
+        c == "." or c.isspace() or unicodedata.category(c) in _BLANK_CATEGORIES for c in folded
+    )

@@ -101,6 +101,14 @@ CATALOGUE: dict[str, Shape] = {
     "overlong-utf8-dots": Shape(req("GET /openai/%c0%ae%c0%ae/admin HTTP/1.1"), "refused"),
     "fullwidth-dots": Shape(req("GET /openai/%ef%bc%8e%ef%bc%8e/admin HTTP/1.1"), "refused"),
     "dotdot-with-matrix-param": Shape(req("GET /openai/..;/admin HTTP/1.1"), "refused"),
+    # segments of only dots and blanks under a rule that allows any one segment (/leak/*): an
+    # upstream that trims blanks, or reads any run of dots as "up", climbs out of /leak
+    "triple-dot-under-a-star": Shape(req("GET /bearer-leak/leak/... HTTP/1.1"), "refused"),
+    "dotdot-space-under-a-star": Shape(req("GET /bearer-leak/leak/..%20 HTTP/1.1"), "refused"),
+    "space-dotdot-under-a-star": Shape(req("GET /bearer-leak/leak/%20.. HTTP/1.1"), "refused"),
+    "dotdot-no-break-space-under-a-star": Shape(req("GET /bearer-leak/leak/..%C2%A0 HTTP/1.1"), "refused"),
+    "dotdot-ideographic-space-under-a-star": Shape(req("GET /bearer-leak/leak/..%E3%80%80 HTTP/1.1"), "refused"),
+    "dotdot-zero-width-space-under-a-star": Shape(req("GET /bearer-leak/leak/..%E2%80%8B HTTP/1.1"), "refused"),
     "empty-segment": Shape(req("GET /openai//admin HTTP/1.1"), "refused"),
     "nul-byte": Shape(req("GET /openai/models%00/../admin HTTP/1.1"), "refused"),
     "fragment": Shape(req("GET /openai/models#/../admin HTTP/1.1"), "refused"),

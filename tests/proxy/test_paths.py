@@ -50,6 +50,19 @@ TRICKS = [
     "/openai/v1?x=%00",
     "/openai/v1?x=a b",
     "",
+    # segments of only dots and blanks, after decoding and NFKC
+    "/openai/.../admin",
+    "/openai/..../admin",
+    "/openai/..%20/admin",
+    "/openai/%20../admin",
+    "/openai/..%C2%A0/admin",  # no-break space
+    "/openai/..%e3%80%80/admin",  # ideographic space
+    "/openai/..%e2%80%8b/admin",  # zero-width space (a format character, not isspace)
+    "/openai/%e2%80%a4%e2%80%a4/admin",  # one-dot leaders
+    "/openai/.%20./admin",
+    "/openai/...;x/admin",
+    "/openai/..%20;x/admin",
+    "/.../admin",
 ]
 
 
@@ -116,3 +129,8 @@ def test_ordinary_paths_pass_unchanged(
 )
 def test_the_fast_path_agrees_with_the_careful_one(target: str) -> None:
     assert paths.parse(target) == paths._parse_carefully(target)
+
+
+@pytest.mark.parametrize("segment", ["a...", "...a", "v1.2", ".well-known", "..a", "a..", "%20", "a%20b"])
+def test_dots_with_other_characters_are_ordinary_segments(segment: str) -> None:
+    assert paths.parse(f"/openai/{segment}/x").segments[1] == "x"
