@@ -191,6 +191,8 @@ async def test_a_bare_pod_of_the_subject_holds_the_grant_back_until_it_goes() ->
     assert (held["status"], held["reason"]) == ("False", "UninjectedPods") and "bare" in held["message"]
     events = _events(api)
     assert events["GrantHeld"]["type"] == "Warning" and "bare" in events["GrantHeld"]["message"]
+    reasons = [e["reason"] for path, e in api.objects.items() if "/events/" in path]
+    assert reasons.count("GrantHeld") == 1  # Ready and SubjectsGranted say it in one Event
     assert stats.registry.get_sample_value("sidekey_operator_blocked_subject_pods") == 1
 
     # the pod goes: its DELETED event queues the policy, and the grant follows
