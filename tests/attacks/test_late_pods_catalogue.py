@@ -27,9 +27,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import make_namespace
 from tests.guards import admission, manifests
-from tests.operator.support import RunningOperator, condition, get, start_operator, wait_for
+from tests.support.kubectl import condition, get, wait_for
+from tests.support.namespaces import make_namespace
+from tests.support.operator import RunningOperator, start_operator
 
 pytestmark = pytest.mark.e2e
 

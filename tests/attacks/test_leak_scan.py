@@ -26,7 +26,7 @@ from sidekey.core import contract
 from tests.attacks import leaks, world
 from tests.attacks.world import World
 from tests.guards import admission
-from tests.operator.support import RunningOperator, start_operator
+from tests.support.operator import RunningOperator, start_operator
 from tests.support.webhook import RunningWebhook, running_webhook
 
 pytestmark = pytest.mark.e2e

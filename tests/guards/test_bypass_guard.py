@@ -348,7 +348,7 @@ class TestPodsOutsideThePoliciesAreUnaffected:
 
     def test_a_subject_named_in_another_namespace_is_not_a_subject_here(
             self, cluster: Any, subject_namespace: str, guards: str) -> None:
-        from tests.conftest import make_namespace
+        from tests.support.namespaces import make_namespace
 
         other = make_namespace(cluster, "sk-other")
         try:

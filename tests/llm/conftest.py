@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.operator.support import SIDECAR_IMAGE, RunningOperator, start_operator
+from tests.support.operator import SIDECAR_IMAGE, RunningOperator, start_operator
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ import pytest
 
 from sidekey.core import kubeapi, llmledger, llmpolicy
 from sidekey.proxy import llmbudgets, llmrequests, llmslices
-from tests.operator.support import apply, get, service_account, wait_for
+from tests.operator.support import service_account
+from tests.support.kubectl import apply, get, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -271,3 +272,46 @@ def test_the_policy_status_shows_the_spend_per_budget_and_kubectl_a_spend_column
     table = cluster.kubectl("get", "agentpolicies", "-n", ns)
     assert "SPEND" in table.splitlines()[0]
     assert f"/{BUDGET_TOKENS} per 24h (openai/agent)" in table
+
+
+async def test_sidecars_that_die_overrun_the_budget_by_at_most_their_unreported_spend(
+        cluster: Any, ledger: dict[str, Any], tmp_path: Path) -> None:
+    """The stated bound (docs/llm.md): spent <= tokens + D x S for D sidecars dying in the window."""
+    ns, lease = ledger["namespace"], ledger["lease"]
+    holder_timeout(cluster, ns, lease, 3)
+    rng = random.Random(5)
+    s = llmledger.slice_size(BUDGET_TOKENS)
+    async with agent_api(cluster, ns, tmp_path) as api:
+        first = [sidecar(api, ledger) for _ in range(4)]
+        for _ in range(3):
+            await asyncio.gather(*(spend_one(a, rng.randint(100, 400), rng) for a in first))
+        for a in first:
+            await a.heartbeat()
+        dying, living = first[:2], first[2:]
+        unreported = 0
+        for a in dying:  # spend what they hold, report nothing, and die
+            while a.left() > 50:
+                call = request(min(a.left(), 300))
+                llmbudgets.reserve([a], call, cap=True, upstream="openai", policy="budgeted").settle(call.estimate)
+                unreported += call.estimate
+        assert 0 < unreported <= 2 * s
+        fresh = [sidecar(api, ledger) for _ in range(2)]
+
+        async def run(a: llmslices.SharedAccount) -> None:
+            idle_since = asyncio.get_running_loop().time()
+            while asyncio.get_running_loop().time() - idle_since < 12:  # past the reclaim (3 s + a 5 s tick)
+                if await spend_one(a, rng.randint(50, 400), rng) is None:
+                    await asyncio.sleep(0.2)
+                else:
+                    idle_since = asyncio.get_running_loop().time()
+            await a.heartbeat()
+
+        await asyncio.gather(*(run(a) for a in living + fresh))
+    spent = sum(a.spent for a in first + fresh)
+    overrun = spent - BUDGET_TOKENS
+    led = read_ledger(cluster, ns, lease)
+    assert not set(led.holders) & {a.holder for a in dying}  # both were reclaimed
+    assert led.granted <= BUDGET_TOKENS
+    assert overrun <= unreported <= 2 * s, f"overrun {overrun} above the bound"
+    print(f"\n2 of 6 sidecars died with {unreported} tokens unreported; spent {spent} of {BUDGET_TOKENS}: "
+          f"overrun {max(0, overrun)} (bound D x S = {2 * s})")

@@ -33,7 +33,8 @@ from sidekey.core import contract
 from tests.node import bridgemock, pods
 from tests.support.namespaces import make_namespace
 
-pytestmark = [pytest.mark.e2e, pytest.mark.node]
+# The first test's fixtures build the two images (cold: mmdebstrap and pip, minutes).
+pytestmark = [pytest.mark.e2e, pytest.mark.node, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE, SYSTEM_NS = "sidekey", "sidekey-system"

@@ -7,13 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.operator.support import (
-    ALLOWED_SIDECAR_IMAGE,
-    EXCLUDED_NAMESPACE,
-    SIDECAR_IMAGE,
-    RunningOperator,
-    start_operator,
-)
+from tests.operator.support import ALLOWED_SIDECAR_IMAGE, EXCLUDED_NAMESPACE
+from tests.support.operator import SIDECAR_IMAGE, RunningOperator, start_operator
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,9 @@ import pytest
 import yaml
 
 from sidekey.core import contract
-from tests.operator.support import (
-    RunningOperator,
-    apply,
-    condition,
-    get,
-    policy,
-    secret,
-    start_operator,
-    wait_for,
-)
+from tests.operator.support import policy, secret
+from tests.support.kubectl import apply, condition, get, wait_for
+from tests.support.operator import RunningOperator, start_operator
 
 pytestmark = pytest.mark.e2e
 DOC = Path(__file__).resolve().parents[2] / "docs" / "operator.md"

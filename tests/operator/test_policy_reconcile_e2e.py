@@ -17,20 +17,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import make_namespace
-from tests.operator.support import (
-    ALLOWED_SIDECAR_IMAGE,
-    EXCLUDED_NAMESPACE,
-    SIDECAR_IMAGE,
-    RunningOperator,
-    apply,
-    condition,
-    get,
-    policy,
-    secret,
-    service_account,
-    wait_for,
-)
+from tests.operator.support import ALLOWED_SIDECAR_IMAGE, EXCLUDED_NAMESPACE, policy, secret, service_account
+from tests.support.kubectl import apply, condition, get, wait_for
+from tests.support.namespaces import make_namespace
+from tests.support.operator import SIDECAR_IMAGE, RunningOperator
 
 pytestmark = pytest.mark.e2e
 KEY_VALUE = "sk-live-UNIQUE-7f3a9c-never-shown"

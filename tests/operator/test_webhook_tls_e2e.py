@@ -20,7 +20,8 @@ import pytest
 from cryptography import x509
 
 from sidekey.core import contract
-from tests.operator.support import RunningOperator, apply, get, start_operator, wait_for
+from tests.support.kubectl import apply, get, wait_for
+from tests.support.operator import RunningOperator, start_operator
 
 pytestmark = pytest.mark.e2e
 SERVICE = "sidekey-webhook"
