@@ -110,7 +110,9 @@ class Proxy:
         self._namespace = namespace
         self.hooks = list(hooks)
         #: The LLM step (models, token budgets) for upstreams with ``api`` set: proxy/llmexchange.py.
-        self.llm = llm
+        #: Never absent (fail closed): without an apiserver only serviceAccount budgets are refused (503).
+        self.llm = llm if llm is not None else llmexchange.Gate(
+            api=None, namespace=namespace, pod=pod, pod_uid="", service_account="")
         self._token_cache = token_cache
         self._ids = itertools.count(1)
         self._boot = os.urandom(4).hex()
@@ -293,7 +295,7 @@ class Proxy:
             body = await request.body.read_all()
         # --- LLM upstreams: the whole body is read, its model checked, its tokens reserved
         exchange: llmexchange.Exchange | None = None
-        if up.llm is not None and self.llm is not None:
+        if up.llm is not None:
             if body is None and llmexchange.reads_body(up.llm, request.method, target.segments):
                 body = await llmexchange.read_body(request.body, up.limits.max_request_bytes, route)
             exchange = await self.llm.admit(route, request.method, target.segments, body, record)

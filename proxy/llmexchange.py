@@ -208,7 +208,8 @@ class Gate:
             return llmbudgets.Account(b, clock=self._clock)
         if self._api is None:
             raise llmrequests.LlmRefusal(503, "no_ledger", "unavailable",
-                                         "this sidecar has no apiserver access for serviceAccount budgets")
+                                         f"upstream {route.name!r} has a serviceAccount budget, and this sidecar "
+                                         "has no apiserver access to its ledger")
         shared = llmslices.SharedAccount(
             b, api=self._api, namespace=self._namespace,
             lease=llmledger.lease_name(route.policy, route.name, index, self._service_account),
