@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from sidekey.core import contract
-from tests.conftest import make_namespace
 from tests.guards import admission, manifests
+from tests.support.namespaces import make_namespace
 from tests.support.webhook import RunningWebhook, running_webhook
 
 pytestmark = pytest.mark.e2e
