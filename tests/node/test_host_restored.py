@@ -12,6 +12,7 @@ machine.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,12 +33,15 @@ def test_teardown_restores_sysctls_netfilter_mounts_cgroups_paths_and_processes(
     from sidekey.localcluster import binaries, node
 
     bin_dir = binaries.find_node().directory
-    before = _snapshot(node, bin_dir)
     cluster = node.NodeCluster(lock_wait=LOCK_WAIT)
     try:
         cluster.start()
     except (node.NodeUnavailable, binaries.BinariesUnavailable, node.ControlPlaneError) as exc:
         pytest.fail(f"no node for the node tests: {exc}", pytrace=False)
+    # The host as the node found it once it held the machine's lock (another
+    # session's node may have been up until then).
+    before = cluster.host_before
+    assert before is not None
     try:
         ns = "host-check"
         pods.apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
@@ -61,3 +65,52 @@ def test_teardown_restores_sysctls_netfilter_mounts_cgroups_paths_and_processes(
         assert what in changed, f"expected the running node to change {what}; it changed:\n{changed}"
     # ... and teardown put all of it back.
     assert before.differences(after) == []
+
+
+# A node whose owner dies by SIGKILL cannot tear down: its children get
+# SIGTERM (they die with their parent) but containers and their shims stay,
+# and every host setting stays changed. The next node start finds the record
+# of the host it left behind and restores it first.
+CRASHING_OWNER = """
+import time
+from sidekey.localcluster import node
+c = node.NodeCluster(lock_wait=900)
+c.start()
+c.kubectl("run", "p", "--image=" + node.PAUSE_IMAGE, "--image-pull-policy=Never", "--restart=Never")
+c.kubectl("wait", "--for=condition=Ready", "--timeout=90s", "pod/p")
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_next_node_restores_what_a_killed_one_left_behind() -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from sidekey.localcluster import binaries, hoststate, node
+
+    bin_dir = binaries.find_node().directory
+    owner = subprocess.Popen([sys.executable, "-c", CRASHING_OWNER], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        line = owner.stdout.readline()
+        assert line.strip() == "up", (line, owner.stderr.read() if owner.poll() is not None else "")
+        before = hoststate.HostState.from_json(node.HOST_RECORD.read_text())  # what the owner found
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(30)
+    left = _snapshot(node, bin_dir)
+    orphans = [pid for pid, exe in hoststate.node_processes([bin_dir]) if exe.endswith("containerd-shim-runc-v2")]
+    assert node.HOST_RECORD.exists()
+    assert orphans, left.processes  # the pod's shim outlived its containerd
+    assert left.differences(before)
+
+    cluster = node.NodeCluster(lock_wait=LOCK_WAIT)
+    try:
+        cluster.start()  # recovers first: kills the orphans, restores the host, then starts afresh
+        assert not [pid for pid in orphans if Path(f"/proc/{pid}").exists()]
+    finally:
+        cluster.stop()
+    assert before.differences(_snapshot(node, bin_dir)) == []
