@@ -1,5 +1,9 @@
 """AdmissionReview v1: the shapes on the wire, checked at the boundary.
 
+The request is read field by field into ``Request`` (what the webhook decides
+on); the response is built as the ``AdmissionReview`` TypedDict it is on the
+wire.
+
 The apiserver is the only legitimate caller, but the port is reachable from
 the cluster network: anything that is not a well-formed AdmissionReview gets
 a ``BadReview`` (a 4xx with a message saying what to fix), never an exception
@@ -15,37 +19,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NotRequired, TypedDict, cast
 
+from sidekey.core import errors
+
 API_VERSION: Final = "admission.k8s.io/v1"
 KIND: Final = "AdmissionReview"
 #: Admission warnings longer than this are truncated by kubectl; keep each short.
 MAX_WARNING_LENGTH: Final = 120
 
 Operation = Literal["CREATE", "UPDATE", "DELETE", "CONNECT"]
-
-
-class GroupVersionKind(TypedDict):
-    group: str
-    version: str
-    kind: str
-
-
-class GroupVersionResource(TypedDict):
-    group: str
-    version: str
-    resource: str
-
-
-class AdmissionRequest(TypedDict):
-    uid: str
-    kind: GroupVersionKind
-    resource: GroupVersionResource
-    subResource: NotRequired[str]
-    name: NotRequired[str]
-    namespace: NotRequired[str]
-    operation: Operation
-    object: NotRequired[dict[str, Any] | None]
-    oldObject: NotRequired[dict[str, Any] | None]
-    dryRun: NotRequired[bool]
+OPERATIONS: Final[tuple[Operation, ...]] = ("CREATE", "UPDATE", "DELETE", "CONNECT")
 
 
 class Status(TypedDict):
@@ -69,12 +51,13 @@ class AdmissionReview(TypedDict):
     response: AdmissionResponse
 
 
-class BadReview(ValueError):
-    """A body that is not an AdmissionReview v1 we can answer; becomes a 4xx."""
+class BadReview(errors.InvalidInput):
+    """A body that is not an AdmissionReview v1 we can answer; becomes a 4xx (``status``)."""
+
+    type = "invalid_review"
 
     def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__("", message)  # the message names the field: "request.uid is required..."
         self.status = status
 
 
@@ -83,7 +66,7 @@ class Request:
     """The parts of an AdmissionRequest the webhook decides on."""
 
     uid: str
-    operation: str
+    operation: Operation
     group: str
     kind: str
     resource: str
@@ -127,7 +110,7 @@ def parse(body: bytes) -> Request:
     kind = _field(req, "kind", "request")
     resource = _field(req, "resource", "request")
     operation = req.get("operation")
-    if operation not in ("CREATE", "UPDATE", "DELETE", "CONNECT"):
+    if operation not in OPERATIONS:
         raise BadReview(f"request.operation must be CREATE, UPDATE, DELETE or CONNECT, got {operation!r}")
     obj = req.get("object")
     old = req.get("oldObject")
@@ -135,7 +118,7 @@ def parse(body: bytes) -> Request:
         if value is not None and not isinstance(value, dict):
             raise BadReview(f"request.{key} must be an object or null")
     return Request(
-        uid=uid, operation=str(operation), group=str(kind.get("group", "")),
+        uid=uid, operation=cast(Operation, operation), group=str(kind.get("group", "")),
         kind=str(kind.get("kind", "")), resource=str(resource.get("resource", "")),
         sub_resource=str(req.get("subResource") or ""), namespace=str(req.get("namespace") or ""),
         name=str(req.get("name") or ""), object=cast("dict[str, Any] | None", obj),
