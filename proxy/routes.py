@@ -68,8 +68,17 @@ class GuardedResolver(AbstractResolver):
 
     Every container of the pod can write its shared /etc/hosts, so a policy
     hostname could be pointed at the agent itself. Names resolving to
-    loopback, link-local, unspecified or this pod's own IP are refused; an IP
+    loopback, link-local, unspecified or any of this pod's own IPs (every
+    entry of ``status.podIPs``: a dual-stack pod has two) are refused; an IP
     literal in the policy URL never reaches a resolver and is trusted as written.
+
+    What this cannot see: a Service ClusterIP whose endpoints include this
+    pod. kube-proxy rewrites the destination after the connection leaves the
+    socket, so from inside the pod the peer is the ClusterIP, and only reading
+    the Service's EndpointSlices (which the sidecar's account may not) would
+    tell. With TLS that is harmless (the agent holds no certificate for the
+    upstream's name); for an ``insecure`` upstream docs/security.md says what
+    the policy author must make sure of.
     """
 
     def __init__(self, pod_ips: frozenset[str]) -> None:

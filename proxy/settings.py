@@ -6,6 +6,7 @@ around: the sidecar refuses to start and says which variable is missing.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,13 @@ class Settings:
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     log_level: str = "info"
     token_cache: bool = True
+    #: Every address of the pod (``status.podIPs``: two in a dual-stack cluster).
+    pod_ips: tuple[str, ...] = ()
+
+    @property
+    def own_addresses(self) -> frozenset[str]:
+        """The pod's own IPs, which no policy hostname may resolve to."""
+        return frozenset({self.pod_ip, *self.pod_ips} - {""})
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -56,6 +64,15 @@ class Settings:
                 raise SettingsError(f"{name}={raw!r} is not a port number")
             return int(raw)
 
+        pod_ip = env.get(contract.ENV_POD_IP, "").strip()
+        pod_ips = tuple(ip.strip() for ip in env.get(contract.ENV_POD_IPS, "").split(",") if ip.strip())
+        for ip in filter(None, (pod_ip, *pod_ips)):
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise SettingsError(
+                    f"{ip!r} in {contract.ENV_POD_IP} or {contract.ENV_POD_IPS} is not an IP address"
+                ) from None
         drain_raw = env.get(contract.ENV_DRAIN_SECONDS, "").strip()
         try:
             drain = float(drain_raw) if drain_raw else DEFAULT_DRAIN_SECONDS
@@ -65,7 +82,7 @@ class Settings:
             pod_name=required(contract.ENV_POD_NAME),
             namespace=required(contract.ENV_POD_NAMESPACE),
             pod_uid=required(contract.ENV_POD_UID),
-            pod_ip=env.get(contract.ENV_POD_IP, "").strip(),
+            pod_ip=pod_ip,
             service_account=required(contract.ENV_SERVICE_ACCOUNT),
             port=port(contract.ENV_PROXY_PORT, contract.DEFAULT_PROXY_PORT),
             health_port=port(contract.ENV_HEALTH_PORT, contract.DEFAULT_HEALTH_PORT),
@@ -74,6 +91,7 @@ class Settings:
             drain_seconds=max(0.0, drain),
             log_level=env.get(contract.ENV_LOG_LEVEL, "").strip().lower() or "info",
             token_cache=env.get(ENV_TOKEN_CACHE, "").strip() != "0",
+            pod_ips=pod_ips,
         )
         if settings.port == settings.health_port:
             raise SettingsError(f"{contract.ENV_PROXY_PORT} and {contract.ENV_HEALTH_PORT} must differ")

@@ -69,7 +69,7 @@ class Sidecar:
         self._tasks.append(asyncio.create_task(self._discover(), name="discover-issuer"))
         self._tasks.append(asyncio.create_task(self.keys.run(), name="jwks-refresh"))
         self._tasks.append(asyncio.create_task(self._flush_audit(), name="audit-flush"))
-        resolver = routes.GuardedResolver(frozenset({s.pod_ip} if s.pod_ip else ()))
+        resolver = routes.GuardedResolver(s.own_addresses)
         # aiohttp only for the OAuth2 token endpoint; the forwarding has its own pool (proxy.upstream)
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=16, resolver=resolver, ttl_dns_cache=10),

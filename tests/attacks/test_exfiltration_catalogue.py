@@ -34,7 +34,9 @@ from typing import Any
 import pytest
 
 from sidekey.core import certificates, contract
+from sidekey.localcluster import podplayer
 from sidekey.localcluster.cluster import free_port
+from sidekey.localcluster.processes import Processes
 from tests.attacks import world
 from tests.attacks.world import World
 
@@ -253,9 +255,12 @@ def test_a_policy_hostname_the_system_resolver_maps_to_loopback_is_refused(fresh
     assert w.upstream.seen[before:] == [], "the key reached an upstream on this host through a name"
 
 
+#: The pod's second address in a dual-stack cluster (``status.podIPs``).
+POD_IPV6 = "fd00:10:244::7"
 #: A hosts file an agent could write into the pod's shared /etc/hosts.
 REWRITTEN_HOSTS = {
     "to-the-pod-ip": world.POD_IP,
+    "to-the-pods-other-address": POD_IPV6,
     "to-loopback-alias": "127.0.0.2",
     "to-link-local-metadata": "169.254.169.254",
     "to-ipv6-loopback": "::1",
@@ -276,12 +281,27 @@ def rewritten(cluster: Any, attack_world: World, tmp_path_factory: pytest.TempPa
          "auth": {"type": "bearer", "secretRef": {"name": world.SECRET_NAME, "key": "openai"}},
          "allow": [{"methods": ["GET"], "paths": ["/models"]}]} for name in REWRITTEN_HOSTS]
     world.apply(cluster, world.policy_manifest(w.namespace, upstreams, name="rewritten-hosts"))
-    sc = world.launch(cluster, w.namespace, w.pod_uid, directory, hosts_file=hosts)
+    sc = _launch_dual_stack(cluster, w.namespace, w.pod_uid, directory, hosts)
     try:
         yield sc
     finally:
         sc.stop()
         cluster.kubectl("delete", "agentpolicy", "rewritten-hosts", "-n", w.namespace, "--ignore-not-found")
+
+
+def _launch_dual_stack(cluster: Any, namespace: str, pod_uid: str, workdir: Path, hosts: Path) -> world.Sidecar:
+    """``world.launch`` for a dual-stack pod: the downward API gives ``POD_IPS`` both addresses."""
+    pod = podplayer.PodIdentity(namespace, world.POD, pod_uid, world.SA, world.POD_IP)
+    procs = Processes(workdir / "logs")
+    prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+              'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts)]
+    env = {contract.ENV_AUDIENCE: contract.DEFAULT_AUDIENCE, contract.ENV_POD_IPS: f"{world.POD_IP},{POD_IPV6}"}
+    try:
+        running = podplayer.start_sidecar(cluster, pod, procs, workdir, name="proxy", prefix=prefix, env=env)
+    except (TimeoutError, RuntimeError) as exc:
+        procs.stop_all()
+        raise AssertionError(f"the sidecar did not become ready: {exc}") from None
+    return world.Sidecar(cluster, namespace, pod_uid, running, workdir, podplayer.mint_agent_token(cluster, pod), procs)
 
 
 @pytest.mark.parametrize("name", list(REWRITTEN_HOSTS))

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sidekey.proxy import routes
+from sidekey.proxy import routes, settings
 
 
 class FakeInner:
@@ -56,3 +56,22 @@ async def test_an_ordinary_address_passes() -> None:
 async def test_a_real_lookup_of_localhost_is_refused() -> None:
     with pytest.raises(routes.HostRefused):
         await routes.GuardedResolver(frozenset()).resolve("localhost", 80)
+
+
+DUAL_STACK_ENV = {"POD_NAME": "p", "POD_NAMESPACE": "n", "POD_UID": "u", "POD_SERVICE_ACCOUNT": "a",
+                  "POD_IP": "10.1.2.3", "POD_IPS": "10.1.2.3,fd00:10:244::3"}
+
+
+@pytest.mark.parametrize("address", ["10.1.2.3", "fd00:10:244::3", "fd00:10:244:0:0:0:0:3"])
+async def test_every_address_of_a_dual_stack_pod_is_refused(address: str) -> None:
+    own = settings.Settings.from_env(DUAL_STACK_ENV).own_addresses
+    assert own == {"10.1.2.3", "fd00:10:244::3"}
+    r = routes.GuardedResolver(own)
+    r._inner = FakeInner(address)  # type: ignore[assignment]
+    with pytest.raises(routes.HostRefused, match="this pod's own address"):
+        await r.resolve("api.example", 80)
+
+
+def test_a_pod_ips_entry_that_is_no_address_stops_the_start() -> None:
+    with pytest.raises(settings.SettingsError, match="'fd00::x' in POD_IP or POD_IPS is not an IP address"):
+        settings.Settings.from_env({**DUAL_STACK_ENV, "POD_IPS": "10.1.2.3,fd00::x"})
