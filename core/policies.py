@@ -305,23 +305,33 @@ class AgentPolicy:
 
 
 # --- Parsing ------------------------------------------------------------------
+#
+# Each reader parses the object as served, which it does not trust (the CRD's
+# schema may be older than the reader): every value is looked at as ``object``
+# and checked before it is used, and every check names the field to fix.
 
 
-def _str(value: object, where: str, *, required: bool = True) -> str | None:
+def _text(value: object, where: str) -> str:
+    """A required, non-empty string."""
     if value is None:
-        if required:
-            raise PolicyError(where, "is required")
-        return None
+        raise PolicyError(where, "is required")
     if not isinstance(value, str):
         raise PolicyError(where, f"must be a string, got {type(value).__name__}")
-    if required and not value:
+    if not value:
         raise PolicyError(where, "must not be empty")
     return value
 
 
-def _int(value: object, where: str, default: int | None, *, minimum: int, maximum: int) -> int | None:
+def _optional_text(value: object, where: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise PolicyError(where, f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def _number(value: object, where: str, *, minimum: int, maximum: int) -> int | None:
+    """An integer within bounds, or None when absent."""
     if value is None:
-        return default
+        return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise PolicyError(where, f"must be an integer, got {type(value).__name__}")
     if not minimum <= value <= maximum:
@@ -329,182 +339,233 @@ def _int(value: object, where: str, default: int | None, *, minimum: int, maximu
     return value
 
 
+def _object(value: object, where: str, needs: str) -> Mapping[str, object]:
+    """A JSON object; ``needs`` finishes the message when it is missing ("is required ...")."""
+    if not isinstance(value, Mapping):
+        raise PolicyError(where, needs)
+    return value
+
+
 def _secret_key(value: object, where: str) -> str:
-    key = _str(value, where)
-    assert key is not None
+    key = _text(value, where)
     if not _SECRET_KEY.match(key):
         raise PolicyError(where, f"{key!r} is not a valid Secret key")
     return key
 
 
-def parse_auth(raw: Mapping[str, Any], where: str) -> Auth:
-    kind = raw.get("type")
-    if kind not in AUTH_TYPES:
-        raise PolicyError(f"{where}.type", f"must be one of {', '.join(AUTH_TYPES)}, got {kind!r}")
-    ref = raw.get("secretRef")
-    if not isinstance(ref, Mapping):
-        raise PolicyError(f"{where}.secretRef", "is required: name the Secret that holds the credential")
-    secret_name = _str(ref.get("name"), f"{where}.secretRef.name")
-    assert secret_name is not None
-    if not _DNS_SUBDOMAIN.match(secret_name):
-        raise PolicyError(f"{where}.secretRef.name", f"{secret_name!r} is not a valid Secret name")
-    key_where = f"{where}.secretRef.key"
-    if kind in ("bearer", "header", "query"):
-        key = _secret_key(ref.get("key"), key_where)
-        if kind == "bearer":
-            return Auth(type="bearer", secret_name=secret_name, key=key)
-        if kind == "header":
-            hdr = raw.get("header")
-            if not isinstance(hdr, Mapping):
-                raise PolicyError(f"{where}.header", "is required for type header (name and optional prefix)")
-            name = _str(hdr.get("name"), f"{where}.header.name")
-            assert name is not None
-            if not _HEADER_NAME.match(name):
-                raise PolicyError(f"{where}.header.name", f"{name!r} is not a valid header name")
-            prefix = _str(hdr.get("prefix", ""), f"{where}.header.prefix", required=False) or ""
-            return Auth(type="header", secret_name=secret_name, key=key,
-                        header_name=name, header_prefix=prefix)
-        q = raw.get("query")
-        if not isinstance(q, Mapping):
-            raise PolicyError(f"{where}.query", "is required for type query (param)")
-        param = _str(q.get("param"), f"{where}.query.param")
-        assert param is not None
-        return Auth(type="query", secret_name=secret_name, key=key, query_param=param)
-    if kind == "basic":
-        b = raw.get("basic")
-        if not isinstance(b, Mapping):
-            raise PolicyError(f"{where}.basic", "is required for type basic (usernameKey, passwordKey)")
-        return Auth(type="basic", secret_name=secret_name,
-                    username_key=_secret_key(b.get("usernameKey"), f"{where}.basic.usernameKey"),
-                    password_key=_secret_key(b.get("passwordKey"), f"{where}.basic.passwordKey"))
-    o = raw.get("oauth2ClientCredentials")
-    if not isinstance(o, Mapping):
-        raise PolicyError(f"{where}.oauth2ClientCredentials",
-                          "is required for type oauth2ClientCredentials (tokenURL, clientIdKey, clientSecretKey)")
+def _pem(value: object, where: str) -> str | None:
+    pem = _optional_text(value, where)
+    if pem is not None and "-----BEGIN CERTIFICATE-----" not in pem:
+        raise PolicyError(where, "must hold PEM certificates (-----BEGIN CERTIFICATE-----)")
+    return pem
+
+
+# --- auth, one parser per type --------------------------------------------------
+
+
+def _secret_name(raw: Mapping[str, object], where: str) -> tuple[Mapping[str, object], str]:
+    ref = _object(raw.get("secretRef"), f"{where}.secretRef",
+                  "is required: name the Secret that holds the credential")
+    name = _text(ref.get("name"), f"{where}.secretRef.name")
+    if not _DNS_SUBDOMAIN.match(name):
+        raise PolicyError(f"{where}.secretRef.name", f"{name!r} is not a valid Secret name")
+    return ref, name
+
+
+def _header_auth(raw: Mapping[str, object], where: str, secret: str, key: str) -> Auth:
+    hdr = _object(raw.get("header"), f"{where}.header", "is required for type header (name and optional prefix)")
+    name = _text(hdr.get("name"), f"{where}.header.name")
+    if not _HEADER_NAME.match(name):
+        raise PolicyError(f"{where}.header.name", f"{name!r} is not a valid header name")
+    prefix = _optional_text(hdr.get("prefix", ""), f"{where}.header.prefix") or ""
+    return Auth(type="header", secret_name=secret, key=key, header_name=name, header_prefix=prefix)
+
+
+def _query_auth(raw: Mapping[str, object], where: str, secret: str, key: str) -> Auth:
+    q = _object(raw.get("query"), f"{where}.query", "is required for type query (param)")
+    return Auth(type="query", secret_name=secret, key=key, query_param=_text(q.get("param"), f"{where}.query.param"))
+
+
+def _basic_auth(raw: Mapping[str, object], where: str, secret: str) -> Auth:
+    b = _object(raw.get("basic"), f"{where}.basic", "is required for type basic (usernameKey, passwordKey)")
+    return Auth(type="basic", secret_name=secret,
+                username_key=_secret_key(b.get("usernameKey"), f"{where}.basic.usernameKey"),
+                password_key=_secret_key(b.get("passwordKey"), f"{where}.basic.passwordKey"))
+
+
+def _oauth2_auth(raw: Mapping[str, object], where: str, secret: str) -> Auth:
     ow = f"{where}.oauth2ClientCredentials"
-    token_url = _str(o.get("tokenURL"), f"{ow}.tokenURL")
-    assert token_url is not None
+    o = _object(raw.get("oauth2ClientCredentials"), ow,
+                "is required for type oauth2ClientCredentials (tokenURL, clientIdKey, clientSecretKey)")
+    token_url = _text(o.get("tokenURL"), f"{ow}.tokenURL")
     parts = urlsplit(token_url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise PolicyError(f"{ow}.tokenURL", "must be an absolute https URL")
     scopes = o.get("scopes") or []
     if not isinstance(scopes, list) or not all(isinstance(s, str) and s for s in scopes):
         raise PolicyError(f"{ow}.scopes", "must be a list of non-empty strings")
-    token_ca = _str(o.get("caBundle"), f"{ow}.caBundle", required=False)
-    if token_ca is not None and "-----BEGIN CERTIFICATE-----" not in token_ca:
-        raise PolicyError(f"{ow}.caBundle", "must hold PEM certificates (-----BEGIN CERTIFICATE-----)")
-    return Auth(type="oauth2ClientCredentials", secret_name=secret_name,
+    return Auth(type="oauth2ClientCredentials", secret_name=secret,
                 token_url=token_url,
                 client_id_key=_secret_key(o.get("clientIdKey"), f"{ow}.clientIdKey"),
                 client_secret_key=_secret_key(o.get("clientSecretKey"), f"{ow}.clientSecretKey"),
-                scopes=tuple(scopes), audience=_str(o.get("audience"), f"{ow}.audience", required=False),
-                token_ca_bundle=token_ca)
+                scopes=tuple(scopes), audience=_optional_text(o.get("audience"), f"{ow}.audience"),
+                token_ca_bundle=_pem(o.get("caBundle"), f"{ow}.caBundle"))
 
 
-def parse_upstream(raw: Mapping[str, Any], where: str) -> Upstream:
-    name = _str(raw.get("name"), f"{where}.name")
-    assert name is not None
+def parse_auth(raw: Mapping[str, Any], where: str) -> Auth:
+    kind = raw.get("type")
+    if kind not in AUTH_TYPES:
+        raise PolicyError(f"{where}.type", f"must be one of {', '.join(AUTH_TYPES)}, got {kind!r}")
+    ref, secret = _secret_name(raw, where)
+    if kind == "basic":
+        return _basic_auth(raw, where, secret)
+    if kind == "oauth2ClientCredentials":
+        return _oauth2_auth(raw, where, secret)
+    key = _secret_key(ref.get("key"), f"{where}.secretRef.key")
+    if kind == "header":
+        return _header_auth(raw, where, secret, key)
+    if kind == "query":
+        return _query_auth(raw, where, secret, key)
+    return Auth(type="bearer", secret_name=secret, key=key)
+
+
+# --- an upstream, one parser per field group -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Url:
+    text: str
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+
+
+def _upstream_name(value: object, where: str) -> str:
+    name = _text(value, where)
     if not _DNS_LABEL.match(name):
-        raise PolicyError(f"{where}.name", f"{name!r} must be a DNS label (lowercase letters, digits, '-')")
-    url = _str(raw.get("url"), f"{where}.url")
-    assert url is not None
-    insecure = raw.get("insecure", False)
-    if not isinstance(insecure, bool):
-        raise PolicyError(f"{where}.insecure", "must be a boolean")
+        raise PolicyError(where, f"{name!r} must be a DNS label (lowercase letters, digits, '-')")
+    return name
+
+
+def _upstream_url(value: object, where: str, insecure: bool) -> _Url:
+    url = _text(value, where)
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise PolicyError(f"{where}.url", f"is not a valid URL: {exc}") from None
+        raise PolicyError(where, f"is not a valid URL: {exc}") from None
     if parts.scheme not in ("https", "http"):
-        raise PolicyError(f"{where}.url", "must be an https:// URL")
+        raise PolicyError(where, "must be an https:// URL")
     if parts.scheme == "http" and not insecure:
-        raise PolicyError(f"{where}.url", "must use https; set insecure: true only for a trusted local upstream")
+        raise PolicyError(where, "must use https; set insecure: true only for a trusted local upstream")
     if not parts.hostname:
-        raise PolicyError(f"{where}.url", "must name a host")
+        raise PolicyError(where, "must name a host")
     if parts.username or parts.password or "@" in parts.netloc:
-        raise PolicyError(f"{where}.url", "must not carry user info; put credentials in the Secret")
+        raise PolicyError(where, "must not carry user info; put credentials in the Secret")
     if parts.query or parts.fragment:
-        raise PolicyError(f"{where}.url", "must not carry a query or fragment")
+        raise PolicyError(where, "must not carry a query or fragment")
     base_path = parts.path.rstrip("/")
     if base_path:
         try:
             PathPattern.compile(base_path)
         except ValueError as exc:
-            raise PolicyError(f"{where}.url", f"base path {exc}") from None
+            raise PolicyError(where, f"base path {exc}") from None
         if "*" in base_path:
-            raise PolicyError(f"{where}.url", "base path must not contain '*'")
-    auth_raw = raw.get("auth")
-    if not isinstance(auth_raw, Mapping):
-        raise PolicyError(f"{where}.auth", "is required")
-    auth = parse_auth(auth_raw, f"{where}.auth")
+            raise PolicyError(where, "base path must not contain '*'")
+    return _Url(url, parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80),
+                base_path)
+
+
+def _upstream_auth(value: object, where: str, insecure: bool) -> Auth:
+    auth = parse_auth(_object(value, where, "is required"), where)
     if auth.token_url is not None and urlsplit(auth.token_url).scheme == "http" and not insecure:
-        raise PolicyError(f"{where}.auth.oauth2ClientCredentials.tokenURL",
+        raise PolicyError(f"{where}.oauth2ClientCredentials.tokenURL",
                           "must use https; http only with insecure: true on the upstream")
-    allow_raw = raw.get("allow")
-    if not isinstance(allow_raw, list) or not allow_raw:
-        raise PolicyError(f"{where}.allow", "needs at least one rule (methods and paths); use paths: ['/**'] to allow all")
-    rules: list[AllowRule] = []
-    for i, rule in enumerate(allow_raw):
-        rw = f"{where}.allow[{i}]"
-        if not isinstance(rule, Mapping):
-            raise PolicyError(rw, "must be an object with methods and paths")
-        methods = rule.get("methods") or ["*"]
-        if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
-            raise PolicyError(f"{rw}.methods", "must be a list of HTTP methods")
-        upper = {m.upper() for m in methods}
-        bad = sorted(upper - METHODS - {"*"})
-        if bad:
-            raise PolicyError(f"{rw}.methods", f"unknown method {bad[0]!r}; use {', '.join(sorted(METHODS))} or '*'")
-        paths = rule.get("paths")
-        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-            raise PolicyError(f"{rw}.paths", "needs at least one path pattern such as '/chat/completions' or '/**'")
-        compiled = []
-        for j, p in enumerate(paths):
-            try:
-                compiled.append(PathPattern.compile(p))
-            except ValueError as exc:
-                raise PolicyError(f"{rw}.paths[{j}]", f"{p!r} {exc}") from None
-        rules.append(AllowRule(frozenset(upper), tuple(compiled)))
-    lim = raw.get("limits") or {}
-    if not isinstance(lim, Mapping):
-        raise PolicyError(f"{where}.limits", "must be an object")
-    limits = Limits(
-        requests_per_minute=_int(lim.get("requestsPerMinute"), f"{where}.limits.requestsPerMinute",
-                                 None, minimum=1, maximum=1_000_000),
-        max_request_bytes=_int(lim.get("maxRequestBytes"), f"{where}.limits.maxRequestBytes",
-                               DEFAULT_MAX_REQUEST_BYTES, minimum=1, maximum=1 << 30) or DEFAULT_MAX_REQUEST_BYTES,
-        timeout_seconds=_int(lim.get("timeoutSeconds"), f"{where}.limits.timeoutSeconds",
-                             DEFAULT_TIMEOUT_SECONDS, minimum=1, maximum=3600) or DEFAULT_TIMEOUT_SECONDS,
+    return auth
+
+
+def _allow_rule(rule: object, where: str) -> AllowRule:
+    rule = _object(rule, where, "must be an object with methods and paths")
+    methods = rule.get("methods") or ["*"]
+    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+        raise PolicyError(f"{where}.methods", "must be a list of HTTP methods")
+    upper = {m.upper() for m in methods}
+    bad = sorted(upper - METHODS - {"*"})
+    if bad:
+        raise PolicyError(f"{where}.methods", f"unknown method {bad[0]!r}; use {', '.join(sorted(METHODS))} or '*'")
+    paths = rule.get("paths")
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        raise PolicyError(f"{where}.paths", "needs at least one path pattern such as '/chat/completions' or '/**'")
+    compiled = []
+    for j, p in enumerate(paths):
+        try:
+            compiled.append(PathPattern.compile(p))
+        except ValueError as exc:
+            raise PolicyError(f"{where}.paths[{j}]", f"{p!r} {exc}") from None
+    return AllowRule(frozenset(upper), tuple(compiled))
+
+
+def _allow_rules(value: object, where: str) -> tuple[AllowRule, ...]:
+    if not isinstance(value, list) or not value:
+        raise PolicyError(where, "needs at least one rule (methods and paths); use paths: ['/**'] to allow all")
+    return tuple(_allow_rule(rule, f"{where}[{i}]") for i, rule in enumerate(value))
+
+
+def _limits(value: object, where: str) -> Limits:
+    lim = _object(value or {}, where, "must be an object")
+    max_bytes = _number(lim.get("maxRequestBytes"), f"{where}.maxRequestBytes", minimum=1, maximum=1 << 30)
+    timeout = _number(lim.get("timeoutSeconds"), f"{where}.timeoutSeconds", minimum=1, maximum=3600)
+    return Limits(
+        requests_per_minute=_number(lim.get("requestsPerMinute"), f"{where}.requestsPerMinute",
+                                    minimum=1, maximum=1_000_000),
+        max_request_bytes=max_bytes or DEFAULT_MAX_REQUEST_BYTES,
+        timeout_seconds=timeout or DEFAULT_TIMEOUT_SECONDS,
     )
-    ca = _str(raw.get("caBundle"), f"{where}.caBundle", required=False)
-    if ca is not None and "-----BEGIN CERTIFICATE-----" not in ca:
-        raise PolicyError(f"{where}.caBundle", "must hold PEM certificates (-----BEGIN CERTIFICATE-----)")
-    env_raw = raw.get("env") or []
-    if not isinstance(env_raw, list):
-        raise PolicyError(f"{where}.env", "must be a list of {name, suffix}")
-    env: list[EnvVar] = []
-    for i, e in enumerate(env_raw):
-        ew = f"{where}.env[{i}]"
-        if not isinstance(e, Mapping):
-            raise PolicyError(ew, "must be an object with name and optional suffix")
-        ename = _str(e.get("name"), f"{ew}.name")
-        assert ename is not None
-        if not _ENV_NAME.match(ename):
-            raise PolicyError(f"{ew}.name", f"{ename!r} is not a valid environment variable name")
-        suffix = _str(e.get("suffix", ""), f"{ew}.suffix", required=False) or ""
-        if suffix and not suffix.startswith("/"):
-            raise PolicyError(f"{ew}.suffix", "must start with '/'")
-        env.append(EnvVar(ename, suffix.rstrip("/")))
+
+
+def _env_var(value: object, where: str) -> EnvVar:
+    e = _object(value, where, "must be an object with name and optional suffix")
+    name = _text(e.get("name"), f"{where}.name")
+    if not _ENV_NAME.match(name):
+        raise PolicyError(f"{where}.name", f"{name!r} is not a valid environment variable name")
+    suffix = _optional_text(e.get("suffix", ""), f"{where}.suffix") or ""
+    if suffix and not suffix.startswith("/"):
+        raise PolicyError(f"{where}.suffix", "must start with '/'")
+    return EnvVar(name, suffix.rstrip("/"))
+
+
+def _env_vars(value: object, where: str) -> tuple[EnvVar, ...]:
+    items = value or []
+    if not isinstance(items, list):
+        raise PolicyError(where, "must be a list of {name, suffix}")
+    return tuple(_env_var(e, f"{where}[{i}]") for i, e in enumerate(items))
+
+
+def _flag(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise PolicyError(where, "must be a boolean")
+    return value
+
+
+def parse_upstream(raw: Mapping[str, Any], where: str) -> Upstream:
+    """One ``spec.upstreams[i]``; the first problem raises a PolicyError naming its field."""
+    name = _upstream_name(raw.get("name"), f"{where}.name")
+    url_text = _text(raw.get("url"), f"{where}.url")
+    insecure = _flag(raw.get("insecure", False), f"{where}.insecure")
+    url = _upstream_url(url_text, f"{where}.url", insecure)
+    auth = _upstream_auth(raw.get("auth"), f"{where}.auth", insecure)
+    allow = _allow_rules(raw.get("allow"), f"{where}.allow")
+    limits = _limits(raw.get("limits"), f"{where}.limits")
+    ca = _pem(raw.get("caBundle"), f"{where}.caBundle")
+    env = _env_vars(raw.get("env"), f"{where}.env")
     try:
         llm = llmpolicy.parse(raw, where)
     except llmpolicy.FieldError as exc:
         raise PolicyError(exc.field, exc.message) from None
     return Upstream(
-        llm=llm,
-        name=name, url=url, scheme=parts.scheme, host=parts.hostname.lower(),
-        port=port or (443 if parts.scheme == "https" else 80), base_path=base_path,
-        auth=auth, allow=tuple(rules), limits=limits, insecure=insecure, ca_bundle=ca, env=tuple(env),
+        name=name, url=url.text, scheme=url.scheme, host=url.host, port=url.port, base_path=url.base_path,
+        auth=auth, allow=allow, limits=limits, insecure=insecure, ca_bundle=ca, env=env, llm=llm,
     )
 
 
@@ -543,16 +604,15 @@ def parse(obj: Mapping[str, Any]) -> AgentPolicy:
     token = spec.get("token") or {}
     if not isinstance(token, Mapping):
         raise PolicyError("spec.token", "must be an object")
-    exp = _int(token.get("expirationSeconds"), "spec.token.expirationSeconds",
-               contract.DEFAULT_TOKEN_EXPIRATION_SECONDS,
-               minimum=contract.MIN_TOKEN_EXPIRATION_SECONDS, maximum=86400)
-    assert exp is not None
+    exp = _number(token.get("expirationSeconds"), "spec.token.expirationSeconds",
+                  minimum=contract.MIN_TOKEN_EXPIRATION_SECONDS, maximum=86400)
     return AgentPolicy(
         namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
         uid=str(meta.get("uid", "")), generation=int(meta.get("generation", 0) or 0),
         resource_version=str(meta.get("resourceVersion", "")),
         creation_timestamp=str(meta.get("creationTimestamp", "")),
-        service_accounts=frozenset(sas), upstreams=tuple(upstreams), token_expiration_seconds=exp,
+        service_accounts=frozenset(sas), upstreams=tuple(upstreams),
+        token_expiration_seconds=contract.DEFAULT_TOKEN_EXPIRATION_SECONDS if exp is None else exp,
     )
 
 
