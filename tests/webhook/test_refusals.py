@@ -153,3 +153,48 @@ def test_bad_override_annotations_are_refused_naming_the_annotation(annotation: 
 def test_every_refusal_is_reported_at_once() -> None:
     exc = refusal(reviewing.pod(hostNetwork=True, hostPID=True))
     assert {r.reason for r in exc.refusals} == {"host-network", "host-pid"}
+
+
+def test_a_policy_secret_is_refused_for_a_pod_no_policy_names_and_the_message_names_the_policy() -> None:
+    """issue 14: any pod of the namespace, whatever its account, never only the policy's subjects."""
+    exc = refusal(reviewing.pod(sa="bystander", containers=[agent(envFrom=[{"secretRef": {"name": "openai-key"}}])]))
+    assert exc.reason == "policy-secret"
+    assert "Secret openai-key, which AgentPolicy p names" in exc.message
+    assert "whatever its service account" in exc.message
+
+
+INSECURE = policies.parse({
+    "metadata": {"name": "local", "namespace": "agents"},
+    "spec": {"subjects": {"serviceAccounts": ["agent"]}, "upstreams": [{
+        "name": "ollama", "url": "http://ollama.models.svc:11434", "insecure": True,
+        "auth": {"type": "bearer", "secretRef": {"name": "ollama-key", "key": "k"}},
+        "allow": [{"paths": ["/**"]}]}]},
+})
+
+
+@pytest.mark.parametrize("cap", ["NET_RAW", "cap_net_admin", "ALL"])
+def test_an_agent_adding_a_sniffing_capability_beside_an_insecure_upstream_is_refused(cap: str) -> None:
+    pod = reviewing.pod(containers=[agent(securityContext={"capabilities": {"add": [cap]}})],
+                        annotations={contract.ANNOTATION_ALLOW_CAPABILITIES: "true"})
+    exc = refusal(pod, [INSECURE])
+    assert exc.reason == "sniffing-capabilities" and "upstream ollama is insecure" in exc.message
+
+
+def test_the_same_capability_beside_https_upstreams_only_is_fine() -> None:
+    pod = reviewing.pod(containers=[agent(securityContext={"capabilities": {"add": ["NET_RAW"]}})])
+    assert patching.patch(pod, [POLICY], SETTINGS).patch
+
+
+def test_beside_an_insecure_upstream_agents_drop_net_raw_and_net_admin_once() -> None:
+    import jsonpatch
+
+    pod = reviewing.pod(initContainers=[agent(name="setup", securityContext={"capabilities": {"drop": ["ALL"]}})],
+                        containers=[agent(securityContext={"runAsUser": 1000, "capabilities": {"drop": ["CHOWN"]}})])
+    out = patching.patch(pod, [INSECURE], SETTINGS)
+    injected = jsonpatch.apply_patch(pod, out.patch)
+    [main] = injected["spec"]["containers"]
+    assert main["securityContext"] == {"runAsUser": 1000, "capabilities": {"drop": ["CHOWN", "NET_ADMIN", "NET_RAW"]}}
+    setup = next(c for c in injected["spec"]["initContainers"] if c["name"] == "setup")
+    assert setup["securityContext"] == {"capabilities": {"drop": ["ALL"]}}  # ALL already covers them
+    assert out.status["droppedCapabilities"] == list(contract.SNIFFING_CAPABILITIES)
+    assert patching.patch(injected, [INSECURE], SETTINGS).patch == []
