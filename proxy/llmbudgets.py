@@ -131,9 +131,10 @@ def reserve(accounts: Sequence[Account], call: llmrequests.Call, *, cap: bool, u
     """Reserve the call's estimate in every budget (capping its reply first); 429 otherwise."""
     if not accounts or not call.spends:
         return Reservation([])
-    tightest = min(accounts, key=lambda a: a.left())
-    if cap and call.max_output is None and call.endpoint in llmrequests.CAP_FIELD and not call.cap(tightest.left()):
-        raise refusal(tightest, upstream, policy)
+    if cap and call.max_output is None and call.endpoint in llmrequests.CAP_FIELD:
+        tightest = min(accounts, key=lambda a: a.left())
+        if not call.cap(tightest.left()):
+            raise refusal(tightest, upstream, policy)
     need = call.estimate
     parts: list[tuple[Account, int, int]] = []
     for account in accounts:

@@ -10,10 +10,14 @@ plus ``GET .../models/<id>``, which names a model too. Other paths are
 decided by the allow rules alone (keep batch and file endpoints, which carry
 requests the sidecar does not read, out of a budgeted policy's ``allow``).
 
-The body is parsed strictly (no repeated member names, no NaN, bounded
-depth) and **forwarded as parsed**, re-serialised: the upstream reads exactly
-the model and limits that were checked, whatever its own JSON parser would
-make of a body crafted to be read two ways.
+The body is parsed strictly, so that no upstream parser can read it another
+way: no member named twice at any depth (parsers disagree on which one
+wins), no two top-level members differing only in case (Go's decoder, for
+one, matches field names case-insensitively), no NaN, bounded depth. A body
+that passes goes up byte for byte; a change the sidecar makes (the cap, the
+usage request) is a member inserted at the front of the top-level object,
+which the checks above prove absent, or, for a nested change, the whole
+body re-serialised from what was parsed.
 
 The estimate is deliberately an upper bound for text: a prompt of ``n``
 bytes is at most ``n`` tokens for byte-level BPE tokenizers (every token
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from sidekey.core import llmpolicy
@@ -117,6 +121,11 @@ class Call:
     #: The sidecar asked an OpenAI stream for usage; its usage-only chunk is removed.
     added_usage: bool = False
     capped: bool = False
+    raw: bytes = b""  # the body as received
+    #: Top-level members the sidecar adds (absent from ``raw``), inserted at the front.
+    inserts: dict[str, Any] = field(default_factory=dict)
+    #: A nested change: the body is re-serialised from ``body``.
+    rewritten: bool = False
 
     @property
     def spends(self) -> bool:
@@ -132,27 +141,45 @@ class Call:
         per_choice = (left - self.prompt_estimate) // self.choices
         if per_choice < 1:
             return False
-        self.body[CAP_FIELD[self.endpoint]] = per_choice
+        name = CAP_FIELD[self.endpoint]
+        if name in self.body:  # present as null: an inserted twin would be read two ways
+            self.rewritten = True
+        else:
+            self.inserts[name] = per_choice
+        self.body[name] = per_choice
         self.max_output = per_choice * self.choices
         self.capped = True
         return True
 
     def encoded(self) -> bytes:
-        """The body to forward: what was parsed, ASCII-escaped so no byte is read two ways."""
-        return json.dumps(self.body, separators=(",", ":")).encode()
+        """The body to forward: as received, with the sidecar's members in front (or re-serialised)."""
+        if self.rewritten or not self.raw:
+            return json.dumps(self.body, separators=(",", ":")).encode()
+        if not self.inserts:
+            return self.raw
+        start = self.raw.index(b"{") + 1  # the parse proved one object with members
+        added = b"".join(b'"%s":%s,' % (k.encode(), str(v).encode() if isinstance(v, int) else
+                                                   json.dumps(v, separators=(",", ":")).encode())
+                         for k, v in self.inserts.items())
+        return self.raw[:start] + added + self.raw[start:]
 
 
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in obj:
-            raise _bad(f"the JSON body repeats the member {k[:64]!r}; send each member once")
-        obj[k] = v
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _bad(f"the JSON body repeats the member {k[:64]!r}; send each member once")
+            seen.add(k)
     return obj
 
 
 def _no_constant(name: str) -> Any:
     raise _bad(f"the JSON body holds {name}, which is not JSON")
+
+
+_STRICT: Final = json.JSONDecoder(object_pairs_hook=_unique, parse_constant=_no_constant)
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -162,7 +189,7 @@ def parse_json(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise _bad("the body is empty; send a JSON object with a model")
     try:
-        doc = json.loads(body, object_pairs_hook=_unique, parse_constant=_no_constant)
+        doc = _STRICT.decode(body.decode())
     except LlmRefusal:
         raise
     except RecursionError:
@@ -171,6 +198,9 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise _bad(f"the body is not JSON ({type(exc).__name__}); send a JSON object with a model") from None
     if not isinstance(doc, dict):
         raise _bad("the body must be a JSON object with a model")
+    if len({k.lower() for k in doc}) != len(doc):
+        raise _bad("the JSON body has two members whose names differ only in case; some parsers read "
+                    "them as one: send each member once")
     return doc
 
 
@@ -211,14 +241,19 @@ def read(api: llmpolicy.Api, where: Endpoint, raw: bytes) -> Call:
     if where == "embeddings":
         max_output = 0
     call = Call(endpoint=where, model=model, stream=stream, body=body, prompt_estimate=len(raw),
-                max_output=max_output, choices=choices)
+                max_output=max_output, choices=choices, raw=raw)
     if stream and api == "openai" and where in ("chat", "completions"):
+        raw_keys = set(body)
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise _bad("stream_options must be an object")
         if not (options or {}).get("include_usage"):
             body["stream_options"] = {**(options or {}), "include_usage": True}
             call.added_usage = True
+            if "stream_options" not in raw_keys:
+                call.inserts["stream_options"] = {"include_usage": True}
+            else:
+                call.rewritten = True
     return call
 
 

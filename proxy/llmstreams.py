@@ -10,9 +10,12 @@ The settle needs the upstream's own count, which arrives in different places:
     anthropic  JSON: usage{input_tokens, output_tokens, cache_read_input_tokens, cache_creation_...}
                stream: message_start.message.usage, then message_delta.usage (cumulative)
 
-While a stream runs, its output is counted as it arrives, as UTF-8 bytes of
-the text and argument deltas: no token is shorter than a byte, so the count
-is an upper bound and a cut at the budget comes early, never late. When the
+While an unbounded stream runs (no ``max_tokens``, ``capMaxTokens: false``),
+its output is counted as it arrives, as UTF-8 bytes of the text and argument
+deltas: no token is shorter than a byte, so the count is an upper bound and
+a cut at the budget comes early, never late. A bounded reply is paid for by
+its reservation, so its events are only glanced at for the usage (a
+substring test), which keeps the cost per event small. When the
 budget has no room for the next delta, the stream ends cleanly in the API's
 own shape (``cut_events``), so an SDK raises a clear error instead of
 hanging on, or tearing, the connection.
@@ -24,6 +27,7 @@ until its blank line arrives), so it can drop one and append the closing ones.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -70,12 +74,34 @@ def usage_of(api: llmpolicy.Api, doc: Any) -> Usage | None:
     return None
 
 
+_DECODER: Final = json.JSONDecoder()
+
+
 def usage_from_json(api: llmpolicy.Api, raw: bytes) -> Usage | None:
+    """The ``usage`` of a JSON reply, read from its last ``"usage":`` member alone when it can be.
+
+    Providers put usage last, after the reply's text; decoding only that object
+    keeps the cost flat however long the reply is. A reply shaped otherwise is
+    parsed whole.
+    """
+    at = raw.rfind(b'"usage"')
+    if at >= 0:
+        colon = at + 7
+        while raw[colon:colon + 1] in (b" ", b"\t", b"\r", b"\n"):
+            colon += 1
+        if raw[colon:colon + 1] == b":":  # a member name (a string value "usage" is followed by , or })
+            try:
+                text = raw[colon + 1:].decode()
+                doc, _ = _DECODER.raw_decode(text, len(text) - len(text.lstrip()))
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                doc = None
+            if isinstance(doc, dict):
+                return usage_of(api, doc)
     try:
-        doc = json.loads(raw)
+        whole = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
-    return usage_of(api, doc.get("usage")) if isinstance(doc, dict) else None
+    return usage_of(api, whole.get("usage")) if isinstance(whole, dict) else None
 
 
 def cut_events(api: llmpolicy.Api, message: str) -> bytes:
@@ -165,6 +191,8 @@ class StreamMeter:
         payload = b"\n".join(data)
         if payload == b"[DONE]":
             return True
+        if self._covered is not None and not _may_hold_usage(self._api, payload):
+            return True  # a bounded reply: only the usage matters, and this event has none
         try:
             doc = json.loads(payload)
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -242,6 +270,19 @@ class StreamMeter:
             return  # the reservation holds the reply's bound: the upstream stops there itself
         if not self._more(size):
             self.cut = True
+
+
+_USAGE_NULL: Final = re.compile(rb'"usage"\s*:\s*null')
+
+
+def _may_hold_usage(api: llmpolicy.Api, payload: bytes) -> bool:
+    """A cheap look at an event of a bounded reply: could it carry the usage? (else not parsed)"""
+    if api == "anthropic":
+        return b'"message_start"' in payload or b'"message_delta"' in payload
+    if b'"response.' in payload:  # the Responses API: the usage comes with the last event
+        return (b'"response.completed"' in payload or b'"response.incomplete"' in payload
+                or b'"response.failed"' in payload)
+    return b'"usage"' in payload and _USAGE_NULL.search(payload) is None
 
 
 def _boundary(buf: bytes, start: int) -> tuple[int, int]:

@@ -145,3 +145,40 @@ def test_a_model_named_in_the_path_is_found() -> None:
     assert lr.model_in_path(("v1", "models", "gpt-5")) == "gpt-5"
     assert lr.model_in_path(("v1", "models")) is None
     assert lr.lists_models(("v1", "models"))
+
+
+def test_an_unchanged_body_goes_up_byte_for_byte() -> None:
+    raw = b'{ "model" : "gpt-4.1",  "messages": [], "max_tokens": 5 }'
+    assert lr.read("openai", "chat", raw).encoded() == raw
+
+
+def test_the_cap_and_the_usage_request_are_inserted_in_front_and_nothing_else_changes() -> None:
+    raw = b'{"model":"gpt-4.1","messages":[],"stream":true}'
+    call = lr.read("openai", "chat", raw)
+    assert call.cap(10_000)
+    out = call.encoded()
+    assert out.endswith(raw[1:])
+    assert json.loads(out) == {**json.loads(raw), "stream_options": {"include_usage": True},
+                               "max_completion_tokens": 10_000 - len(raw)}
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model":"gpt-4.1","messages":[],"max_completion_tokens":null}',
+    b'{"model":"gpt-4.1","messages":[],"stream":true,"stream_options":null}',
+    b'{"model":"gpt-4.1","messages":[],"stream":true,"stream_options":{"include_obfuscation":true}}',
+])
+def test_a_member_present_as_null_or_nested_is_rewritten_never_doubled(raw: bytes) -> None:
+    call = lr.read("openai", "chat", raw)
+    call.cap(10_000)
+    out = call.encoded()
+    # every member once: a strict parse of what goes up succeeds and holds the sidecar's values
+    sent = lr.parse_json(out)
+    assert sent["max_completion_tokens"] == call.body["max_completion_tokens"] > 0
+    if call.stream:
+        assert sent["stream_options"]["include_usage"] is True
+
+
+def test_members_differing_only_in_case_are_a_400() -> None:
+    with pytest.raises(lr.LlmRefusal) as caught:
+        lr.read("openai", "chat", b'{"model": "gpt-4.1", "MODEL": "gpt-5", "messages": []}')
+    assert caught.value.status == 400 and "differ only in case" in caught.value.message

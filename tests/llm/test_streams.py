@@ -87,7 +87,16 @@ def test_anthropic_usage_comes_from_message_start_and_message_delta() -> None:
               + sse({"type": "message_delta", "usage": {"output_tokens": 9}}, "message_delta"))
     assert m.feed(stream) == stream
     assert m.usage == llmstreams.Usage(input=20, output=9, cached=6)
-    assert m.counted == 5
+    assert m.counted == 0  # bounded by max_tokens: paid by the reservation, its deltas are not read
+
+
+def test_an_unbounded_anthropic_stream_counts_its_output_as_it_arrives() -> None:
+    c = call("anthropic")
+    c.max_output = None
+    m = meter(c, "anthropic")
+    m.feed(sse({"type": "content_block_delta", "delta": {"type": "text_delta", "text": "héllo"}},
+               "content_block_delta"))
+    assert m.counted == 6  # UTF-8 bytes: no token is shorter than one
 
 
 def test_responses_stream_usage_comes_from_response_completed() -> None:
@@ -132,3 +141,18 @@ def test_what_is_not_sse_json_passes_unread() -> None:
     m = meter(call())
     junk = b": comment\n\n" + b"data: {not json\n\n" + b"event: ping\n\n"
     assert m.feed(junk) == junk and m.usage is None
+
+
+def test_a_reply_whose_text_says_usage_is_not_read_as_usage() -> None:
+    raw = json.dumps({"usage": {"prompt_tokens": 10, "completion_tokens": 5},
+                      "choices": [{"message": {"content": "usage"}}], "x": {"prompt_tokens": 1}}).encode()
+    assert llmstreams.usage_from_json("openai", raw) == llmstreams.Usage(10, 5, 0)
+    assert llmstreams.usage_from_json("openai", b'{"usage" : {"prompt_tokens": 3}}') == llmstreams.Usage(3, 0, 0)
+
+
+def test_a_bounded_openai_stream_reads_only_the_event_with_the_usage() -> None:
+    m = meter(call(max_tokens=100))
+    with_null = {**chunk("hi"), "usage": None}
+    stream = sse(with_null) + sse(USAGE_CHUNK) + sse(b"[DONE]")
+    assert m.feed(stream) == sse(with_null) + sse(b"[DONE]")  # the added usage chunk still goes
+    assert m.usage == llmstreams.Usage(8, 3, 4) and m.counted == 0
