@@ -112,16 +112,20 @@ def reference(raw: Mapping[str, Any]) -> kubeobjects.ObjectReference:
 class Controller:
     def __init__(self, api: rest.Rest, recorder: recording.Recorder, stats: metrics.Metrics,
                  *, agent_audiences: Collection[str] = (contract.DEFAULT_AUDIENCE,),
+                 sidecar_images: Collection[str] | None = None,
                  token_cache_seconds: float = exposure.TOKEN_CACHE_SECONDS,
                  workers: int = 4) -> None:
         self._api = api
         self._recorder = recorder
         self._stats = stats
         self._audiences = frozenset(agent_audiences)
+        self._images = frozenset(sidecar_images) if sidecar_images is not None else None
         self._index: PolicyIndex | None = None
         self._ready: dict[Key, bool] = {}
         #: Per policy, the pods its last reconcile held a grant back for, by uid.
         self._held: dict[Key, dict[str, exposure.ExposedPod]] = {}
+        #: Per policy, the accounts its last reconcile bound.
+        self._granted: dict[Key, frozenset[str]] = {}
         #: Held pods that went, by uid: (when the reconcile first missed them, the pod).
         self._gone: dict[str, tuple[float, exposure.ExposedPod]] = {}
         self._token_cache = token_cache_seconds
@@ -155,6 +159,7 @@ class Controller:
         if deleted:
             self._ready.pop((namespace, name), None)
             self._held.pop((namespace, name), None)
+            self._granted.pop((namespace, name), None)
             self._update_gauge()
         else:
             self.queue.add((namespace, name))
@@ -181,12 +186,17 @@ class Controller:
         meta = body.get("metadata") or {}
         namespace, uid = str(meta.get("namespace", "")), str(meta.get("uid", ""))
         account = exposure.service_account(body)
-        holds = not deleted and exposure.exposed(body, agent_audiences=self._audiences) is not None
         for raw in self._policies(namespace):
             name = str((raw.get("metadata") or {}).get("name", ""))
-            if name and account in subject_accounts(raw) and \
-                    holds != (uid in self._held.get((namespace, name), {})):
-                self.queue.add((namespace, name))
+            if not name or account not in subject_accounts(raw):
+                continue
+            key = (namespace, name)
+            vet = key in self._granted and account not in self._granted[key]
+            holds = not deleted and exposure.exposed(
+                body, agent_audiences=self._audiences, vet_sidecar=vet,
+                sidecar_images=self._images) is not None
+            if holds != (uid in self._held.get(key, {})):
+                self.queue.add(key)
 
     def role_changed(self, namespace: str, labels: Mapping[str, str]) -> None:
         """A Role or RoleBinding we manage changed: put it back if someone edited it."""
@@ -230,6 +240,7 @@ class Controller:
         self._stats.reconciles.labels("ready" if ready else "not_ready").inc()
         self._ready[key] = ready
         self._held[key] = {p.uid: p for p in verdict.held_pods}
+        self._granted[key] = verdict.granted
         self._update_gauge()
         settling = [p for p in verdict.held_pods if p.deleted]
         if settling:
@@ -265,18 +276,28 @@ class Controller:
         lost = verdicts.conflicts(parsed, self._policies(parsed.namespace))
         lookups = {s: await self._lookup(parsed.namespace, s) for s in sorted(parsed.secret_names)}
         secrets = verdicts.secrets_resolved(parsed, lookups)
-        exposed = await self._exposed_pods(parsed)
+        exposed = await self._exposed_pods(parsed, await self._bound(parsed))
         held = verdicts.hold(parsed, self._with_recently_gone(parsed, exposed))
         problem, changed = await self._ensure_rbac(parsed, held.granted)
         return verdicts.judge(parsed, lost, secrets, problem, held), changed
 
-    async def _exposed_pods(self, policy: policies.AgentPolicy
+    async def _bound(self, policy: policies.AgentPolicy) -> frozenset[str]:
+        """The accounts this policy's RoleBinding names now (read, so a restart knows)."""
+        current = await self._api.get(rest.role_binding_path(policy.namespace,
+                                                             rbac.object_name(policy.name)))
+        if current is None or not rbac.owned_by(current, policy.uid):
+            return frozenset()
+        return frozenset(str(s.get("name")) for s in current.get("subjects") or []
+                         if isinstance(s, Mapping) and s.get("kind") == "ServiceAccount")
+
+    async def _exposed_pods(self, policy: policies.AgentPolicy, bound: Collection[str]
                             ) -> dict[str, list[exposure.ExposedPod]]:
         """Per subject account, its pods that hold an API token outside the sidecar.
 
         A consistent LIST per account (``spec.serviceAccountName`` is a pod field
         selector), paged, so a pod created a moment ago is seen. Pods being
-        deleted still count: their token is valid until the object is gone.
+        deleted still count: their token is valid until the object is gone. The
+        sidecars of an account not bound yet are vetted too (``exposure``).
         """
         found: dict[str, list[exposure.ExposedPod]] = {}
         for account in sorted(policy.service_accounts):
@@ -284,7 +305,9 @@ class Controller:
             while True:
                 page = await self._api.get(rest.pods_path(policy.namespace), params) or {}
                 for pod in page.get("items") or []:
-                    hit = exposure.exposed(pod, agent_audiences=self._audiences)
+                    hit = exposure.exposed(pod, agent_audiences=self._audiences,
+                                           vet_sidecar=account not in bound,
+                                           sidecar_images=self._images)
                     if hit is not None:
                         found.setdefault(account, []).append(hit)
                 more = (page.get("metadata") or {}).get("continue")

@@ -21,6 +21,19 @@ The phase does not matter: a pod-bound token stays valid while the pod object
 exists, whether the pod is Pending, Running or Succeeded (and the kubelet's
 3607-second API tokens are extended to a year). Only deletion ends it.
 
+A pod whose native sidecar holds the token is in the injected shape only if
+that sidecar is the injected one. The guard checks it when the pod is
+created as a subject; a pod created earlier could carry a look-alike (the
+allowed image with another command, a mount over its code, env that moves
+its API client) that hands the token to anyone. So before an account is
+*newly* granted, its pods' sidecars are vetted too (``sidecar_problem``):
+the contract's command, an allowed image, only the env the sidecar reads
+(never the two that move its API client), only the API volume mounted, that
+volume made of the apiserver's token, ``kube-root-ca.crt`` and the
+namespace, its own UID, no shared process namespace. Accounts already
+granted are not re-vetted: their pods since were checked by the guard, and
+an upgrade that changes the sidecar's command must not revoke every grant.
+
 Nor does deletion end it at once: the apiserver caches a successful token
 authentication for 10 seconds, so a token copied out of the pod authenticates
 for up to that long after the pod is gone. A held pod that goes therefore
@@ -51,6 +64,8 @@ class ExposedPod:
     service_account: str
     container: str  # the first container found holding a token
     volume: str  # the volume it holds it through
+    #: Set when the container is a sidecar that is not the injected one: what differs.
+    lookalike: str | None = None
     #: Gone from the apiserver less than ``TOKEN_CACHE_SECONDS`` ago: its token may
     #: still authenticate, so it holds the grant back a little longer.
     deleted: bool = False
@@ -86,18 +101,107 @@ def _agent_containers(spec: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
                 yield c
 
 
-def exposed(pod: Mapping[str, Any], *, agent_audiences: Collection[str]) -> ExposedPod | None:
-    """The pod, if a container other than the sidecar holds an API token; else None."""
+#: Env the injected sidecar may carry: what it reads, except the two variables
+#: that point its API client at another server or another token directory.
+SIDECAR_ENV_ALLOWED = frozenset(contract.SIDECAR_ENV) - {contract.ENV_API_SERVER,
+                                                         contract.ENV_API_TOKEN_DIR}
+_API_VOLUME_SOURCES = frozenset({"serviceAccountToken", "configMap", "downwardAPI"})
+
+
+def _is_api_volume(volume: Mapping[str, Any]) -> bool:
+    """The API volume as injected: the apiserver's token, kube-root-ca.crt, the namespace."""
+    projected = volume.get("projected")
+    sources = projected.get("sources") if isinstance(projected, Mapping) else None
+    if set(volume) != {"name", "projected"} or not isinstance(sources, list):
+        return False
+    kinds = [next(iter(src)) for src in sources if isinstance(src, Mapping) and len(src) == 1]
+    if sorted(kinds) != sorted(_API_VOLUME_SOURCES):  # each exactly once
+        return False
+    for src in sources:
+        if not isinstance(src, Mapping) or len(src) != 1 or not set(src) <= _API_VOLUME_SOURCES:
+            return False
+        config_map = src.get("configMap")
+        if isinstance(config_map, Mapping) and config_map.get("name") != contract.KUBE_ROOT_CA_CONFIGMAP:
+            return False
+        token = src.get("serviceAccountToken")
+        if isinstance(token, Mapping) and token.get("audience"):
+            return False
+    return True
+
+
+def sidecar_problem(pod_spec: Mapping[str, Any], sidecar: Mapping[str, Any], *,
+                    images: Collection[str] | None) -> str | None:
+    """What makes this native sidecar other than the injected one (names only), or None.
+
+    The security-relevant part of the guard's allow-list, from the contract:
+    what could move or leak the sidecar's API token. ``images`` None: the
+    operator was not told the installed image, so any image passes.
+    """
+    image = str(sidecar.get("image") or "")
+    if images is not None and image not in images:
+        return f"image {image!r} is not an allowed sidecar image"
+    if sidecar.get("restartPolicy") != "Always":
+        return "it is not a native sidecar (restartPolicy: Always)"
+    if list(sidecar.get("command") or []) != list(contract.SIDECAR_COMMAND) or sidecar.get("args"):
+        return "its command or args differ from the injected sidecar's"
+    if sidecar.get("envFrom"):
+        return "it has envFrom"
+    for e in sidecar.get("env") or []:
+        name = str(e.get("name", "")) if isinstance(e, Mapping) else ""
+        if name not in SIDECAR_ENV_ALLOWED:
+            return f"it sets env {name!r}"
+        source = e.get("valueFrom")
+        if source is not None and set(source) != {"fieldRef"}:
+            return f"env {name!r} comes from something other than a fieldRef"
+    mounts = [(str(m.get("name")), str(m.get("mountPath")))
+              for m in sidecar.get("volumeMounts") or [] if isinstance(m, Mapping)]
+    if mounts != [(contract.API_TOKEN_VOLUME, contract.API_TOKEN_DIR)] or sidecar.get("volumeDevices"):
+        return f"it mounts other than {contract.API_TOKEN_VOLUME!r} at {contract.API_TOKEN_DIR}"
+    for v in pod_spec.get("volumes") or []:
+        if isinstance(v, Mapping) and v.get("name") == contract.API_TOKEN_VOLUME and \
+                not _is_api_volume(v):
+            return f"volume {contract.API_TOKEN_VOLUME!r} is not the injected one"
+    context = sidecar.get("securityContext") or {}
+    if context.get("runAsUser") != contract.SIDECAR_UID or context.get("privileged"):
+        return "it does not run as the sidecar's own user"
+    if pod_spec.get("shareProcessNamespace"):
+        return "the pod shares its process namespace"
+    return None
+
+
+def exposed(pod: Mapping[str, Any], *, agent_audiences: Collection[str],
+            vet_sidecar: bool = False, sidecar_images: Collection[str] | None = None
+            ) -> ExposedPod | None:
+    """The pod, if a container other than the injected sidecar holds an API token; else None.
+
+    With ``vet_sidecar`` (for an account not granted yet), a native sidecar
+    holding a token is vetted as well (``sidecar_problem``), its image
+    against ``sidecar_images``.
+    """
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     if not isinstance(spec, Mapping):
         return None
     volumes = _token_volumes(spec, agent_audiences)
+
+    def hit(container: Mapping[str, Any], volume: str, lookalike: str | None = None) -> ExposedPod:
+        return ExposedPod(
+            namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
+            uid=str(meta.get("uid", "")), service_account=service_account(pod),
+            container=str(container.get("name", "")), volume=volume, lookalike=lookalike)
+
     for c in _agent_containers(spec):
         for m in c.get("volumeMounts") or []:
             if isinstance(m, Mapping) and m.get("name") in volumes:
-                return ExposedPod(
-                    namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
-                    uid=str(meta.get("uid", "")), service_account=service_account(pod),
-                    container=str(c.get("name", "")), volume=str(m.get("name")))
+                return hit(c, str(m.get("name")))
+    if not vet_sidecar:
+        return None
+    for c in spec.get("initContainers") or []:
+        if not isinstance(c, Mapping) or c.get("name") != contract.SIDECAR_CONTAINER_NAME:
+            continue
+        held = [str(m.get("name")) for m in c.get("volumeMounts") or []
+                if isinstance(m, Mapping) and m.get("name") in volumes]
+        problem = sidecar_problem(spec, c, images=sidecar_images) if held else None
+        if problem is not None:
+            return hit(c, held[0], problem)
     return None

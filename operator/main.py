@@ -58,7 +58,9 @@ async def operate(opts: options.Options, *, stop: asyncio.Event | None = None) -
     stats = metrics.Metrics()
     async with rest.Rest(config) as api:
         recorder = recording.Recorder(api)
-        ctl = controller.Controller(api, recorder, stats, agent_audiences=opts.agent_audiences)
+        images = opts.sidecar_images | {opts.sidecar_image} if opts.sidecar_image else None
+        ctl = controller.Controller(api, recorder, stats, agent_audiences=opts.agent_audiences,
+                                    sidecar_images=images)
         reporter = pods.PodReporter(recorder, stats, pods.Rules(
             own_namespace=opts.namespace, sidecar_image=opts.sidecar_image,
             sidecar_images=opts.sidecar_images, excluded_namespaces=opts.excluded_namespaces))

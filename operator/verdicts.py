@@ -198,10 +198,7 @@ def hold(policy: policies.AgentPolicy,
             conditions.SUBJECTS_GRANTED, "True", "Granted",
             f"service account{'s' if len(granted) != 1 else ''} {', '.join(sorted(granted))} "
             "may read the policy's Secrets"))
-    named = [f"{p.name} (deleted; the apiserver may accept its token for a few seconds more)"
-             if p.deleted else
-             f"{p.name} (container {p.container!r} mounts API token volume {p.volume!r})"
-             for p in pods[:MAX_PODS_NAMED]]
+    named = [_held_pod(p) for p in pods[:MAX_PODS_NAMED]]
     more = f" and {len(pods) - MAX_PODS_NAMED} more" if len(pods) > MAX_PODS_NAMED else ""
     accounts = ", ".join(sorted(held))
     one = len(pods) == 1
@@ -213,6 +210,15 @@ def hold(policy: policies.AgentPolicy,
         '(sidekey.io/inject: "true"), and the grant follows')
     return Hold(granted, pods, conditions.Wanted(
         conditions.SUBJECTS_GRANTED, "False", "UninjectedPods", message))
+
+
+def _held_pod(pod: exposure.ExposedPod) -> str:
+    if pod.deleted:
+        return f"{pod.name} (deleted; the apiserver may accept its token for a few seconds more)"
+    where = f"container {pod.container!r} mounts API token volume {pod.volume!r}"
+    if pod.lookalike:
+        return f"{pod.name} ({where} but is not the injected sidecar: {pod.lookalike})"
+    return f"{pod.name} ({where})"
 
 
 def default_subject(policy: policies.AgentPolicy) -> conditions.Wanted | None:

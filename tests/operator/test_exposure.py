@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
 
 from sidekey.core import contract
 from sidekey.operator import exposure
+from sidekey.webhook import settings as webhook_settings
+from sidekey.webhook import sidecars
 
 AUDIENCES = frozenset({"sidekey", "sts.amazonaws.com"})
 
@@ -92,3 +95,76 @@ def test_a_pod_naming_no_account_runs_as_default() -> None:
                volumes=[_token_volume("kube-api-access-x")], account=None)
     found = exposure.exposed(pod, agent_audiences=AUDIENCES)
     assert found is not None and found.service_account == "default"
+
+
+# --- pods that predate the policy with a sidecar of their own ------------------------------
+
+IMAGES = frozenset({webhook_settings.DEFAULT_IMAGE})
+
+
+def _webhook_injected(account: str = "late") -> dict[str, Any]:
+    """A pod whose sidecar and API volume are exactly what the webhook builds."""
+    settings = webhook_settings.Settings()
+    spec, _ = sidecars.resolve({}, settings)
+    return _pod(init=[copy.deepcopy(dict(sidecars.container(spec, settings)))],
+                containers=[_mounting("agent", contract.AGENT_TOKEN_VOLUME)],
+                volumes=[dict(sidecars.api_volume()), _token_volume(contract.AGENT_TOKEN_VOLUME, "sidekey")],
+                account=account)
+
+
+def test_the_sidecar_the_webhook_builds_passes_the_vetting() -> None:
+    pod = _webhook_injected()
+    sidecar = pod["spec"]["initContainers"][0]
+    assert exposure.sidecar_problem(pod["spec"], sidecar, images=IMAGES) is None
+    assert exposure.exposed(pod, agent_audiences=AUDIENCES, vet_sidecar=True, sidecar_images=IMAGES) is None
+
+
+def _sidecar(pod: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = pod["spec"]["initContainers"][0]
+    return found
+
+
+def _api_volume(pod: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = next(v for v in pod["spec"]["volumes"] if v["name"] == contract.API_TOKEN_VOLUME)
+    return found
+
+
+LOOKALIKES: dict[str, Any] = {
+    "own-command": lambda p: _sidecar(p).update(command=["sh", "-c", "cat /var/run/secrets/*/token"]),
+    "extra-args": lambda p: _sidecar(p).update(args=["--debug"]),
+    "other-image": lambda p: _sidecar(p).update(image="evil.example/sidekey:0.1.0"),
+    "api-host-env": lambda p: _sidecar(p)["env"].append({"name": "KUBERNETES_SERVICE_HOST", "value": "evil.example"}),
+    "api-server-env": lambda p: _sidecar(p)["env"].append({"name": contract.ENV_API_SERVER, "value": "https://evil.example"}),
+    "preload-env": lambda p: _sidecar(p)["env"].append({"name": "LD_PRELOAD", "value": "/x.so"}),
+    "env-from-secret": lambda p: _sidecar(p)["env"].append(
+        {"name": contract.ENV_AUDIENCE, "valueFrom": {"secretKeyRef": {"name": "x", "key": "y"}}}),
+    "env-from": lambda p: _sidecar(p).update(envFrom=[{"configMapRef": {"name": "x"}}]),
+    "code-mount": lambda p: _sidecar(p)["volumeMounts"].append({"name": "code", "mountPath": "/opt/sidekey/lib"}),
+    "no-root-ca": lambda p: _api_volume(p)["projected"]["sources"].pop(1),
+    "extra-source": lambda p: _api_volume(p)["projected"]["sources"].append({"secret": {"name": "x"}}),
+    "token-audience": lambda p: _api_volume(p)["projected"]["sources"][0]["serviceAccountToken"].update(
+        audience="https://evil.example"),
+    "other-ca": lambda p: _api_volume(p)["projected"]["sources"][1]["configMap"].update(name="my-ca"),
+    "agents-uid": lambda p: _sidecar(p)["securityContext"].update(runAsUser=1000),
+    "shared-pids": lambda p: p["spec"].update(shareProcessNamespace=True),
+    "not-native": lambda p: _sidecar(p).pop("restartPolicy"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOOKALIKES))
+def test_a_lookalike_sidecar_holds_a_new_grant_back(name: str) -> None:
+    pod = _webhook_injected()
+    LOOKALIKES[name](pod)
+    found = exposure.exposed(pod, agent_audiences=AUDIENCES, vet_sidecar=True, sidecar_images=IMAGES)
+    assert found is not None and found.container == contract.SIDECAR_CONTAINER_NAME
+    assert found.lookalike
+    # an account granted already is not re-vetted (its pods since passed the guard)
+    assert exposure.exposed(pod, agent_audiences=AUDIENCES) is None
+
+
+def test_the_vetting_never_quotes_a_value() -> None:
+    pod = _webhook_injected()
+    _sidecar(pod)["env"].append({"name": "EVIL", "value": "sk-secret-value"})
+    _sidecar(pod)["command"] = ["sh", "-c", "echo sk-secret-value"]
+    found = exposure.exposed(pod, agent_audiences=AUDIENCES, vet_sidecar=True, sidecar_images=IMAGES)
+    assert found is not None and "sk-secret-value" not in repr(found)
