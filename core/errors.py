@@ -13,9 +13,10 @@ can always say what to fix::
     │     proxy: settings.SettingsError · paths.PathError
     ├── Denied                     + reason: a stable label for metrics and audit lines
     │     tokens.TokenError · webhook patching.Refused · proxy refusals.Refusal (one per status)
-    └── Unavailable                something needed is not reachable or not ready (yet)
-          kubeapi.ApiError · webhook caching.Unavailable
-          proxy: credentials.CredentialError · upstream.UpstreamError · llmslices.LedgerUnavailable
+    ├── Unavailable                something needed is not reachable or not ready (yet)
+    │     webhook caching.Unavailable
+    │     proxy: credentials.CredentialError · upstream.UpstreamError · llmslices.LedgerUnavailable
+    └── kubeapi.ApiError           + status, reason: what the apiserver answered
 
 Every class has a ``type``, a stable word for machines; an HTTP edge that
 answers with an error uses ``body()``: ``{"error": {"type", "message"}}``, the

@@ -23,7 +23,7 @@ from typing import Any, Final, Literal, TypedDict
 
 import aiohttp
 
-from sidekey.core import contract
+from sidekey.core import contract, errors
 
 log = logging.getLogger("sidekey.kubeapi")
 
@@ -48,14 +48,18 @@ class WatchEvent(TypedDict):
     object: dict[str, Any]
 
 
-class ApiError(Exception):
+class ApiError(errors.SidekeyError):
     """A non-2xx answer from the apiserver, with its Status fields."""
 
+    type = "api_error"
+
     def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(f"{status} {reason}: {message}")
+        super().__init__(message)
         self.status = status
         self.reason = reason
-        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}: {self.message}"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
 
+from sidekey.core import errors
+
 Api = Literal["openai", "anthropic"]
 APIS: Final[tuple[str, ...]] = get_args(Api)
 Scope = Literal["pod", "serviceAccount"]
@@ -48,13 +50,8 @@ MAX_BUDGETS: Final = 8
 _MODEL = re.compile(r"^(\*|[A-Za-z0-9][-A-Za-z0-9._:/@+]{0,199}\*?)$")
 
 
-class FieldError(ValueError):
+class FieldError(errors.InvalidInput):
     """A field of the LLM policy that cannot be used; ``policies`` turns it into a PolicyError."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypedDict, get_args
 from urllib.parse import urlsplit
 
-from sidekey.core import contract, llmpolicy
+from sidekey.core import contract, errors, llmpolicy
 
 AuthType = Literal["bearer", "header", "basic", "query", "oauth2ClientCredentials"]
 AUTH_TYPES: Final[tuple[str, ...]] = get_args(AuthType)
@@ -93,17 +93,14 @@ class RawAgentPolicy(TypedDict, total=False):
 # --- Errors -------------------------------------------------------------------
 
 
-class PolicyError(ValueError):
+class PolicyError(errors.InvalidInput):
     """An AgentPolicy that cannot be used, with the field to fix.
 
     ``field`` is a JSON-path-like location (``spec.upstreams[0].url``) so the
     message can be shown as-is in a status condition or an admission warning.
     """
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+    type = "invalid_policy"
 
 
 # --- Parsed model -------------------------------------------------------------

@@ -41,6 +41,8 @@ from typing import Any, Final
 from joserfc import errors as jose_errors
 from joserfc import jwk, jws
 
+from sidekey.core import errors
+
 log = logging.getLogger("sidekey.tokens")
 
 #: Asymmetric algorithms only: HS* would accept a token "signed" with the public key.
@@ -67,13 +69,10 @@ MAX_TIMESTAMP: Final = 253402300799
 _KTY_FOR_ALG: Final = {"RS": "RSA", "PS": "RSA", "ES": "EC"}
 
 
-class TokenError(Exception):
+class TokenError(errors.Denied):
     """A refused token: ``reason`` for metrics, ``message`` for the developer."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+    type = "authentication_error"
 
 
 @dataclass(frozen=True, slots=True)
