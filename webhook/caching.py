@@ -18,7 +18,7 @@ from typing import Any, Final, Protocol
 
 import aiohttp
 
-from sidekey.core import contract, kubeapi, policies
+from sidekey.core import contract, errors, kubeapi, policies
 
 log = logging.getLogger("sidekey.webhook.caching")
 
@@ -31,7 +31,7 @@ def namespaced_collection(namespace: str) -> str:
     return f"/apis/{contract.GROUP}/{contract.VERSION}/namespaces/{namespace}/{contract.PLURAL}"
 
 
-class Unavailable(Exception):
+class Unavailable(errors.Unavailable):
     """No trustworthy view of the policies: neither a synced cache nor a live read."""
 
 

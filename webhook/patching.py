@@ -18,27 +18,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidekey.core import contract, policies
+from sidekey.core import contract, errors, policies
 from sidekey.webhook import diffing, refusals, shapes, sidecars
 from sidekey.webhook import settings as settings_mod
 
 
-class Refused(Exception):
-    """The pod must not be admitted; ``message`` is for whoever created it."""
+class Refused(errors.Denied):
+    """The pod must not be admitted; ``message`` is for whoever created it, ``reason`` the first label."""
 
     def __init__(self, found: Sequence[refusals.Refusal]) -> None:
         self.refusals = tuple(found)
-        self.message = refusals.message(found)
-        super().__init__(self.message)
-
-    @property
-    def reason(self) -> str:
-        """The first refusal's label, for metrics."""
-        return self.refusals[0].reason if self.refusals else "refused"
+        super().__init__(self.refusals[0].reason if self.refusals else "refused", refusals.message(found))
 
 
-class BadPod(ValueError):
-    """The object is not a Pod we can read (no spec, containers not a list...)."""
+class BadPod(errors.InvalidInput):
+    """The object is not a Pod we can read (no spec, containers not a list...); ``field`` says where."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +51,11 @@ def service_account(pod: Mapping[str, Any]) -> str:
 def check_shape(pod: Mapping[str, Any]) -> None:
     """Raise BadPod unless every field the webhook reads has its JSON type."""
     if not isinstance(pod.get("spec"), Mapping):
-        raise BadPod("spec must be an object")
+        raise BadPod("spec", "must be an object")
     try:
         shapes.check(pod)
     except shapes.ShapeError as exc:
-        raise BadPod(str(exc)) from None
+        raise BadPod(exc.field, exc.message) from None
 
 
 def _is_api_access(name: object) -> bool:

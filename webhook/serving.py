@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from sidekey.core import contract
+from sidekey.core import contract, errors, health
 from sidekey.webhook import caching, eligibility, patching, refusals, reviews
 from sidekey.webhook import metrics as metrics_mod
 from sidekey.webhook import settings as settings_mod
@@ -35,8 +35,8 @@ NATIVE_SIDECAR_MINOR: Final = 29
 Answer = tuple[int, dict[str, Any]]
 
 
-def _error(status: int, message: str) -> Answer:
-    return status, {"error": message}
+def _error(status: int, error: errors.SidekeyError) -> Answer:
+    return status, error.body()
 
 
 class Handler:
@@ -60,7 +60,7 @@ class Handler:
                 req = reviews.parse(body)
             except reviews.BadReview as exc:
                 reason = "bad-request"
-                return _error(exc.status, exc.message)
+                return _error(exc.status, exc)
             result, reason, answer = await self._decide(req, namespace_opted_in)
             self._log(req, result, reason)
             return 200, dict(answer)
@@ -104,7 +104,7 @@ class Handler:
         meta = pod.get("metadata")
         annotations = (meta.get("annotations") if isinstance(meta, Mapping) else None) or {}
         if not isinstance(annotations, Mapping):
-            raise patching.BadPod("metadata.annotations must map strings to strings")
+            raise patching.BadPod("metadata.annotations", "must map strings to strings")
         decision = eligibility.decide(namespace, annotations, namespace_opted_in=namespace_opted_in,
                                       settings=self.settings, own_namespace=self.own_namespace)
         early = [decision.warning] if decision.warning else []
@@ -141,7 +141,8 @@ class Handler:
 
 
 HANDLER: Final = web.AppKey("handler", Handler)
-READY: Final = web.AppKey("ready", list)  # callables returning bool
+#: The readiness checks: name -> a callable returning what is missing, or None when ready.
+READY: Final = web.AppKey("ready", dict)
 
 
 async def _mutate(request: web.Request, *, namespace_opted_in: bool) -> web.Response:
@@ -150,8 +151,8 @@ async def _mutate(request: web.Request, *, namespace_opted_in: bool) -> web.Resp
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         handler.metrics.observe("error", "too-large", 0.0)
-        return web.json_response(
-            {"error": f"the body exceeds {MAX_BODY_BYTES} bytes; an AdmissionReview is far smaller"},
+        return web.json_response(errors.body(
+            "request_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes; an AdmissionReview is far smaller"),
             status=413)
     status, answer = await handler.review(body, namespace_opted_in=namespace_opted_in)
     return web.json_response(answer, status=status)
@@ -170,10 +171,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    checks = request.app[READY]
-    if all(check() for check in checks):
-        return web.Response(text="ok\n")
-    return web.Response(text="not ready: AgentPolicies not listed yet\n", status=503)
+    missing = {name: problem for name, check in request.app[READY].items() if (problem := check())}
+    status, body = health.readiness(missing)
+    return web.json_response(body, status=status)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -184,7 +184,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 def make_app(handler: Handler) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[HANDLER] = handler
-    app[READY] = [lambda: handler.source.ready]
+    app[READY] = {"policies": lambda: None if handler.source.ready else "AgentPolicies not listed yet"}
     app.router.add_post(contract.WEBHOOK_PATH, mutate)
     app.router.add_post(contract.WEBHOOK_NAMESPACE_PATH, mutate_namespace)
     app.router.add_get(contract.HEALTHZ_PATH, healthz)

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import yaml
 
-from sidekey.core import contract
+from sidekey.core import contract, errors
 
 DEFAULT_IMAGE: Final = "ghcr.io/sidekey/sidekey:0.1.0"
 LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
@@ -37,13 +37,17 @@ _KEYS: Final = frozenset({
 })
 
 
-class SettingsError(ValueError):
-    """A settings file that cannot be used, with the key to fix."""
+class SettingsError(errors.InvalidInput):
+    """A settings file that cannot be used, with the key to fix (``field``)."""
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"settings {key}: {message}")
-        self.key = key
-        self.message = message
+    type = "invalid_settings"
+
+    @property
+    def key(self) -> str:
+        return self.field
+
+    def __str__(self) -> str:
+        return f"settings {self.field}: {self.message}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
+from sidekey.core import errors
+
 #: A schema is a type (a leaf), a dict (an object: known keys and their
 #: schemas), a one-element list (a list of that schema), or
 #: ``MAP_OF_STRINGS``.
@@ -49,8 +51,8 @@ POD: Final = {
 _NAMES: Final = {str: "a string", bool: "true or false", int: "an integer"}
 
 
-class ShapeError(ValueError):
-    """A field the webhook reads has the wrong JSON type."""
+class ShapeError(errors.InvalidInput):
+    """A field the webhook reads has the wrong JSON type (``field`` is its path)."""
 
 
 def check(value: Any, schema: Schema = POD, path: str = "") -> None:
@@ -60,22 +62,22 @@ def check(value: Any, schema: Schema = POD, path: str = "") -> None:
     where = path or "the object"
     if schema is MAP_OF_STRINGS:
         if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
-            raise ShapeError(f"{where} must map strings to strings")
+            raise ShapeError(where, "must map strings to strings")
     elif isinstance(schema, dict):
         if not isinstance(value, Mapping):
-            raise ShapeError(f"{where} must be an object")
+            raise ShapeError(where, "must be an object")
         for key, sub in schema.items():
             if key in value:
                 check(value[key], sub, f"{path}.{key}" if path else key)
     elif isinstance(schema, list):
         if not isinstance(value, list):
-            raise ShapeError(f"{where} must be a list")
+            raise ShapeError(where, "must be a list")
         for i, item in enumerate(value):
             if item is None:
-                raise ShapeError(f"{where}[{i}] must not be null")
+                raise ShapeError(f"{where}[{i}]", "must not be null")
             check(item, schema[0], f"{path}[{i}]")
     elif schema is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ShapeError(f"{where} must be {_NAMES[int]}")
+            raise ShapeError(where, f"must be {_NAMES[int]}")
     elif not isinstance(value, schema):
-        raise ShapeError(f"{where} must be {_NAMES.get(schema, schema.__name__)}")
+        raise ShapeError(where, f"must be {_NAMES.get(schema, schema.__name__)}")

@@ -177,7 +177,8 @@ async def test_a_debug_container_aimed_at_an_agent_is_allowed_without_a_patch() 
 async def test_malformed_reviews_get_a_400_that_says_what_to_fix(raw: bytes, says: str) -> None:
     h = handler()
     status, out = await h.review(raw)
-    assert status == 400 and says in out["error"]
+    assert status == 400 and says in out["error"]["message"]
+    assert out["error"]["type"] == "invalid_review"
     assert count(h, "error", "bad-request") == 1
 
 
@@ -185,7 +186,7 @@ async def test_a_review_without_uid_gets_a_400() -> None:
     doc = reviewing.review(reviewing.pod())
     del doc["request"]["uid"]
     status, out = await answer(handler(), doc)
-    assert status == 400 and "uid" in out["error"]
+    assert status == 400 and "uid" in out["error"]["message"]
 
 
 async def test_a_review_of_another_kind_gets_the_no_op_answer() -> None:
@@ -229,7 +230,8 @@ async def test_an_oversized_body_gets_413_and_the_server_keeps_serving() -> None
     try:
         resp = await client.post(contract.WEBHOOK_PATH, data=b"x" * (serving.MAX_BODY_BYTES + 1))
         assert resp.status == 413
-        assert "exceeds" in (await resp.json())["error"]
+        assert (await resp.json())["error"]["type"] == "request_too_large"
+        assert "exceeds" in (await resp.json())["error"]["message"]
         ok = await client.post(contract.WEBHOOK_PATH, data=reviewing.body(reviewing.review(reviewing.pod())))
         assert ok.status == 200
     finally:
@@ -263,7 +265,9 @@ async def test_readyz_fails_until_the_policies_are_listed() -> None:
     h = serving.Handler(settings_mod.Settings(), NotYet(), metrics=metrics_mod.Metrics())
     client = await _client(h)
     try:
-        assert (await client.get("/readyz")).status == 503
+        resp = await client.get("/readyz")
+        assert resp.status == 503
+        assert await resp.json() == {"ready": False, "failing": {"policies": "AgentPolicies not listed yet"}}
     finally:
         await client.close()
 
