@@ -648,6 +648,7 @@ class Image:
     name: str  # repository:tag
     archive: Path
     manifest_digest: str
+    config_digest: str  # the image ID containerd and the kubelet report
     layers: tuple[Layer, ...]
     config: dict[str, Any]
 
@@ -702,7 +703,7 @@ def write_archive(name: str, layers: Sequence[Layer], config: dict[str, Any], ar
             with layer.path.open("rb") as f:
                 tar.addfile(info, f)
     part.rename(archive)
-    return Image(name, archive, _sha256(manifest_blob), tuple(layers), config)
+    return Image(name, archive, _sha256(manifest_blob), _sha256(config_blob), tuple(layers), config)
 
 
 def read_archive(archive: Path) -> tuple[dict[str, Any], dict[str, Any], list[Path]]:
@@ -806,32 +807,47 @@ def default_output() -> Path:
     return ROOT / "dist"
 
 
+def node_containerd() -> tuple[Path, Path | None]:
+    """The local node's containerd socket (localcluster/node.py) and the ctr built with it."""
+    state = Path(os.environ.get("SIDEKEY_NODE_STATE", "/var/tmp/sidekey-node"))
+    cached = subprocess.run(["bash", str(ROOT / "localcluster" / "build-node-binaries.sh"), "--check"],
+                            capture_output=True, text=True, check=False)
+    ctr = Path(cached.stdout.strip()) / "ctr" if cached.returncode == 0 else None
+    return state / "run" / "containerd.sock", ctr
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hack/image",
         description=f"Build {reference()} (and the test agent image) as OCI archives, with no Docker.")
     parser.add_argument("--output", type=Path, default=default_output(), help="where the archives go (default: dist/)")
     parser.add_argument("--agent", action="store_true", help="also build the test agent image")
-    parser.add_argument("--import", dest="import_to", metavar="SOCKET", type=Path,
-                        help="import into the containerd listening on SOCKET (k8s.io namespace)")
-    parser.add_argument("--ctr", type=Path, default=None, help="the ctr binary for --import (default: on PATH)")
+    parser.add_argument("--import", dest="import_to", metavar="SOCKET", type=Path, nargs="?", const=Path(),
+                        help="import into the containerd on SOCKET, k8s.io namespace (default: the local "
+                             "node's, localcluster/node.py)")
+    parser.add_argument("--ctr", type=Path, default=None,
+                        help="the ctr binary for --import (default: the node's build, else PATH)")
     args = parser.parse_args(argv)
     try:
         images = [build_sidekey(args.output)]
         if args.agent:
             images.append(build_agent(args.output))
-        if args.import_to:
-            ctr = args.ctr or shutil.which("ctr")
-            if ctr is None:
-                raise ImageError("no ctr on PATH: pass --ctr (the node's binary cache has one)")
-            for image in images:
-                import_into_containerd(image, ctr=Path(ctr), address=args.import_to)
-                _log(f"imported {image.name}")
+        if args.import_to is not None:
+            socket, node_ctr = node_containerd()
+            address = args.import_to if args.import_to != Path() else socket
+            found = args.ctr or node_ctr or shutil.which("ctr")
+            if found is None:
+                raise ImageError("no ctr: pass --ctr, or build the node's binaries (localcluster/build-node-binaries.sh)")
+            if not address.exists():
+                raise ImageError(f"no containerd socket at {address}: is the local node up?")
+            for built in images:
+                import_into_containerd(built, ctr=Path(found), address=address)
+                _log(f"imported {built.name} into {address}")
     except ImageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for image in images:
-        print(f"{image.name} {image.archive}")
+    for built in images:
+        print(f"{built.name} {built.archive}")
     return 0
 
 
