@@ -171,6 +171,9 @@ class UpstreamConnection(asyncio.Protocol):
     # --- llhttp callbacks -------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.complete:
+            # a second response to one request: whatever it holds must never reach the next caller
+            raise self._stash(Broken("the upstream sent a response nobody asked for"))
         self._in_head = True
         self.headers = []
         self.codings = []
