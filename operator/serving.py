@@ -11,19 +11,26 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from sidekey.core import health
 from sidekey.operator import metrics
 
 
 def health_app(alive: Callable[[], str | None], ready: Callable[[], str | None]) -> web.Application:
-    """``alive``/``ready`` return None when fine, or why not (shown in the body)."""
+    """``alive``/``ready`` return None when fine, or why not.
+
+    ``/readyz`` answers the JSON every sidekey component does (``core/health.py``),
+    naming the failing check: ``running`` (a background task stopped) or
+    ``started`` (kopf, its indexes or the webhook certificate not there yet).
+    """
 
     async def healthz(_: web.Request) -> web.Response:
         problem = alive()
         return web.Response(status=503 if problem else 200, text=problem or "ok")
 
     async def readyz(_: web.Request) -> web.Response:
-        problem = alive() or ready()
-        return web.Response(status=503 if problem else 200, text=problem or "ok")
+        checks = {"running": alive(), "started": ready()}
+        status, body = health.readiness({name: problem for name, problem in checks.items() if problem})
+        return web.json_response(body, status=status)
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

@@ -363,7 +363,7 @@ def test_a_pod_running_an_allow_listed_sidecar_image_is_not_outdated(
 
 def test_health_and_metrics_endpoints_answer(cluster: Any, operator: RunningOperator) -> None:
     assert operator.get(operator.health_port, "/healthz") == (200, "ok")
-    assert operator.get(operator.health_port, "/readyz") == (200, "ok")
+    assert operator.get(operator.health_port, "/readyz") == (200, '{"ready": true, "failing": {}}')
     text = operator.metrics()
     for name in ("sidekey_operator_reconciles_total", "sidekey_operator_reconcile_duration_seconds_bucket",
                  "sidekey_operator_errors", "sidekey_uninjected_pods", "sidekey_outdated_sidecars",

@@ -197,7 +197,7 @@ def test_external_certificates_leave_tls_alone_and_sigterm_stops_cleanly(cluster
     op = start_operator(cluster, tmp_path, "--certificates", "external",
                         "--webhook-configuration", "sidekey-none")
     try:
-        assert op.get(op.health_port, "/readyz") == (200, "ok")
+        assert op.get(op.health_port, "/readyz") == (200, '{"ready": true, "failing": {}}')
         assert get(cluster, "secret", contract.WEBHOOK_TLS_SECRET, op.namespace) is None
         assert get(cluster, "secret", f"{contract.WEBHOOK_TLS_SECRET}-ca", op.namespace) is None
         # and SIGTERM stops it promptly and cleanly
