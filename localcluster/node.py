@@ -16,7 +16,9 @@ their startup probe, SIGTERM and the grace period, ``kubectl logs`` and
 3. the control plane, listening on the bridge address (pods cannot reach
    loopback), asking the kubelet for logs by its InternalIP (its name would be
    resolved by the host's resolver, an outside address);
-4. the kubelet with its own node certificate (the Node authorizer and
+4. a cluster DNS on the bridge (:mod:`~sidekey.localcluster.clusterdns`)
+   that answers Service names and refuses every other name;
+5. the kubelet with its own node certificate (the Node authorizer and
    NodeRestriction apply as in a cluster), kube-proxy and kube-scheduler;
    the controller-manager's nodelifecycle controller lifts the not-ready taint.
 
@@ -46,7 +48,7 @@ from typing import Any
 import yaml
 
 from sidekey.core import certificates
-from sidekey.localcluster import binaries, hoststate, processes
+from sidekey.localcluster import binaries, clusterdns, hoststate, processes
 from sidekey.localcluster.cluster import DISABLED_CONTROLLERS, ControlPlaneError, LocalCluster, free_port
 
 BRIDGE = "sidekey0"
@@ -174,10 +176,12 @@ class NodeCluster(LocalCluster):
     node_bin_dir: Path = field(default_factory=Path)
     containerd_socket: Path = field(default_factory=Path)
     host_before: hoststate.HostState | None = None
+    host_after: hoststate.HostState | None = None  # taken at stop, still holding the lock
     timings: dict[str, float] = field(default_factory=dict)
     _node_procs: processes.Processes | None = None
     _node_binaries: binaries.Binaries | None = None
     _lock_fd: int | None = None
+    _dns: clusterdns.ClusterDNS | None = None
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -203,6 +207,7 @@ class NodeCluster(LocalCluster):
             self._step("bridge", self._start_network)
             self._step("containerd", self._start_containerd)
             self._step("control plane", super().start)
+            self._dns = clusterdns.ClusterDNS(GATEWAY, lambda: self.request("GET", "/api/v1/services"))
             self._step("node Ready", self._start_node)
         except BaseException:
             self.stop()
@@ -226,9 +231,14 @@ class NodeCluster(LocalCluster):
             hoststate.kill_kubepods()
             if self._node_procs is not None:
                 self._node_procs.stop_all()
+            if self._dns is not None:
+                self._dns.stop()
+                self._dns = None
             self._stop_processes()  # the control plane
             if self.host_before is not None:
                 self._restore(self.host_before)
+                self.host_after = hoststate.snapshot(state_dir=self.state_dir, bridge=BRIDGE,
+                                                     bin_dirs=[self.node_bin_dir])
         finally:
             self._release_lock()
 
@@ -463,7 +473,8 @@ state = "{s}/containerd/state"
         b, s, pki = self._node_binaries, self.state_dir, self.workdir / "pki"
         kubelet_dir = s / "kubelet"
         kubelet_dir.mkdir(parents=True, exist_ok=True)
-        # Pods resolve nothing outside: no nameserver at all (see the module docstring).
+        # For pods with dnsPolicy Default (ClusterFirst ones get ClusterDNS):
+        # no nameserver at all, so that nothing resolves outside.
         resolv = kubelet_dir / "resolv.conf"
         resolv.write_text("# sidekey test node: no nameserver, so no query leaves the machine\noptions ndots:1\n")
         kubelet_config = kubelet_dir / "config.yaml"
@@ -479,7 +490,7 @@ state = "{s}/containerd/state"
                                "x509": {"clientCAFile": str(self.ca_file)}},
             "authorization": {"mode": "Webhook"},
             "resolvConf": str(resolv),
-            "clusterDomain": "cluster.local",
+            "clusterDNS": [GATEWAY], "clusterDomain": clusterdns.DOMAIN,  # ClusterDNS, on the bridge
             "failSwapOn": False,
             "makeIPTablesUtilChains": False,
             "podLogsDir": str(s / "log/pods"),

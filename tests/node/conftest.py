@@ -51,6 +51,11 @@ def node_cluster() -> Iterator[Any]:
         yield cluster
     finally:
         cluster.stop()
+    # Whatever the flows did (installs, debug containers, killed pods), the host is as it was.
+    if cluster.host_before is not None and cluster.host_after is not None:
+        left = cluster.host_before.differences(cluster.host_after)
+        if left:
+            pytest.fail("the session's node left the host changed:\n" + "\n".join(left), pytrace=False)
 
 
 @pytest.fixture

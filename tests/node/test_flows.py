@@ -315,6 +315,26 @@ def test_the_token_file_is_readable_by_the_agent_with_a_pod_fs_group(world: Worl
     assert facts["api_token_dir"] is False
 
 
+RESOLVE = r"""
+import json, socket
+def ip(name):
+    try:
+        return socket.gethostbyname(name)
+    except OSError as exc:
+        return type(exc).__name__
+print(json.dumps({"service": ip("kubernetes.default.svc"), "outside": ip("pypi.org"),
+                  "resolv": open("/etc/resolv.conf").read()}))
+"""
+
+
+def test_a_pod_resolves_service_names_and_nothing_outside(world: World, agent: dict[str, Any]) -> None:
+    facts = world.exec_json("agent", RESOLVE)
+    print(f"pod DNS: {facts}")
+    assert facts["service"] == "10.0.0.1"
+    assert facts["outside"] == "gaierror"
+    assert "nameserver 10.244.0.1" in facts["resolv"]
+
+
 # --- refusals on a running pod ---------------------------------------------------------------
 
 
