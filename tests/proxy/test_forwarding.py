@@ -550,3 +550,73 @@ async def test_expect_100_continue_is_answered_once_the_call_is_allowed(
     writer.close()
     assert rest.startswith(b"HTTP/1.1 200")
     assert upstream.last.body == b"hello" and "Expect" not in upstream.last.headers
+
+
+# --- streams the agent closes (bugs seen with the openai SDK) ---------------------------------
+
+
+def _requests_counted(upstream_name: str, code: str) -> float:
+    from sidekey.proxy import metrics
+
+    value = metrics.REGISTRY.get_sample_value(
+        "sidekey_requests_total", {"upstream": upstream_name, "method": "GET", "code": code, "decision": "allowed"}
+    )
+    return value or 0.0
+
+
+async def _lingering_sse_upstream() -> tuple[web.AppRunner, int]:
+    """Sends three events and ``[DONE]``, then keeps the stream open (its last chunk comes late)."""
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(3):
+            await resp.write(f'data: {{"n": {i}}}\n\n'.encode())
+        await resp.write(b"data: [DONE]\n\n")
+        await asyncio.sleep(2)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", sse)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+async def test_a_client_that_closes_after_the_final_event_completed_its_stream(make_proxy: ProxyFactory) -> None:
+    runner, port = await _lingering_sse_upstream()
+    try:
+        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{port}")), secrets=SECRETS)
+        before = _requests_counted("openai", "200")
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(p.url.rsplit(":", 1)[1]))
+        writer.write(f"GET /openai/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {mint()}\r\n\r\n".encode())
+        seen = b""
+        while b"data: [DONE]\n\n" not in seen:
+            seen += await asyncio.wait_for(reader.read(4096), 2)
+        writer.close()  # as the openai SDK does once it read [DONE]
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            if p.audit_lines():
+                break
+        line = p.audit_lines()[-1]
+        assert (line["status"], line["reason"], line["upstream"]) == (200, "ok", "openai"), line
+        assert _requests_counted("openai", "200") == before + 1
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_client_that_leaves_mid_request_keeps_the_upstream_label(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    before = _requests_counted("openai", "499")
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(call(f"{p.url}/openai/slow?s=1", token=mint()), 0.3)
+    await asyncio.sleep(0.2)
+    line = p.audit_lines()[-1]
+    assert (line["status"], line["reason"], line["upstream"]) == (499, "client_disconnected", "openai")
+    assert _requests_counted("openai", "499") == before + 1
+    assert _requests_counted("", "499") == 0
