@@ -27,8 +27,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the host-restored check before any module starts the session's node.
 
     That test brings up and tears down a node of its own, and there can be
-    only one at a time.
+    only one at a time. Node tests may wait for another session's node (the
+    lock) before their own work, so their time limit covers that wait.
     """
+    for item in items:
+        if item.path.parent.name == "node" and item.get_closest_marker("node") is not None:
+            item.add_marker(pytest.mark.timeout(LOCK_WAIT + 300))
     first = [i for i in items if i.path.name == "test_host_restored.py" and i.path.parent.name == "node"]
     if first:
         rest = [i for i in items if i not in first]
