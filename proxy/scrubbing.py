@@ -3,116 +3,235 @@
 Upstream error pages and redirects often echo credentials (a ``Location``
 with ``?key=...``, a 401 page quoting the header). Every secret the sidecar
 attaches is removed from response headers and bodies in the forms it is
-likely to be echoed in: raw, URL-encoded, base64 (at every byte alignment,
-so it is found inside a larger base64 blob such as a basic-auth header) and
-base64url. Matches are replaced by as many ``*`` so ``Content-Length`` stays
-true and nothing has to be buffered.
+likely to be echoed in: raw, and base64 (at every byte alignment, so it is
+found inside a larger base64 blob such as a basic-auth header) and
+base64url, each *spelled* any way an encoder writes text. Matches are
+replaced by as many ``*`` so ``Content-Length`` stays true and nothing has
+to be buffered.
+
+Spellings. Encoders escape the punctuation of a key, not its letters and
+digits, and each escapes a different set: ``quote`` every ``/``,
+``encodeURIComponent`` not ``!``, Go's JSON ``&`` ``<`` ``>`` as ``\\u0026``,
+PHP's JSON ``/`` as ``\\/``, HTML ``&`` as ``&amp;`` or ``&#38;``. Listing
+whole encoded strings misses every mix, so a form is a sequence of
+*units*, one per character: a letter or digit has one spelling, any other
+character all of its spellings (raw, ``%2F``/``%2f``, ``\\u002F``/``\\u002f``,
+``\\x2f``, ``\\/``, ``&#47;``, ``&#x2F;``, ``&sol;``, ``+`` for a space), chosen
+independently. The forms are one regular expression of those units.
+
+Speed. Letters and digits have one spelling, so the longest run of them in
+a form is in every spelling of it: one ``bytes.find`` per form's *anchor*
+rules out almost every chunk before the regular expression runs.
 
 Streamed bodies are scrubbed across chunk boundaries: only the shortest tail
 that could be the start of a secret is held back, so an SSE event still goes
-out the moment it arrives (events end in newlines, which no key starts with).
+out the moment it arrives (events end in newlines, which no spelling holds).
 """
 
 from __future__ import annotations
 
 import base64
+import html.entities
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
-from urllib.parse import quote, quote_plus
 
-#: Secrets shorter than this are not scrubbed in encoded forms (too many false hits).
+#: Secrets shorter than this are scrubbed raw only (too many false hits encoded).
 MIN_ENCODED_LENGTH: Final = 8
 
+#: Up to this many bytes a chunk is searched for the anchors by one regex, beyond by ``find``s.
+_SMALL: Final = 1024
 
-def _b64_cores(value: bytes) -> set[bytes]:
-    """The base64 characters that encode ``value`` at byte offsets 0, 1 and 2."""
-    cores: set[bytes] = set()
+#: One character's spellings; a form is a sequence of units.
+Unit = tuple[bytes, ...]
+
+#: HTML5 character references by code point, ASCII only (``&sol;``, ``&plus;``, ``&excl;``...);
+#: ``&amp;`` and friends also without the ``;`` that old pages omit.
+_NAMED: Final[dict[int, tuple[str, ...]]] = {}
+for _name, _text in html.entities.html5.items():
+    if len(_text) == 1 and ord(_text) < 0x80 and not _text.isalnum():
+        _NAMED.setdefault(ord(_text), ())
+        _NAMED[ord(_text)] += ("&" + _name,)
+#: JSON's two-character escapes (RFC 8259 §7) for the characters a key can hold.
+_JSON_SHORT: Final = {"/": "\\/", "\\": "\\\\", '"': '\\"'}
+
+
+def spellings(ch: str) -> Unit:
+    """Every way a common encoder writes one character of a secret, raw first."""
+    raw = ch.encode()
+    if ch.isascii() and ch.isalnum():
+        return (raw,)
+    found: list[str] = []
+    hexes = "".join(f"%{b:02X}" for b in raw)
+    found += [hexes, hexes.lower()]  # URL encodings: quote, quote_plus, encodeURIComponent
+    code = ord(ch)
+    utf16 = ch.encode("utf-16-be")  # JSON writes an astral character as a surrogate pair
+    json_escape = "".join(f"\\u{int.from_bytes(utf16[i:i + 2]):04X}" for i in range(0, len(utf16), 2))
+    found += [json_escape, json_escape.lower()]
+    if code < 0x100:
+        found += [f"\\x{code:02X}", f"\\x{code:02x}"]  # JavaScript and Python string literals
+    if ch in _JSON_SHORT:
+        found.append(_JSON_SHORT[ch])
+    found += [f"&#{code};", f"&#x{code:X};", f"&#x{code:x};"]  # HTML character references
+    found += list(_NAMED.get(code, ()))
+    if ch == " ":
+        found.append("+")  # form encoding (quote_plus)
+    return (raw, *dict.fromkeys(s.encode() for s in found if s.encode() != raw))
+
+
+def _b64_cores(value: bytes) -> list[str]:
+    """The base64 characters that encode ``value`` at byte offsets 0, 1 and 2, and base64url."""
+    cores: list[str] = []
     for offset in range(3):
-        enc = base64.b64encode(b"\0" * offset + value)
+        enc = base64.b64encode(b"\0" * offset + value).decode()
         start = (offset * 8 + 5) // 6
         end = ((offset + len(value)) * 8) // 6
         core = enc[start:end]
         if len(core) >= MIN_ENCODED_LENGTH:
-            cores.add(core)
-            cores.add(core.replace(b"+", b"-").replace(b"/", b"_"))
+            cores += [core, core.replace("+", "-").replace("/", "_")]
     return cores
 
 
-def forms(secret: str) -> set[bytes]:
-    """Every encoded form of one secret that the scrubber looks for."""
-    raw = secret.encode()
-    if not raw:
-        return set()
-    found = {raw}
-    if len(raw) >= MIN_ENCODED_LENGTH:
-        for enc in (quote(secret, safe=""), quote_plus(secret), quote(secret, safe="/")):
-            found.add(enc.encode())
-            found.add(re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), enc).encode())
-        found |= _b64_cores(raw)
-    return found
+def forms(secret: str) -> list[tuple[Unit, ...]]:
+    """The forms of one secret the scrubber looks for, each a sequence of units."""
+    if not secret:
+        return []
+    if len(secret.encode()) < MIN_ENCODED_LENGTH:
+        return [tuple((ch.encode(),) for ch in secret)]
+    texts = [secret, *_b64_cores(secret.encode())]
+    return [tuple(spellings(ch) for ch in text) for text in dict.fromkeys(texts)]
+
+
+def _anchor(form: Sequence[Unit]) -> bytes:
+    """The longest run of one-spelling units: bytes every spelling of the form contains."""
+    best, run = b"", b""
+    for unit in form:
+        if len(unit) == 1:
+            run += unit[0]
+            if len(run) > len(best):
+                best = run
+        else:
+            run = b""
+    return best
+
+
+def _regex(form: Sequence[Unit]) -> bytes:
+    parts = []
+    for unit in form:
+        if len(unit) == 1:
+            parts.append(re.escape(unit[0]))
+        else:  # longer spellings first: '&amp;' before '&'
+            parts.append(b"(?:" + b"|".join(re.escape(s) for s in sorted(unit, key=len, reverse=True)) + b")")
+    return b"".join(parts)
+
+
+def _could_start(form: Sequence[Unit], tail: bytes) -> bool:
+    """Whether ``tail`` is the beginning of some spelling of ``form`` (and not all of one)."""
+    stack = [(0, 0)]  # (unit, offset in tail)
+    while stack:
+        k, off = stack.pop()
+        if off == len(tail):
+            return True
+        if k == len(form):
+            continue
+        rest = tail[off:]
+        for s in form[k]:
+            if rest.startswith(s):
+                stack.append((k + 1, off + len(s)))
+            elif s.startswith(rest):
+                return True
+    return False
 
 
 class Scrubber:
-    """Finds any of a fixed set of byte strings; immutable, shared by all requests of a route."""
+    """Finds any spelling of a fixed set of secrets; immutable, shared by all requests of a route."""
 
-    __slots__ = ("_alphabet", "_first", "_longest", "_patterns", "_regex")
+    __slots__ = ("_alphabet", "_anchor_regex", "_anchors", "_by_first", "_longest", "_regex")
 
-    def __init__(self, secrets: Iterable[str], extra_forms: Iterable[bytes] = ()) -> None:
-        patterns: set[bytes] = set(extra_forms)
+    def __init__(self, secrets: Iterable[str]) -> None:
+        found: list[tuple[Unit, ...]] = []
         for s in secrets:
-            patterns |= forms(s)
-        patterns.discard(b"")
-        self._patterns = tuple(sorted(patterns, key=len, reverse=True))
-        self._longest = max((len(p) for p in self._patterns), default=0)
-        self._first = frozenset(p[:1] for p in self._patterns)
-        #: Every byte value that occurs in some form. A held-back tail is a prefix of a
-        #: form, so all its bytes, the chunk's last byte included, are among these.
-        self._alphabet = frozenset(b"".join(self._patterns))
-        self._regex = re.compile(b"|".join(re.escape(p) for p in self._patterns)) if self._patterns else None
+            found += forms(s)
+        # the longest first, so a pair is starred whole rather than its password alone
+        found = sorted(dict.fromkeys(found), key=len, reverse=True)
+        self._longest = max((sum(max(map(len, u)) for u in f) for f in found), default=0)
+        anchors = [_anchor(f) for f in found]
+        #: None: some form is all punctuation (no anchor), so every chunk takes the regex.
+        self._anchors: tuple[bytes, ...] | None = tuple(dict.fromkeys(anchors)) if all(anchors) else None
+        self._anchor_regex = re.compile(b"|".join(map(re.escape, self._anchors))) if self._anchors else None
+        #: Forms by the first byte of each of their first unit's spellings (for held_back).
+        self._by_first: dict[int, list[tuple[Unit, ...]]] = {}
+        for f in found:
+            for first in {s[0] for s in f[0]}:
+                self._by_first.setdefault(first, []).append(f)
+        #: Every byte value that occurs in some spelling. A held-back tail is a prefix of a
+        #: spelling, so all its bytes, the chunk's last byte included, are among these.
+        self._alphabet = frozenset(b for f in found for u in f for s in u for b in s)
+        self._regex = re.compile(b"|".join(_regex(f) for f in found)) if found else None
 
     @property
     def empty(self) -> bool:
         return self._regex is None
 
+    def _maybe(self, data: bytes) -> bool:
+        """False when no secret can be in ``data``: none of the anchors occurs.
+
+        A small chunk (an SSE event) is read once by one regex of the anchors; a
+        large one by ``bytes.find`` per anchor, which skips ahead far faster than
+        the regex engine steps.
+        """
+        if self._anchor_regex is None or self._anchors is None:
+            return True
+        if len(data) <= _SMALL:
+            return self._anchor_regex.search(data) is not None
+        return any(a in data for a in self._anchors)
+
     def scrub(self, data: bytes) -> bytes:
         """Replace every whole occurrence in ``data``."""
-        if self._regex is None or self._regex.search(data) is None:
+        regex = self._regex
+        if regex is None:
             return data
-        return self._regex.sub(lambda m: b"*" * (m.end() - m.start()), data)
+        anchors = self._anchor_regex  # _maybe inlined: this is the per-chunk hot path
+        if anchors is not None and len(data) <= _SMALL:
+            if anchors.search(data) is None:
+                return data
+        elif not self._maybe(data):
+            return data
+        if regex.search(data) is None:
+            return data
+        return regex.sub(lambda m: b"*" * (m.end() - m.start()), data)
 
     def contains_text(self, text: str) -> bool:
         """Whether any secret form occurs in ``text`` (header values, joined)."""
         if self._regex is None:
             return False
-        return self._regex.search(text.encode("latin-1", "replace")) is not None
+        data = text.encode("latin-1", "replace")
+        return self._maybe(data) and self._regex.search(data) is not None
 
     def scrub_text(self, text: str) -> str:
-        """Header values: text in, text out."""
+        """Header names and values: text in, text out (a ``*`` is a token character)."""
         if self._regex is None:
             return text
         data = text.encode("latin-1", "replace")
         cleaned = self.scrub(data)
         return text if cleaned is data else cleaned.decode("latin-1")
 
+    #: A header name is a token like any other text; the same scrub keeps it one (``*`` is a tchar).
+    scrub_header_name = scrub_text
+
     def held_back(self, data: bytes) -> int:
         """How many trailing bytes could start a secret and must wait for more data."""
         if self._regex is None or not data or data[-1] not in self._alphabet:
-            return 0  # SSE events end in a newline, which no form holds: nothing to wait for
-        window = min(len(data), self._longest - 1)
-        start = len(data) - window
-        best = 0
-        for first in self._first:
-            i = data.find(first, start)
-            while i >= 0:
+            return 0  # SSE events end in a newline, which no spelling holds: nothing to wait for
+        start = len(data) - min(len(data), self._longest - 1)
+        by_first = self._by_first
+        for i in range(start, len(data)):  # the earliest start gives the longest tail
+            candidates = by_first.get(data[i])
+            if candidates is not None:
                 tail = data[i:]
-                if len(tail) <= best:
-                    break  # later positions only give shorter tails
-                if any(p.startswith(tail) for p in self._patterns):
-                    best = len(tail)
-                    break
-                i = data.find(first, i + 1)
-        return best
+                if any(_could_start(f, tail) for f in candidates):
+                    return len(data) - i
+        return 0
 
     def stream(self) -> StreamScrubber:
         return StreamScrubber(self)
