@@ -266,6 +266,7 @@ class NodeCluster(LocalCluster):
         global _lock_held_here
         if _lock_held_here:  # waiting would wait for ourselves
             raise NodeBusy(f"this process already runs a node (lock {LOCK_FILE}); stop it before starting another")
+        LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + self.lock_wait
         while True:
