@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shlex
 import time
 from collections.abc import Callable, Iterator
@@ -281,6 +282,19 @@ def test_with_the_webhook_down_the_guard_refuses_a_subject_pod_and_other_pods_st
     finally:
         node_cluster.kubectl("-n", NAMESPACE, "scale", "deployment", WEBHOOK, "--replicas=2")
     _wait("the webhook back", lambda: _ready(node_cluster, WEBHOOK, 2), 180, lambda: _pods_report(node_cluster))
+
+
+def test_the_operator_and_webhook_logged_no_error_on_the_node(node_cluster: Any, running: dict[str, float]) -> None:
+    """In-cluster config, the read-only root, the probes: whatever went wrong would be logged here."""
+    for component in ("operator", "webhook"):
+        for pod in _json(node_cluster, "-n", NAMESPACE, "get", "pods", "-l",
+                         f"app.kubernetes.io/component={component}")["items"]:
+            logs = node_cluster.kubectl("-n", NAMESPACE, "logs", pod["metadata"]["name"])
+            assert logs.strip(), f"{component} logged nothing"
+            bad = [line for line in logs.splitlines()
+                   if "Traceback" in line or re.search(r'"level": ?"(error|critical)"', line, re.I)
+                   or re.search(r"\bERROR\b", line)]
+            assert not bad, f"{pod['metadata']['name']}:\n" + "\n".join(bad[:20])
 
 
 # --- uninstall ------------------------------------------------------------------
