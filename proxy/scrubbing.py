@@ -31,6 +31,7 @@ out the moment it arrives (events end in newlines, which no spelling holds).
 from __future__ import annotations
 
 import base64
+import functools
 import html.entities
 import re
 from collections.abc import Iterable, Sequence
@@ -56,6 +57,7 @@ for _name, _text in html.entities.html5.items():
 _JSON_SHORT: Final = {"/": "\\/", "\\": "\\\\", '"': '\\"'}
 
 
+@functools.cache  # per character: keys share their alphabet, and a route rebuild makes many forms
 def spellings(ch: str) -> Unit:
     """Every way a common encoder writes one character of a secret, raw first."""
     raw = ch.encode()
@@ -115,14 +117,16 @@ def _anchor(form: Sequence[Unit]) -> bytes:
     return best
 
 
+@functools.cache
+def _unit_regex(unit: Unit) -> bytes:
+    if len(unit) == 1:
+        return re.escape(unit[0])
+    # longer spellings first: '&amp;' before '&'
+    return b"(?:" + b"|".join(re.escape(s) for s in sorted(unit, key=len, reverse=True)) + b")"
+
+
 def _regex(form: Sequence[Unit]) -> bytes:
-    parts = []
-    for unit in form:
-        if len(unit) == 1:
-            parts.append(re.escape(unit[0]))
-        else:  # longer spellings first: '&amp;' before '&'
-            parts.append(b"(?:" + b"|".join(re.escape(s) for s in sorted(unit, key=len, reverse=True)) + b")")
-    return b"".join(parts)
+    return b"".join(map(_unit_regex, form))
 
 
 def _could_start(form: Sequence[Unit], tail: bytes) -> bool:
@@ -166,7 +170,7 @@ class Scrubber:
                 self._by_first.setdefault(first, []).append(f)
         #: Every byte value that occurs in some spelling. A held-back tail is a prefix of a
         #: spelling, so all its bytes, the chunk's last byte included, are among these.
-        self._alphabet = frozenset(b for f in found for u in f for s in u for b in s)
+        self._alphabet = frozenset(b"".join({s for f in found for u in set(f) for s in u}))
         self._regex = re.compile(b"|".join(_regex(f) for f in found)) if found else None
 
     @property
