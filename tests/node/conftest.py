@@ -51,11 +51,19 @@ def node_cluster() -> Iterator[Any]:
         cluster.start()
     except (node.NodeUnavailable, binaries.BinariesUnavailable, ControlPlaneError) as exc:
         pytest.fail(f"no node for the node tests: {exc}", pytrace=False)
+    refused = 0
     try:
         yield cluster
     finally:
-        cluster.stop()
-    # Whatever the flows did (installs, debug containers, killed pods), the host is as it was.
+        try:
+            refused = cluster.rejected_egress()
+        finally:
+            cluster.stop()
+    # Whatever the flows did (installs, debug containers, killed pods), nothing
+    # tried to leave the machine and the host is as it was.
+    if refused:
+        pytest.fail(f"the node's egress guard refused {refused} packets to outside addresses during the "
+                    "session (see localcluster/node.py, NODE_CGROUP)", pytrace=False)
     if cluster.host_before is not None and cluster.host_after is not None:
         left = cluster.host_before.differences(cluster.host_after)
         if left:
