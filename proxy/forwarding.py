@@ -196,7 +196,7 @@ class Proxy:
         if refusal.upstream is not None:
             record["upstream"] = refusal.upstream
         head = _JSON_HEAD + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in refusal.extra_headers())
-        reply.whole(refusal.status, head, refusal.body())
+        reply.whole(refusal.status, head, refusal.encoded())
         return refusal.status
 
     def _count(self, upstream_name: str, method: str, status: int, decided: str, elapsed: float) -> None:
@@ -524,6 +524,8 @@ class Proxy:
                 conn.abort()
             return status
         except upstream.UpstreamError as exc:
+            if reply.discard():
+                raise  # nothing reached the agent yet (corked): it gets a clean 502 instead
             # the status is gone: end the connection so the agent sees a cut stream,
             # not a clean end of a truncated body
             record["reason"] = "upstream_broke_stream"

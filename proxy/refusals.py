@@ -27,27 +27,31 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
+from sidekey.core import errors
 
-class Refusal(Exception):
-    """An answer of the sidecar's own; ``reason`` is the audit line's and the metrics' word."""
+
+class Refusal(errors.Denied):
+    """An answer of the sidecar's own; ``reason`` is the audit line's and the metrics' word.
+
+    ``type`` is the error body's (``core/errors.py``), ``status`` the HTTP status.
+    """
 
     status: ClassVar[int] = 400
-    kind: ClassVar[str] = "invalid_request"
+    type = "invalid_request"
     #: The audit decision; ``None`` keeps the one already taken (an allowed call that failed upstream).
     decision: ClassVar[str | None] = "denied"
 
     def __init__(self, reason: str, message: str, *, upstream: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+        super().__init__(reason, message)
         #: The route the refusal is about, once it is known (the audit line and the counter's label).
         self.upstream = upstream
 
     def extra_headers(self) -> tuple[tuple[str, str], ...]:
         return ()
 
-    def body(self) -> bytes:
-        return json.dumps({"error": {"type": self.kind, "message": self.message}}).encode()
+    def encoded(self) -> bytes:
+        """The error body, as bytes for the sidecar's own listener."""
+        return json.dumps(self.body()).encode()
 
 
 class BadRequest(Refusal):
@@ -56,7 +60,7 @@ class BadRequest(Refusal):
 
 class Unauthenticated(Refusal):
     status = 401
-    kind = "authentication_error"
+    type = "authentication_error"
 
     def extra_headers(self) -> tuple[tuple[str, str], ...]:
         return (("WWW-Authenticate", 'Bearer realm="sidekey"'),)
@@ -64,22 +68,22 @@ class Unauthenticated(Refusal):
 
 class NotAllowed(Refusal):
     status = 403
-    kind = "permission_error"
+    type = "permission_error"
 
 
 class UnknownUpstream(Refusal):
     status = 404
-    kind = "not_found"
+    type = "not_found"
 
 
 class TooLarge(Refusal):
     status = 413
-    kind = "request_too_large"
+    type = "request_too_large"
 
 
 class RateLimited(Refusal):
     status = 429
-    kind = "rate_limit_error"
+    type = "rate_limit_error"
 
     def __init__(self, reason: str, message: str, retry_after: str, *, upstream: str | None = None) -> None:
         super().__init__(reason, message, upstream=upstream)
@@ -91,38 +95,38 @@ class RateLimited(Refusal):
 
 class NotReady(Refusal):
     status = 503
-    kind = "unavailable"
+    type = "unavailable"
     decision = "error"
 
 
 class Unavailable(Refusal):
     status = 503
-    kind = "unavailable"
+    type = "unavailable"
     decision = "error"
 
 
 class Internal(Refusal):
     status = 500
-    kind = "api_error"
+    type = "api_error"
     decision = "error"
 
 
 class UpstreamFailure(Refusal):
     status = 502
-    kind = "api_error"
+    type = "api_error"
     decision = None
 
     def __init__(self, reason: str, message: str, status: int = 502) -> None:
         super().__init__(reason, message)
         self.status = status  # type: ignore[misc]  # an OAuth endpoint's 503 keeps its own status
         if status != 502:
-            self.kind = "unavailable"  # type: ignore[misc]
+            self.type = "unavailable"  # type: ignore[misc]
 
 
 class UpstreamTimeout(UpstreamFailure):
     status = 504
-    kind = "timeout_error"
+    type = "timeout_error"
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(reason, message, 504)
-        self.kind = "timeout_error"  # type: ignore[misc]
+        self.type = "timeout_error"  # type: ignore[misc]

@@ -17,7 +17,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
-from sidekey.core import kubeapi, logs, tokens
+from sidekey.core import health, kubeapi, logs, tokens
 from sidekey.proxy import forwarding, llmexchange, metrics, routes, settings
 
 log = logging.getLogger("sidekey.proxy")
@@ -50,6 +50,16 @@ class Sidecar:
         if not self._was_ready:
             self._was_ready = self.validator is not None and bool(self.keys.keys) and self.routes.ready
         return self._was_ready and not self.draining
+
+    def _not_ready(self) -> dict[str, str]:
+        """The failing readiness checks, each with what it waits for (the /readyz body names them)."""
+        checks = {
+            "draining": "the sidecar is stopping" if self.draining else None,
+            "issuer": None if self.issuer is not None else "the apiserver's issuer is not discovered yet",
+            "jwks": None if self.keys.keys else "no signing keys loaded from the apiserver's JWKS yet",
+            "policies": None if self.routes.ready else "AgentPolicies and their Secrets not read yet",
+        }
+        return {name: problem for name, problem in checks.items() if problem} or {"startup": "starting"}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -181,21 +191,8 @@ class Sidecar:
         if path == "/healthz":
             return web.Response(text="ok\n")
         if path == "/readyz":
-            if self.ready:
-                return web.Response(text="ready\n")
-            return web.Response(
-                status=503,
-                content_type="application/json",
-                text=json.dumps(
-                    {
-                        "ready": False,
-                        "draining": self.draining,
-                        "issuer": self.issuer is not None,
-                        "jwks": bool(self.keys.keys),
-                        "policies": self.routes.policies.synced.is_set(),
-                    }
-                ),
-            )
+            status, body = health.readiness({} if self.ready else self._not_ready())
+            return web.Response(status=status, content_type="application/json", text=json.dumps(body))
         if path == "/metrics":
             return web.Response(
                 body=metrics.exposition(),

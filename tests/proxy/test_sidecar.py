@@ -8,66 +8,21 @@ grant it live; and go away entirely while the sidecar keeps serving.
 from __future__ import annotations
 
 import asyncio
-import io
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from sidekey.core import kubeapi, logs
-from sidekey.proxy import settings, sidecar
+from sidekey.proxy import sidecar
 from tests.proxy.fakes import (
     ISSUER,
     NAMESPACE,
-    POD,
-    POD_UID,
-    SA,
     FakeApi,
     Upstream,
     bearer_upstream,
     mint,
     policy,
 )
-
-
-@pytest.fixture
-async def fake_api() -> AsyncIterator[FakeApi]:
-    api = FakeApi()
-    await api.start()
-    yield api
-    if api.runner is not None:
-        await api.runner.cleanup()
-
-
-@pytest.fixture
-async def running(
-    fake_api: FakeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[sidecar.Sidecar]:
-    monkeypatch.setattr(kubeapi, "FORBIDDEN_RETRY_MAX", 0.2)
-    monkeypatch.setattr(kubeapi, "BACKOFF_START", 0.05)
-    monkeypatch.setattr(kubeapi, "RELIST_JITTER", 0.01)
-    (tmp_path / "token").write_text("api-token")
-    config = settings.Settings(
-        pod_name=POD,
-        namespace=NAMESPACE,
-        pod_uid=POD_UID,
-        pod_ip="10.0.0.9",
-        service_account=SA,
-        port=0,
-        health_port=0,
-        health_address="127.0.0.1",
-        drain_seconds=2,
-    )
-    api_config = kubeapi.ApiConfig(
-        server=f"http://127.0.0.1:{fake_api.port}", ca_file=None, token_file=tmp_path / "token"
-    )
-    sc = sidecar.Sidecar(config, api_config, audit=logs.AuditWriter(io.StringIO()))
-    await sc.start()
-    yield sc
-    if not sc.draining:
-        await sc.stop()
 
 
 async def get(url: str, token: str | None = None) -> tuple[int, bytes]:
