@@ -39,6 +39,9 @@ ABSENT: Final[Mapping[str, Sequence[str]]] = {
     "securityContext.capabilities": ("add",),
     "securityContext.seccompProfile": ("localhostProfile",),
     "volumeMounts[]": ("subPath", "subPathExpr", "mountPropagation", "recursiveReadOnly"),
+    # hostPort: the apiserver sets it to containerPort under hostNetwork (an
+    # accepted risk with its own override); the guard checks it beside this.
+    "ports[]": ("hostIP",),
     "projected.sources[].serviceAccountToken": ("audience",),
     "projected.sources[].configMap": ("optional",),
     "projected.sources[].configMap.items[]": ("mode",),
@@ -48,8 +51,14 @@ ABSENT: Final[Mapping[str, Sequence[str]]] = {
 EXACT: Final[Mapping[str, Sequence[str]]] = {
     "sidecarCommandCheck": ("command",),
     "sidecarMountsCheck": ("volumeMounts",),
+    "sidecarPortsCheck": ("ports",),
     "sidecarSecurityContextCheck": ("securityContext",),
     "sidecarFixedFieldsCheck": ("restartPolicy", "terminationMessagePath", "terminationMessagePolicy"),
+}
+#: Fields of the sidecar whose value is a chart value, not a constant: compared
+#: with the value helm renders.
+TEMPLATED: Final[Mapping[str, str]] = {
+    "ports[].containerPort": "{{ .Values.sidecar.healthPort }}",
 }
 #: Where the value of each plain (non-fieldRef) env var of the sidecar comes
 #: from in the chart; ``None``: any port number (the pod's sidekey.io/port).
@@ -84,6 +93,8 @@ def exact(expr: str, value: Any, where: str = "") -> list[str]:
             terms += exact(f"{expr}.{key}", sub, path)
         terms += [f"!has({expr}.{key})" for key in ABSENT.get(where, ())]
         return terms
+    if where in TEMPLATED:
+        return [f"{expr} == {TEMPLATED[where]}"]
     if isinstance(value, list) and any(isinstance(v, Mapping) for v in value):
         terms = [f"{expr}.size() == {len(value)}"]
         for i, item in enumerate(value):
@@ -145,6 +156,13 @@ def render() -> str:
         "healthPortName": contract.HEALTH_PORT_NAME, "healthzPath": contract.HEALTHZ_PATH,
         "readyPath": contract.READY_PATH, "metricsPath": contract.METRICS_PATH,
         "audienceEnv": contract.ENV_AUDIENCE,
+        "imageAnnotation": contract.ANNOTATION_IMAGE,
+        "allowHostNetwork": contract.ANNOTATION_ALLOW_HOST_NETWORK,
+        "allowSharedProcessNamespace": contract.ANNOTATION_ALLOW_SHARED_PROCESS_NAMESPACE,
+        "allowHostPid": contract.ANNOTATION_ALLOW_HOST_PID,
+        "allowPrivileged": contract.ANNOTATION_ALLOW_PRIVILEGED,
+        "allowHostPath": contract.ANNOTATION_ALLOW_HOST_PATH,
+        "allowCapabilities": contract.ANNOTATION_ALLOW_CAPABILITIES,
     }
     data = {
         "systemNamespaces": _cel(sorted(contract.SYSTEM_NAMESPACES)),

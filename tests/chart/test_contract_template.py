@@ -48,7 +48,10 @@ def test_the_guard_names_no_contract_value_of_its_own() -> None:
         text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
         for name in (contract.SIDECAR_CONTAINER_NAME, contract.API_TOKEN_VOLUME, contract.ENV_API_SERVER,
                      " ".join(contract.SIDECAR_COMMAND), "kube-public", "SYS_PTRACE", "NET_RAW",
-                     contract.WEBHOOK_PATH + '"', contract.ANNOTATION_INJECT):
+                     contract.WEBHOOK_PATH + '"', contract.ANNOTATION_INJECT, contract.ANNOTATION_IMAGE,
+                     contract.ANNOTATION_ALLOW_HOST_NETWORK, contract.ANNOTATION_ALLOW_HOST_PID,
+                     contract.ANNOTATION_ALLOW_SHARED_PROCESS_NAMESPACE, contract.ANNOTATION_ALLOW_PRIVILEGED,
+                     contract.ANNOTATION_ALLOW_HOST_PATH, contract.ANNOTATION_ALLOW_CAPABILITIES):
             assert name not in text, f"{template} spells {name!r} itself; include it from _contract.tpl"
 
 

@@ -251,7 +251,7 @@ class TestShapesThatReachTheSidecarAreRefusedLikeTheWebhookDoes:
         _isolation_break(pod, shape)
         _denied(admission.create(cluster, pod), f'{OVERRIDES[shape]}: "true"')
 
-    @pytest.mark.parametrize("shape", ["shareProcessNamespace", "capabilities"])
+    @pytest.mark.parametrize("shape", ["shareProcessNamespace", "capabilities", "hostNetwork"])
     def test_the_documented_override_accepts_the_risk(
             self, cluster: Any, subject_namespace: str, shape: str) -> None:
         pod = manifests.injected_pod(subject_namespace, f"accepts-{shape.lower()}")

@@ -125,6 +125,10 @@ DEVIATIONS: dict[str, tuple[Change, str]] = {
     "volume-with-another-ca": (_api_sources(_other_ca), "ca.crt from kube-root-ca.crt"),
     "token-lifetime-a-day": (_api_sources(_lifetime), "apiserver token"),
     "token-audience-set": (_api_sources(_audience), "apiserver token"),
+    "health-port-on-the-node": (lambda p: manifests.sidecar(p)["ports"][0].update(hostPort=8788),
+                                "must expose exactly its health port"),
+    "another-port": (lambda p: manifests.sidecar(p)["ports"].append(
+        {"name": "debug", "containerPort": 5678, "protocol": "TCP"}), "must expose exactly its health port"),
     "runs-as-root": (_security(lambda sc: sc.update(runAsUser=0)), "security context"),
     "adds-net-admin": (_security(lambda sc: sc["capabilities"].update(add=["NET_ADMIN"])), "security context"),
     "keeps-capabilities": (_security(lambda sc: sc.pop("capabilities")), "security context"),

@@ -64,6 +64,27 @@ sidekey-health
 {{- define "sidekey.contract.audienceEnv" -}}
 SIDEKEY_AUDIENCE
 {{- end }}
+{{- define "sidekey.contract.imageAnnotation" -}}
+sidekey.io/image
+{{- end }}
+{{- define "sidekey.contract.allowHostNetwork" -}}
+sidekey.io/allow-host-network
+{{- end }}
+{{- define "sidekey.contract.allowSharedProcessNamespace" -}}
+sidekey.io/allow-shared-process-namespace
+{{- end }}
+{{- define "sidekey.contract.allowHostPid" -}}
+sidekey.io/allow-host-pid
+{{- end }}
+{{- define "sidekey.contract.allowPrivileged" -}}
+sidekey.io/allow-privileged
+{{- end }}
+{{- define "sidekey.contract.allowHostPath" -}}
+sidekey.io/allow-host-path
+{{- end }}
+{{- define "sidekey.contract.allowCapabilities" -}}
+sidekey.io/allow-capabilities
+{{- end }}
 {{- define "sidekey.contract.systemNamespaces" -}}
 ["kube-node-lease", "kube-public", "kube-system"]
 {{- end }}
@@ -112,6 +133,9 @@ has(c.command) && c.command == ["/opt/sidekey/bin/sidekey", "proxy"] && !has(c.a
 {{- end }}
 {{- define "sidekey.contract.sidecarMountsCheck" -}}
 has(c.volumeMounts) && c.volumeMounts.size() == 1 && has(c.volumeMounts[0].name) && c.volumeMounts[0].name == "sidekey-api-access" && has(c.volumeMounts[0].mountPath) && c.volumeMounts[0].mountPath == "/var/run/secrets/kubernetes.io/serviceaccount" && has(c.volumeMounts[0].readOnly) && c.volumeMounts[0].readOnly == true && !has(c.volumeMounts[0].subPath) && !has(c.volumeMounts[0].subPathExpr) && !has(c.volumeMounts[0].mountPropagation) && !has(c.volumeMounts[0].recursiveReadOnly)
+{{- end }}
+{{- define "sidekey.contract.sidecarPortsCheck" -}}
+has(c.ports) && c.ports.size() == 1 && has(c.ports[0].name) && c.ports[0].name == "sidekey-health" && has(c.ports[0].containerPort) && c.ports[0].containerPort == {{ .Values.sidecar.healthPort }} && has(c.ports[0].protocol) && c.ports[0].protocol == "TCP" && !has(c.ports[0].hostIP)
 {{- end }}
 {{- define "sidekey.contract.sidecarSecurityContextCheck" -}}
 has(c.securityContext) && has(c.securityContext.runAsUser) && c.securityContext.runAsUser == 65532 && has(c.securityContext.runAsGroup) && c.securityContext.runAsGroup == 65532 && has(c.securityContext.runAsNonRoot) && c.securityContext.runAsNonRoot == true && has(c.securityContext.readOnlyRootFilesystem) && c.securityContext.readOnlyRootFilesystem == true && has(c.securityContext.allowPrivilegeEscalation) && c.securityContext.allowPrivilegeEscalation == false && has(c.securityContext.privileged) && c.securityContext.privileged == false && has(c.securityContext.capabilities) && has(c.securityContext.capabilities.drop) && c.securityContext.capabilities.drop == ["ALL"] && !has(c.securityContext.capabilities.add) && has(c.securityContext.seccompProfile) && has(c.securityContext.seccompProfile.type) && c.securityContext.seccompProfile.type == "RuntimeDefault" && !has(c.securityContext.seccompProfile.localhostProfile) && !has(c.securityContext.seLinuxOptions) && !has(c.securityContext.windowsOptions) && !has(c.securityContext.procMount) && !has(c.securityContext.appArmorProfile)
