@@ -158,12 +158,12 @@ class Exchange:
         model = llmmetrics.model_label(self.llm, name, call.model)
         for kind, count in (("input", usage.input), ("output", usage.output), ("cached", usage.cached)):
             if count:
-                llmmetrics.TOKENS.labels(name, model, kind).inc(count)
+                llmmetrics.child(llmmetrics.TOKENS, name, model, kind).inc(count)
         for account in self.accounts:
-            llmmetrics.BUDGET_REMAINING.labels(name, account.budget.scope, account.budget.window).set(
-                max(0, account.left()))
+            b = account.budget
+            llmmetrics.child(llmmetrics.BUDGET_REMAINING, name, b.scope, b.window).set(max(0, account.left()))
         if self.cut:
-            llmmetrics.DENIALS.labels(name, "budget_cut").inc()
+            llmmetrics.child(llmmetrics.DENIALS, name, "budget_cut").inc()
             record["reason"] = "budget_cut"
         record["model"] = call.model[: llmrequests.MAX_MODEL_LENGTH]
         record["tokens"] = {"input": usage.input, "output": usage.output, "cached": usage.cached,
@@ -226,7 +226,7 @@ class Gate:
         try:
             return await self._admit(route, llm, method, segments, body, record)
         except llmrequests.LlmRefusal as exc:
-            llmmetrics.DENIALS.labels(route.name, exc.reason).inc()
+            llmmetrics.child(llmmetrics.DENIALS, route.name, exc.reason).inc()
             raise refusal(exc, route.name) from None
 
     async def _admit(self, route: routes.Route, llm: llmpolicy.Llm, method: str, segments: Sequence[str],

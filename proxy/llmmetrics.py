@@ -9,7 +9,7 @@ names seen, then ``other``.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import Counter, Gauge
 
@@ -53,3 +53,17 @@ def model_label(llm: llmpolicy.Llm, upstream: str, model: str) -> str:
         seen.add(model)
         return model
     return "other"
+
+
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(family: Any, *labels: str) -> Any:
+    """``family.labels(*labels)``, cached: the lookup takes a lock and builds a tuple each time."""
+    key = (id(family), labels)
+    found = _children.get(key)
+    if found is None:
+        found = family.labels(*labels)
+        if len(_children) < 4096:
+            _children[key] = found
+    return found
