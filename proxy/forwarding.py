@@ -524,6 +524,8 @@ class Proxy:
                 conn.abort()
             return status
         except upstream.UpstreamError as exc:
+            if reply.discard():
+                raise  # nothing reached the agent yet (corked): it gets a clean 502 instead
             # the status is gone: end the connection so the agent sees a cut stream,
             # not a clean end of a truncated body
             record["reason"] = "upstream_broke_stream"

@@ -115,7 +115,6 @@ class UpstreamConnection(asyncio.Protocol):
         # --- flow control and the read timeout
         self._timeout = 0.0
         self._last = 0.0
-        self._timer: asyncio.TimerHandle | None = None
         self.read_paused = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -146,9 +145,6 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._pool.forget(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._head is not None and not self.complete:
             if self._until_close and self._head.done():
                 self._finish()  # a body delimited by the end of the connection
@@ -262,7 +258,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink_error = None
         self._timeout = timeout
         self._last = self._loop.time()
-        self._timer = self._loop.call_at(self._last + timeout, self._check_timeout)
+        self._pool.track(self)
         self.transport.write(data)
 
     def write(self, data: bytes) -> None:
@@ -311,25 +307,19 @@ class UpstreamConnection(asyncio.Protocol):
             self._last = self._loop.time()
             self.transport.resume_reading()
 
-    def _check_timeout(self) -> None:
-        self._timer = None
+    def check_timeout(self, now: float) -> None:
+        """Called by the pool's sweep: fail the exchange after ``timeout`` seconds of silence."""
         if self.complete or self.closed or self._head is None:
             return
-        now = self._loop.time()
         if self.read_paused:
-            self._last = now
-        idle = now - self._last
-        if idle >= self._timeout:
+            self._last = now  # the agent is slow, not the upstream
+        elif now - self._last >= self._timeout:
             self._fail(ReadTimeout(f"no answer within {self._timeout:g} s"))
             self._close()
-        else:
-            self._timer = self._loop.call_at(self._last + self._timeout, self._check_timeout)
 
     def _finish(self) -> None:
         self.complete = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._pool.untrack(self)
         done = self._done
         if done is not None and not done.done():
             done.set_result(None)
@@ -337,9 +327,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _fail(self, exc: UpstreamError) -> None:
         self.complete = True
         self.keep_alive = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._pool.untrack(self)
         for fut in (self._head, self._done):
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
@@ -367,12 +355,40 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class Pool:
-    """Idle keep-alive connections per origin, and how new ones are made."""
+    """Idle keep-alive connections per origin, and how new ones are made.
+
+    Read timeouts are checked by one sweep every ``SWEEP_SECONDS`` over the
+    connections with an exchange in progress, not by a timer per request
+    (creating and cancelling a timer per request is churn in the loop's heap).
+    """
+
+    SWEEP_SECONDS: Final = 0.25
 
     def __init__(self, resolver: routes.GuardedResolver) -> None:
         self._resolver = resolver
         self._idle: dict[Origin, list[UpstreamConnection]] = {}
         self._all: set[UpstreamConnection] = set()
+        self._busy: set[UpstreamConnection] = set()
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def track(self, conn: UpstreamConnection) -> None:
+        self._busy.add(conn)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(self.SWEEP_SECONDS, self._sweep_busy)
+
+    def untrack(self, conn: UpstreamConnection) -> None:
+        self._busy.discard(conn)
+
+    def _sweep_busy(self) -> None:
+        self._sweep = None
+        if not self._busy:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self._busy):
+            conn.check_timeout(now)
+        if self._busy:
+            self._sweep = loop.call_later(self.SWEEP_SECONDS, self._sweep_busy)
 
     async def acquire(self, route: routes.Route) -> UpstreamConnection:
         up = route.upstream
@@ -436,6 +452,7 @@ class Pool:
 
     def forget(self, conn: UpstreamConnection) -> None:
         self._all.discard(conn)
+        self._busy.discard(conn)
         idle = self._idle.get(conn.origin)
         if idle and conn in idle:
             idle.remove(conn)
@@ -444,3 +461,6 @@ class Pool:
         for conn in list(self._all):
             conn.abandon()
         self._idle.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None

@@ -79,7 +79,8 @@ CATALOGUE: dict[str, Case] = {
     "body-until-close": Case(b"HTTP/1.1 401 No\r\nConnection: close\r\n\r\necho " + KEY, "scrubbed"),
     # --- framing the agent must see as broken, not as complete
     "shorter-than-content-length": Case(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nConnection: close\r\n\r\npartial", "cut"),
-    "bad-chunk-size": Case(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\n", "cut"),
+    # (in one packet nothing was sent yet: a clean 502; split, it is a cut stream)
+    "bad-chunk-size": Case(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\n", "refused"),
     # --- not HTTP/1.1, or a tunnel
     "switching-protocols": Case(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                                 b"Connection: Upgrade\r\n\r\n" + KEY, "refused"),
