@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from sidekey.core import contract
+from sidekey.core import contract, errors
 
 DEFAULT_DRAIN_SECONDS: Final = 25.0
 #: A benchmark knob, never set in a pod: ``0`` turns the token cache off, so every
@@ -20,8 +20,10 @@ DEFAULT_DRAIN_SECONDS: Final = 25.0
 ENV_TOKEN_CACHE: Final = "SIDEKEY_TOKEN_CACHE"
 
 
-class SettingsError(ValueError):
-    pass
+class SettingsError(errors.InvalidInput):
+    """An environment variable the sidecar cannot use; ``field`` is its name."""
+
+    type = "invalid_settings"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +55,7 @@ class Settings:
         def required(name: str) -> str:
             value = env.get(name, "").strip()
             if not value:
-                raise SettingsError(f"{name} is not set: the sidecar needs it from the downward API")
+                raise SettingsError(name, "is not set: the sidecar needs it from the downward API")
             return value
 
         def port(name: str, default: int) -> int:
@@ -61,7 +63,7 @@ class Settings:
             if not raw:
                 return default
             if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65535:  # "²" is a digit to isdigit()
-                raise SettingsError(f"{name}={raw!r} is not a port number")
+                raise SettingsError(name, f"{raw!r} is not a port number")
             return int(raw)
 
         pod_ip = env.get(contract.ENV_POD_IP, "").strip()
@@ -70,14 +72,13 @@ class Settings:
             try:
                 ipaddress.ip_address(ip)
             except ValueError:
-                raise SettingsError(
-                    f"{ip!r} in {contract.ENV_POD_IP} or {contract.ENV_POD_IPS} is not an IP address"
-                ) from None
+                where = contract.ENV_POD_IP if ip == pod_ip else contract.ENV_POD_IPS
+                raise SettingsError(where, f"{ip!r} is not an IP address") from None
         drain_raw = env.get(contract.ENV_DRAIN_SECONDS, "").strip()
         try:
             drain = float(drain_raw) if drain_raw else DEFAULT_DRAIN_SECONDS
         except ValueError:
-            raise SettingsError(f"{contract.ENV_DRAIN_SECONDS}={drain_raw!r} is not a number") from None
+            raise SettingsError(contract.ENV_DRAIN_SECONDS, f"{drain_raw!r} is not a number") from None
         settings = cls(
             pod_name=required(contract.ENV_POD_NAME),
             namespace=required(contract.ENV_POD_NAMESPACE),
@@ -94,5 +95,5 @@ class Settings:
             pod_ips=pod_ips,
         )
         if settings.port == settings.health_port:
-            raise SettingsError(f"{contract.ENV_PROXY_PORT} and {contract.ENV_HEALTH_PORT} must differ")
+            raise SettingsError(contract.ENV_HEALTH_PORT, f"must differ from {contract.ENV_PROXY_PORT}")
         return settings

@@ -73,5 +73,5 @@ async def test_every_address_of_a_dual_stack_pod_is_refused(address: str) -> Non
 
 
 def test_a_pod_ips_entry_that_is_no_address_stops_the_start() -> None:
-    with pytest.raises(settings.SettingsError, match="'fd00::x' in POD_IP or POD_IPS is not an IP address"):
+    with pytest.raises(settings.SettingsError, match="POD_IPS: 'fd00::x' is not an IP address"):
         settings.Settings.from_env({**DUAL_STACK_ENV, "POD_IPS": "10.1.2.3,fd00::x"})
