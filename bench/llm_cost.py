@@ -9,6 +9,10 @@ chat-completion requests (about 1 KB, ``max_tokens`` set) and SSE streams go
 through each, arms interleaved per repetition; the figure is the sidecar
 process's own CPU time (``/proc/<pid>/stat``, user plus system) per request
 and per SSE event, median over the repetitions.
+
+``--micro`` times the LLM step's own functions instead (no cluster): the
+request step (parse, model check, reserve, usage read, settle) and one SSE
+event through the stream meter, CPU time, best of several runs.
 """
 
 from __future__ import annotations
@@ -109,12 +113,57 @@ def run(requests: int, streams: int, repetitions: int) -> dict[str, dict[str, fl
     return {arm: {m: statistics.median(v) for m, v in metrics.items()} for arm, metrics in results.items()}
 
 
+def _best(f: Any, n: int, reps: int = 7) -> float:
+    runs = []
+    for _ in range(reps):
+        t = time.process_time()
+        for _ in range(n):
+            f()
+        runs.append((time.process_time() - t) / n * 1e6)
+    return min(runs)
+
+
+def micro() -> None:
+    from sidekey.core import llmpolicy
+    from sidekey.proxy import llmbudgets, llmrequests, llmstreams
+
+    llm = llmpolicy.Llm(api="openai", models=(llmpolicy.ModelPattern("gpt-4.1*"),),
+                        budgets=(llmpolicy.Budget(10**12, "24h", 86400, "pod"),))
+    account = llmbudgets.Account(llm.budgets[0])
+    reply = json.dumps({"object": "chat.completion", "choices": [{"message": {"content": "ok " * 50}}],
+                        "usage": {"prompt_tokens": 200, "completion_tokens": 50}}).encode()
+    for label, doc in (("max_tokens set", body(False)), ("capped", {**body(False), "max_tokens": None}),
+                       ("stream", body(True))):
+        doc = {k: v for k, v in doc.items() if v is not None}
+        raw = json.dumps({**doc, "model": "gpt-4.1-mini"}).encode()
+
+        def step(raw: bytes = raw) -> None:
+            call = llmrequests.read("openai", "chat", raw)
+            llmrequests.check_model(llm, call.model, "p", "u")
+            reservation = llmbudgets.reserve([account], call, cap=True, upstream="u", policy="p")
+            call.encoded()
+            usage = llmstreams.usage_from_json("openai", reply)
+            reservation.settle(usage.total if usage else None)
+
+        print(f"request step, {label} ({len(raw)} B): {_best(step, 5000):.1f} us")
+    event = b"data: " + json.dumps({"object": "chat.completion.chunk", "model": "gpt-4.1", "usage": None,
+                                    "choices": [{"index": 0, "delta": {"content": " word"}}]}).encode() + b"\n\n"
+    for label, extra in (("bounded", ',"max_tokens":100'), ("unbounded, counted", "")):
+        call = llmrequests.read("openai", "chat", f'{{"model":"gpt-4.1","messages":[],"stream":true{extra}}}'.encode())
+        meter = llmstreams.StreamMeter("openai", call, more=lambda n: True, message=lambda: "")
+        print(f"SSE event ({len(event)} B), OpenAI {label}: {_best(lambda m=meter: m.feed(event), 50000):.2f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--streams", type=int, default=40)
     parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--micro", action="store_true", help="time the LLM functions alone (no cluster)")
     args = parser.parse_args()
+    if args.micro:
+        micro()
+        return
     started = time.monotonic()
     medians = run(args.requests, args.streams, args.repetitions)
     print(json.dumps(medians, indent=2))
