@@ -61,8 +61,10 @@ class Served:
     """
 
     def __init__(self, app: web.Application, *, ssl_context: ssl.SSLContext | None = None,
-                 name: str = "served", backlog: int = 512, shutdown_timeout: float = 0.1) -> None:
+                 name: str = "served", backlog: int = 512, shutdown_timeout: float = 0.1,
+                 host: str = "127.0.0.1") -> None:
         self.scheme = "https" if ssl_context is not None else "http"
+        self.host = host  # a real node's pods reach the bridge address, not loopback
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
         self._thread.start()
@@ -71,7 +73,7 @@ class Served:
 
         async def start() -> int:
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context, backlog=backlog)
+            site = web.TCPSite(runner, host, 0, ssl_context=ssl_context, backlog=backlog)
             await site.start()
             server: Any = site._server  # aiohttp exposes no public accessor for the bound port
             return int(server.sockets[0].getsockname()[1])
@@ -81,7 +83,7 @@ class Served:
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def stop(self) -> None:
         if not self._thread.is_alive():
@@ -101,10 +103,10 @@ class Served:
         self.stop()
 
 
-def tls_context(common_name: str) -> tuple[ssl.SSLContext, certificates.KeyPair]:
-    """A server context for 127.0.0.1 signed by a fresh CA; returns it with the CA (to trust)."""
+def tls_context(common_name: str, host: str = "127.0.0.1") -> tuple[ssl.SSLContext, certificates.KeyPair]:
+    """A server context for ``host`` signed by a fresh CA; returns it with the CA (to trust)."""
     ca = certificates.make_ca(f"{common_name}-ca")
-    leaf = certificates.issue(ca, common_name, ip_addresses=["127.0.0.1"], dns_names=["localhost"])
+    leaf = certificates.issue(ca, common_name, ip_addresses=sorted({"127.0.0.1", host}), dns_names=["localhost"])
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     with tempfile.TemporaryDirectory(prefix="sidekey-upstream-tls-") as tmp:
         # ssl loads a chain from files only; the files live just long enough to be read
@@ -311,13 +313,13 @@ class MockLLM:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    def start(self, *, tls: bool = True) -> int:
-        """Serve on an ephemeral loopback port (over TLS unless told not to); return the port."""
+    def start(self, *, tls: bool = True, host: str = "127.0.0.1") -> int:
+        """Serve on an ephemeral port of ``host`` (over TLS unless told not to); return the port."""
         ctx = None
         if tls:
-            ctx, ca = tls_context("mock-llm")
+            ctx, ca = tls_context("mock-llm", host)
             self.ca_pem = ca.cert_pem.decode()
-        self._served = Served(self.app(), ssl_context=ctx, name="mock-llm")
+        self._served = Served(self.app(), ssl_context=ctx, name="mock-llm", host=host)
         return self._served.port
 
     @property

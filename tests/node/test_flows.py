@@ -5,8 +5,9 @@ chart installed with helm as docs/install.md says (plus the local image),
 the webhook called by the apiserver through its Service, the kubelet writing
 the projected tokens and running the native sidecar before the agent, the
 real ``openai`` SDK in the agent container, SIGTERM and the grace period.
-The mock upstream runs on the bridge address (pods cannot reach loopback)
-over real TLS, and records which key each request carried.
+The mock upstream (localcluster/upstreams.py) runs on the bridge address
+(pods cannot reach the host's loopback) over real TLS, and records which key
+each request carried.
 
 Flows (issue 13, part 3): inject and call; refusals on a running pod;
 rotation and edits; ``kubectl debug``; shutdown. Install and webhook-down
@@ -30,7 +31,7 @@ import pytest
 import yaml
 
 from sidekey.core import contract
-from tests.node import bridgemock, pods
+from tests.node import pods
 from tests.support.namespaces import make_namespace
 
 # The first test's fixtures build the two images (cold: mmdebstrap and pip, minutes).
@@ -119,7 +120,6 @@ class World:
     cluster: Any
     namespace: str
     mock: Any
-    served: bridgemock.BridgeServed
     agent_image: str
     policy: dict[str, Any] = field(default_factory=dict)
 
@@ -183,15 +183,15 @@ def world(node_cluster: Any, installed: None, agent_image: Any) -> Iterator[Worl
     from sidekey.localcluster import node, upstreams
 
     mock = upstreams.MockLLM(keys=KEYS)
-    served = bridgemock.BridgeServed(mock.app(), node.GATEWAY)
+    mock.start(host=node.GATEWAY)  # pods reach the bridge address, not the host's loopback
     ns = make_namespace(node_cluster, "team", labels={contract.LABEL_INJECT: contract.LABEL_INJECT_ENABLED})
-    w = World(node_cluster, ns, mock, served, agent_image.name)
+    w = World(node_cluster, ns, mock, agent_image.name)
     w.policy = {
         "apiVersion": contract.API_VERSION, "kind": contract.KIND,
         "metadata": {"name": "openai", "namespace": ns},
         "spec": {"subjects": {"serviceAccounts": [SA]},
                  "upstreams": [{
-                     "name": "openai", "url": served.url, "caBundle": served.ca_pem,
+                     "name": "openai", "url": mock.url, "caBundle": mock.ca_pem,
                      "auth": {"type": "bearer", "secretRef": {"name": "openai-key", "key": "api-key"}},
                      "allow": [{"methods": ["POST"], "paths": ["/chat/completions"]},
                                {"methods": ["GET"], "paths": ["/models", "/slow"]}],
@@ -210,7 +210,7 @@ def world(node_cluster: Any, installed: None, agent_image: Any) -> Iterator[Worl
         yield w
     finally:
         node_cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-        served.stop()
+        mock.stop()
 
 
 def agent_pod(w: World, name: str, script: str = AGENT_MAIN, *, fs_group: int | None = None) -> dict[str, Any]:
