@@ -153,6 +153,29 @@ class TestAuthorsNeedAuthorityOverEverySubject:
         assert stored["spec"]["subjects"]["serviceAccounts"] == ["agent"]
 
 
+    def test_a_namespace_editor_has_that_authority(self, cluster: Any, policy_editor: str) -> None:
+        """The built-in ``edit`` ClusterRole carries ``create serviceaccounts/token``: a team is not affected."""
+        editor = "edith"
+        for obj in [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": "edith-edit", "namespace": policy_editor},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": editor}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": "edith-policies", "namespace": policy_editor},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "policy-editor"},
+             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": editor}]},
+        ]:
+            assert admission.apply(cluster, obj).admitted
+        deadline = time.monotonic() + 20
+        while not cluster.kubectl("auth", "can-i", "create", "serviceaccounts/agent", "--subresource=token",
+                                  "-n", policy_editor, f"--as={editor}", check=False).strip().startswith("yes"):
+            assert time.monotonic() < deadline, "the edit role does not grant serviceaccounts/token"
+            time.sleep(0.2)
+        answer = admission.create(cluster, manifests.agent_policy(policy_editor), as_user=editor)
+        assert answer.admitted, answer.message
+
+
 class TestAuthorsWhoCanReadTheSecretAreAllowed:
     def test_an_admin_may_create_and_change_the_policy(self, cluster: Any, policy_editor: str) -> None:
         assert admission.create(cluster, manifests.agent_policy(policy_editor)).admitted
