@@ -440,3 +440,30 @@ def test_an_insecure_upstreams_oauth2_token_url_is_still_verified(
     assert trap.received == [], "the sidecar completed a TLS handshake with a token URL it cannot verify"
     assert answer is not None and answer.status == 502, answer.raw[:400] if answer else None
     assert w.upstream.seen[before:] == []
+
+
+def test_an_oauth2_token_url_is_trusted_through_its_own_ca_bundle(
+        fresh: World, cluster: Any, tmp_path: Path) -> None:
+    """The control of the case above: the same upstream, with the token URL's CA in
+    ``oauth2ClientCredentials.caBundle`` (through the real CRD), does reach it."""
+    w = fresh
+    ca = certificates.make_ca("the IdP's private CA")
+    trap = TlsTrap(ca, tmp_path)
+    name = "oauth-own-bundle"
+    upstream = {"name": name, "url": w.upstream.url, "insecure": True,
+                "auth": {"type": "oauth2ClientCredentials", "secretRef": {"name": world.SECRET_NAME},
+                         "oauth2ClientCredentials": {"tokenURL": f"https://127.0.0.1:{trap.port}/oauth/token",
+                                                     "clientIdKey": "client_id", "clientSecretKey": "client_secret",
+                                                     "caBundle": ca.cert_pem.decode()}},
+                "allow": [{"methods": ["GET"], "paths": ["/leak/*"]}]}
+    world.apply(cluster, world.policy_manifest(w.namespace, [upstream], name=name))
+
+    def fetched() -> bool:  # the policy reaches the sidecar by watch, then the token is fetched
+        w.request(f"/{name}/leak/x", w.token)
+        return any(r.startswith(b"POST /oauth/token") for r in trap.received)
+
+    try:
+        world.wait_until(fetched, 15, "the token request through the policy's own CA bundle")
+    finally:
+        trap.close()
+        cluster.kubectl("delete", "agentpolicy", name, "-n", w.namespace, "--ignore-not-found")
