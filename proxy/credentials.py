@@ -33,7 +33,7 @@ from urllib.parse import quote_plus
 
 import aiohttp
 
-from sidekey.core import policies
+from sidekey.core import errors, policies
 from sidekey.proxy import scrubbing
 
 log = logging.getLogger("sidekey.proxy.credentials")
@@ -45,12 +45,11 @@ OAUTH_DEFAULT_LIFETIME: Final = 3600.0
 OAUTH_TIMEOUT: Final = aiohttp.ClientTimeout(total=30)
 
 
-class CredentialError(Exception):
+class CredentialError(errors.Unavailable):
     """The credential cannot be built or fetched; ``status`` is 503 or 502."""
 
     def __init__(self, message: str, status: int = 503) -> None:
         super().__init__(message)
-        self.message = message
         self.status = status
 
 

@@ -13,11 +13,13 @@ import zlib
 from collections.abc import Iterable
 from typing import Final
 
+from sidekey.core import errors
+
 #: Codings the sidecar can undo.
 DECODABLE: Final = frozenset({"gzip", "x-gzip", "deflate"})
 
 
-class DecodeError(Exception):
+class DecodeError(errors.SidekeyError):
     """A corrupt compressed body, or one that decodes past the bound."""
 
 

@@ -29,6 +29,8 @@ from typing import Final
 
 import httptools
 
+from sidekey.core import errors
+
 log = logging.getLogger("sidekey.proxy")
 
 #: The longest request target accepted (aiohttp's and nginx's line limit is of this order).
@@ -53,13 +55,12 @@ def reason_phrase(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
 
-class Malformed(Exception):
+class Malformed(errors.InvalidInput):
     """A request this listener will not read further; ``status`` is what the agent is told."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
+        super().__init__("", message)
         self.status = status
-        self.message = message
 
 
 class Body:

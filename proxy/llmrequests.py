@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from sidekey.core import llmpolicy
+from sidekey.core import errors, llmpolicy
 
 Endpoint = Literal["chat", "completions", "responses", "embeddings", "messages", "count_tokens"]
 
@@ -61,15 +61,13 @@ _LIMIT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
 _CHOICES: Final = frozenset({"chat", "completions"})
 
 
-class LlmRefusal(Exception):
-    """A request refused for its body (400), its model (403) or its budget (429)."""
+class LlmRefusal(errors.Denied):
+    """A request refused for its body (400), its model (403) or its budget (429); ``kind`` is the body's type."""
 
     def __init__(self, status: int, reason: str, kind: str, message: str, *, retry_after: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(reason, message)
         self.status = status
-        self.reason = reason
         self.kind = kind
-        self.message = message
         self.retry_after = retry_after
 
 

@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from sidekey.core import kubeapi, llmledger, llmpolicy
+from sidekey.core import errors, kubeapi, llmledger, llmpolicy
 from sidekey.proxy import llmbudgets
 
 log = logging.getLogger("sidekey.proxy.llm")
@@ -36,7 +36,7 @@ REFILL_BELOW: Final = 0.25
 CAS_ATTEMPTS: Final = 8
 
 
-class LedgerUnavailable(Exception):
+class LedgerUnavailable(errors.Unavailable):
     """The Lease is missing, unreadable or unreachable: spend only what is held."""
 
 

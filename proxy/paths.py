@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote
 
+from sidekey.core import errors
+
 #: Characters allowed raw in a path (RFC 3986 pchar plus '/'), and '%' for escapes.
 _RAW_PATH: Final = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*$")
 #: Characters allowed raw in a query (RFC 3986: pchar, '/', '?').
@@ -33,8 +35,11 @@ _ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _DANGEROUS_ESCAPE: Final = re.compile(r"%(2[eEfF5]|5[cC]|[01][0-9A-Fa-f]|7[fF])")
 
 
-class PathError(ValueError):
-    """A refused request target; the message says what to fix."""
+class PathError(errors.InvalidInput):
+    """A refused request target; the message says what to fix (it names the part of the target)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("", message)
 
 
 @dataclass(frozen=True, slots=True)

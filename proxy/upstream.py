@@ -30,6 +30,7 @@ from typing import Final
 
 import httptools
 
+from sidekey.core import errors
 from sidekey.proxy import routes
 
 #: An idle pooled connection older than this is closed instead of reused (servers drop them).
@@ -38,7 +39,7 @@ IDLE_SECONDS: Final = 15.0
 IDLE_PER_ORIGIN: Final = 64
 
 
-class UpstreamError(Exception):
+class UpstreamError(errors.Unavailable):
     """The exchange failed; ``reason`` is the audit word, the message names no secret."""
 
     reason = "upstream_error"
