@@ -37,6 +37,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import time
@@ -207,12 +208,18 @@ class NodeCluster(LocalCluster):
             self._step("bridge", self._start_network)
             self._step("containerd", self._start_containerd)
             self._step("control plane", super().start)
-            self._dns = clusterdns.ClusterDNS(GATEWAY, lambda: self.request("GET", "/api/v1/services"))
+            self._step("cluster DNS", self._start_dns)
             self._step("node Ready", self._start_node)
         except BaseException:
             self.stop()
             raise
         self.started_in = time.monotonic() - began
+
+    def _start_dns(self) -> None:
+        try:
+            self._dns = clusterdns.ClusterDNS(GATEWAY, lambda: self.request("GET", "/api/v1/services"))
+        except OSError as exc:
+            raise NodeUnavailable(f"the cluster DNS cannot listen on {GATEWAY}:53: {exc}") from None
 
     def _step(self, name: str, action: Any) -> None:
         t = time.monotonic()
@@ -249,7 +256,7 @@ class NodeCluster(LocalCluster):
             hoststate.kill_cgroup(unified / NODE_CGROUP)
         for pid, _exe in hoststate.node_processes([self.node_bin_dir]):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)  # containerd's shims, which detach from containerd by design
+                os.kill(pid, signal.SIGKILL)  # containerd's shims, which detach from containerd by design
         roots = [str(self.state_dir), "/run/containerd", "/var/lib/kubelet"]
         hoststate.unmount_all(roots)
         hoststate.remove_kubepods_cgroups()
