@@ -22,6 +22,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+import yaml
+
 from sidekey.core import contract
 from sidekey.localcluster import helm
 from sidekey.webhook import settings as settings_mod
@@ -121,53 +123,42 @@ def _capabilities(names: Sequence[str]) -> str:
 
 def crd_limits() -> dict[str, int]:
     """How many upstreams and subjects an AgentPolicy may have (the escalation guard checks each)."""
-    import yaml
-
     crd = yaml.safe_load(crd_template.SOURCE.read_text())
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     return {"maxUpstreams": spec["upstreams"]["maxItems"],
             "maxSubjects": spec["subjects"]["properties"]["serviceAccounts"]["maxItems"]}
 
 
-def render() -> str:
-    container, volume = built()
-    c: Mapping[str, Any] = container
-    field_env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]
-                 if "valueFrom" in e}
-    value_env = [e["name"] for e in container["env"] if "valueFrom" not in e]
-    assert sorted(value_env) == sorted(VALUE_ENV), (
-        f"the sidecar's plain env {value_env} and VALUE_ENV disagree: say where each value comes from")
-    allow_prefix = "sidekey.io/allow-"
-    assert all(a.startswith(allow_prefix) for a in (
-        contract.ANNOTATION_ALLOW_HOST_NETWORK, contract.ANNOTATION_ALLOW_SHARED_PROCESS_NAMESPACE,
-        contract.ANNOTATION_ALLOW_HOST_PID, contract.ANNOTATION_ALLOW_PRIVILEGED,
-        contract.ANNOTATION_ALLOW_HOST_PATH, contract.ANNOTATION_ALLOW_CAPABILITIES))
-    plain = {
+def _names() -> dict[str, str]:
+    """The contract's names, as plain text."""
+    return {
         "group": contract.GROUP, "apiVersion": contract.API_VERSION, "kind": contract.KIND,
         "plural": contract.PLURAL,
-        "sidecarName": contract.SIDECAR_CONTAINER_NAME,
-        "apiVolume": contract.API_TOKEN_VOLUME, "agentVolume": contract.AGENT_TOKEN_VOLUME,
-        "kubeApiAccessPrefix": contract.KUBE_API_ACCESS_PREFIX,
+        "sidecarName": contract.SIDECAR_CONTAINER_NAME, "apiVolume": contract.API_TOKEN_VOLUME,
         "injectKey": contract.ANNOTATION_INJECT, "injectEnabled": contract.LABEL_INJECT_ENABLED,
-        "allowPrefix": allow_prefix,
-        "webhookName": contract.WEBHOOK_NAME, "webhookPath": contract.WEBHOOK_PATH,
-        "webhookNamespaceName": contract.WEBHOOK_NAMESPACE_NAME,
-        "webhookNamespacePath": contract.WEBHOOK_NAMESPACE_PATH,
-        "healthPortName": contract.HEALTH_PORT_NAME, "healthzPath": contract.HEALTHZ_PATH,
-        "readyPath": contract.READY_PATH, "metricsPath": contract.METRICS_PATH,
-        "audienceEnv": contract.ENV_AUDIENCE,
         "imageAnnotation": contract.ANNOTATION_IMAGE,
+        "allowPrefix": contract.ANNOTATION_ALLOW_PREFIX,
         "allowHostNetwork": contract.ANNOTATION_ALLOW_HOST_NETWORK,
         "allowSharedProcessNamespace": contract.ANNOTATION_ALLOW_SHARED_PROCESS_NAMESPACE,
         "allowHostPid": contract.ANNOTATION_ALLOW_HOST_PID,
         "allowPrivileged": contract.ANNOTATION_ALLOW_PRIVILEGED,
         "allowHostPath": contract.ANNOTATION_ALLOW_HOST_PATH,
         "allowCapabilities": contract.ANNOTATION_ALLOW_CAPABILITIES,
+        "webhookName": contract.WEBHOOK_NAME, "webhookPath": contract.WEBHOOK_PATH,
+        "webhookNamespaceName": contract.WEBHOOK_NAMESPACE_NAME,
+        "webhookNamespacePath": contract.WEBHOOK_NAMESPACE_PATH,
+        "healthPortName": contract.HEALTH_PORT_NAME, "healthzPath": contract.HEALTHZ_PATH,
+        "readyPath": contract.READY_PATH, "metricsPath": contract.METRICS_PATH,
     }
-    data = {
+
+
+def _data(container: sidecars.Container) -> dict[str, str]:
+    """Lists, maps and numbers, as CEL literals (or text for messages)."""
+    field_env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]
+                 if "valueFrom" in e}
+    return {
         "systemNamespaces": _cel(sorted(contract.SYSTEM_NAMESPACES)),
         "command": _cel(list(contract.SIDECAR_COMMAND)),
-        "commandText": " ".join(contract.SIDECAR_COMMAND),
         "traceCapabilities": _capabilities(sorted(contract.DANGEROUS_CAPABILITIES)),
         "traceCapabilitiesText": ", ".join(sorted(contract.DANGEROUS_CAPABILITIES)),
         "controlCapabilities": _capabilities(sorted(contract.DANGEROUS_CAPABILITIES - {"SYS_PTRACE"})),
@@ -178,14 +169,22 @@ def render() -> str:
         "apiTokenExpirationSeconds": str(contract.SIDECAR_API_TOKEN_EXPIRATION_SECONDS),
         **{k: str(v) for k, v in crd_limits().items()},
     }
-    parts = [HEADER]
-    parts += [_define(k, v) for k, v in plain.items()]
-    parts += [_define(k, v) for k, v in data.items()]
-    env_values = " ".join(f'"{name}" ' + ('""' if src is None else f"(toString {src})")
-                          for name, src in VALUE_ENV.items())
-    parts.append(
-        "{{- /* The plain env vars of the sidecar and their values; \"\" means any port number. */}}\n"
-        + _define("sidecarValueEnv", f"{{{{- dict {env_values} | toJson }}}}"))
+
+
+def _value_env(container: sidecars.Container) -> str:
+    value_env = [e["name"] for e in container["env"] if "valueFrom" not in e]
+    assert sorted(value_env) == sorted(VALUE_ENV), (
+        f"the sidecar's plain env {value_env} and VALUE_ENV disagree: say where each value comes from")
+    pairs = " ".join(f'"{name}" ' + ('""' if src is None else f"(toString {src})")
+                     for name, src in VALUE_ENV.items())
+    return ("{{- /* The plain env vars of the sidecar and their values; \"\" means any port number. */}}\n"
+            + _define("sidecarValueEnv", f"{{{{- dict {pairs} | toJson }}}}"))
+
+
+def _checks(container: sidecars.Container, volume: sidecars.Volume) -> list[str]:
+    """CEL that holds when the sidecar ``c`` (the API volume ``v``) is exactly as built."""
+    c: Mapping[str, Any] = container
+    out = []
     for name, keys in EXACT.items():
         terms = [t for key in keys for t in (
             [f"has(c.{key})", *exact(f"c.{key}", c[key], key)] if key in c else [f"!has(c.{key})"])]
@@ -193,8 +192,20 @@ def render() -> str:
             terms += [f"!has(c.{key})" for key in ABSENT[""]]
         if name == "sidecarCommandCheck":
             terms += ["!has(c.args)"]
-        parts.append(_define(name, " && ".join(terms)))
+        out.append(_define(name, " && ".join(terms)))
     vol: Mapping[str, Any] = volume
-    parts.append(_define("apiVolumeCheck", " && ".join(
+    out.append(_define("apiVolumeCheck", " && ".join(
         t for key in vol if key != "name" for t in [f"has(v.{key})", *exact(f"v.{key}", vol[key], key)])))
-    return "".join(parts)
+    return out
+
+
+def render() -> str:
+    """The whole ``_contract.tpl``."""
+    container, volume = built()
+    return "".join([
+        HEADER,
+        *(_define(k, v) for k, v in _names().items()),
+        *(_define(k, v) for k, v in _data(container).items()),
+        _value_env(container),
+        *_checks(container, volume),
+    ])

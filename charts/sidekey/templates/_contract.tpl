@@ -22,20 +22,35 @@ sidekey-proxy
 {{- define "sidekey.contract.apiVolume" -}}
 sidekey-api-access
 {{- end }}
-{{- define "sidekey.contract.agentVolume" -}}
-sidekey-token
-{{- end }}
-{{- define "sidekey.contract.kubeApiAccessPrefix" -}}
-kube-api-access-
-{{- end }}
 {{- define "sidekey.contract.injectKey" -}}
 sidekey.io/inject
 {{- end }}
 {{- define "sidekey.contract.injectEnabled" -}}
 enabled
 {{- end }}
+{{- define "sidekey.contract.imageAnnotation" -}}
+sidekey.io/image
+{{- end }}
 {{- define "sidekey.contract.allowPrefix" -}}
 sidekey.io/allow-
+{{- end }}
+{{- define "sidekey.contract.allowHostNetwork" -}}
+sidekey.io/allow-host-network
+{{- end }}
+{{- define "sidekey.contract.allowSharedProcessNamespace" -}}
+sidekey.io/allow-shared-process-namespace
+{{- end }}
+{{- define "sidekey.contract.allowHostPid" -}}
+sidekey.io/allow-host-pid
+{{- end }}
+{{- define "sidekey.contract.allowPrivileged" -}}
+sidekey.io/allow-privileged
+{{- end }}
+{{- define "sidekey.contract.allowHostPath" -}}
+sidekey.io/allow-host-path
+{{- end }}
+{{- define "sidekey.contract.allowCapabilities" -}}
+sidekey.io/allow-capabilities
 {{- end }}
 {{- define "sidekey.contract.webhookName" -}}
 inject.sidekey.io
@@ -61,38 +76,11 @@ sidekey-health
 {{- define "sidekey.contract.metricsPath" -}}
 /metrics
 {{- end }}
-{{- define "sidekey.contract.audienceEnv" -}}
-SIDEKEY_AUDIENCE
-{{- end }}
-{{- define "sidekey.contract.imageAnnotation" -}}
-sidekey.io/image
-{{- end }}
-{{- define "sidekey.contract.allowHostNetwork" -}}
-sidekey.io/allow-host-network
-{{- end }}
-{{- define "sidekey.contract.allowSharedProcessNamespace" -}}
-sidekey.io/allow-shared-process-namespace
-{{- end }}
-{{- define "sidekey.contract.allowHostPid" -}}
-sidekey.io/allow-host-pid
-{{- end }}
-{{- define "sidekey.contract.allowPrivileged" -}}
-sidekey.io/allow-privileged
-{{- end }}
-{{- define "sidekey.contract.allowHostPath" -}}
-sidekey.io/allow-host-path
-{{- end }}
-{{- define "sidekey.contract.allowCapabilities" -}}
-sidekey.io/allow-capabilities
-{{- end }}
 {{- define "sidekey.contract.systemNamespaces" -}}
 ["kube-node-lease", "kube-public", "kube-system"]
 {{- end }}
 {{- define "sidekey.contract.command" -}}
 ["/opt/sidekey/bin/sidekey", "proxy"]
-{{- end }}
-{{- define "sidekey.contract.commandText" -}}
-/opt/sidekey/bin/sidekey proxy
 {{- end }}
 {{- define "sidekey.contract.traceCapabilities" -}}
 ["ALL", "CAP_ALL", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "SYS_ADMIN", "SYS_PTRACE"]
