@@ -7,7 +7,7 @@ buffering); ``aiohttp-floor`` is a bare aiohttp passthrough (bench/passthrough.p
 the least any aiohttp-based proxy pays; ``sidekey`` is the sidecar on its full path (token validated,
 cached, policy checked, key attached, response scrubbed, audit line
 written); ``sidekey-nocache`` is the same sidecar validating the token
-signature and claims on every request.
+signature and claims on every request (``SIDEKEY_TOKEN_CACHE=0``, a benchmark knob).
 """
 
 from __future__ import annotations

@@ -151,11 +151,10 @@ class Run:
                                   label="bare aiohttp passthrough (reference floor)")
 
     def start_lean_floor(self) -> None:
-        """The llhttp prototype (bench/leanfloor.py), when httptools is installed."""
+        """The llhttp prototype (bench/leanfloor.py); httptools is a dependency of the sidecar itself."""
         self.lean_arm: arms.Arm | None = None
-        if importlib.util.find_spec("httptools") is None:
-            self.notes.append("httptools is not installed: no llhttp-floor arm (pip install httptools)")
-            return
+        if importlib.util.find_spec("httptools") is None:  # an arm that cannot run fails the run
+            raise SystemExit("httptools is not installed, yet the sidecar needs it: pip install -e '.[test]'")
         port = free_port()
         proc = self.procs.start("llhttp-floor", [
             *procstats.pin_prefix(self.proxy_core), sys.executable, "-m", "bench.leanfloor", str(port),

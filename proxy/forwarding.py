@@ -508,7 +508,11 @@ class Proxy:
             up_conn.pause()
         done = up_conn.relay(relay.feed)
         try:
-            await done
+            if not done.done():
+                reply.uncork()  # a stream: the head now, then every chunk as it is read
+                await done
+            else:
+                done.result()  # a small body arrived with the head: head and body leave in one send
         except asyncio.CancelledError:
             if sse and relay.final:
                 record["reason"] = "stream_complete"

@@ -432,11 +432,11 @@ class AgentConnection(asyncio.Protocol):
 class Reply:
     """Writes one response to the agent with the right framing for the request.
 
-    Writes are corked until the end of the response or of the event loop's
-    current turn, whichever comes first: a small answer, head and body, leaves
-    in one ``send`` instead of two (on loopback the syscall is most of what
-    relaying a small response costs), and a stream still sends each event as
-    soon as its chunk has been read.
+    Writes are corked until the end of the response or ``uncork()``, which the
+    relay calls before it waits for more of a body: a small answer, head and
+    body, leaves in one ``send`` instead of two (on loopback the syscall is most
+    of what relaying a small response costs), and a stream still sends each
+    event as soon as its chunk has been read.
     """
 
     __slots__ = ("_buf", "_chunked", "_conn", "_corked", "_no_body", "keep_alive", "sent", "started", "status")
@@ -454,9 +454,6 @@ class Reply:
 
     def _out(self, data: bytes) -> None:
         if self._corked:
-            if not self._buf:
-                # whatever this turn of the loop adds goes out together at its end, at the latest
-                asyncio.get_running_loop().call_soon(self.uncork)
             self._buf.append(data)
         else:
             self._conn.write(data)
