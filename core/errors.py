@@ -10,13 +10,19 @@ can always say what to fix::
     ├── InvalidInput (ValueError)  + field: where the bad value is (JSON path, key, variable)
     │     policies.PolicyError · llmpolicy.FieldError
     │     webhook: settings.SettingsError · reviews.BadReview · shapes.ShapeError · patching.BadPod
-    │     proxy: settings.SettingsError · paths.PathError
+    │     proxy: settings.SettingsError · paths.PathError · listener.Malformed
+    │     llmledger.LedgerError
     ├── Denied                     + reason: a stable label for metrics and audit lines
-    │     tokens.TokenError · webhook patching.Refused · proxy refusals.Refusal (one per status)
+    │     tokens.TokenError · webhook patching.Refused
+    │     proxy: refusals.Refusal (one per status) · llmrequests.LlmRefusal
     ├── Unavailable                something needed is not reachable or not ready (yet)
     │     webhook caching.Unavailable
     │     proxy: credentials.CredentialError · upstream.UpstreamError · llmslices.LedgerUnavailable
-    └── kubeapi.ApiError           + status, reason: what the apiserver answered
+    ├── kubeapi.ApiError           + status, reason: what the apiserver answered
+    └── proxy decoding.DecodeError   a compressed upstream body that cannot be read
+
+``proxy.routes.HostRefused`` stays an ``OSError``: aiohttp's resolver contract
+needs one. ``tests/core/test_errors.py`` keeps this drawing and the classes in step.
 
 Every class has a ``type``, a stable word for machines; an HTTP edge that
 answers with an error uses ``body()``: ``{"error": {"type", "message"}}``, the

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from sidekey.core import llmpolicy, policies
+from sidekey.core import errors, llmpolicy, policies
 
 ANNOTATION: Final = "sidekey.io/ledger"
 LABEL: Final = "sidekey.io/ledger"
@@ -51,8 +51,11 @@ HEARTBEAT_FRACTION: Final = 0.25
 SAFETY_MARGIN_FRACTION: Final = 0.1
 
 
-class LedgerError(ValueError):
+class LedgerError(errors.InvalidInput):
     """The annotation does not hold a ledger this version can read."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("", message)  # the message says what is wrong with the ANNOTATION
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,3 +31,25 @@ def test_readiness_names_the_failing_checks() -> None:
     assert health.readiness({}) == (200, {"ready": True, "failing": {}})
     assert health.readiness({"policies": "not listed yet"}) == (
         503, {"ready": False, "failing": {"policies": "not listed yet"}})
+
+
+def test_the_tree_in_the_docstring_is_the_tree_in_the_code() -> None:
+    from sidekey.core import kubeapi, llmledger, llmpolicy, policies, tokens
+    from sidekey.proxy import credentials, decoding, listener, llmrequests, llmslices, paths, refusals, upstream
+    from sidekey.proxy import settings as proxy_settings
+    from sidekey.webhook import caching, patching, reviews, shapes
+    from sidekey.webhook import settings as webhook_settings
+
+    branches = {
+        errors.InvalidInput: [policies.PolicyError, llmpolicy.FieldError, webhook_settings.SettingsError,
+                              reviews.BadReview, shapes.ShapeError, patching.BadPod, proxy_settings.SettingsError,
+                              paths.PathError, listener.Malformed, llmledger.LedgerError],
+        errors.Denied: [tokens.TokenError, patching.Refused, refusals.Refusal, llmrequests.LlmRefusal],
+        errors.Unavailable: [caching.Unavailable, credentials.CredentialError, upstream.UpstreamError,
+                             llmslices.LedgerUnavailable],
+        errors.SidekeyError: [kubeapi.ApiError, decoding.DecodeError],
+    }
+    for branch, members in branches.items():
+        for cls in members:
+            assert issubclass(cls, branch), f"{cls.__module__}.{cls.__name__} is not a {branch.__name__}"
+            assert cls.__name__ in (errors.__doc__ or ""), f"{cls.__name__} is missing from the drawing"
