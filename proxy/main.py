@@ -9,19 +9,14 @@ import logging
 import signal
 import sys
 
-from sidekey.core import kubeapi, logs
+from sidekey.core import contract, kubeapi, logs
 from sidekey.proxy import settings, sidecar
 
 log = logging.getLogger("sidekey.proxy")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = (
-        "Configured by environment variables set by the webhook: POD_NAME, POD_NAMESPACE, POD_UID, "
-        "POD_IP, POD_SERVICE_ACCOUNT, SIDEKEY_PORT, SIDEKEY_HEALTH_PORT, SIDEKEY_AUDIENCE, "
-        "SIDEKEY_API_SERVER, SIDEKEY_API_TOKEN_DIR, SIDEKEY_HEALTH_ADDRESS, SIDEKEY_DRAIN_SECONDS, "
-        "SIDEKEY_LOG_LEVEL."
-    )
+    parser.epilog = f"Configured by environment variables set by the webhook: {', '.join(contract.SIDECAR_ENV)}."
 
 
 async def serve(config: settings.Settings) -> int:

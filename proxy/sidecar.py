@@ -17,7 +17,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
-from sidekey.core import health, kubeapi, logs, tokens
+from sidekey.core import contract, health, kubeapi, logs, tokens
 from sidekey.proxy import forwarding, llmexchange, metrics, routes, settings
 
 log = logging.getLogger("sidekey.proxy")
@@ -188,12 +188,12 @@ class Sidecar:
 
     async def _health(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
-        if path == "/healthz":
+        if path == contract.HEALTHZ_PATH:
             return web.Response(text="ok\n")
-        if path == "/readyz":
+        if path == contract.READY_PATH:
             status, body = health.readiness({} if self.ready else self._not_ready())
             return web.Response(status=status, content_type="application/json", text=json.dumps(body))
-        if path == "/metrics":
+        if path == contract.METRICS_PATH:
             return web.Response(
                 body=metrics.exposition(),
                 headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
