@@ -26,10 +26,12 @@ from urllib.parse import unquote
 
 from sidekey.core import errors
 
+#: The patterns end in ``\Z``, never ``$``: ``$`` also matches before a final newline,
+#: which let ``/openai/\n`` through as a segment holding a line feed.
 #: Characters allowed raw in a path (RFC 3986 pchar plus '/'), and '%' for escapes.
-_RAW_PATH: Final = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*$")
+_RAW_PATH: Final = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*\Z")
 #: Characters allowed raw in a query (RFC 3986: pchar, '/', '?').
-_RAW_QUERY: Final = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*$")
+_RAW_QUERY: Final = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*\Z")
 _ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 #: Escapes that change how a path is split or climbed: '.', '/', '\', '%', controls.
 _DANGEROUS_ESCAPE: Final = re.compile(r"%(2[eEfF5]|5[cC]|[01][0-9A-Fa-f]|7[fF])")
@@ -54,8 +56,8 @@ class Target:
 #: characters that do not start with '.', no escapes, no ';' (so no dot-segment,
 #: '//', encoding or backslash trick can be in it). Anything else takes the
 #: careful path below, which refuses or decodes.
-_FAST_PATH: Final = re.compile(r"^(?:/[A-Za-z0-9_~:@,=+-][A-Za-z0-9._~:@,=+-]*)+/?$")
-_FAST_QUERY: Final = re.compile(r"^[A-Za-z0-9._~!$'()*+,;=:@/?&-]*$")
+_FAST_PATH: Final = re.compile(r"^(?:/[A-Za-z0-9_~:@,=+-][A-Za-z0-9._~:@,=+-]*)+/?\Z")
+_FAST_QUERY: Final = re.compile(r"^[A-Za-z0-9._~!$'()*+,;=:@/?&-]*\Z")
 
 
 def parse(raw_target: str) -> Target:

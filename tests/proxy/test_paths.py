@@ -63,6 +63,10 @@ TRICKS = [
     "/openai/...;x/admin",
     "/openai/..%20;x/admin",
     "/.../admin",
+    # a final newline, which '$' would have let through (found by the fuzz test)
+    "/openai/\n",
+    "/openai/models\n",
+    "/openai/models?x=1\n",
 ]
 
 
