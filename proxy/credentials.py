@@ -38,7 +38,7 @@ from sidekey.proxy import scrubbing
 
 log = logging.getLogger("sidekey.proxy.credentials")
 
-_HEADER_SAFE: Final = re.compile(r"^[\x20-\x7e\x80-\xff]*$")
+_HEADER_SAFE: Final = re.compile(r"^[\x20-\x7e\x80-\xff]*\Z")  # \Z: "$" also matches before a final "\n"
 #: Refresh an OAuth2 token this long before it expires (or at 80% of its life if shorter).
 OAUTH_REFRESH_MARGIN: Final = 60.0
 OAUTH_DEFAULT_LIFETIME: Final = 3600.0

@@ -266,3 +266,24 @@ def test_a_token_ca_bundle_that_does_not_load_is_a_clear_503() -> None:
 def test_a_token_ca_bundle_must_be_pem() -> None:
     with pytest.raises(policies.PolicyError, match=r"oauth2ClientCredentials\.caBundle"):
         oauth("https://idp.example/token", "MIIB...")
+
+
+async def test_an_access_token_ending_in_a_newline_is_unusable() -> None:
+    """It would end the header line early upstream ('$' let a final newline through)."""
+    async def token(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "at-1234567890\n", "expires_in": 300})
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        cred = credentials.build(oauth(f"http://127.0.0.1:{port}/token"), SECRETS, insecure=True)
+        assert cred.oauth is not None
+        with pytest.raises(credentials.CredentialError, match="unusable access_token"):
+            await fetch(cred.oauth, None)
+    finally:
+        await runner.cleanup()
