@@ -427,6 +427,25 @@ def test_kubectl_debug_cannot_target_the_sidecar_or_read_its_token(world: World,
     assert out.strip() == "peek: []"
 
 
+def test_an_ephemeral_container_cannot_mount_the_sidecars_api_token(world: World, agent: dict[str, Any]) -> None:
+    """What ``kubectl debug`` cannot express, the API can: a debug container with the sidecar's volume."""
+    import urllib.error
+
+    path = f"/api/v1/namespaces/{world.namespace}/pods/agent"
+    pod = world.cluster.request("GET", path)
+    pod["spec"].setdefault("ephemeralContainers", []).append({
+        "name": "dbg-mount", "image": world.agent_image, "imagePullPolicy": "Never",
+        "command": ["python", "-c", PEEK], "targetContainerName": "agent",
+        "volumeMounts": [{"name": contract.API_TOKEN_VOLUME, "mountPath": "/stolen", "readOnly": True}]})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        world.cluster.request("PUT", path + "/ephemeralcontainers", pod)
+    body = refused.value.read().decode()
+    assert refused.value.code in (400, 403, 422), body
+    assert "sidekey" in body and contract.API_TOKEN_VOLUME in body, body
+    names = [c["name"] for c in world.cluster.request("GET", path)["spec"].get("ephemeralContainers", [])]
+    assert "dbg-mount" not in names
+
+
 # --- shutdown ----------------------------------------------------------------------------------------
 
 
