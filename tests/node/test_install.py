@@ -222,7 +222,24 @@ def test_the_apiserver_calls_the_webhook_through_its_service(node_cluster: Any, 
     assert contract.ANNOTATION_STATUS in pod["metadata"]["annotations"]
     agent = next(c for c in pod["spec"]["containers"] if c["name"] == "agent")
     assert {e["name"] for e in agent.get("env", [])} >= {"OPENAI_BASE_URL"}
-    node_cluster.kubectl("-n", team["namespace"], "delete", "pod", "injected", "--wait=false")
+
+
+def test_the_injected_sidecar_runs_from_the_image_before_the_agent(node_cluster: Any, team: dict[str, str]) -> None:
+    """The image as a sidecar: read-only root, its own UID, in-cluster config with the injected API token."""
+    namespace = team["namespace"]
+    pod = pods.wait_for_phase(node_cluster, namespace, "injected", {"Succeeded", "Failed"}, timeout=120)
+    report = _pods_report(node_cluster, namespace)
+    assert pod["status"]["phase"] == "Succeeded", report
+    [sidecar] = [s for s in pod["status"]["initContainerStatuses"] if s["name"] == contract.SIDECAR_CONTAINER_NAME]
+    [agent] = pod["status"]["containerStatuses"]
+    sidecar_started = sidecar.get("state", {}).get("terminated", {}).get("startedAt") or \
+        sidecar.get("lastState", {}).get("terminated", {}).get("startedAt")
+    agent_started = agent["state"]["terminated"]["startedAt"]
+    assert sidecar_started and sidecar_started <= agent_started, report
+    assert agent["state"]["terminated"]["exitCode"] == 0, report
+    logs = node_cluster.kubectl("-n", namespace, "logs", "injected", "-c", "agent")
+    assert logs.strip() == f"sidekey {image.project_version()}"
+    node_cluster.kubectl("-n", namespace, "delete", "pod", "injected", "--wait=false")
 
 
 def test_helm_test_passes(node_cluster: Any, running: dict[str, float]) -> None:
