@@ -239,7 +239,7 @@ class Gate:
             if llmrequests.lists_models(segments) and llm.models:
                 return Exchange(route, llm, None, None, (), lists_models=True)
             return None
-        where = llmrequests.endpoint(llm.api, segments) if method == "POST" else None
+        where = llmrequests.endpoint(llm.api, segments) if method in llmrequests.BODY_METHODS else None
         if where is None:
             return None
         call = llmrequests.read(llm.api, where, body or b"")
@@ -273,7 +273,7 @@ class Gate:
 
 def reads_body(llm: llmpolicy.Llm, method: str, segments: Sequence[str]) -> bool:
     """Whether the call is one whose body the LLM step reads (so it is read whole)."""
-    return method == "POST" and llmrequests.endpoint(llm.api, segments) is not None
+    return method in llmrequests.BODY_METHODS and llmrequests.endpoint(llm.api, segments) is not None
 
 
 def refusal(exc: llmrequests.LlmRefusal, upstream_name: str) -> refusals.Refusal:

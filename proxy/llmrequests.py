@@ -75,12 +75,26 @@ def _bad(message: str) -> LlmRefusal:
     return LlmRefusal(400, "bad_llm_body", "invalid_request_error", message)
 
 
+#: Methods that carry a body an upstream could take as an LLM request.
+BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _bare(segment: str) -> str:
+    """A segment as a lenient router would route it: matrix parameters cut, case folded."""
+    return segment.split(";", 1)[0].lower()
+
+
 def endpoint(api: llmpolicy.Api, segments: Sequence[str]) -> Endpoint | None:
-    """The LLM endpoint a POST path names, by its last segments (any base path before them)."""
+    """The LLM endpoint a path names, by its last segments (any base path before them).
+
+    Matched leniently (``/CHAT/Completions``, ``/completions;v=1``): some routers
+    fold case or drop matrix parameters, and a call they would route to a model
+    must not pass here as some other path.
+    """
     if not segments:
         return None
-    last = segments[-1]
-    before = segments[-2] if len(segments) > 1 else ""
+    last = _bare(segments[-1])
+    before = _bare(segments[-2]) if len(segments) > 1 else ""
     if api == "openai":
         if last == "completions":
             return "chat" if before == "chat" else "completions"
@@ -96,13 +110,13 @@ def endpoint(api: llmpolicy.Api, segments: Sequence[str]) -> Endpoint | None:
 
 def model_in_path(segments: Sequence[str]) -> str | None:
     """``GET .../models/<id>`` names a model (OpenAI and Anthropic alike)."""
-    if len(segments) >= 2 and segments[-2] == "models":
-        return segments[-1]
+    if len(segments) >= 2 and _bare(segments[-2]) == "models":
+        return segments[-1].split(";", 1)[0]
     return None
 
 
 def lists_models(segments: Sequence[str]) -> bool:
-    return bool(segments) and segments[-1] == "models"
+    return bool(segments) and _bare(segments[-1]) == "models"
 
 
 @dataclass(slots=True)

@@ -30,6 +30,10 @@ def body(**fields: Any) -> bytes:
     ("anthropic", ("v1", "messages", "count_tokens"), "count_tokens"),
     ("anthropic", ("v1", "chat", "completions"), None),
     ("anthropic", (), None),
+    # what a lenient router (case-folding, matrix parameters) would still route to a model
+    ("openai", ("v1", "CHAT", "Completions"), "chat"),
+    ("openai", ("v1", "chat", "completions;v=2"), "chat"),
+    ("anthropic", ("v1", "Messages;x"), "messages"),
 ])
 def test_the_endpoint_is_found_by_the_last_segments(api: llmpolicy.Api, path: tuple[str, ...], want: str | None) -> None:
     assert lr.endpoint(api, path) == want

@@ -230,3 +230,45 @@ async def test_an_unreadable_body_is_a_400_that_says_why(world: World) -> None:
                                  content=b'{"model": "mock-model", "model": "gpt-5"}')
     assert resp.status_code == 400
     assert "repeats the member 'model'" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/openai/v1/CHAT/completions"),  # a case-folding router would route it
+    ("POST", "/openai/v1/chat/completions;v=2"),  # and one that drops matrix parameters
+    ("POST", "/openai/v1/%63hat/completions"),  # percent-encoded, decoded upstream
+    ("POST", "/openai/v1/chat/completions/"),
+    ("PUT", "/openai/v1/chat/completions"),
+    ("PATCH", "/anthropic/v1/Messages"),
+])
+async def test_a_forbidden_model_gets_no_further_by_another_spelling_of_the_endpoint(
+        world: World, method: str, path: str) -> None:
+    async with httpx.AsyncClient() as client:
+        resp = await client.request(method, world.url + path, headers={"Authorization": f"Bearer {mint()}"},
+                                    json={"model": "gpt-5", "max_tokens": 5, "messages": []})
+    assert resp.status_code == 403, resp.text
+    assert "'gpt-5'" in resp.json()["error"]["message"]
+    assert world.mock.seen == []
+
+
+async def test_a_chunked_body_is_read_whole_and_checked(world: World) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"model": "gpt-5", '
+        yield b'"messages": []}'
+
+    async with httpx.AsyncClient() as client:
+        resp = await client.post(f"{world.url}/openai/v1/chat/completions",
+                                 headers={"Authorization": f"Bearer {mint()}"}, content=body())
+    assert resp.status_code == 403 and world.mock.seen == []
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "mock-model", "model": "gpt-5", "messages": []}',
+    b'{"model": "mock-model", "Model": "gpt-5", "messages": []}',
+    b'\x1f\x8b\x08\x00' + b"0" * 20,  # a gzip body the sidecar cannot read
+])
+async def test_a_body_that_could_be_read_another_way_is_a_400_and_never_forwarded(world: World, raw: bytes) -> None:
+    async with httpx.AsyncClient() as client:
+        resp = await client.post(f"{world.url}/openai/v1/chat/completions",
+                                 headers={"Authorization": f"Bearer {mint()}", "Content-Encoding": "gzip"
+                                          if raw.startswith(b"\x1f") else "identity"}, content=raw)
+    assert resp.status_code == 400 and world.mock.seen == []
