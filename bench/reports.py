@@ -13,16 +13,21 @@ from typing import Any
 
 from bench import nginx
 
-#: (key, measure, target text, limit, arm, metric); lower is better for each
+#: (key, measure, target text, limit, arm, metric); lower is better for each (issue 15's goals)
 TARGETS: tuple[tuple[str, str, str, float, str, str], ...] = (
     ("cpu", "CPU on the full path (saturation, 16 conns)", "<= 100 us/request", 100.0,
      "sidekey", "cpu_us_per_req_c16"),
-    ("p99", "added p99 at 500 rps", "<= 1 ms", 1000.0, "sidekey", "added_p99_us_500"),
+    ("p99", "added p99 at 500 rps, worst repetition", "<= 1 ms", 1000.0, "sidekey", "added_p99_us_500"),
     ("sse_ttfb", "added SSE time to first event (p50)", "<= 1 ms", 1000.0, "sidekey", "added_sse_ttfb_us"),
-    ("sse_cpu", "CPU per SSE event", "<= 40 us", 40.0, "sidekey", "sse_cpu_us_per_event"),
-    ("rss", "RSS after load", "<= 45 MB", 45.0, "sidekey", "rss_loaded_mib"),
-    ("ready", "sidecar start to ready", "<= 1 s", 1.0, "sidekey", "ready_s"),
+    ("sse_cpu", "CPU per SSE event", "<= 35 us", 35.0, "sidekey", "sse_cpu_us_per_event"),
+    ("rss", "RSS after load", "<= 35 MB", 35.0, "sidekey", "rss_loaded_mib"),
+    ("private", "private memory after load (RssAnon)", "<= 20 MB", 20.0, "sidekey", "rss_anon_loaded_mib"),
+    ("ready", "sidecar start to ready", "<= 0.5 s", 0.5, "sidekey", "ready_s"),
+    ("nocache", "CPU per request with no token cache (every call a first call)", "<= 250 us", 250.0,
+     "sidekey-nocache", "cpu_us_per_req_c16"),
 )
+#: Targets that must hold in every repetition: the worst one is reported, not the median.
+WORST_OF_REPS = frozenset({"p99"})
 
 ARMS = ("direct", "nginx", "llhttp-floor", "aiohttp-floor", "sidekey", "sidekey-nocache")
 COMPARED = ARMS[2:]
@@ -56,12 +61,14 @@ def assemble(*, plan: dict[str, Any], machine: dict[str, Any], notes: list[str],
     targets: list[dict[str, Any]] = []
     for key, measure, text, limit, arm, metric in TARGETS:
         value = medians.get(arm, {}).get(metric)
+        if key in WORST_OF_REPS and samples.get(arm, {}).get(metric):
+            value = max(samples[arm][metric])
         targets.append({"key": key, "measure": measure, "target": text, "metric": f"{arm}.{metric}",
                         "value": value, "met": value is not None and value <= limit})
     eff = ratios.get("sidekey", {}).get("efficiency_c16_vs_nginx")
     targets.insert(1, {"key": "efficiency", "measure": "CPU efficiency vs nginx (16 conns)",
-                       "target": ">= 0.22x", "metric": "sidekey efficiency_c16_vs_nginx",
-                       "value": eff, "met": eff is not None and eff >= 0.22})
+                       "target": ">= 0.3x", "metric": "sidekey efficiency_c16_vs_nginx",
+                       "value": eff, "met": eff is not None and eff >= 0.3})
     webhook = _webhook_p99(external)
     targets.append({"key": "webhook", "measure": "webhook handler p99 at 100 rps", "target": "<= 5 ms",
                     "metric": "webhook_bench p99_ms", "value": webhook,
