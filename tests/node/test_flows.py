@@ -122,6 +122,7 @@ class World:
     mock: Any
     agent_image: str
     policy: dict[str, Any] = field(default_factory=dict)
+    agent_pod: str = ""  # the agent Deployment's pod
 
     def kubectl(self, *args: str, **kw: Any) -> str:
         return str(self.cluster.kubectl("-n", self.namespace, *args, **kw))
@@ -254,10 +255,25 @@ def _agent_streamed(w: World, name: str) -> bool:
 
 @pytest.fixture(scope="module")
 def agent(world: World) -> dict[str, Any]:
-    """The injected agent pod, running (created once; the flows below act on it)."""
-    pod, took = _running_pod(world, agent_pod(world, "agent"))
-    print(f"agent pod Running with the stream done in {took:.1f}s")
-    return pod
+    """The injected pod of an annotated agent Deployment, running (the flows below act on it)."""
+    template = agent_pod(world, "agent")
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "agent", "namespace": world.namespace},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "agent"}},
+                 "template": {"metadata": {k: template["metadata"][k] for k in ("labels", "annotations")},
+                              "spec": template["spec"]}},
+    }
+    began = time.monotonic()
+    pods.apply(world.cluster, deployment)
+
+    def running_pod() -> str:
+        out = world.kubectl("get", "pods", "-l", "app=agent", "-o", "jsonpath={.items[*].metadata.name}")
+        names = out.split()
+        return names[0] if len(names) == 1 and _agent_streamed(world, names[0]) else ""
+
+    world.agent_pod = _wait("the agent Deployment's pod to run", running_pod, timeout=120)
+    print(f"agent Deployment's pod Running with the stream done in {time.monotonic() - began:.1f}s")
+    return pods.get(world.cluster, world.namespace, world.agent_pod)
 
 
 # --- inject and call -----------------------------------------------------------------------
@@ -267,8 +283,8 @@ def test_the_sidecar_starts_first_and_the_agent_only_after_its_startup_probe(wor
     spec = agent["spec"]
     sidecar = next(c for c in spec["initContainers"] if c["name"] == contract.SIDECAR_CONTAINER_NAME)
     assert sidecar["restartPolicy"] == "Always" and sidecar["startupProbe"]["httpGet"]["path"] == contract.READY_PATH
-    sidecar_log = _timestamps(world, "agent", contract.SIDECAR_CONTAINER_NAME)
-    agent_log = _timestamps(world, "agent", "agent")
+    sidecar_log = _timestamps(world, world.agent_pod, contract.SIDECAR_CONTAINER_NAME)
+    agent_log = _timestamps(world, world.agent_pod, "agent")
     status = agent["status"]
     side_started = status["initContainerStatuses"][0]["state"]["running"]["startedAt"]
     agent_started = status["containerStatuses"][0]["state"]["running"]["startedAt"]
@@ -291,14 +307,14 @@ def test_the_agent_streams_through_the_sidecar_and_the_upstream_sees_the_key(wor
 
 def test_no_log_of_the_pod_shows_the_key(world: World, agent: dict[str, Any]) -> None:
     for container in ("agent", contract.SIDECAR_CONTAINER_NAME):
-        logs = world.kubectl("logs", "agent", "-c", container)
+        logs = world.kubectl("logs", world.agent_pod, "-c", container)
         assert logs.strip()
         for key in KEYS.values():
             assert key not in logs
 
 
 def test_the_agent_container_holds_no_api_token_and_can_read_its_own(world: World, agent: dict[str, Any]) -> None:
-    facts = world.exec_json("agent", INSPECT)
+    facts = world.exec_json(world.agent_pod, INSPECT)
     print(f"agent token file without fsGroup: {facts}")
     assert facts["api_token_dir"] is False
     # /var/run is a symlink to /run in a Debian rootfs; /proc/self/mounts shows the target
@@ -328,7 +344,7 @@ print(json.dumps({"service": ip("kubernetes.default.svc"), "outside": ip("pypi.o
 
 
 def test_a_pod_resolves_service_names_and_nothing_outside(world: World, agent: dict[str, Any]) -> None:
-    facts = world.exec_json("agent", RESOLVE)
+    facts = world.exec_json(world.agent_pod, RESOLVE)
     print(f"pod DNS: {facts}")
     assert facts["service"] == "10.0.0.1"
     assert facts["outside"] == "gaierror"
@@ -340,14 +356,14 @@ def test_a_pod_resolves_service_names_and_nothing_outside(world: World, agent: d
 
 def test_a_forbidden_path_is_refused_by_the_sidecar(world: World, agent: dict[str, Any]) -> None:
     before = len(world.mock.seen)
-    result = world.call("agent", "POST", "/embeddings")
+    result = world.call(world.agent_pod, "POST", "/embeddings")
     assert result["status"] == 403, result
     assert len(world.mock.seen) == before  # nothing reached the upstream
 
 
 def test_a_token_replayed_at_another_pods_sidecar_is_refused(world: World, agent: dict[str, Any]) -> None:
     _running_pod(world, agent_pod(world, "agent-fsgroup", fs_group=4000))  # idempotent if it runs
-    stolen = world.kubectl("exec", "agent", "-c", "agent", "--", "cat", contract.AGENT_TOKEN_PATH).strip()
+    stolen = world.kubectl("exec", world.agent_pod, "-c", "agent", "--", "cat", contract.AGENT_TOKEN_PATH).strip()
     assert world.call("agent-fsgroup", "GET", "/models")["status"] == 200
     replayed = world.call("agent-fsgroup", "GET", "/models", stolen)
     assert replayed["status"] == 401, replayed
@@ -371,7 +387,7 @@ def test_a_rotated_secret_and_an_edited_policy_take_effect_without_a_restart(wor
     rotated = time.monotonic()
 
     def second_key_used() -> bool:
-        result = world.call("agent", "GET", "/models")
+        result = world.call(world.agent_pod, "GET", "/models")
         return result["status"] == 200 and world.seen_keys()[-1] == "second"
 
     _wait("the sidecar to use the rotated key", second_key_used, timeout=120, every=1)
@@ -383,9 +399,9 @@ def test_a_rotated_secret_and_an_edited_policy_take_effect_without_a_restart(wor
     pods.apply(world.cluster, edited)
     changed = time.monotonic()
     _wait("the sidecar to refuse the path the edit removed",
-          lambda: world.call("agent", "GET", "/models")["status"] == 403, timeout=120, every=1)
+          lambda: world.call(world.agent_pod, "GET", "/models")["status"] == 403, timeout=120, every=1)
     print(f"policy edit in effect after {time.monotonic() - changed:.1f}s")
-    status = pods.get(world.cluster, world.namespace, "agent")["status"]
+    status = pods.get(world.cluster, world.namespace, world.agent_pod)["status"]
     restarts = [c["restartCount"] for c in status["initContainerStatuses"] + status["containerStatuses"]]
     assert restarts == [0, 0]
 
@@ -406,23 +422,23 @@ print("peek:", found, flush=True)
 
 
 def test_kubectl_debug_cannot_target_the_sidecar_or_read_its_token(world: World, agent: dict[str, Any]) -> None:
-    refused = world.kubectl("debug", "agent", f"--image={world.agent_image}", "--target",
+    refused = world.kubectl("debug", world.agent_pod, f"--image={world.agent_image}", "--target",
                             contract.SIDECAR_CONTAINER_NAME, "-c", "dbg-sidecar", "--", "python", "-c", PEEK,
                             check=False)
     assert "sidekey" in refused and ("denied" in refused or "forbidden" in refused.lower()), refused
 
-    world.kubectl("debug", "agent", f"--image={world.agent_image}", "--target", "agent",
+    world.kubectl("debug", world.agent_pod, f"--image={world.agent_image}", "--target", "agent",
                   "-c", "dbg", "--", "python", "-c", PEEK)
 
     def finished() -> dict[str, Any] | None:
-        status = pods.get(world.cluster, world.namespace, "agent")["status"]
+        status = pods.get(world.cluster, world.namespace, world.agent_pod)["status"]
         for c in status.get("ephemeralContainerStatuses", []):
             if c["name"] == "dbg" and "terminated" in c["state"]:
                 return dict(c["state"]["terminated"])
         return None
 
     terminated = _wait("the debug container to finish", finished, timeout=60)
-    out = world.kubectl("logs", "agent", "-c", "dbg")
+    out = world.kubectl("logs", world.agent_pod, "-c", "dbg")
     print(f"debug container: {out.strip()} (exit {terminated['exitCode']})")
     assert out.strip() == "peek: []"
 
@@ -431,7 +447,7 @@ def test_an_ephemeral_container_cannot_mount_the_sidecars_api_token(world: World
     """What ``kubectl debug`` cannot express, the API can: a debug container with the sidecar's volume."""
     import urllib.error
 
-    path = f"/api/v1/namespaces/{world.namespace}/pods/agent"
+    path = f"/api/v1/namespaces/{world.namespace}/pods/{world.agent_pod}"
     pod = world.cluster.request("GET", path)
     pod["spec"].setdefault("ephemeralContainers", []).append({
         "name": "dbg-mount", "image": world.agent_image, "imagePullPolicy": "Never",
