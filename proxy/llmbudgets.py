@@ -44,6 +44,11 @@ class Account:
     def now(self) -> float:
         return self._clock()
 
+    def rebudget(self, budget: llmpolicy.Budget) -> None:
+        """The policy changed the total (same window and scope): the spend stays, the limit moves."""
+        self.budget = budget
+        self.limit = budget.tokens
+
     def roll(self) -> int:
         """Move to the window holding now (a new window starts empty); its start."""
         start = self.budget.window_start(self._clock())

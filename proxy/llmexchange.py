@@ -45,7 +45,7 @@ log = logging.getLogger("sidekey.proxy.llm")
 #: The most of a JSON reply kept to read its usage (replies are far smaller).
 MAX_JSON_REPLY: Final = 8 * 1024 * 1024
 
-AccountKey = tuple[str, str, int, int, int, str]  # policy, upstream, index, tokens, window, scope
+AccountKey = tuple[str, str, int, int, str]  # policy, upstream, index, window, scope
 
 
 class StreamCut(upstream.UpstreamError):
@@ -194,11 +194,13 @@ class Gate:
             return []
         found: list[llmbudgets.Account] = []
         for i, b in enumerate(llm.budgets):
-            key: AccountKey = (route.policy, route.name, i, b.tokens, b.window_seconds, b.scope)
+            key: AccountKey = (route.policy, route.name, i, b.window_seconds, b.scope)
             account = self._accounts.get(key)
             if account is None:
                 account = self._new_account(key, route, i, b)
                 self._accounts[key] = account
+            elif account.budget != b:
+                account.rebudget(b)  # a new total keeps what was spent in the window
             found.append(account)
         return found
 

@@ -71,6 +71,11 @@ class SharedAccount(llmbudgets.Account):
     def initial_limit(self) -> int:
         return 0  # nothing is held until the ledger grants it
 
+    def rebudget(self, budget: llmpolicy.Budget) -> None:
+        """A new total: the ledger (rebudgeted by the operator) decides the grants; only the slice moves."""
+        self.budget = budget
+        self.slice = llmledger.slice_size(budget.tokens)
+
     @property
     def valid(self) -> bool:
         return self._mono() < self._valid_until

@@ -131,3 +131,10 @@ def test_count_tokens_spends_nothing() -> None:
     a = account(10, Clock())
     c = lr.read("anthropic", "count_tokens", b'{"model": "claude", "messages": []}')
     assert lb.reserve([a], c, cap=True, upstream="u", policy="p").parts == []
+
+
+def test_a_new_total_keeps_what_was_spent_in_the_window() -> None:
+    a = account(1000, Clock())
+    lb.reserve([a], call(max_tokens=500), cap=True, upstream="u", policy="p").settle(600)
+    a.rebudget(llmpolicy.Budget(2000, "1h", 3600, "pod"))
+    assert a.spent == 600 and a.left() == 1400

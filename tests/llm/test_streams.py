@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from sidekey.proxy import llmrequests, llmstreams
 
 
@@ -156,3 +159,22 @@ def test_a_bounded_openai_stream_reads_only_the_event_with_the_usage() -> None:
     stream = sse(with_null) + sse(USAGE_CHUNK) + sse(b"[DONE]")
     assert m.feed(stream) == sse(with_null) + sse(b"[DONE]")  # the added usage chunk still goes
     assert m.usage == llmstreams.Usage(8, 3, 4) and m.counted == 0
+
+_STREAM = (sse(chunk("hel")) + sse(chunk("lo wörld")) + b": keep-alive\n\n" + sse(USAGE_CHUNK)
+           + sse(b"[DONE]")).replace(b"\n\n", b"\r\n\r\n", 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(0, len(_STREAM)), max_size=12))
+def test_however_the_stream_is_cut_into_reads_the_agent_gets_the_same_bytes_and_the_usage(cuts: list[int]) -> None:
+    whole = meter(call())
+    expected = whole.feed(_STREAM) + whole.flush()
+    m = meter(call())
+    out, last = b"", 0
+    for cut in sorted(cuts):
+        out += m.feed(_STREAM[last:cut])
+        last = cut
+    out += m.feed(_STREAM[last:]) + m.flush()
+    assert out == expected
+    assert m.usage == whole.usage == llmstreams.Usage(8, 3, 4)
+    assert m.counted == whole.counted
