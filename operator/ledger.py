@@ -28,7 +28,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from sidekey.core import contract, kubeapi, llmledger, policies
+from sidekey.core import contract, kubeapi, llmledger, policies, reflector
 from sidekey.operator import rest
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,8 @@ class LedgerKeeper:
         self._report_every = report_every
         self._reported: dict[str, float] = {}  # policy uid -> monotonic time of the last report
         self._clock = clock
-        self.policies = kubeapi.Reflector(api, f"/apis/{contract.GROUP}/{contract.VERSION}/{contract.PLURAL}")
-        self.leases = kubeapi.Reflector(api, LEASES, label_selector=f"{llmledger.LABEL}=true")
+        self.policies = reflector.Reflector(api, f"/apis/{contract.GROUP}/{contract.VERSION}/{contract.PLURAL}")
+        self.leases = reflector.Reflector(api, LEASES, label_selector=f"{llmledger.LABEL}=true")
         self.reclaimed = 0  # holders reclaimed since start (tests and logs)
 
     async def run(self) -> None:

@@ -2,7 +2,7 @@
 
 kopf's own login helpers read only the default kubeconfig; the operator takes
 ``--kubeconfig`` (tests, local runs) or the in-cluster service account, the
-same way as the rest of sidekey (``kubeapi.ApiConfig``). kopf calls the login
+same way as the rest of sidekey (``apiconfig.ApiConfig``). kopf calls the login
 handler again on a 401, which picks up a rotated token file.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import kopf
 
-from sidekey.core import kubeapi
+from sidekey.core import apiconfig
 
 #: The apiserver ends a watch after this long and kopf starts a new one, so a
 #: watch that died silently (a dropped connection no one noticed) is replaced.
@@ -21,10 +21,10 @@ WATCH_SERVER_TIMEOUT = 300
 WATCH_CLIENT_TIMEOUT = WATCH_SERVER_TIMEOUT + 30
 
 
-def api_config(kubeconfig: Path | None) -> kubeapi.ApiConfig:
+def api_config(kubeconfig: Path | None) -> apiconfig.ApiConfig:
     if kubeconfig is not None:
-        return kubeapi.ApiConfig.from_kubeconfig(kubeconfig)
-    return kubeapi.ApiConfig.in_cluster()
+        return apiconfig.ApiConfig.from_kubeconfig(kubeconfig)
+    return apiconfig.ApiConfig.in_cluster()
 
 
 def connection_info(kubeconfig: Path | None) -> kopf.ConnectionInfo:

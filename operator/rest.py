@@ -1,7 +1,7 @@
 """The operator's writes (and the few reads it makes itself) to the apiserver.
 
 kopf watches; this module writes. It is a thin JSON-over-aiohttp client on
-the shared ``kubeapi.ApiConfig`` (in-cluster or kubeconfig), because the
+the shared ``apiconfig.ApiConfig`` (in-cluster or kubeconfig), because the
 operator is asynchronous from end to end and every call here is one HTTP
 request: a thread pool around the synchronous ``kubernetes`` client would add
 nothing but latency. Errors are ``kubeapi.ApiError`` with the apiserver's
@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from sidekey.core import kubeapi
+from sidekey.core import apiconfig, kubeapi
 
 FIELD_MANAGER = "sidekey-operator"
 PatchType = Literal["merge", "apply", "json"]
@@ -42,7 +42,7 @@ def terminating(exc: BaseException) -> bool:
 class Rest(kubeapi.ApiClient):
     """``async with Rest(config) as rest``: the shared apiserver client, plus writes."""
 
-    def __init__(self, config: kubeapi.ApiConfig) -> None:
+    def __init__(self, config: apiconfig.ApiConfig) -> None:
         super().__init__(config, limit=20)
 
     async def __aenter__(self) -> Rest:

@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 
-from sidekey.core import contract, kubeapi, logs
+from sidekey.core import apiconfig, contract, logs
 from sidekey.proxy import settings, sidecar
 
 log = logging.getLogger("sidekey.proxy")
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def serve(config: settings.Settings) -> int:
-    app = sidecar.Sidecar(config, kubeapi.ApiConfig.in_cluster())
+    app = sidecar.Sidecar(config, apiconfig.ApiConfig.in_cluster())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -27,7 +27,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from sidekey.core import contract, kubeapi, policies
+from sidekey.core import contract, kubeapi, policies, reflector
 from sidekey.proxy import credentials, limits, metrics
 
 log = logging.getLogger("sidekey.proxy.routes")
@@ -158,10 +158,10 @@ class Routes:
         self.selection: policies.Selection | None = None
         self._on_rebuild = on_rebuild
         self._tls = TlsContexts()
-        self._secrets: dict[str, kubeapi.Reflector] = {}
+        self._secrets: dict[str, reflector.Reflector] = {}
         self._secret_tasks: dict[str, asyncio.Task[None]] = {}
         self._initial_secrets: frozenset[str] | None = None
-        self.policies = kubeapi.Reflector(
+        self.policies = reflector.Reflector(
             api,
             f"/apis/{contract.GROUP}/{contract.VERSION}/namespaces/{namespace}/{contract.PLURAL}",
             forbidden_is_empty=True,
@@ -214,10 +214,10 @@ class Routes:
 
     def _watch_secret(self, name: str) -> None:
         def changed() -> None:
-            metrics.SECRET_RELOADS.labels("ok" if reflector.objects else "missing").inc()
+            metrics.SECRET_RELOADS.labels("ok" if watch.objects else "missing").inc()
             self.rebuild()
 
-        reflector = kubeapi.Reflector(
+        watch = reflector.Reflector(
             self.api,
             f"/api/v1/namespaces/{self.namespace}/secrets",
             field_selector=f"metadata.name={name}",
@@ -225,14 +225,14 @@ class Routes:
             on_change=changed,
             on_error=lambda exc: metrics.APISERVER_ERRORS.labels("secrets").inc(),
         )
-        self._secrets[name] = reflector
-        self._secret_tasks[name] = asyncio.create_task(reflector.run(), name=f"watch-secret-{name}")
+        self._secrets[name] = watch
+        self._secret_tasks[name] = asyncio.create_task(watch.run(), name=f"watch-secret-{name}")
 
     def secret_data(self, name: str) -> dict[str, str] | None:
-        reflector = self._secrets.get(name)
-        if reflector is None:
+        watch = self._secrets.get(name)
+        if watch is None:
             return None
-        obj = reflector.objects.get(f"{self.namespace}/{name}")
+        obj = watch.objects.get(f"{self.namespace}/{name}")
         return None if obj is None else credentials.decode_secret(obj)
 
     # --- compiling ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
-from sidekey.core import contract, health, kubeapi, logs, tokens
+from sidekey.core import apiconfig, contract, health, kubeapi, logs, tokens
 from sidekey.proxy import forwarding, llmexchange, metrics, routes, settings
 
 log = logging.getLogger("sidekey.proxy")
@@ -27,7 +27,7 @@ AUDIT_FLUSH_SECONDS: Final = 0.2
 
 class Sidecar:
     def __init__(
-        self, config: settings.Settings, api_config: kubeapi.ApiConfig, audit: logs.AuditWriter | None = None
+        self, config: settings.Settings, api_config: apiconfig.ApiConfig, audit: logs.AuditWriter | None = None
     ) -> None:
         self.settings = config
         self.api_config = api_config

@@ -18,7 +18,7 @@ from typing import Any, Final, Protocol
 
 import aiohttp
 
-from sidekey.core import contract, errors, kubeapi, policies
+from sidekey.core import contract, errors, kubeapi, policies, reflector
 
 log = logging.getLogger("sidekey.webhook.caching")
 
@@ -104,7 +104,7 @@ class PolicyCache:
 
     def __init__(self, api: kubeapi.ApiClient) -> None:
         self.api = api
-        self.reflector = kubeapi.Reflector(api, COLLECTION, on_change=self._changed)
+        self.reflector = reflector.Reflector(api, COLLECTION, on_change=self._changed)
         self._parsed: dict[str, tuple[str, policies.AgentPolicy | policies.PolicyError]] = {}
         #: namespace -> keys of its policies; rebuilt after any change, so a
         #: lookup touches its namespace only, however many policies the cluster has.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from sidekey.core import contract, kubeapi, logs
+from sidekey.core import apiconfig, contract, kubeapi, logs
 from sidekey.webhook import caching, serving, tls
 from sidekey.webhook import metrics as metrics_mod
 from sidekey.webhook import settings as settings_mod
@@ -58,8 +58,8 @@ async def _cluster_minor(api: kubeapi.ApiClient) -> int | None:
 async def serve(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
     metrics = metrics_mod.Metrics()
     certificate = tls.ReloadingTLS(args.tls_dir, metrics)
-    config = (kubeapi.ApiConfig.from_kubeconfig(args.kubeconfig) if args.kubeconfig
-              else kubeapi.ApiConfig.in_cluster())
+    config = (apiconfig.ApiConfig.from_kubeconfig(args.kubeconfig) if args.kubeconfig
+              else apiconfig.ApiConfig.in_cluster())
     async with kubeapi.ApiClient(config) as api:
         cache = caching.PolicyCache(api)
         handler = serving.Handler(settings, cache, metrics=metrics, own_namespace=args.namespace,

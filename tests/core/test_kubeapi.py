@@ -15,7 +15,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from sidekey.core import certificates, contract, kubeapi
+from sidekey.core import apiconfig, certificates, contract, kubeapi, reflector
 
 PATH = "/api/v1/namespaces/ns/secrets"
 
@@ -129,8 +129,8 @@ async def fake() -> AsyncIterator[tuple[FakeApiServer, str]]:
     await runner.cleanup()
 
 
-def _config(url: str, token_file: Path | None = None) -> kubeapi.ApiConfig:
-    return kubeapi.ApiConfig(server=url, ca_file=None, token_file=token_file)
+def _config(url: str, token_file: Path | None = None) -> apiconfig.ApiConfig:
+    return apiconfig.ApiConfig(server=url, ca_file=None, token_file=token_file)
 
 
 async def _until(predicate: Any, timeout: float = 3.0) -> None:
@@ -151,7 +151,7 @@ def test_in_cluster_config_reads_the_token_dir_and_server_from_env(
     (tmp_path / "ca.crt").write_text("ca")
     monkeypatch.setenv(contract.ENV_API_TOKEN_DIR, str(tmp_path))
     monkeypatch.setenv(contract.ENV_API_SERVER, "https://127.0.0.1:6443/")
-    cfg = kubeapi.ApiConfig.in_cluster()
+    cfg = apiconfig.ApiConfig.in_cluster()
     assert cfg.server == "https://127.0.0.1:6443"
     assert cfg.token_file == tmp_path / "token"
     assert cfg.ca_file == tmp_path / "ca.crt"
@@ -164,7 +164,7 @@ def test_in_cluster_config_falls_back_to_the_service_env(
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
     (tmp_path / "ca.crt").write_bytes(certificates.make_ca("cluster").cert_pem)
-    cfg = kubeapi.ApiConfig.in_cluster(token_dir=tmp_path)
+    cfg = apiconfig.ApiConfig.in_cluster(token_dir=tmp_path)
     assert cfg.server == "https://10.0.0.1:443"
     assert cfg.ca_file == tmp_path / "ca.crt"
 
@@ -176,21 +176,21 @@ def test_in_cluster_config_without_the_mounted_ca_refuses_to_start(
     monkeypatch.delenv(contract.ENV_API_SERVER, raising=False)
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     with pytest.raises(ValueError, match=r"no cluster CA at .*ca\.crt.*never against the system store"):
-        kubeapi.ApiConfig.in_cluster(token_dir=tmp_path)
+        apiconfig.ApiConfig.in_cluster(token_dir=tmp_path)
 
 
 def test_in_cluster_config_for_a_plain_http_test_server_needs_no_ca(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(contract.ENV_API_SERVER, "http://127.0.0.1:8001")
-    cfg = kubeapi.ApiConfig.in_cluster(token_dir=tmp_path)
+    cfg = apiconfig.ApiConfig.in_cluster(token_dir=tmp_path)
     assert cfg.ca_file is None
 
 
 def test_the_ssl_context_trusts_the_cluster_ca_alone(tmp_path: Path) -> None:
     ca = tmp_path / "ca.crt"
     ca.write_bytes(certificates.make_ca("cluster").cert_pem)
-    ctx = kubeapi.ApiConfig(server="https://10.0.0.1:443", ca_file=ca, token_file=None).ssl_context()
+    ctx = apiconfig.ApiConfig(server="https://10.0.0.1:443", ca_file=ca, token_file=None).ssl_context()
     subjects = [dict(x[0] for x in c["subject"]) for c in ctx.get_ca_certs()]
     assert subjects == [{"commonName": "cluster"}]
 
@@ -198,7 +198,7 @@ def test_the_ssl_context_trusts_the_cluster_ca_alone(tmp_path: Path) -> None:
 def test_an_unreadable_cluster_ca_is_a_value_error_naming_the_file(tmp_path: Path) -> None:
     ca = tmp_path / "ca.crt"
     ca.write_text("not a certificate")
-    config = kubeapi.ApiConfig(server="https://10.0.0.1:443", ca_file=ca, token_file=None)
+    config = apiconfig.ApiConfig(server="https://10.0.0.1:443", ca_file=ca, token_file=None)
     with pytest.raises(ValueError, match=r"cannot load the cluster CA from .*ca\.crt"):
         config.ssl_context()
 
@@ -209,7 +209,7 @@ def test_in_cluster_config_without_any_server_says_what_to_set(
     monkeypatch.delenv(contract.ENV_API_SERVER, raising=False)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(ValueError, match=contract.ENV_API_SERVER):
-        kubeapi.ApiConfig.in_cluster(token_dir=tmp_path)
+        apiconfig.ApiConfig.in_cluster(token_dir=tmp_path)
 
 
 def test_kubeconfig_inline_data_is_written_to_private_files(tmp_path: Path) -> None:
@@ -239,7 +239,7 @@ def test_kubeconfig_inline_data_is_written_to_private_files(tmp_path: Path) -> N
     }
     path = tmp_path / "kubeconfig"
     path.write_text(yaml.safe_dump(kc))
-    cfg = kubeapi.ApiConfig.from_kubeconfig(path)
+    cfg = apiconfig.ApiConfig.from_kubeconfig(path)
     assert cfg.server == "https://127.0.0.1:1"
     assert cfg.ca_data == b"CA" and cfg.ca_file is None
     assert cfg.client_cert_data == b"CERT" and cfg.client_key_data == b"KEY"
@@ -258,7 +258,7 @@ def test_kubeconfig_with_a_token_and_relative_ca(tmp_path: Path) -> None:
     }
     path = tmp_path / "kubeconfig"
     path.write_text(yaml.safe_dump(kc))
-    cfg = kubeapi.ApiConfig.from_kubeconfig(path)
+    cfg = apiconfig.ApiConfig.from_kubeconfig(path)
     assert cfg.ca_file == tmp_path / "ca.pem"
     assert cfg.token == "abc" and cfg.token_file is None
     assert "abc" not in repr(cfg)
@@ -284,7 +284,7 @@ def test_inline_kubeconfig_credentials_leave_no_file_behind(
     }
     path = tmp_path / "kubeconfig"
     path.write_text(yaml.safe_dump(kc))
-    cfg = kubeapi.ApiConfig.from_kubeconfig(path)
+    cfg = apiconfig.ApiConfig.from_kubeconfig(path)
     ctx = cfg.ssl_context()  # loads the CA from memory and the client chain through a transient file
     assert ctx.verify_mode == ssl.CERT_REQUIRED
     assert list(temp.iterdir()) == [], "a credential was left on disk"
@@ -337,7 +337,7 @@ async def test_reflector_lists_then_follows_watch_events(fake: tuple[FakeApiServ
     await server.put("a", {"k": "1"})
     changes: list[int] = []
     async with kubeapi.ApiClient(_config(url)) as api:
-        r = kubeapi.Reflector(api, PATH, on_change=lambda: changes.append(1))
+        r = reflector.Reflector(api, PATH, on_change=lambda: changes.append(1))
         task = asyncio.create_task(r.run())
         try:
             await asyncio.wait_for(r.synced.wait(), 3)
@@ -365,7 +365,7 @@ async def test_reflector_with_a_field_selector_sees_only_that_name(
     await server.put("mine")
     await server.put("other")
     async with kubeapi.ApiClient(_config(url)) as api:
-        r = kubeapi.Reflector(api, PATH, field_selector="metadata.name=mine")
+        r = reflector.Reflector(api, PATH, field_selector="metadata.name=mine")
         task = asyncio.create_task(r.run())
         try:
             await asyncio.wait_for(r.synced.wait(), 3)
@@ -382,11 +382,11 @@ async def test_reflector_with_a_field_selector_sees_only_that_name(
 async def test_reflector_relists_after_410_gone(
     fake: tuple[FakeApiServer, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(kubeapi, "RELIST_JITTER", 0.01)
+    monkeypatch.setattr(reflector, "RELIST_JITTER", 0.01)
     server, url = fake
     await server.put("a")
     async with kubeapi.ApiClient(_config(url)) as api:
-        r = kubeapi.Reflector(api, PATH)
+        r = reflector.Reflector(api, PATH)
         task = asyncio.create_task(r.run())
         try:
             await asyncio.wait_for(r.synced.wait(), 3)
@@ -409,12 +409,12 @@ async def test_reflector_relists_after_410_gone(
 async def test_reflector_treats_forbidden_as_empty_and_keeps_retrying(
     fake: tuple[FakeApiServer, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(kubeapi, "BACKOFF_START", 0.05)
-    monkeypatch.setattr(kubeapi, "FORBIDDEN_RETRY_MAX", 0.1)
+    monkeypatch.setattr(reflector, "BACKOFF_START", 0.05)
+    monkeypatch.setattr(reflector, "FORBIDDEN_RETRY_MAX", 0.1)
     server, url = fake
     server.forbidden = True
     async with kubeapi.ApiClient(_config(url)) as api:
-        r = kubeapi.Reflector(api, PATH, forbidden_is_empty=True)
+        r = reflector.Reflector(api, PATH, forbidden_is_empty=True)
         task = asyncio.create_task(r.run())
         try:
             await asyncio.wait_for(r.synced.wait(), 3)
@@ -431,12 +431,12 @@ async def test_reflector_treats_forbidden_as_empty_and_keeps_retrying(
 async def test_reflector_without_forbidden_is_empty_is_not_synced_by_a_403(
     fake: tuple[FakeApiServer, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(kubeapi, "BACKOFF_START", 0.05)
+    monkeypatch.setattr(reflector, "BACKOFF_START", 0.05)
     server, url = fake
     server.forbidden = True
     errors: list[BaseException] = []
     async with kubeapi.ApiClient(_config(url)) as api:
-        r = kubeapi.Reflector(api, PATH, on_error=errors.append)
+        r = reflector.Reflector(api, PATH, on_error=errors.append)
         task = asyncio.create_task(r.run())
         try:
             await _until(lambda: len(errors) >= 2)
@@ -449,12 +449,12 @@ async def test_reflector_without_forbidden_is_empty_is_not_synced_by_a_403(
 async def test_reflector_keeps_its_cache_while_the_apiserver_is_down(
     fake: tuple[FakeApiServer, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(kubeapi, "BACKOFF_START", 0.05)
+    monkeypatch.setattr(reflector, "BACKOFF_START", 0.05)
     server, url = fake
     await server.put("a", {"k": "v"})
     errors: list[BaseException] = []
     async with kubeapi.ApiClient(_config(url)) as api:
-        r = kubeapi.Reflector(api, PATH, on_error=errors.append)
+        r = reflector.Reflector(api, PATH, on_error=errors.append)
         task = asyncio.create_task(r.run())
         try:
             await asyncio.wait_for(r.synced.wait(), 3)
@@ -472,10 +472,10 @@ async def test_reflector_keeps_its_cache_while_the_apiserver_is_down(
 async def test_reflector_against_a_closed_port_backs_off_and_reports(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(kubeapi, "BACKOFF_START", 0.01)
+    monkeypatch.setattr(reflector, "BACKOFF_START", 0.01)
     errors: list[BaseException] = []
     async with kubeapi.ApiClient(_config("http://127.0.0.1:9")) as api:
-        r = kubeapi.Reflector(api, PATH, on_error=errors.append)
+        r = reflector.Reflector(api, PATH, on_error=errors.append)
         task = asyncio.create_task(r.run())
         try:
             await _until(lambda: len(errors) >= 2)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from sidekey.core import kubeapi, llmledger, llmpolicy
+from sidekey.core import apiconfig, kubeapi, llmledger, llmpolicy
 from sidekey.proxy import llmbudgets, llmrequests, llmslices
 from tests.operator.support import service_account
 from tests.support.kubectl import apply, get, wait_for
@@ -73,7 +73,7 @@ async def agent_api(cluster: Any, namespace: str, tmp: Path, server: str | None 
                     ) -> AsyncIterator[kubeapi.ApiClient]:
     token_file = tmp / f"token-{uuid.uuid4().hex[:6]}"
     token_file.write_text(cluster.token(namespace, "agent", audience=cluster.issuer, seconds=3600))
-    config = kubeapi.ApiConfig(server=server or cluster.url, ca_file=cluster.ca_file, token_file=token_file)
+    config = apiconfig.ApiConfig(server=server or cluster.url, ca_file=cluster.ca_file, token_file=token_file)
     async with kubeapi.ApiClient(config) as api:
         yield api
 

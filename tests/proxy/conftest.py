@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sidekey.core import kubeapi, logs, tokens
+from sidekey.core import apiconfig, logs, reflector, tokens
 from sidekey.proxy import forwarding, routes, settings, sidecar
 from tests.proxy.fakes import (
     ISSUER,
@@ -117,9 +117,9 @@ async def fake_api() -> AsyncIterator[FakeApi]:
 async def running(
     fake_api: FakeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[sidecar.Sidecar]:
-    monkeypatch.setattr(kubeapi, "FORBIDDEN_RETRY_MAX", 0.2)
-    monkeypatch.setattr(kubeapi, "BACKOFF_START", 0.05)
-    monkeypatch.setattr(kubeapi, "RELIST_JITTER", 0.01)
+    monkeypatch.setattr(reflector, "FORBIDDEN_RETRY_MAX", 0.2)
+    monkeypatch.setattr(reflector, "BACKOFF_START", 0.05)
+    monkeypatch.setattr(reflector, "RELIST_JITTER", 0.01)
     (tmp_path / "token").write_text("api-token")
     config = settings.Settings(
         pod_name=POD,
@@ -132,7 +132,7 @@ async def running(
         health_address="127.0.0.1",
         drain_seconds=2,
     )
-    api_config = kubeapi.ApiConfig(
+    api_config = apiconfig.ApiConfig(
         server=f"http://127.0.0.1:{fake_api.port}", ca_file=None, token_file=tmp_path / "token"
     )
     sc = sidecar.Sidecar(config, api_config, audit=logs.AuditWriter(io.StringIO()))
