@@ -371,11 +371,20 @@ class Proxy:
         # --- the exchange
         timeout = route.timeout.sock_read or float(up.limits.timeout_seconds)
         started = time.perf_counter()
-        up_conn = await self._send(route, data, request, timeout, retry=not streamed_body)
+        up_conn = await self._send(route, data, request, timeout)
         try:
             if streamed_body:
                 await self._upload(request, route, up_conn, length is None, record)
-            await up_conn.head()
+            try:
+                await up_conn.head()
+            except upstream.Broken:
+                # a pooled connection the upstream closed while it sat idle fails before any
+                # answer: the request (read whole, so it can be sent again) goes on a new one
+                if streamed_body or not up_conn.reused or up_conn.received_any:
+                    raise
+                up_conn.abandon()
+                up_conn = await self._send(route, data, request, timeout, fresh=True)
+                await up_conn.head()
             self._histogram(metrics.UPSTREAM_DURATION, route.name).observe(time.perf_counter() - started)
             status = await self._respond(request, conn, reply, up_conn, scrubber, chunk_hooks, record, exchange)
         except upstream.UpstreamError as exc:
@@ -390,28 +399,16 @@ class Proxy:
         return status
 
     async def _send(
-        self, route: routes.Route, data: bytes, request: listener.Request, read_timeout: float, *, retry: bool
+        self, route: routes.Route, data: bytes, request: listener.Request, read_timeout: float, *,
+        fresh: bool = False,
     ) -> upstream.UpstreamConnection:
-        """A connection with the request head (and small body) on its way; one retry on a stale one."""
+        """A connection with the request head (and small body) on its way."""
         try:
-            up_conn = await self.pool.acquire(route)
+            up_conn = await self.pool.acquire(route, fresh=fresh)
         except upstream.UpstreamError as exc:
             raise self._failure(route, exc) from None
         up_conn.send(data, head_method=request.method == "HEAD", timeout=read_timeout)
-        if not (retry and up_conn.reused):
-            return up_conn
-        # a pooled connection the upstream closed while idle fails before any answer: try a new one
-        await asyncio.sleep(0)
-        if not up_conn.closed:
-            return up_conn
-        if up_conn.received_any:
-            return up_conn
-        try:
-            fresh = await self.pool.acquire(route)
-        except upstream.UpstreamError as exc:
-            raise self._failure(route, exc) from None
-        fresh.send(data, head_method=request.method == "HEAD", timeout=read_timeout)
-        return fresh
+        return up_conn
 
     async def _upload(
         self,

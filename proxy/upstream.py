@@ -262,6 +262,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._pool.track(self)
         self.transport.write(data)
 
+    @property
+    def transport_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
@@ -391,16 +395,17 @@ class Pool:
         if self._busy:
             self._sweep = loop.call_later(self.SWEEP_SECONDS, self._sweep_busy)
 
-    async def acquire(self, route: routes.Route) -> UpstreamConnection:
+    async def acquire(self, route: routes.Route, *, fresh: bool = False) -> UpstreamConnection:
+        """An idle connection to the route's origin, or (``fresh``, or none idle) a new one."""
         up = route.upstream
         ctx = route.ssl if isinstance(route.ssl, ssl.SSLContext) else None
         origin: Origin = (up.scheme, up.host, up.port, id(ctx))
-        idle = self._idle.get(origin)
+        idle = None if fresh else self._idle.get(origin)
         if idle:
             now = time.monotonic()
             while idle:
                 conn = idle.pop()
-                if not conn.closed and now - conn.idle_since < IDLE_SECONDS:
+                if not conn.closed and not conn.transport_closing and now - conn.idle_since < IDLE_SECONDS:
                     conn.reused = True
                     return conn
                 conn.abandon()

@@ -620,3 +620,38 @@ async def test_a_client_that_leaves_mid_request_keeps_the_upstream_label(
     assert (line["status"], line["reason"], line["upstream"]) == (499, "client_disconnected", "openai")
     assert _requests_counted("openai", "499") == before + 1
     assert _requests_counted("", "499") == 0
+
+
+async def test_a_pooled_connection_the_upstream_dropped_is_retried_once_on_a_new_one(
+    make_proxy: ProxyFactory,
+) -> None:
+    # each connection answers its first request and closes on the second without a word:
+    # what an upstream's idle timeout looks like when it races the sidecar's next request
+    seen: list[int] = []
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                seen.append(served)
+                if served:
+                    return
+                served += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(client, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{port}")), secrets=SECRETS)
+        for _ in range(3):
+            status, _, body = await call(f"{p.url}/openai/x", token=mint())
+            assert (status, body) == (200, b"ok")
+        assert seen.count(1) >= 1, seen  # a reused connection was dropped at least once, and retried
+    finally:
+        server.close()
