@@ -96,13 +96,13 @@ def apply(patches: set[str]) -> None:
         import ctypes
 
         from sidekey.proxy import sidecar
-        start_untrimmed = sidecar.Sidecar.start
+        start_untrimmed = sidecar.SidecarProcess.start
 
-        async def start_then_trim(self: sidecar.Sidecar) -> None:
+        async def start_then_trim(self: sidecar.SidecarProcess) -> None:
             await start_untrimmed(self)
             gc.collect()
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        sidecar.Sidecar.start = start_then_trim  # type: ignore[method-assign]
+        sidecar.SidecarProcess.start = start_then_trim  # type: ignore[method-assign]
     if "uvloop" in patches:
         import uvloop
         uvloop.install()

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def serve(config: settings.Settings) -> int:
-    app = sidecar.Sidecar(config, apiconfig.ApiConfig.in_cluster())
+    app = sidecar.SidecarProcess(config, apiconfig.ApiConfig.in_cluster())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -25,7 +25,7 @@ log = logging.getLogger("sidekey.proxy")
 AUDIT_FLUSH_SECONDS: Final = 0.2
 
 
-class Sidecar:
+class SidecarProcess:
     def __init__(
         self, config: settings.Settings, api_config: apiconfig.ApiConfig, audit: logs.AuditWriter | None = None
     ) -> None:

@@ -197,7 +197,7 @@ def _volume_risks(volumes: Sequence[Mapping[str, Any]], annotations: Mapping[str
     return out
 
 
-def _port_clashes(containers: Iterable[Mapping[str, Any]], sidecar: sidecars.Sidecar) -> list[Refusal]:
+def _port_clashes(containers: Iterable[Mapping[str, Any]], sidecar: sidecars.SidecarSpec) -> list[Refusal]:
     out: list[Refusal] = []
     for c in containers:
         for p in c.get("ports") or []:
@@ -210,7 +210,7 @@ def _port_clashes(containers: Iterable[Mapping[str, Any]], sidecar: sidecars.Sid
 
 
 def pod_risks(pod: Mapping[str, Any], policy_list: Sequence[policies.AgentPolicy],
-              settings: settings_mod.Settings, sidecar: sidecars.Sidecar) -> list[Refusal]:
+              settings: settings_mod.Settings, sidecar: sidecars.SidecarSpec) -> list[Refusal]:
     """Everything wrong with a pod about to be injected; empty when it may proceed."""
     spec = pod.get("spec") or {}
     annotations = (pod.get("metadata") or {}).get("annotations") or {}

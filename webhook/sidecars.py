@@ -103,7 +103,7 @@ class Volume(TypedDict):
 
 
 @dataclass(frozen=True, slots=True)
-class Sidecar:
+class SidecarSpec:
     """The sidecar one pod gets: settings plus that pod's allowed overrides."""
 
     image: str
@@ -122,7 +122,7 @@ def _port_override(value: str, settings: settings_mod.Settings) -> tuple[int | N
     return port, None
 
 
-def resolve(annotations: Mapping[str, str], settings: settings_mod.Settings) -> tuple[Sidecar, list[str]]:
+def resolve(annotations: Mapping[str, str], settings: settings_mod.Settings) -> tuple[SidecarSpec, list[str]]:
     """The pod's sidecar and the problems with its override annotations (each a refusal)."""
     problems: list[str] = []
     image = annotations.get(contract.ANNOTATION_IMAGE, settings.image)
@@ -160,7 +160,7 @@ def resolve(annotations: Mapping[str, str], settings: settings_mod.Settings) -> 
         if req and lim and quantity(req) > quantity(lim):
             problems.append(f"sidecar {kind} request {req} exceeds its limit {lim}; fix the "
                             f"sidekey.io/{kind}-request or sidekey.io/{kind}-limit annotation")
-    return Sidecar(image=image, port=port, health_port=settings.health_port, resources=resources), problems
+    return SidecarSpec(image=image, port=port, health_port=settings.health_port, resources=resources), problems
 
 
 def quantity(text: str) -> Decimal:
@@ -184,7 +184,7 @@ def _field_env(name: str, path: str) -> EnvVar:
     return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
 
-def _probe(sidecar: Sidecar, *, period: int, failures: int) -> Probe:
+def _probe(sidecar: SidecarSpec, *, period: int, failures: int) -> Probe:
     return {
         "httpGet": {"path": contract.READY_PATH, "port": sidecar.health_port, "scheme": "HTTP"},
         "timeoutSeconds": 1, "periodSeconds": period, "successThreshold": 1,
@@ -192,7 +192,7 @@ def _probe(sidecar: Sidecar, *, period: int, failures: int) -> Probe:
     }
 
 
-def container(sidecar: Sidecar, settings: settings_mod.Settings) -> Container:
+def container(sidecar: SidecarSpec, settings: settings_mod.Settings) -> Container:
     """The native sidecar: an init container with restartPolicy Always, placed first."""
     return {
         "name": contract.SIDECAR_CONTAINER_NAME,

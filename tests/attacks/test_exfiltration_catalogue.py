@@ -269,7 +269,7 @@ REWRITTEN_HOSTS = {
 
 
 @pytest.fixture(scope="module")
-def rewritten(cluster: Any, attack_world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[world.Sidecar]:
+def rewritten(cluster: Any, attack_world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[world.SubjectSidecar]:
     """A second sidecar of the same pod whose /etc/hosts names upstream hosts after local addresses."""
     w = attack_world
     directory = tmp_path_factory.mktemp("rewritten-hosts")
@@ -289,7 +289,7 @@ def rewritten(cluster: Any, attack_world: World, tmp_path_factory: pytest.TempPa
         cluster.kubectl("delete", "agentpolicy", "rewritten-hosts", "-n", w.namespace, "--ignore-not-found")
 
 
-def _launch_dual_stack(cluster: Any, namespace: str, pod_uid: str, workdir: Path, hosts: Path) -> world.Sidecar:
+def _launch_dual_stack(cluster: Any, namespace: str, pod_uid: str, workdir: Path, hosts: Path) -> world.SubjectSidecar:
     """``world.launch`` for a dual-stack pod: the downward API gives ``POD_IPS`` both addresses."""
     pod = podplayer.PodIdentity(namespace, world.POD, pod_uid, world.SA, world.POD_IP)
     procs = Processes(workdir / "logs")
@@ -301,12 +301,12 @@ def _launch_dual_stack(cluster: Any, namespace: str, pod_uid: str, workdir: Path
     except (TimeoutError, RuntimeError) as exc:
         procs.stop_all()
         raise AssertionError(f"the sidecar did not become ready: {exc}") from None
-    return world.Sidecar(cluster, namespace, pod_uid, running, workdir, podplayer.mint_agent_token(cluster, pod), procs)
+    return world.SubjectSidecar(cluster, namespace, pod_uid, running, workdir, podplayer.mint_agent_token(cluster, pod), procs)
 
 
 @pytest.mark.parametrize("name", list(REWRITTEN_HOSTS))
 def test_a_policy_hostname_rewritten_in_the_pods_hosts_file_is_refused(
-        fresh: World, rewritten: world.Sidecar, name: str) -> None:
+        fresh: World, rewritten: world.SubjectSidecar, name: str) -> None:
     w = fresh
     before = len(w.upstream.seen)
     answer: world.Response | None = None

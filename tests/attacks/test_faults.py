@@ -43,7 +43,7 @@ class Faulty:
     cluster: Any
     namespace: str
     upstream: world.Upstream
-    sidecar: world.Sidecar
+    sidecar: world.SubjectSidecar
     closed_port: int
 
     def get(self, target: str, **kw: Any) -> world.Response:

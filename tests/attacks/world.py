@@ -142,7 +142,7 @@ def subject(cluster: LocalCluster, namespace: str, upstream_url: str,
 
 
 @dataclass
-class Sidecar:
+class SubjectSidecar:
     cluster: LocalCluster
     namespace: str
     pod_uid: str
@@ -191,7 +191,7 @@ class Sidecar:
 
 
 def launch(cluster: LocalCluster, namespace: str, pod_uid: str, workdir: Path, *, pod_ip: str = POD_IP,
-           hosts_file: Path | None = None, drain_seconds: str = "10", wait: bool = True) -> Sidecar:
+           hosts_file: Path | None = None, drain_seconds: str = "10", wait: bool = True) -> SubjectSidecar:
     """Start ``sidekey proxy`` with the files and env the injected spec gives it.
 
     With ``hosts_file`` the sidecar runs in a private mount namespace whose
@@ -212,7 +212,7 @@ def launch(cluster: LocalCluster, namespace: str, pod_uid: str, workdir: Path, *
         procs.stop_all()
         raise AssertionError(f"the sidecar did not become ready: {exc}") from None
     agent_token = podplayer.mint_agent_token(cluster, pod)
-    return Sidecar(cluster, namespace, pod_uid, running, workdir, agent_token, procs)
+    return SubjectSidecar(cluster, namespace, pod_uid, running, workdir, agent_token, procs)
 
 
 # --- raw HTTP ---------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ class World:
     pod_uid: str
     upstream: Upstream
     trap: Trap
-    sidecar: Sidecar
+    sidecar: SubjectSidecar
 
     @property
     def token(self) -> str:

@@ -116,7 +116,7 @@ async def fake_api() -> AsyncIterator[FakeApi]:
 @pytest.fixture
 async def running(
     fake_api: FakeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[sidecar.Sidecar]:
+) -> AsyncIterator[sidecar.SidecarProcess]:
     monkeypatch.setattr(reflector, "FORBIDDEN_RETRY_MAX", 0.2)
     monkeypatch.setattr(reflector, "BACKOFF_START", 0.05)
     monkeypatch.setattr(reflector, "RELIST_JITTER", 0.01)
@@ -135,7 +135,7 @@ async def running(
     api_config = apiconfig.ApiConfig(
         server=f"http://127.0.0.1:{fake_api.port}", ca_file=None, token_file=tmp_path / "token"
     )
-    sc = sidecar.Sidecar(config, api_config, audit=logs.AuditWriter(io.StringIO()))
+    sc = sidecar.SidecarProcess(config, api_config, audit=logs.AuditWriter(io.StringIO()))
     await sc.start()
     yield sc
     if not sc.draining:

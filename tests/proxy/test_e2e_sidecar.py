@@ -133,7 +133,7 @@ def secret_manifest(namespace: str, name: str, data: dict[str, str]) -> dict[str
 
 
 @dataclass
-class Sidecar:
+class SharedSidecar:
     namespace: str
     url: str
     health_url: str
@@ -194,7 +194,7 @@ def start_proxy(
 
 
 @pytest.fixture(scope="module")
-def sidecar(cluster: Any, crds: list[str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
+def sidecar(cluster: Any, crds: list[str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedSidecar]:
     workdir = tmp_path_factory.mktemp("sidecar")
     namespace = make_namespace(cluster, "skproxy")
     upstream = MockLLM({"openai-current": OPENAI_KEY, "anthropic-current": ANTHROPIC_KEY},
@@ -266,7 +266,7 @@ def sidecar(cluster: Any, crds: list[str], tmp_path_factory: pytest.TempPathFact
     token_file = agent_dir / "token"
     token_file.write_text(cluster.token(namespace, SA, audience="sidekey", pod_name=POD, pod_uid=pod_uid))
     proc, port, health = start_proxy(cluster, namespace, pod_uid, workdir)
-    sc = Sidecar(
+    sc = SharedSidecar(
         namespace,
         f"http://127.0.0.1:{port}",
         f"http://127.0.0.1:{health}",
@@ -295,7 +295,7 @@ def _alive(proc: subprocess.Popen[bytes]) -> bool:
     return proc.poll() is None
 
 
-def _ready(sc: Sidecar) -> bool:
+def _ready(sc: SharedSidecar) -> bool:
     try:
         return http("GET", f"{sc.health_url}/readyz")[0] == 200
     except OSError:
@@ -305,7 +305,7 @@ def _ready(sc: Sidecar) -> bool:
 # --- the SDKs ---------------------------------------------------------------------------------
 
 
-def openai_client(sc: Sidecar) -> openai.OpenAI:
+def openai_client(sc: SharedSidecar) -> openai.OpenAI:
     return openai.OpenAI(
         base_url=f"{sc.url}/openai",
         api_key="unused",
@@ -314,7 +314,7 @@ def openai_client(sc: Sidecar) -> openai.OpenAI:
     )
 
 
-def test_the_openai_sdk_chats_through_the_sidecar_with_the_real_key(sidecar: Sidecar) -> None:
+def test_the_openai_sdk_chats_through_the_sidecar_with_the_real_key(sidecar: SharedSidecar) -> None:
     with openai_client(sidecar) as client:
         reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
         assert reply.choices[0].message.content == "hello from upstream"
@@ -323,7 +323,7 @@ def test_the_openai_sdk_chats_through_the_sidecar_with_the_real_key(sidecar: Sid
     assert all(s.key_ok and not s.caller_token_seen for s in seen)
 
 
-def test_the_openai_sdk_streams_event_by_event(sidecar: Sidecar) -> None:
+def test_the_openai_sdk_streams_event_by_event(sidecar: SharedSidecar) -> None:
     arrivals: list[float] = []
     text = ""
     with openai_client(sidecar) as client:
@@ -338,7 +338,7 @@ def test_the_openai_sdk_streams_event_by_event(sidecar: Sidecar) -> None:
     assert arrivals[-1] - arrivals[0] > 0.15  # 0.1 s apart upstream: not buffered into one
 
 
-def test_the_anthropic_sdk_with_the_token_as_its_api_key(sidecar: Sidecar) -> None:
+def test_the_anthropic_sdk_with_the_token_as_its_api_key(sidecar: SharedSidecar) -> None:
     # the plain way: read the file and pass it as the api key (per client, so per request here)
     client = anthropic.Anthropic(base_url=f"{sidecar.url}/anthropic", api_key=sidecar.token(), max_retries=0)
     msg = client.messages.create(
@@ -355,7 +355,7 @@ def test_the_anthropic_sdk_with_the_token_as_its_api_key(sidecar: Sidecar) -> No
     assert len(seen) == 2 and all(s.key_ok and not s.caller_token_seen for s in seen)
 
 
-def test_curl_works_with_the_token_file(sidecar: Sidecar) -> None:
+def test_curl_works_with_the_token_file(sidecar: SharedSidecar) -> None:
     out = subprocess.run(
         [
             "curl",
@@ -375,7 +375,7 @@ def test_curl_works_with_the_token_file(sidecar: Sidecar) -> None:
     assert code == "200" and json.loads(body)["data"][0]["id"] == "mock-model"
 
 
-def test_refusals_from_the_real_token_path(sidecar: Sidecar) -> None:
+def test_refusals_from_the_real_token_path(sidecar: SharedSidecar) -> None:
     cluster = sidecar.cluster
     other_aud = cluster.token(sidecar.namespace, SA, audience=cluster.issuer)
     status, body = http("GET", f"{sidecar.url}/openai/models", other_aud)
@@ -390,7 +390,7 @@ def test_refusals_from_the_real_token_path(sidecar: Sidecar) -> None:
     assert status == 404
 
 
-def test_the_sidecar_account_cannot_read_a_secret_outside_the_policy(sidecar: Sidecar) -> None:
+def test_the_sidecar_account_cannot_read_a_secret_outside_the_policy(sidecar: SharedSidecar) -> None:
     base = f"{sidecar.cluster.url}/api/v1/namespaces/{sidecar.namespace}/secrets"
     import ssl
 
@@ -412,7 +412,7 @@ def test_the_sidecar_account_cannot_read_a_secret_outside_the_policy(sidecar: Si
 # --- live changes ----------------------------------------------------------------------------
 
 
-def test_a_rotated_secret_is_used_within_two_seconds(sidecar: Sidecar) -> None:
+def test_a_rotated_secret_is_used_within_two_seconds(sidecar: SharedSidecar) -> None:
     sidecar.upstream.keys = {"openai-rotated": ROTATED_KEY, "anthropic-current": ANTHROPIC_KEY}  # old one revoked
     apply(
         sidecar.cluster,
@@ -427,7 +427,7 @@ def test_a_rotated_secret_is_used_within_two_seconds(sidecar: Sidecar) -> None:
     assert sidecar.upstream.seen[-1].key_ok
 
 
-def test_prometheus_scrapes_request_counters_and_no_secret(sidecar: Sidecar, tmp_path: Path) -> None:
+def test_prometheus_scrapes_request_counters_and_no_secret(sidecar: SharedSidecar, tmp_path: Path) -> None:
     binary = shutil.which("prometheus") or "/usr/bin/prometheus"
     assert Path(binary).exists(), "Debian's prometheus package is needed (hack/system-packages.sh)"
     port = free_port()
@@ -487,7 +487,7 @@ def test_prometheus_scrapes_request_counters_and_no_secret(sidecar: Sidecar, tmp
         prom.wait(10)
 
 
-def test_a_policy_edit_that_denies_takes_effect_within_two_seconds(sidecar: Sidecar) -> None:
+def test_a_policy_edit_that_denies_takes_effect_within_two_seconds(sidecar: SharedSidecar) -> None:
     def chat_status() -> int:
         return http(
             "POST",
@@ -503,7 +503,7 @@ def test_a_policy_edit_that_denies_takes_effect_within_two_seconds(sidecar: Side
     assert elapsed < 2.0
 
 
-def test_no_secret_or_token_in_any_log_or_audit_line(sidecar: Sidecar) -> None:
+def test_no_secret_or_token_in_any_log_or_audit_line(sidecar: SharedSidecar) -> None:
     text = sidecar.logs()
     audit = [json.loads(line) for line in sidecar.stdout.read_text().splitlines() if line.strip()]
     assert audit and {
@@ -523,7 +523,7 @@ def test_no_secret_or_token_in_any_log_or_audit_line(sidecar: Sidecar) -> None:
         assert secret not in text
 
 
-def test_sigterm_drains_an_open_stream_and_exits_zero(sidecar: Sidecar) -> None:
+def test_sigterm_drains_an_open_stream_and_exits_zero(sidecar: SharedSidecar) -> None:
     received: list[bytes] = []
     port = int(sidecar.url.rsplit(":", 1)[1])
 

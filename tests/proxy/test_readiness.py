@@ -16,7 +16,7 @@ async def _readyz(port: int) -> tuple[int, object]:
         return r.status, json.loads(await r.read())
 
 
-async def test_a_ready_sidecar_answers_200_with_nothing_failing(running: sidecar.Sidecar) -> None:
+async def test_a_ready_sidecar_answers_200_with_nothing_failing(running: sidecar.SidecarProcess) -> None:
     for _ in range(100):
         if running.ready:
             break
@@ -25,7 +25,7 @@ async def test_a_ready_sidecar_answers_200_with_nothing_failing(running: sidecar
 
 
 async def test_a_sidecar_without_signing_keys_names_the_jwks_check(
-        fake_api: FakeApi, running: sidecar.Sidecar) -> None:
+        fake_api: FakeApi, running: sidecar.SidecarProcess) -> None:
     running.keys.keys.clear()  # the state before the first JWKS fetch
     running._was_ready = False  # readiness latches once reached; this sidecar never was
     status, body = await _readyz(running.health_port)

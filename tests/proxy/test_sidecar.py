@@ -40,7 +40,7 @@ async def until(predicate: Any, timeout: float = 5.0) -> None:
 
 
 async def test_forbidden_policies_mean_ready_with_no_upstreams_then_a_policy_applies_live(
-    fake_api: FakeApi, running: sidecar.Sidecar, upstream: Upstream
+    fake_api: FakeApi, running: sidecar.SidecarProcess, upstream: Upstream
 ) -> None:
     health = f"http://127.0.0.1:{running.health_port}"
     proxy = f"http://127.0.0.1:{running.proxy_port}"
@@ -68,7 +68,7 @@ async def test_forbidden_policies_mean_ready_with_no_upstreams_then_a_policy_app
 
 
 async def test_the_apiserver_going_away_does_not_stop_the_sidecar(
-    fake_api: FakeApi, running: sidecar.Sidecar, upstream: Upstream
+    fake_api: FakeApi, running: sidecar.SidecarProcess, upstream: Upstream
 ) -> None:
     proxy = f"http://127.0.0.1:{running.proxy_port}"
     fake_api.secrets["keys"] = {
@@ -94,7 +94,7 @@ async def test_the_apiserver_going_away_does_not_stop_the_sidecar(
     assert b"sk-live-key" not in metrics_text
 
 
-async def test_sigterm_style_stop_drains_and_readiness_drops(running: sidecar.Sidecar) -> None:
+async def test_sigterm_style_stop_drains_and_readiness_drops(running: sidecar.SidecarProcess) -> None:
     health = f"http://127.0.0.1:{running.health_port}"
     stopping = asyncio.create_task(running.stop())
     await asyncio.sleep(0)
@@ -105,7 +105,7 @@ async def test_sigterm_style_stop_drains_and_readiness_drops(running: sidecar.Si
 
 
 async def test_a_deleted_secret_gives_503_for_its_upstream_only(
-    fake_api: FakeApi, running: sidecar.Sidecar, upstream: Upstream
+    fake_api: FakeApi, running: sidecar.SidecarProcess, upstream: Upstream
 ) -> None:
     proxy = f"http://127.0.0.1:{running.proxy_port}"
     fake_api.secrets["keys"] = {
