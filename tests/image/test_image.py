@@ -269,3 +269,15 @@ def test_the_agent_image_has_the_sdks_and_shares_the_runtime_layer(
     for sdk in ("openai", "anthropic"):
         assert (site / f"{sdk}-{pins[sdk]}.dist-info").is_dir()
     assert (root / "bin" / "sh").exists()  # the test agent keeps a shell, for kubectl exec
+
+
+def test_hack_image_needs_neither_docker_nor_the_projects_venv(built: image.Image, tmp_path: Path) -> None:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": os.environ["HOME"]}
+    if "SIDEKEY_IMAGE_CACHE" in os.environ:
+        env["SIDEKEY_IMAGE_CACHE"] = os.environ["SIDEKEY_IMAGE_CACHE"]
+    proc = subprocess.run([str(image.ROOT / "hack" / "image"), "--output", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr
+    archive = tmp_path / f"sidekey-{image.tag()}.oci.tar"
+    assert proc.stdout.split() == [image.reference(), str(archive)]
+    assert image.read_archive(archive)[1]["config"] == built.config
