@@ -38,7 +38,7 @@ Scope = Literal["pod", "serviceAccount"]
 SCOPES: Final[tuple[str, ...]] = get_args(Scope)
 
 #: Window lengths: a count and a unit (minutes, hours, days).
-_WINDOW = re.compile(r"^([1-9][0-9]{0,4})(m|h|d)$")
+_WINDOW = re.compile(r"^([1-9][0-9]{0,4})(m|h|d)\Z")
 _UNITS: Final = {"m": 60, "h": 3600, "d": 86400}
 MIN_WINDOW_SECONDS: Final = 60
 MAX_WINDOW_SECONDS: Final = 366 * 86400
@@ -47,7 +47,7 @@ MAX_MODELS: Final = 64
 MAX_BUDGETS: Final = 8
 #: Model names as the providers spell them (``gpt-4.1-mini``, ``claude-sonnet-4-5``,
 #: ``ft:gpt-4o:org::id``, ``meta-llama/Llama-3-70b``), optionally ending in ``*``.
-_MODEL = re.compile(r"^(\*|[A-Za-z0-9][-A-Za-z0-9._:/@+]{0,199}\*?)$")
+_MODEL = re.compile(r"^(\*|[A-Za-z0-9][-A-Za-z0-9._:/@+]{0,199}\*?)\Z")
 
 
 class FieldError(errors.InvalidInput):

@@ -25,12 +25,12 @@ METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OP
 DEFAULT_MAX_REQUEST_BYTES: Final = 10 * 1024 * 1024
 DEFAULT_TIMEOUT_SECONDS: Final = 600
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
-_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9._~!$&'()+,;=:@-]+$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\Z")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+\Z")
+_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9._~!$&'()+,;=:@-]+\Z")
 
 
 # --- Raw shapes, as the apiserver serves them ---------------------------------

@@ -123,6 +123,12 @@ def _broken(mutate: Any) -> dict[str, Any]:
     (lambda m: upstream(m)["auth"]["secretRef"].update(key="a/b"),
      "spec.upstreams[0].auth.secretRef.key"),
     (lambda m: upstream(m)["auth"].update(type="header"), "spec.upstreams[0].auth.header"),
+    # a trailing newline passes a `$`-anchored pattern; the name would end the header line early
+    (lambda m: upstream(m)["auth"].update(type="header", header={"name": "x-api-key\n"}),
+     "spec.upstreams[0].auth.header.name"),
+    (lambda m: upstream(m)["auth"]["secretRef"].update(key="k\n"),
+     "spec.upstreams[0].auth.secretRef.key"),
+    (lambda m: upstream(m).update(name="openai\n"), "spec.upstreams[0].name"),
     (lambda m: upstream(m)["auth"].update(type="basic"), "spec.upstreams[0].auth.basic"),
     (lambda m: upstream(m)["auth"].update(type="query"), "spec.upstreams[0].auth.query"),
     (lambda m: upstream(m)["auth"].update(
