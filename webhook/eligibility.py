@@ -21,14 +21,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from sidekey.core import optin
-from sidekey.webhook import settings as settings_mod
+from sidekey.webhook.settings import Settings
 
 Decision = optin.Decision
 Reason = optin.Reason
 
 
 def decide(namespace: str, annotations: Mapping[str, str], *, namespace_opted_in: bool,
-           settings: settings_mod.Settings, own_namespace: str | None) -> optin.Decision:
+           settings: Settings, own_namespace: str | None) -> optin.Decision:
     """Whether to inject; the pod's annotation wins over the namespace label."""
     return optin.decide(namespace, annotations, namespace_opted_in=namespace_opted_in,
                         excluded_namespaces=settings.excluded_namespaces,

@@ -20,9 +20,8 @@ from pathlib import Path
 from aiohttp import web
 
 from sidekey.core import apiconfig, contract, kubeapi, logs
-from sidekey.webhook import caching, serving, tls
+from sidekey.webhook import caching, serving, settings, tls
 from sidekey.webhook import metrics as metrics_mod
-from sidekey.webhook import settings as settings_mod
 
 log = logging.getLogger("sidekey.webhook")
 
@@ -55,14 +54,14 @@ async def _cluster_minor(api: kubeapi.ApiClient) -> int | None:
         return None
 
 
-async def serve(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
+async def serve(args: argparse.Namespace, config: settings.Settings) -> int:
     metrics = metrics_mod.Metrics()
     certificate = tls.ReloadingTLS(args.tls_dir, metrics)
-    config = (apiconfig.ApiConfig.from_kubeconfig(args.kubeconfig) if args.kubeconfig
-              else apiconfig.ApiConfig.in_cluster())
-    async with kubeapi.ApiClient(config) as api:
+    api_config = (apiconfig.ApiConfig.from_kubeconfig(args.kubeconfig) if args.kubeconfig
+                  else apiconfig.ApiConfig.in_cluster())
+    async with kubeapi.ApiClient(api_config) as api:
         cache = caching.PolicyCache(api)
-        handler = serving.Handler(settings, cache, metrics=metrics, own_namespace=args.namespace,
+        handler = serving.Handler(config, cache, metrics=metrics, own_namespace=args.namespace,
                                   cluster_minor=await _cluster_minor(api))
         runner = web.AppRunner(serving.make_app(handler), access_log=None)
         await runner.setup()
@@ -93,13 +92,13 @@ async def serve(args: argparse.Namespace, settings: settings_mod.Settings) -> in
 
 def run(args: argparse.Namespace) -> int:
     try:
-        settings = settings_mod.load(args.settings) if args.settings else settings_mod.Settings()
-    except settings_mod.SettingsError as exc:
+        config = settings.load(args.settings) if args.settings else settings.Settings()
+    except settings.SettingsError as exc:
         print(f"sidekey webhook: {exc}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level)  # one JSON object per line, as the operator and the sidecar
+    logs.configure(config.log_level)  # one JSON object per line, as the operator and the sidecar
     try:
-        return asyncio.run(serve(args, settings))
+        return asyncio.run(serve(args, config))
     except FileNotFoundError as exc:
         print(f"sidekey webhook: {exc}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from typing import Any
 
 from sidekey.core import contract, errors, policies
 from sidekey.webhook import diffing, refusals, shapes, sidecars
-from sidekey.webhook import settings as settings_mod
+from sidekey.webhook.settings import Settings
 
 
 class Refused(errors.Denied):
@@ -118,7 +118,7 @@ def _agent_container(c: dict[str, Any], env: Sequence[tuple[str, str]],
 
 
 def mutate(pod: Mapping[str, Any], policy_list: Sequence[policies.AgentPolicy],
-           settings: settings_mod.Settings) -> tuple[dict[str, Any], Outcome]:
+           settings: Settings) -> tuple[dict[str, Any], Outcome]:
     """The injected pod and what was done; raise Refused or BadPod."""
     check_shape(pod)
     annotations: Mapping[str, str] = (pod.get("metadata") or {}).get("annotations") or {}
@@ -186,7 +186,7 @@ def mutate(pod: Mapping[str, Any], policy_list: Sequence[policies.AgentPolicy],
 
 
 def patch(pod: Mapping[str, Any], policy_list: Sequence[policies.AgentPolicy],
-          settings: settings_mod.Settings) -> Outcome:
+          settings: Settings) -> Outcome:
     """The JSON patch that injects sidekey into ``pod``; empty when it already is."""
     new, outcome = mutate(pod, policy_list, settings)
     return Outcome(patch=diffing.diff(dict(pod), new), warnings=outcome.warnings,

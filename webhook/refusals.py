@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidekey.core import contract, policies
-from sidekey.webhook import settings as settings_mod
 from sidekey.webhook import sidecars
+from sidekey.webhook.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +164,7 @@ def _sidekey_mounts(container: Mapping[str, Any]) -> list[Refusal]:
 
 
 def _volume_risks(volumes: Sequence[Mapping[str, Any]], annotations: Mapping[str, str],
-                  secret_names: Mapping[str, str], settings: settings_mod.Settings) -> list[Refusal]:
+                  secret_names: Mapping[str, str], settings: Settings) -> list[Refusal]:
     out: list[Refusal] = []
     for v in volumes:
         name = str(v.get("name", "?"))
@@ -210,7 +210,7 @@ def _port_clashes(containers: Iterable[Mapping[str, Any]], sidecar: sidecars.Sid
 
 
 def pod_risks(pod: Mapping[str, Any], policy_list: Sequence[policies.AgentPolicy],
-              settings: settings_mod.Settings, sidecar: sidecars.SidecarSpec) -> list[Refusal]:
+              settings: Settings, sidecar: sidecars.SidecarSpec) -> list[Refusal]:
     """Everything wrong with a pod about to be injected; empty when it may proceed."""
     spec = pod.get("spec") or {}
     annotations = (pod.get("metadata") or {}).get("annotations") or {}

@@ -22,7 +22,7 @@ from aiohttp import web
 from sidekey.core import contract, errors, health
 from sidekey.webhook import caching, eligibility, patching, refusals, reviews
 from sidekey.webhook import metrics as metrics_mod
-from sidekey.webhook import settings as settings_mod
+from sidekey.webhook.settings import Settings
 
 log = logging.getLogger("sidekey.webhook")
 
@@ -42,7 +42,7 @@ def _error(status: int, error: errors.SidekeyError) -> Answer:
 class Handler:
     """Decides one AdmissionReview: who is injected, with what, or why not."""
 
-    def __init__(self, settings: settings_mod.Settings, source: caching.PolicySource, *,
+    def __init__(self, settings: Settings, source: caching.PolicySource, *,
                  metrics: metrics_mod.Metrics, own_namespace: str | None = None,
                  cluster_minor: int | None = None) -> None:
         self.settings = settings

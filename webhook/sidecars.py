@@ -16,7 +16,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Final, NotRequired, TypedDict
 
 from sidekey.core import contract
-from sidekey.webhook import settings as settings_mod
+from sidekey.webhook.settings import QUANTITY, Settings
 
 #: Startup: poll every second for up to two minutes (JWKS and first policy read).
 STARTUP_PERIOD_SECONDS: Final = 1
@@ -112,7 +112,7 @@ class SidecarSpec:
     resources: dict[str, dict[str, str]]
 
 
-def _port_override(value: str, settings: settings_mod.Settings) -> tuple[int | None, str | None]:
+def _port_override(value: str, settings: Settings) -> tuple[int | None, str | None]:
     if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 65535:  # "²" is a digit to isdigit()
         return None, f"annotation {contract.ANNOTATION_PORT}: {value!r} is not a port number (1-65535)"
     port = int(value)
@@ -122,7 +122,7 @@ def _port_override(value: str, settings: settings_mod.Settings) -> tuple[int | N
     return port, None
 
 
-def resolve(annotations: Mapping[str, str], settings: settings_mod.Settings) -> tuple[SidecarSpec, list[str]]:
+def resolve(annotations: Mapping[str, str], settings: Settings) -> tuple[SidecarSpec, list[str]]:
     """The pod's sidecar and the problems with its override annotations (each a refusal)."""
     problems: list[str] = []
     image = annotations.get(contract.ANNOTATION_IMAGE, settings.image)
@@ -150,7 +150,7 @@ def resolve(annotations: Mapping[str, str], settings: settings_mod.Settings) -> 
         value = annotations.get(annotation, default)
         if value is None:
             continue
-        if not settings_mod.QUANTITY.match(value):
+        if not QUANTITY.match(value):
             problems.append(f"annotation {annotation}: {value!r} is not a resource quantity "
                             "such as 100m or 128Mi")
             continue
@@ -192,7 +192,7 @@ def _probe(sidecar: SidecarSpec, *, period: int, failures: int) -> Probe:
     }
 
 
-def container(sidecar: SidecarSpec, settings: settings_mod.Settings) -> Container:
+def container(sidecar: SidecarSpec, settings: Settings) -> Container:
     """The native sidecar: an init container with restartPolicy Always, placed first."""
     return {
         "name": contract.SIDECAR_CONTAINER_NAME,

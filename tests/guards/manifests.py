@@ -64,8 +64,7 @@ def injected_pod(namespace: str, name: str, sa: str = "agent",
     itself only writes allowed ones).
     """
     from sidekey.core import policies
-    from sidekey.webhook import patching
-    from sidekey.webhook import settings as settings_mod
+    from sidekey.webhook import patching, settings
 
     pod = bare_pod(namespace, name, sa, annotations={contract.ANNOTATION_INJECT: "true"})
     objects = policy_list if policy_list is not None else [agent_policy(namespace)]
@@ -73,7 +72,7 @@ def injected_pod(namespace: str, name: str, sa: str = "agent",
                                                 "creationTimestamp": f"2026-01-0{i + 1}T00:00:00Z",
                                                 **o["metadata"]}})
               for i, o in enumerate(objects)]
-    injected, _ = patching.mutate(pod, parsed, settings_mod.Settings(image=DEFAULT_SIDECAR_IMAGE))
+    injected, _ = patching.mutate(pod, parsed, settings.Settings(image=DEFAULT_SIDECAR_IMAGE))
     sidecar(injected)["image"] = image
     return injected
 

@@ -19,14 +19,13 @@ import pytest
 import yaml
 
 from sidekey.core import certificates, contract, policies
-from sidekey.webhook import patching, sidecars
-from sidekey.webhook import settings as settings_mod
+from sidekey.webhook import patching, settings, sidecars
 from tests.support.namespaces import make_namespace
 from tests.support.webhook import E2E_SETTINGS, RunningWebhook, running_webhook
 
 pytestmark = pytest.mark.e2e
 
-SETTINGS = settings_mod.from_mapping(E2E_SETTINGS)
+SETTINGS = settings.from_mapping(E2E_SETTINGS)
 
 
 @pytest.fixture(scope="module")

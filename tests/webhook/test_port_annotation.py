@@ -11,9 +11,8 @@ import pytest
 
 from sidekey.core import contract
 from sidekey.localcluster import subjects
-from sidekey.webhook import caching, serving
+from sidekey.webhook import caching, serving, settings
 from sidekey.webhook import metrics as metrics_mod
-from sidekey.webhook import settings as settings_mod
 from tests.webhook import reviewing
 
 #: An ordinary policy for the pod's account: the refusal must come from the annotation alone.
@@ -28,7 +27,7 @@ NOT_ASCII_DIGITS = ["\u00b2", "8\u00b2", "\u0663\u0660\u0660\u0660", "\uff18\uff
 
 @pytest.mark.parametrize("value", NOT_ASCII_DIGITS)
 async def test_a_port_annotation_of_non_ascii_digits_is_a_refusal_naming_it(value: str) -> None:
-    h = serving.Handler(settings_mod.Settings(), caching.StaticPolicies([POLICY]),
+    h = serving.Handler(settings.Settings(), caching.StaticPolicies([POLICY]),
                         metrics=metrics_mod.Metrics(), own_namespace="sidekey-system", cluster_minor=36)
     doc = reviewing.review(reviewing.pod(annotations={contract.ANNOTATION_PORT: value}))
     status, out = await h.review(reviewing.body(doc))

@@ -7,11 +7,10 @@ from typing import Any
 import pytest
 
 from sidekey.core import contract, policies
-from sidekey.webhook import patching
-from sidekey.webhook import settings as settings_mod
+from sidekey.webhook import patching, settings
 from tests.webhook import reviewing
 
-SETTINGS = settings_mod.Settings()
+SETTINGS = settings.Settings()
 POLICY = policies.parse({
     "metadata": {"name": "p", "namespace": "agents"},
     "spec": {"subjects": {"serviceAccounts": ["agent"]}, "upstreams": [{

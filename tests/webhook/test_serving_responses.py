@@ -11,9 +11,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidekey.core import contract
-from sidekey.webhook import caching, patching, reviews, serving
+from sidekey.webhook import caching, patching, reviews, serving, settings
 from sidekey.webhook import metrics as metrics_mod
-from sidekey.webhook import settings as settings_mod
 from tests.webhook import reviewing
 
 POLICY = {
@@ -27,7 +26,7 @@ POLICY = {
 
 
 def handler(*, cluster_minor: int | None = 36, own: str | None = "sidekey-system") -> serving.Handler:
-    return serving.Handler(settings_mod.Settings(), caching.StaticPolicies([POLICY]),
+    return serving.Handler(settings.Settings(), caching.StaticPolicies([POLICY]),
                            metrics=metrics_mod.Metrics(), own_namespace=own, cluster_minor=cluster_minor)
 
 
@@ -129,7 +128,7 @@ async def test_an_unexpected_failure_denies_the_pod_instead_of_answering_500(
 
 def _injected_pod() -> dict[str, Any]:
     pod = reviewing.pod()
-    new, _ = patching.mutate(pod, [], settings_mod.Settings())
+    new, _ = patching.mutate(pod, [], settings.Settings())
     return new
 
 
@@ -262,7 +261,7 @@ async def test_readyz_fails_until_the_policies_are_listed() -> None:
         def ready(self) -> bool:
             return False
 
-    h = serving.Handler(settings_mod.Settings(), NotYet(), metrics=metrics_mod.Metrics())
+    h = serving.Handler(settings.Settings(), NotYet(), metrics=metrics_mod.Metrics())
     client = await _client(h)
     try:
         resp = await client.get("/readyz")
