@@ -245,7 +245,9 @@ class Controller:
         settling = [p for p in verdict.held_pods if p.deleted]
         if settling:
             # Nothing announces that the apiserver's token cache has expired: look again then.
-            since = min(self._gone[p.uid][0] for p in settling if p.uid in self._gone)
+            # A pod another policy's reconcile forgot meanwhile (its TTL passed) is due now.
+            since = min((self._gone[p.uid][0] for p in settling if p.uid in self._gone),
+                        default=time.monotonic() - self._token_cache)
             self.queue.add_after(key, max(0.1, since + self._token_cache - time.monotonic()))
         if rbac_changed and verdict.policy is not None:
             p = verdict.policy

@@ -281,3 +281,40 @@ async def test_an_account_granted_already_is_not_revoked_for_its_sidecars() -> N
     assert ctl.queue.depth == 0  # nothing to re-run for it
     await ctl.reconcile(("team", "agents"))
     assert [s["name"] for s in api.objects[BINDING_PATH]["subjects"]] == ["agent"]
+
+
+async def test_a_gone_pod_that_settles_during_another_policys_reconcile_is_no_crash() -> None:
+    # Two policies hold the grant of one account back for the same bare pod. The
+    # pod goes; while one policy's reconcile is writing its status, the other's
+    # runs after the token cache's TTL and forgets the pod. The first must then
+    # look again soon, not fail on the pod it no longer finds (min() of nothing).
+    api, ctl, _ = _setup(token_cache_seconds=0.5)
+    other = policy("other", "team")
+    other["metadata"].update(uid="u2", generation=1, creationTimestamp="2026-01-02T00:00:00Z")
+    other_path = POLICY_PATH.replace("/agents", "/other")
+    api.objects[other_path] = other
+    index = Index(api.objects[POLICY_PATH], other)
+    ctl.attach(index)
+    api.objects[PODS_PATH] = {"items": [BARE_POD], "metadata": {}}
+    await ctl.reconcile(("team", "agents"))
+    await ctl.reconcile(("team", "other"))
+    api.objects[PODS_PATH] = {"items": [], "metadata": {}}
+    ctl.attach(Index(api.objects[POLICY_PATH], api.objects[other_path]))
+    await ctl.reconcile(("team", "agents"))  # the pod is gone: settling, still held
+    ctl.attach(Index(api.objects[POLICY_PATH], api.objects[other_path]))
+
+    plain_patch = api.patch
+    inside = False
+
+    async def patch(path: str, body: Any, kind: str = "merge") -> dict[str, Any]:
+        nonlocal inside
+        if path == other_path + "/status" and not inside:
+            inside = True
+            await asyncio.sleep(0.55)  # the token cache's TTL passes meanwhile
+            await ctl.reconcile(("team", "agents"))  # and this one forgets the pod
+        return await plain_patch(path, body, kind)
+
+    api.patch = patch  # type: ignore[method-assign]
+    await ctl.reconcile(("team", "other"))  # raised ValueError before the fix
+    assert inside
+    assert ctl.queue.depth >= 1  # it looks again (and then grants)
