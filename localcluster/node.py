@@ -231,23 +231,27 @@ class NodeCluster(LocalCluster):
         if self._lock_fd is None:
             return
         try:
-            if self._node_procs is not None:
-                for name in ("kube-scheduler", "kube-proxy", "kubelet"):
-                    with contextlib.suppress(StopIteration):
-                        self._node_procs.get(name).stop()
-            hoststate.kill_kubepods()
-            if self._node_procs is not None:
-                self._node_procs.stop_all()
-            if self._dns is not None:
-                self._dns.stop()
-                self._dns = None
-            self._stop_processes()  # the control plane
-            if self.host_before is not None:
-                self._restore(self.host_before)
+            self._step("stop: node", self._stop_node)
+            self._step("stop: control plane", self._stop_processes)
+            before = self.host_before
+            if before is not None:
+                self._step("stop: host restored", lambda: self._restore(before))
                 self.host_after = hoststate.snapshot(state_dir=self.state_dir, bridge=BRIDGE,
                                                      bin_dirs=[self.node_bin_dir])
         finally:
             self._release_lock()
+
+    def _stop_node(self) -> None:
+        if self._node_procs is not None:
+            for name in ("kube-scheduler", "kube-proxy", "kubelet"):  # the kubelet would restart what we kill
+                with contextlib.suppress(StopIteration):
+                    self._node_procs.get(name).stop()
+        hoststate.kill_kubepods()
+        if self._node_procs is not None:
+            self._node_procs.stop_all()
+        if self._dns is not None:
+            self._dns.stop()
+            self._dns = None
 
     def _restore(self, before: hoststate.HostState) -> None:
         hoststate.kill_kubepods()

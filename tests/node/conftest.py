@@ -59,6 +59,7 @@ def node_cluster() -> Iterator[Any]:
             refused = cluster.rejected_egress()
         finally:
             cluster.stop()
+            print(f"\nnode: {cluster.timings}")
     # Whatever the flows did (installs, debug containers, killed pods), nothing
     # tried to leave the machine and the host is as it was.
     if refused:
