@@ -13,7 +13,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypedDict, get_args
+from typing import Any, Final, Literal, TypedDict, cast, get_args
 from urllib.parse import urlsplit
 
 from sidekey.core import contract, errors, llmpolicy
@@ -41,13 +41,58 @@ class RawSecretRef(TypedDict, total=False):
     key: str
 
 
+class RawHeader(TypedDict, total=False):
+    name: str
+    prefix: str
+
+
+class RawBasic(TypedDict, total=False):
+    usernameKey: str
+    passwordKey: str
+
+
+class RawQuery(TypedDict, total=False):
+    param: str
+
+
+class RawOAuth2(TypedDict, total=False):
+    tokenURL: str
+    clientIdKey: str
+    clientSecretKey: str
+    scopes: list[str]
+    audience: str
+    caBundle: str
+
+
 class RawAuth(TypedDict, total=False):
     type: str
     secretRef: RawSecretRef
-    header: dict[str, str]
-    basic: dict[str, str]
-    query: dict[str, str]
-    oauth2ClientCredentials: dict[str, Any]
+    header: RawHeader
+    basic: RawBasic
+    query: RawQuery
+    oauth2ClientCredentials: RawOAuth2
+
+
+class RawAllowRule(TypedDict, total=False):
+    methods: list[str]
+    paths: list[str]
+
+
+class RawLimits(TypedDict, total=False):
+    requestsPerMinute: int
+    maxRequestBytes: int
+    timeoutSeconds: int
+
+
+class RawEnvVar(TypedDict, total=False):
+    name: str
+    suffix: str
+
+
+class RawBudget(TypedDict, total=False):
+    tokens: int
+    window: str
+    scope: str
 
 
 class RawUpstream(TypedDict, total=False):
@@ -55,20 +100,28 @@ class RawUpstream(TypedDict, total=False):
     url: str
     insecure: bool
     auth: RawAuth
-    allow: list[dict[str, list[str]]]
-    limits: dict[str, int]
+    allow: list[RawAllowRule]
+    limits: RawLimits
     caBundle: str
-    env: list[dict[str, str]]
+    env: list[RawEnvVar]
     api: str  # LLM fields: see core/llmpolicy.py
     models: list[str]
-    budgets: list[dict[str, Any]]
+    budgets: list[RawBudget]
     capMaxTokens: bool
 
 
+class RawSubjects(TypedDict, total=False):
+    serviceAccounts: list[str]
+
+
+class RawToken(TypedDict, total=False):
+    expirationSeconds: int
+
+
 class RawSpec(TypedDict, total=False):
-    subjects: dict[str, list[str]]
+    subjects: RawSubjects
     upstreams: list[RawUpstream]
-    token: dict[str, int]
+    token: RawToken
 
 
 class RawMetadata(TypedDict, total=False):
@@ -83,11 +136,23 @@ class RawMetadata(TypedDict, total=False):
 
 
 class RawAgentPolicy(TypedDict, total=False):
+    """An AgentPolicy as the CRD's schema says the apiserver serves it.
+
+    ``parse`` takes this type but trusts none of it: a reader may be newer or
+    older than the schema, so every field is checked again (as ``object``).
+    Objects off the wire become one with ``raw()``.
+    """
+
     apiVersion: str
     kind: str
     metadata: RawMetadata
     spec: RawSpec
     status: dict[str, Any]
+
+
+def raw(obj: Mapping[str, Any]) -> RawAgentPolicy:
+    """An object read from the apiserver (JSON), seen as the AgentPolicy it claims to be."""
+    return cast(RawAgentPolicy, obj)
 
 
 # --- Errors -------------------------------------------------------------------
@@ -566,7 +631,7 @@ def parse_upstream(raw: Mapping[str, Any], where: str) -> Upstream:
     )
 
 
-def parse(obj: Mapping[str, Any]) -> AgentPolicy:
+def parse(obj: RawAgentPolicy) -> AgentPolicy:
     """Parse an AgentPolicy as served by the apiserver; raise PolicyError on the first problem."""
     meta = obj.get("metadata") or {}
     spec = obj.get("spec")

@@ -130,7 +130,7 @@ class LedgerKeeper:
         now = self._clock()
         for raw in list(self.policies.objects.values()):
             try:
-                policy = policies.parse(raw)
+                policy = policies.parse(policies.raw(raw))
             except policies.PolicyError:
                 continue
             places = llmledger.places(policy)

@@ -64,7 +64,7 @@ class Verdict:
 
 def parse(raw: Mapping[str, Any]) -> policies.AgentPolicy | policies.PolicyError:
     try:
-        return policies.parse(raw)
+        return policies.parse(policies.raw(raw))
     except policies.PolicyError as exc:
         return exc
 

@@ -195,7 +195,7 @@ class Routes:
         invalid = 0
         for key, obj in self.policies.objects.items():
             try:
-                parsed.append(policies.parse(obj))
+                parsed.append(policies.parse(policies.raw(obj)))
             except policies.PolicyError as exc:
                 invalid += 1
                 log.warning("ignoring AgentPolicy %s: %s", key, exc)

@@ -73,7 +73,7 @@ def parse_all(objects: Iterable[Mapping[str, Any]], service_account: str) -> Loo
     for obj in objects:
         name = str((obj.get("metadata") or {}).get("name", "?"))
         try:
-            parsed.append(policies.parse(obj))
+            parsed.append(policies.parse(policies.raw(obj)))
         except policies.PolicyError as exc:
             if names(obj, service_account):
                 warnings.append(_invalid(name, exc))
@@ -141,7 +141,7 @@ class PolicyCache:
             hit = self._parsed.get(key)
             if hit is None or hit[0] != rv:
                 try:
-                    hit = (rv, policies.parse(obj))
+                    hit = (rv, policies.parse(policies.raw(obj)))
                 except policies.PolicyError as exc:
                     hit = (rv, exc)
                 self._parsed[key] = hit
