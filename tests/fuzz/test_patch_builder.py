@@ -58,7 +58,8 @@ def container(draw: st.DrawFn, name: str, volumes: list[str]) -> dict[str, Any]:
     if env:
         c["env"] = env
     if draw(st.booleans()):
-        c["ports"] = [{"containerPort": draw(st.integers(1024, 65000))}]
+        # below the sidecar's ports (8787, 8788, and 9000-9100 by annotation): a clash is a refusal
+        c["ports"] = [{"containerPort": draw(st.integers(1024, 8000))}]
     if draw(st.booleans()):
         c["resources"] = {"requests": {"cpu": draw(QUANTITY)}}
     mounts = draw(st.lists(st.sampled_from(volumes), max_size=2, unique=True)) if volumes else []
