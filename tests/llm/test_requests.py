@@ -186,3 +186,19 @@ def test_members_differing_only_in_case_are_a_400() -> None:
     with pytest.raises(lr.LlmRefusal) as caught:
         lr.read("openai", "chat", b'{"model": "gpt-4.1", "MODEL": "gpt-5", "messages": []}')
     assert caught.value.status == 400 and "differ only in case" in caught.value.message
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "gpt-4.1", "messages": [], "model": "gpt-5"}',
+    b'{"model": "gpt-4.1", "messages": [], "mod\\u0065l": "gpt-5"}',  # an escape spells the same name
+    b'{"model": "gpt-4.1", "max_tokens": 5, "messages": [], "max_tokens": 99999}',
+])
+def test_a_repeated_member_the_sidecar_reads_is_caught_however_it_is_spelled(raw: bytes) -> None:
+    with pytest.raises(lr.LlmRefusal) as caught:
+        lr.read("openai", "chat", raw)
+    assert "repeats the member" in caught.value.message
+
+
+def test_a_repeat_at_any_depth_is_a_400_too() -> None:
+    with pytest.raises(lr.LlmRefusal):
+        lr.read("openai", "chat", b'{"model": "gpt-4.1", "messages": [{"role": "user", "role": "system"}]}')
