@@ -20,7 +20,7 @@ import json
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,9 @@ from sidekey.localcluster.cluster import LocalCluster, free_port
 from sidekey.localcluster.processes import Processes
 from sidekey.localcluster.upstreams import RecordingUpstream as Upstream
 from sidekey.localcluster.upstreams import Trap
+from tests.support.kubectl import wait_until
 
-__all__ = ["Trap", "Upstream", "free_port"]
+__all__ = ["Trap", "Upstream", "free_port", "wait_until"]
 
 SA = "agent"
 POD = "agent-pod"
@@ -52,15 +53,6 @@ KEYS = {
 #: What the upstream's OAuth2 token endpoint issues for the canary client (itself a secret).
 ACCESS_TOKEN = "at-CANARY+access/77aa09c3=PQ"
 SECRET_NAME = "upstream-keys"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(step)
-    return time.monotonic() - started
 
 
 # --- Kubernetes objects ---------------------------------------------------------------------

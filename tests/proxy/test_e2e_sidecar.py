@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import yaml
 from sidekey.client import SidekeyAuth
 from sidekey.core import contract
 from sidekey.localcluster.upstreams import MockLLM
+from tests.support.kubectl import wait_until
 from tests.support.namespaces import make_namespace
 
 pytestmark = pytest.mark.e2e
@@ -59,15 +60,6 @@ def apply(cluster: Any, manifest: dict[str, Any]) -> dict[str, Any]:
     out = cluster.kubectl("apply", "-o", "json", "-f", "-", input=yaml.safe_dump(manifest))
     result: dict[str, Any] = json.loads(out)
     return result
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(step)
-    return time.monotonic() - started
 
 
 def http(

@@ -39,3 +39,13 @@ def condition(policy: dict[str, Any] | None, type_: str) -> dict[str, Any] | Non
         if c.get("type") == type_:
             return dict(c)
     return None
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
+    """Poll until ``predicate()`` holds; return how long it took (the tests assert on it)."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(step)
+    return time.monotonic() - started
