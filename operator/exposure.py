@@ -28,7 +28,8 @@ allowed image with another command, a mount over its code, env that moves
 its API client) that hands the token to anyone. So before an account is
 *newly* granted, its pods' sidecars are vetted too (``sidecar_problem``):
 the contract's command, an allowed image, only the env the sidecar reads
-(never the two that move its API client), only the API volume mounted, that
+(never the two that move its API client; the pod's name, uid, addresses and
+account from the pod itself, each once), only the API volume mounted, that
 volume made of the apiserver's token, ``kube-root-ca.crt`` and the
 namespace, its own UID, no shared process namespace. Accounts already
 granted are not re-vetted: their pods since were checked by the guard, and
@@ -106,6 +107,20 @@ def _agent_containers(spec: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
 SIDECAR_ENV_ALLOWED = frozenset(contract.SIDECAR_ENV) - {contract.ENV_API_SERVER,
                                                          contract.ENV_API_TOKEN_DIR}
 _API_VOLUME_SOURCES = frozenset({"serviceAccountToken", "configMap", "downwardAPI"})
+#: The env the webhook fills from the pod itself, and from which field. A plain
+#: value instead would let a look-alike name another pod's addresses, so the
+#: sidecar's refusal of upstreams resolving to its own pod would miss the real
+#: ones (a hosts entry could then hairpin the key to the agent). The webhook
+#: builds the same six (webhook/sidecars.py; tests/operator/test_exposure.py
+#: checks the two agree).
+SIDECAR_FIELD_ENV: dict[str, str] = {
+    contract.ENV_POD_NAME: "metadata.name",
+    contract.ENV_POD_NAMESPACE: "metadata.namespace",
+    contract.ENV_POD_UID: "metadata.uid",
+    contract.ENV_POD_IP: "status.podIP",
+    contract.ENV_POD_IPS: "status.podIPs",
+    contract.ENV_SERVICE_ACCOUNT: "spec.serviceAccountName",
+}
 
 
 def _is_api_volume(volume: Mapping[str, Any]) -> bool:
@@ -146,13 +161,22 @@ def sidecar_problem(pod_spec: Mapping[str, Any], sidecar: Mapping[str, Any], *,
         return "its command or args differ from the injected sidecar's"
     if sidecar.get("envFrom"):
         return "it has envFrom"
+    seen: set[str] = set()
     for e in sidecar.get("env") or []:
         name = str(e.get("name", "")) if isinstance(e, Mapping) else ""
         if name not in SIDECAR_ENV_ALLOWED:
             return f"it sets env {name!r}"
+        if name in seen:  # the kubelet lets the later entry win
+            return f"it sets env {name!r} twice"
+        seen.add(name)
         source = e.get("valueFrom")
-        if source is not None and set(source) != {"fieldRef"}:
+        if source is not None and (not isinstance(source, Mapping) or set(source) != {"fieldRef"}):
             return f"env {name!r} comes from something other than a fieldRef"
+        if name in SIDECAR_FIELD_ENV:
+            field = source.get("fieldRef") if isinstance(source, Mapping) else None
+            path = field.get("fieldPath") if isinstance(field, Mapping) else None
+            if path != SIDECAR_FIELD_ENV[name]:
+                return f"env {name!r} is not the pod's own {SIDECAR_FIELD_ENV[name]}"
     mounts = [(str(m.get("name")), str(m.get("mountPath")))
               for m in sidecar.get("volumeMounts") or [] if isinstance(m, Mapping)]
     if mounts != [(contract.API_TOKEN_VOLUME, contract.API_TOKEN_DIR)] or sidecar.get("volumeDevices"):

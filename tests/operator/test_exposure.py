@@ -148,7 +148,22 @@ LOOKALIKES: dict[str, Any] = {
     "agents-uid": lambda p: _sidecar(p)["securityContext"].update(runAsUser=1000),
     "shared-pids": lambda p: p["spec"].update(shareProcessNamespace=True),
     "not-native": lambda p: _sidecar(p).pop("restartPolicy"),
+    # The pod's addresses as plain values: the sidecar refuses an upstream resolving to
+    # its own pod by these, so a made-up one lets a hosts entry hairpin the key to the agent.
+    "pod-ips-value": lambda p: _env(p, contract.ENV_POD_IPS).update(value="192.0.2.1") or
+        _env(p, contract.ENV_POD_IPS).pop("valueFrom"),
+    "pod-ip-other-field": lambda p: _env(p, contract.ENV_POD_IP)["valueFrom"]["fieldRef"].update(
+        fieldPath="status.hostIP"),
+    "pod-uid-value": lambda p: _sidecar(p)["env"].remove(_env(p, contract.ENV_POD_UID)) or
+        _sidecar(p)["env"].append({"name": contract.ENV_POD_UID, "value": "another-pods-uid"}),
+    # a repeated name: the kubelet lets the later entry win
+    "pod-ips-twice": lambda p: _sidecar(p)["env"].append({"name": contract.ENV_POD_IPS, "value": "192.0.2.1"}),
 }
+
+
+def _env(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(e for e in _sidecar(pod)["env"] if e["name"] == name)
+    return found
 
 
 @pytest.mark.parametrize("name", sorted(LOOKALIKES))
@@ -168,3 +183,10 @@ def test_the_vetting_never_quotes_a_value() -> None:
     _sidecar(pod)["command"] = ["sh", "-c", "echo sk-secret-value"]
     found = exposure.exposed(pod, agent_audiences=AUDIENCES, vet_sidecar=True, sidecar_images=IMAGES)
     assert found is not None and "sk-secret-value" not in repr(found)
+
+
+def test_the_fields_the_vetting_expects_are_the_ones_the_webhook_writes() -> None:
+    pod = _webhook_injected()
+    written = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+               for e in _sidecar(pod)["env"] if "valueFrom" in e}
+    assert written == exposure.SIDECAR_FIELD_ENV
