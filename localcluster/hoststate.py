@@ -159,9 +159,15 @@ def _cgroups() -> dict[str, list[str]]:
                     continue
                 names.append(child.name)
                 if child.name == KUBEPODS:
-                    names.extend(str(p.relative_to(root)) for p in child.rglob("*") if p.is_dir())
+                    names.extend(str(Path(d).relative_to(root)) for d in _dirs_below(child))
         out[str(root)] = sorted(names)
     return out
+
+
+def _dirs_below(top: Path) -> list[str]:
+    """Every folder under ``top``, deepest first; folders vanishing meanwhile are skipped
+    (cgroups disappear as their pods stop, so ``rglob`` would raise half-way)."""
+    return [os.path.join(d, n) for d, names, _files in os.walk(top, topdown=False) for n in names]
 
 
 def _paths(paths: Iterable[str]) -> dict[str, list[str] | None]:
@@ -226,9 +232,9 @@ def kill_kubepods() -> int:
             top = root / KUBEPODS
             if not top.is_dir():
                 continue
-            for procs in top.rglob("cgroup.procs"):
-                with contextlib.suppress(OSError):
-                    pids.update(int(p) for p in procs.read_text().split())
+            for d in [*_dirs_below(top), str(top)]:
+                with contextlib.suppress(OSError, ValueError):
+                    pids.update(int(p) for p in Path(d, "cgroup.procs").read_text().split())
         pids.discard(os.getpid())
         if not pids:
             return killed
@@ -247,7 +253,7 @@ def remove_kubepods_cgroups() -> list[str]:
         top = root / KUBEPODS
         if not top.is_dir():
             continue
-        for d in [*sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)), top]:
+        for d in [*map(Path, _dirs_below(top)), top]:
             for _try in range(20):
                 try:
                     d.rmdir()
@@ -319,7 +325,7 @@ def remove_netfilter(bridge: str) -> None:
         out = subprocess.run([save], capture_output=True, text=True, timeout=30, check=False).stdout
         table = ""
         chains: dict[str, list[str]] = {}
-        deletes: list[tuple[str, list[str]]] = []
+        deletes: list[tuple[str, str]] = []  # (table, the rule as iptables-save wrote it)
         for line in out.splitlines():
             if line.startswith("*"):
                 table = line[1:]
@@ -328,9 +334,24 @@ def remove_netfilter(bridge: str) -> None:
             elif line.startswith("-A ") and not _ours(line.split()[1]):
                 words = shlex.split(line)
                 if any(_ours(w) for w in words[2:]) or bridge in words:
-                    deletes.append((table, ["-D", *words[1:]]))
-        for t, args in deletes:
-            subprocess.run([cmd, "-w", "-t", t, *args], capture_output=True, timeout=30, check=False)
+                    deletes.append((table, line))
+        # One iptables-restore per family (a command per rule takes seconds); if it
+        # refuses the batch, the same commands one at a time.
+        batch = []
+        for t in dict.fromkeys([t for t, _ in deletes] + list(chains)):
+            batch.append(f"*{t}")
+            batch += ["-D" + rule[2:] for table_, rule in deletes if table_ == t]
+            batch += [f"-F {n}" for n in chains.get(t, [])] + [f"-X {n}" for n in chains.get(t, [])]
+            batch.append("COMMIT")
+        if not batch:
+            continue
+        restored = subprocess.run([f"{cmd}-restore", "-w", "--noflush"], input="\n".join(batch) + "\n",
+                                  capture_output=True, text=True, timeout=60, check=False)
+        if restored.returncode == 0:
+            continue
+        for t, rule in deletes:
+            subprocess.run([cmd, "-w", "-t", t, "-D", *shlex.split(rule)[1:]], capture_output=True, timeout=30,
+                           check=False)
         for t, names in chains.items():
             for n in names:
                 subprocess.run([cmd, "-w", "-t", t, "-F", n], capture_output=True, timeout=30, check=False)

@@ -227,19 +227,27 @@ class NodeCluster(LocalCluster):
         self.timings[name] = round(time.monotonic() - t, 2)
 
     def stop(self) -> None:
-        """Stop everything and put the host back as it was; safe to call twice."""
+        """Stop everything and put the host back as it was; safe to call twice.
+
+        The host is restored even when stopping a process fails (the error is
+        raised after), so a failed teardown never leaves the host changed.
+        """
         if self._lock_fd is None:
             return
         try:
-            self._step("stop: node", self._stop_node)
-            self._step("stop: control plane", self._stop_processes)
-            before = self.host_before
-            if before is not None:
-                self._step("stop: host restored", lambda: self._restore(before))
-                self.host_after = hoststate.snapshot(state_dir=self.state_dir, bridge=BRIDGE,
-                                                     bin_dirs=[self.node_bin_dir])
+            with contextlib.ExitStack() as later:  # callbacks run last-in first-out
+                later.callback(self._restore_host)
+                later.callback(self._step, "stop: control plane", self._stop_processes)
+                self._step("stop: node", self._stop_node)
         finally:
             self._release_lock()
+
+    def _restore_host(self) -> None:
+        before = self.host_before
+        if before is not None:
+            self._step("stop: host restored", lambda: self._restore(before))
+            self.host_after = hoststate.snapshot(state_dir=self.state_dir, bridge=BRIDGE,
+                                                 bin_dirs=[self.node_bin_dir])
 
     def _stop_node(self) -> None:
         if self._node_procs is not None:
