@@ -23,6 +23,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import re
 import ssl
 import time
@@ -42,6 +43,8 @@ _HEADER_SAFE: Final = re.compile(r"^[\x20-\x7e\x80-\xff]*\Z")  # \Z: "$" also ma
 #: Refresh an OAuth2 token this long before it expires (or at 80% of its life if shorter).
 OAUTH_REFRESH_MARGIN: Final = 60.0
 OAUTH_DEFAULT_LIFETIME: Final = 3600.0
+#: The longest lifetime believed: an access token is refreshed at least this often.
+OAUTH_MAX_LIFETIME: Final = 86400.0
 OAUTH_TIMEOUT: Final = aiohttp.ClientTimeout(total=30)
 
 
@@ -266,7 +269,7 @@ class OAuthClient:
         try:
             doc = json.loads(body)
             token = doc["access_token"]
-            lifetime = float(doc.get("expires_in") or OAUTH_DEFAULT_LIFETIME)
+            lifetime = _lifetime(doc.get("expires_in"))
         except (ValueError, KeyError, TypeError):
             raise CredentialError("the OAuth2 token endpoint returned no access_token", 502) from None
         if not isinstance(token, str) or not token or not _HEADER_SAFE.match(token):
@@ -276,3 +279,19 @@ class OAuthClient:
         self._expires_at = now + lifetime
         self._refresh_at = now + max(lifetime - OAUTH_REFRESH_MARGIN, lifetime * 0.8)
         self.scrubber = scrubbing.Scrubber([self._client_secret, token])
+
+
+def _lifetime(expires_in: object) -> float:
+    """``expires_in`` as seconds in (0, OAUTH_MAX_LIFETIME]; absent or no lifetime: the default.
+
+    RFC 6749 makes it a positive number, but an IdP's answer is not ours: NaN or
+    a negative number would refetch on every request, infinity keep the token
+    past its real end for good (Python reads NaN, Infinity and 1e400 as floats).
+    """
+    try:
+        seconds = float(expires_in) if isinstance(expires_in, int | float | str) else 0.0
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < math.inf:  # NaN fails every comparison
+        return OAUTH_DEFAULT_LIFETIME
+    return min(seconds, OAUTH_MAX_LIFETIME)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -285,5 +286,33 @@ async def test_an_access_token_ending_in_a_newline_is_unusable() -> None:
         assert cred.oauth is not None
         with pytest.raises(credentials.CredentialError, match="unusable access_token"):
             await fetch(cred.oauth, None)
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("expires_in", ['"NaN"', "NaN", "-30", "1e400", '"Infinity"', "1e12"])
+async def test_an_expires_in_that_is_no_lifetime_is_read_as_a_bounded_one(expires_in: str) -> None:
+    """NaN or a negative lifetime refetched the token on every request (hammering the IdP);
+    an infinite one kept the token past its real end for good. Such a value counts as absent
+    (the default lifetime), and any lifetime is capped, so the token is refreshed at least daily."""
+    async def token(request: web.Request) -> web.Response:
+        return web.Response(text='{"access_token": "at-1234567890", "expires_in": ' + expires_in + "}",
+                            content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        cred = credentials.build(oauth(f"http://127.0.0.1:{port}/token"), SECRETS, insecure=True)
+        assert cred.oauth is not None
+        assert await fetch(cred.oauth, None) == "at-1234567890"
+        assert await fetch(cred.oauth, None) == "at-1234567890"
+        assert cred.oauth.fetches == 1  # the second request used the cached token
+        left = cred.oauth._refresh_at - time.monotonic()
+        assert 0 < left <= credentials.OAUTH_MAX_LIFETIME
     finally:
         await runner.cleanup()
