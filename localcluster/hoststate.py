@@ -42,7 +42,8 @@ SYSCTLS = (
 FIXED_PATHS = (
     "/var/lib/kubelet", "/var/log/pods", "/var/log/containers", "/var/lib/cni", "/run/containerd",
     "/var/lib/containerd", "/opt/containerd", "/run/nri", "/etc/cni", "/etc/containerd",
-    "/etc/kubernetes", "/var/lib/kube-proxy", "/run/runc",
+    "/etc/kubernetes", "/var/lib/kube-proxy", "/run/runc", "/usr/libexec/kubernetes", "/etc/cdi", "/run/cdi",
+    "/etc/nri", "/opt/nri",
 )
 NETFILTER = ("iptables-save", "ip6tables-save")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
