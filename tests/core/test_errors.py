@@ -35,7 +35,16 @@ def test_readiness_names_the_failing_checks() -> None:
 
 def test_the_tree_in_the_docstring_is_the_tree_in_the_code() -> None:
     from sidekey.core import kubeapi, llmledger, llmpolicy, policies, tokens
-    from sidekey.proxy import credentials, decoding, listener, llmrequests, llmslices, paths, refusals, upstream
+    from sidekey.proxy import (
+        credentials,
+        decoding,
+        listener,
+        llmrequests,
+        llmslices,
+        paths,
+        refusals,
+        upstream,
+    )
     from sidekey.proxy import settings as proxy_settings
     from sidekey.webhook import caching, patching, reviews, shapes
     from sidekey.webhook import settings as webhook_settings
