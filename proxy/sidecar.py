@@ -15,10 +15,9 @@ import random
 from typing import Any, Final
 
 import aiohttp
-from aiohttp import web
 
 from sidekey.core import apiconfig, contract, health, kubeapi, logs, tokens
-from sidekey.proxy import forwarding, llmexchange, metrics, routes, settings
+from sidekey.proxy import forwarding, listener, llmexchange, metrics, routes, settings
 
 log = logging.getLogger("sidekey.proxy")
 
@@ -37,7 +36,6 @@ class SidecarProcess:
         self.draining = False
         self._was_ready = False
         self._tasks: list[asyncio.Task[Any]] = []
-        self._runners: list[web.BaseRunner] = []
         self.proxy_port = 0
         self.health_port = 0
 
@@ -103,12 +101,10 @@ class SidecarProcess:
         )
         self.listener = await self.proxy.listen("127.0.0.1", s.port)
         self.proxy_port = self.listener.port
-        health = web.Server(self._health, access_log=None)
-        hrunner = web.ServerRunner(health, shutdown_timeout=1.0)
-        await hrunner.setup()
-        await web.TCPSite(hrunner, s.health_address, s.health_port, reuse_address=True).start()
-        self._runners.append(hrunner)
-        self.health_port = _bound_port(hrunner)
+        # the health listener is the same small HTTP/1.1 server as the proxy's (no aiohttp.web)
+        self.health = listener.Listener(self._health)
+        await self.health.start(s.health_address, s.health_port)
+        self.health_port = self.health.port
         log.info(
             "sidecar listening",
             extra={
@@ -138,8 +134,7 @@ class SidecarProcess:
         await self.proxy.close()
         await self.session.close()
         await self.api.close()
-        for runner in self._runners:
-            await runner.cleanup()
+        await self.health.drain(1.0)
         self.audit.flush()
         log.info("stopped")
 
@@ -186,23 +181,19 @@ class SidecarProcess:
 
     # --- health listener ---------------------------------------------------------------------
 
-    async def _health(self, request: web.BaseRequest) -> web.StreamResponse:
-        path = request.path
+    async def _health(self, request: listener.Request, conn: listener.AgentConnection) -> None:
+        reply = listener.Reply(conn, request)
+        path = request.target.partition("?")[0]
         if path == contract.HEALTHZ_PATH:
-            return web.Response(text="ok\n")
-        if path == contract.READY_PATH:
+            reply.whole(200, _TEXT, b"ok\n")
+        elif path == contract.READY_PATH:
             status, body = health.readiness({} if self.ready else self._not_ready())
-            return web.Response(status=status, content_type="application/json", text=json.dumps(body))
-        if path == contract.METRICS_PATH:
-            return web.Response(
-                body=metrics.exposition(),
-                headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-            )
-        return web.Response(status=404, text="not found\n")
+            reply.whole(status, _JSON, json.dumps(body).encode())
+        elif path == contract.METRICS_PATH:
+            reply.whole(200, b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n", metrics.exposition())
+        else:
+            reply.whole(404, _TEXT, b"not found\n")
 
 
-def _bound_port(runner: web.BaseRunner) -> int:
-    for addr in runner.addresses:
-        if isinstance(addr, tuple):
-            return int(addr[1])
-    return 0
+_TEXT: Final = b"Content-Type: text/plain; charset=utf-8\r\n"
+_JSON: Final = b"Content-Type: application/json\r\n"
