@@ -77,6 +77,10 @@ class Account:
             self.reserved = max(0, self.reserved - reserved)
         self.spent += max(0, actual)
 
+    def shortfall(self) -> str:
+        """Why less is left than the budget says, when it is not spend (a ledger out of reach)."""
+        return ""
+
     def retry_after(self) -> int:
         return max(1, math.ceil(self.budget.window_end(self._clock()) - self._clock()))
 
@@ -119,8 +123,8 @@ def _spent_message(account: Account, upstream: str, policy: str) -> str:
     end = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.window_end(account.now())))
     return (f"token budget {b.label} of upstream {upstream!r} (AgentPolicy {policy!r}) has "
             f"{max(0, account.left())} tokens left in the window ending {end} "
-            f"({account.spent} spent, {account.reserved} reserved by requests in flight); "
-            f"retry after {account.retry_after()} s")
+            f"({account.spent} spent, {account.reserved} reserved by requests in flight"
+            f"{account.shortfall()}); retry after {account.retry_after()} s")
 
 
 def refusal(account: Account, upstream: str, policy: str, *, need: int | None = None) -> llmrequests.LlmRefusal:

@@ -48,7 +48,7 @@ class SharedAccount(llmbudgets.Account):
     """An Account whose limit is what the ledger granted this pod in the current window."""
 
     __slots__ = ("_adopted", "_api", "_lease", "_lock", "_mono", "_path", "_refill", "_valid_until",
-                 "holder", "holder_seconds", "pod", "slice", "writes")
+                 "holder", "holder_seconds", "pod", "slice", "unavailable", "writes")
 
     def __init__(self, budget: llmpolicy.Budget, *, api: kubeapi.ApiClient, namespace: str, lease: str,
                  holder: str, pod: str, clock: Callable[[], float] = time.time,
@@ -67,9 +67,16 @@ class SharedAccount(llmbudgets.Account):
         self._adopted = False
         self._refill: asyncio.Task[None] | None = None
         self.writes = 0
+        #: Why the last talk to the ledger failed (None: it worked).
+        self.unavailable: str | None = None
 
     def initial_limit(self) -> int:
         return 0  # nothing is held until the ledger grants it
+
+    def shortfall(self) -> str:
+        if self.unavailable is None:
+            return ""
+        return f"; this pod holds only what the ledger granted before: {self.unavailable}"
 
     def rebudget(self, budget: llmpolicy.Budget) -> None:
         """A new total: the ledger (rebudgeted by the operator) decides the grants; only the slice moves."""
@@ -105,6 +112,7 @@ class SharedAccount(llmbudgets.Account):
                     return
                 await self.sync(want=max(self.slice, hope - left), need=max(0, need - left))
             except LedgerUnavailable as exc:
+                self.unavailable = str(exc)
                 log.warning("budget ledger %s: %s; spending only what is held", self._path, exc)
 
     def refill_soon(self) -> None:
@@ -188,6 +196,7 @@ class SharedAccount(llmbudgets.Account):
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 raise LedgerUnavailable(type(exc).__name__) from None
             self.writes += 1
+            self.unavailable = None
             self._valid_until = started + self.holder_seconds * (1 - llmledger.SAFETY_MARGIN_FRACTION)
             return new, result
         raise LedgerUnavailable(f"{CAS_ATTEMPTS} conflicting writes in a row")

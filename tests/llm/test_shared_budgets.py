@@ -239,6 +239,9 @@ async def test_with_the_apiserver_down_a_sidecar_spends_only_what_it_holds(
             spent += used
         assert spent <= held
         assert cut_off.limit == held  # no grant was made up while cut off
+        with pytest.raises(llmrequests.LlmRefusal) as caught:
+            llmbudgets.reserve([cut_off], request(held), cap=True, upstream="openai", policy="budgeted")
+        assert "holds only what the ledger granted before" in caught.value.message
         # and the slice stops being spendable before the operator may reclaim it
         await asyncio.sleep(6 * (1 - llmledger.SAFETY_MARGIN_FRACTION) + 0.2)
         assert cut_off.left() <= 0
