@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two passes over the ledgers.
 INTERVAL: Final = 5.0
+#: The CRD's bound on status.budgets (the Leases hold every budget whatever the status shows).
+MAX_STATUS_ENTRIES: Final = 2048
 #: Least seconds between two spend reports of one policy (each one wakes the reconcile).
 REPORT_EVERY: Final = 15.0
 LEASES: Final = "/apis/coordination.k8s.io/v1/leases"
@@ -141,7 +143,7 @@ class LedgerKeeper:
                 led = await self._keep(place, policy, now)
                 if led is not None:
                     entries.append(status_entry(place, led))
-            await self._report(raw, entries)
+            await self._report(raw, entries[:MAX_STATUS_ENTRIES])
 
     async def _keep(self, place: llmledger.Place, policy: policies.AgentPolicy, now: float
                     ) -> llmledger.Ledger | None:
