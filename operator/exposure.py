@@ -31,7 +31,7 @@ the contract's command, an allowed image, only the env the sidecar reads
 (never the two that move its API client; the pod's name, uid, addresses and
 account from the pod itself, each once), only the API volume mounted, that
 volume made of the apiserver's token, ``kube-root-ca.crt`` and the
-namespace, its own UID, no shared process namespace. Accounts already
+namespace, its own UID, no shared process namespace (nor the host's). Accounts already
 granted are not re-vetted: their pods since were checked by the guard, and
 an upgrade that changes the sidecar's command must not revoke every grant.
 
@@ -190,6 +190,8 @@ def sidecar_problem(pod_spec: Mapping[str, Any], sidecar: Mapping[str, Any], *,
         return "it does not run as the sidecar's own user"
     if pod_spec.get("shareProcessNamespace"):
         return "the pod shares its process namespace"
+    if pod_spec.get("hostPID"):  # the agent then sees the sidecar's /proc/<pid>/root and environ
+        return "the pod uses the host's process namespace (hostPID)"
     return None
 
 

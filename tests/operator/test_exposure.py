@@ -147,6 +147,7 @@ LOOKALIKES: dict[str, Any] = {
     "other-ca": lambda p: _api_volume(p)["projected"]["sources"][1]["configMap"].update(name="my-ca"),
     "agents-uid": lambda p: _sidecar(p)["securityContext"].update(runAsUser=1000),
     "shared-pids": lambda p: p["spec"].update(shareProcessNamespace=True),
+    "host-pids": lambda p: p["spec"].update(hostPID=True),
     "not-native": lambda p: _sidecar(p).pop("restartPolicy"),
     # The pod's addresses as plain values: the sidecar refuses an upstream resolving to
     # its own pod by these, so a made-up one lets a hosts entry hairpin the key to the agent.
