@@ -91,6 +91,11 @@ class Body:
         self.eof = True
         self._wake()
 
+    @property
+    def paused(self) -> bool:
+        """Reading from the agent is paused because this body's buffer is full."""
+        return self._paused
+
     def _wake(self) -> None:
         w = self._waiter
         if w is not None and not w.done():
@@ -369,6 +374,10 @@ class AgentConnection(asyncio.Protocol):
                 if isinstance(item, Malformed):
                     self.answer_malformed(item)
                     return
+                if not self._queue and not item.body.paused:
+                    # paused while a previous request was answered (pipelining): this one's
+                    # body may still be on its way
+                    self.resume_reading()
                 self.busy = True
                 try:
                     await self._handler(item, self)
@@ -380,8 +389,6 @@ class AgentConnection(asyncio.Protocol):
                 if not item.body.eof:
                     return  # a body the handler did not take: its framing is unknown from here
                 item.body.discard()
-                if not self._queue:
-                    self.resume_reading()
         except asyncio.CancelledError:
             pass  # the agent left while a request was handled; the handler audited it
         except Exception as exc:  # a bug must cost one connection, never the listener

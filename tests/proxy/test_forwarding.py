@@ -655,3 +655,24 @@ async def test_a_pooled_connection_the_upstream_dropped_is_retried_once_on_a_new
         assert seen.count(1) >= 1, seen  # a reused connection was dropped at least once, and retried
     finally:
         server.close()
+
+
+async def test_a_pipelined_request_whose_body_comes_later_is_served_in_order(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    p = await make_proxy(policy(bearer_upstream(upstream.url)), secrets=SECRETS)
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(p.url.rsplit(":", 1)[1]))
+    token = mint()
+    writer.write(
+        f"GET /openai/slow?s=0.3 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+        f"POST /openai/v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Length: 5\r\nConnection: close\r\n\r\n".encode()
+    )
+    await writer.drain()
+    await asyncio.sleep(0.5)  # the second body arrives while the first is still being answered
+    writer.write(b"hello")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    first, _, second = answer.partition(b"late")
+    assert first.startswith(b"HTTP/1.1 200") and second.lstrip().startswith(b"HTTP/1.1 200"), answer
+    assert upstream.last.body == b"hello"
