@@ -333,7 +333,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = True
         self.keep_alive = False
         self._pool.untrack(self)
-        for fut in (self._head, self._done):
+        for fut in (self._head, self._done, self._drain):  # an upload waiting to write fails too
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
                 fut.exception()  # marked retrieved: the waiter may already be gone

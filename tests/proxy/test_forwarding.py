@@ -676,3 +676,39 @@ async def test_a_pipelined_request_whose_body_comes_later_is_served_in_order(
     first, _, second = answer.partition(b"late")
     assert first.startswith(b"HTTP/1.1 200") and second.lstrip().startswith(b"HTTP/1.1 200"), answer
     assert upstream.last.body == b"hello"
+
+
+async def test_an_upstream_that_stops_reading_an_upload_times_out(make_proxy: ProxyFactory) -> None:
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the head, then never another byte of the body
+        await asyncio.sleep(10)
+        writer.close()
+
+    server = await asyncio.start_server(stalls, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        up = bearer_upstream(f"http://127.0.0.1:{port}", limits={"timeoutSeconds": 1, "maxRequestBytes": 100_000_000})
+        p = await make_proxy(policy(up), secrets=SECRETS)
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(p.url.rsplit(":", 1)[1]))
+        size = 64 * 1024 * 1024
+        writer.write(f"PUT /openai/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {mint()}\r\n"
+                     f"Content-Length: {size}\r\n\r\n".encode())
+
+        async def upload() -> None:
+            chunk = b"u" * (1 << 20)
+            try:
+                for _ in range(size // len(chunk)):
+                    writer.write(chunk)
+                    await writer.drain()
+            except ConnectionError:
+                pass
+
+        task = asyncio.create_task(upload())
+        started = time.monotonic()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 504"), head
+        assert time.monotonic() - started < 3
+        task.cancel()
+        writer.close()
+    finally:
+        server.close()
