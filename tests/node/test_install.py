@@ -113,7 +113,8 @@ def release(node_cluster: Any, local_image: image.Image) -> Iterator[dict[str, A
     finally:
         helm.run("uninstall", RELEASE, "-n", NAMESPACE, "--ignore-not-found", "--wait", env=node_cluster.env(),
                  check=False, timeout=300)
-        node_cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", "--ignore-not-found", check=False)
+        # Gone before the next module installs the chart again (a Terminating namespace refuses it).
+        node_cluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=120s", check=False)
 
 
 @pytest.fixture(scope="module")
