@@ -5,19 +5,19 @@ grant, and a pod in the injected shape; mints the pod-bound agent token and the
 sidecar's API token with TokenRequest; starts `sidekey proxy` as a subprocess
 with the env the webhook sets; then calls it with the real openai and
 anthropic SDKs and curl against a local TLS upstream that checks the key.
-Tests in this module share one sidecar and run in file order (later ones
+The objects and the kubelet's part come from the shared harness
+(``localcluster.subjects``, ``localcluster.podplayer``). Tests in this module
+share one sidecar and run in file order (later ones
 change the policy).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -36,6 +36,9 @@ import yaml
 
 from sidekey.client import SidekeyAuth
 from sidekey.core import contract
+from sidekey.localcluster import podplayer, subjects
+from sidekey.localcluster.cluster import free_port
+from sidekey.localcluster.processes import Processes
 from sidekey.localcluster.upstreams import MockLLM
 from tests.support.kubectl import wait_until
 from tests.support.namespaces import make_namespace
@@ -49,17 +52,8 @@ SA = "agent"
 POD = "agent-pod"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def apply(cluster: Any, manifest: dict[str, Any]) -> dict[str, Any]:
-    out = cluster.kubectl("apply", "-o", "json", "-f", "-", input=yaml.safe_dump(manifest))
-    result: dict[str, Any] = json.loads(out)
-    return result
+    return subjects.apply(cluster, manifest)
 
 
 def http(
@@ -116,182 +110,70 @@ def policy_manifest(namespace: str, upstream: MockLLM, chat_methods: list[str]) 
 
 
 def secret_manifest(namespace: str, name: str, data: dict[str, str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": name, "namespace": namespace},
-        "stringData": data,
-    }
+    return subjects.secret(namespace, name, data)
 
 
 @dataclass
 class SharedSidecar:
     namespace: str
-    url: str
-    health_url: str
-    health_port: int
+    running: podplayer.RunningSidecar
     token_file: Path
-    api_token: str
-    process: subprocess.Popen[bytes]
-    stdout: Path
-    stderr: Path
     upstream: MockLLM
     cluster: Any
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+    @property
+    def health_url(self) -> str:
+        return self.running.health_url
+
+    @property
+    def health_port(self) -> int:
+        return self.running.health_port
+
+    @property
+    def api_token(self) -> str:
+        return self.running.api_token
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.running.process.popen
 
     def token(self) -> str:
         return self.token_file.read_text()
 
     def logs(self) -> str:
-        return self.stdout.read_text() + self.stderr.read_text()
-
-
-def start_proxy(
-    cluster: Any, namespace: str, pod_uid: str, workdir: Path, env_extra: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[bytes], int, int]:
-    api_dir = workdir / "api"
-    api_dir.mkdir(exist_ok=True)
-    api_token = cluster.token(
-        namespace,
-        SA,
-        audience=cluster.issuer,
-        pod_name=POD,
-        pod_uid=pod_uid,
-        seconds=contract.SIDECAR_API_TOKEN_EXPIRATION_SECONDS,
-    )
-    (api_dir / contract.API_TOKEN_FILENAME).write_text(api_token)
-    shutil.copy(cluster.ca_file, api_dir / contract.API_CA_FILENAME)
-    (api_dir / contract.API_NAMESPACE_FILENAME).write_text(namespace)
-    port, health = free_port(), free_port()
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": os.environ.get("HOME", "/tmp"),
-        contract.ENV_POD_NAME: POD,
-        contract.ENV_POD_NAMESPACE: namespace,
-        contract.ENV_POD_UID: pod_uid,
-        contract.ENV_POD_IP: "10.244.0.7",
-        contract.ENV_SERVICE_ACCOUNT: SA,
-        contract.ENV_PROXY_PORT: str(port),
-        contract.ENV_HEALTH_PORT: str(health),
-        contract.ENV_HEALTH_ADDRESS: "127.0.0.1",
-        contract.ENV_AUDIENCE: contract.DEFAULT_AUDIENCE,
-        contract.ENV_API_SERVER: cluster.url,
-        contract.ENV_API_TOKEN_DIR: str(api_dir),
-        contract.ENV_DRAIN_SECONDS: "10",
-        **(env_extra or {}),
-    }
-    out = (workdir / "proxy.out").open("wb")
-    err = (workdir / "proxy.err").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "sidekey", "proxy"], env=env, stdout=out, stderr=err)
-    return proc, port, health
+        return "\n".join(self.running.process.lines())
 
 
 @pytest.fixture(scope="module")
 def sidecar(cluster: Any, crds: list[str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedSidecar]:
+    """The objects a team and the operator create (a Secret not named by the policy too), then the kubelet's part."""
     workdir = tmp_path_factory.mktemp("sidecar")
     namespace = make_namespace(cluster, "skproxy")
     upstream = MockLLM({"openai-current": OPENAI_KEY, "anthropic-current": ANTHROPIC_KEY},
                        reply="hello from upstream", word_gap=0.1)
     upstream.start()
-    apply(
-        cluster,
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SA, "namespace": namespace}},
-    )
-    apply(cluster, secret_manifest(namespace, "llm-keys", {"openai": OPENAI_KEY, "anthropic": ANTHROPIC_KEY}))
     apply(cluster, secret_manifest(namespace, "not-yours", {"key": "sk-outside-the-policy"}))
-    apply(cluster, policy_manifest(namespace, upstream, ["POST"]))
-    # the RBAC the operator grants: exactly the named Secrets, and the policies
-    apply(
-        cluster,
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": "sidekey-sidecar", "namespace": namespace},
-            "rules": [
-                {
-                    "apiGroups": [""],
-                    "resources": ["secrets"],
-                    "resourceNames": ["llm-keys"],
-                    "verbs": ["get", "list", "watch"],
-                },
-                {
-                    "apiGroups": [contract.GROUP],
-                    "resources": [contract.PLURAL],
-                    "verbs": ["get", "list", "watch"],
-                },
-            ],
-        },
-    )
-    apply(
-        cluster,
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "sidekey-sidecar", "namespace": namespace},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sidekey-sidecar"},
-            "subjects": [{"kind": "ServiceAccount", "name": SA, "namespace": namespace}],
-        },
-    )
-    pod = apply(
-        cluster,
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": POD, "namespace": namespace},
-            "spec": {
-                "serviceAccountName": SA,
-                "automountServiceAccountToken": False,
-                "initContainers": [
-                    {
-                        "name": contract.SIDECAR_CONTAINER_NAME,
-                        "image": "ghcr.io/sidekey/sidekey:0.1.0",
-                        "restartPolicy": "Always",
-                        "args": ["proxy"],
-                    }
-                ],
-                "containers": [{"name": "agent", "image": "example.invalid/agent:1"}],
-            },
-        },
-    )
-    pod_uid = pod["metadata"]["uid"]
-    agent_dir = workdir / "agent"
-    agent_dir.mkdir()
-    token_file = agent_dir / "token"
-    token_file.write_text(cluster.token(namespace, SA, audience="sidekey", pod_name=POD, pod_uid=pod_uid))
-    proc, port, health = start_proxy(cluster, namespace, pod_uid, workdir)
-    sc = SharedSidecar(
-        namespace,
-        f"http://127.0.0.1:{port}",
-        f"http://127.0.0.1:{health}",
-        health,
-        token_file,
-        (workdir / "api" / "token").read_text(),
-        proc,
-        workdir / "proxy.out",
-        workdir / "proxy.err",
-        upstream,
-        cluster,
-    )
-    try:
-        wait_until(lambda: _ready(sc) or not _alive(proc), 30, "sidecar readiness", step=0.1)
-        assert proc.poll() is None, sc.logs()
-        yield sc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        upstream.stop()
-        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-
-
-def _alive(proc: subprocess.Popen[bytes]) -> bool:
-    return proc.poll() is None
-
-
-def _ready(sc: SharedSidecar) -> bool:
-    try:
-        return http("GET", f"{sc.health_url}/readyz")[0] == 200
-    except OSError:
-        return False
+    pod = podplayer.PodIdentity.of(subjects.create_subject(
+        cluster, namespace, account=SA, pod=POD, secret_name="llm-keys",
+        keys={"openai": OPENAI_KEY, "anthropic": ANTHROPIC_KEY},
+        upstreams=policy_manifest(namespace, upstream, ["POST"])["spec"]["upstreams"], policy_name="llms"),
+        ip="10.244.0.7")
+    token_file = workdir / "agent" / "token"
+    token_file.parent.mkdir()
+    token_file.write_text(podplayer.mint_agent_token(cluster, pod))
+    with Processes(workdir / "logs") as procs:
+        running = podplayer.start_sidecar(
+            cluster, pod, procs, workdir, name="proxy",
+            env={contract.ENV_AUDIENCE: contract.DEFAULT_AUDIENCE, contract.ENV_DRAIN_SECONDS: "10"})
+        try:
+            yield SharedSidecar(namespace, running, token_file, upstream, cluster)
+        finally:
+            upstream.stop()
+            cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 # --- the SDKs ---------------------------------------------------------------------------------
@@ -497,7 +379,7 @@ def test_a_policy_edit_that_denies_takes_effect_within_two_seconds(sidecar: Shar
 
 def test_no_secret_or_token_in_any_log_or_audit_line(sidecar: SharedSidecar) -> None:
     text = sidecar.logs()
-    audit = [json.loads(line) for line in sidecar.stdout.read_text().splitlines() if line.strip()]
+    audit = sidecar.running.audit()
     assert audit and {
         "request_id",
         "pod",
