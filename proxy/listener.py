@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -40,6 +41,8 @@ MAX_HEADERS_BYTES: Final = 64 * 1024
 MAX_HEADERS: Final = 128
 #: Buffered request body above which reading from the agent pauses.
 BODY_HIGH_WATER: Final = 256 * 1024
+#: A keep-alive connection with no request for this long is closed (aiohttp's default too).
+IDLE_SECONDS: Final = 75.0
 
 _REASONS: Final = {
     100: b"Continue", 200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
@@ -191,6 +194,7 @@ class AgentConnection(asyncio.Protocol):
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._stop_reading = False  # after an upgrade, a refusal with an unread body, or an error
+        self.last_data = server.clock()
         self._error: Malformed | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
@@ -204,6 +208,7 @@ class AgentConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stop_reading:
             return
+        self.last_data = self._server.clock()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -534,7 +539,9 @@ class Listener:
         self.draining = False
         self._server: asyncio.Server | None = None
         self._gone: asyncio.Event | None = None
+        self._sweep: asyncio.TimerHandle | None = None
         self.port = 0
+        self.clock = time.monotonic
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -542,6 +549,16 @@ class Listener:
             lambda: AgentConnection(self._handler, self), host, port, reuse_address=True, backlog=1024
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
+        self._sweep = loop.call_later(IDLE_SECONDS / 5, self._close_idle)
+
+    def _close_idle(self) -> None:
+        """One sweep for all connections instead of a timer per connection and request."""
+        cutoff = self.clock() - IDLE_SECONDS
+        for conn in list(self.connections):
+            if conn.idle and conn.last_data < cutoff:
+                conn.close()
+        if not self.draining:
+            self._sweep = asyncio.get_running_loop().call_later(IDLE_SECONDS / 5, self._close_idle)
 
     def forget(self, conn: AgentConnection) -> None:
         if self._gone is not None and not self.connections:
@@ -550,6 +567,8 @@ class Listener:
     async def drain(self, seconds: float) -> None:
         """Stop accepting; close idle connections; give the busy ones ``seconds`` to finish."""
         self.draining = True
+        if self._sweep is not None:
+            self._sweep.cancel()
         if self._server is not None:
             self._server.close()
         self._gone = asyncio.Event()

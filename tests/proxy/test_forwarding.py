@@ -712,3 +712,26 @@ async def test_an_upstream_that_stops_reading_an_upload_times_out(make_proxy: Pr
         writer.close()
     finally:
         server.close()
+
+
+async def test_an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sidekey.proxy import listener
+
+    monkeypatch.setattr(listener, "IDLE_SECONDS", 0.5)
+
+    async def handler(request: listener.Request, conn: listener.AgentConnection) -> None:
+        if request.target == "/slow":
+            await asyncio.sleep(1.2)
+        listener.Reply(conn, request).whole(200, b"", b"ok")
+
+    server = listener.Listener(handler)
+    await server.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"ok"), 3)  # busy past the idle limit: served
+        assert head.startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # then idle: closed by the sweep
+        writer.close()
+    finally:
+        await server.drain(0.1)
