@@ -31,8 +31,10 @@ the contract's command, an allowed image, only the env the sidecar reads
 (never the two that move its API client; the pod's name, uid, addresses and
 account from the pod itself, each once), only the API volume mounted, that
 volume made of the apiserver's token, ``kube-root-ca.crt`` and the
-namespace, its own UID, no shared process namespace (nor the host's). Accounts already
-granted are not re-vetted: their pods since were checked by the guard, and
+namespace, its own UID, no exec probe or hook; and around it no shared or
+host process namespace, privileged agent, hostPath volume (unless the pod
+carries the guard's override for it) or ephemeral container targeting it.
+Accounts already granted are not re-vetted: their pods since were checked by the guard, and
 an upgrade that changes the sidecar's command must not revoke every grant.
 
 Nor does deletion end it at once: the apiserver caches a successful token
@@ -144,13 +146,46 @@ def _is_api_volume(volume: Mapping[str, Any]) -> bool:
     return True
 
 
+_PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+def _isolation_problem(pod_spec: Mapping[str, Any], annotations: Mapping[str, Any]) -> str | None:
+    """What lets an agent container reach into the sidecar's processes or files, or None.
+
+    The guard's isolation checks, honouring the same override annotations (a
+    pod author who accepted the risk in writing is not held back for it).
+    """
+    def allowed(annotation: str) -> bool:
+        return annotations.get(annotation) == "true"
+
+    if pod_spec.get("shareProcessNamespace") and not allowed(contract.ANNOTATION_ALLOW_SHARED_PROCESS_NAMESPACE):
+        return "the pod shares its process namespace"
+    if pod_spec.get("hostPID") and not allowed(contract.ANNOTATION_ALLOW_HOST_PID):
+        return "the pod uses the host's process namespace (hostPID)"  # /proc/<pid>/root and environ
+    if not allowed(contract.ANNOTATION_ALLOW_PRIVILEGED):
+        for c in _agent_containers(pod_spec):
+            context = c.get("securityContext")
+            if isinstance(context, Mapping) and context.get("privileged"):
+                return f"container {str(c.get('name', ''))!r} is privileged"  # the node's files are its
+    if not allowed(contract.ANNOTATION_ALLOW_HOST_PATH) and any(
+            isinstance(v, Mapping) and "hostPath" in v for v in pod_spec.get("volumes") or []):
+        return "the pod has a hostPath volume"  # the kubelet keeps every pod's volumes on the node
+    for c in pod_spec.get("ephemeralContainers") or []:
+        if isinstance(c, Mapping) and c.get("targetContainerName") == contract.SIDECAR_CONTAINER_NAME:
+            return f"ephemeral container {str(c.get('name', ''))!r} targets the sidecar"
+    return None
+
+
 def sidecar_problem(pod_spec: Mapping[str, Any], sidecar: Mapping[str, Any], *,
-                    images: Collection[str] | None) -> str | None:
+                    images: Collection[str] | None,
+                    annotations: Mapping[str, Any] | None = None) -> str | None:
     """What makes this native sidecar other than the injected one (names only), or None.
 
     The security-relevant part of the guard's allow-list, from the contract:
-    what could move or leak the sidecar's API token. ``images`` None: the
-    operator was not told the installed image, so any image passes.
+    what could move or leak the sidecar's API token, in the sidecar and in
+    the pod around it. ``images`` None: the operator was not told the
+    installed image, so any image passes. ``annotations`` are the pod's (the
+    guard's overrides).
     """
     image = str(sidecar.get("image") or "")
     if images is not None and image not in images:
@@ -188,11 +223,11 @@ def sidecar_problem(pod_spec: Mapping[str, Any], sidecar: Mapping[str, Any], *,
     context = sidecar.get("securityContext") or {}
     if context.get("runAsUser") != contract.SIDECAR_UID or context.get("privileged"):
         return "it does not run as the sidecar's own user"
-    if pod_spec.get("shareProcessNamespace"):
-        return "the pod shares its process namespace"
-    if pod_spec.get("hostPID"):  # the agent then sees the sidecar's /proc/<pid>/root and environ
-        return "the pod uses the host's process namespace (hostPID)"
-    return None
+    # an exec probe or hook runs a command of the pod author's beside the token
+    if any(isinstance(sidecar.get(p), Mapping) and "exec" in sidecar[p] for p in _PROBES) or \
+            sidecar.get("lifecycle"):
+        return "it runs exec probes or lifecycle hooks"
+    return _isolation_problem(pod_spec, annotations or {})
 
 
 def exposed(pod: Mapping[str, Any], *, agent_audiences: Collection[str],
@@ -227,7 +262,8 @@ def exposed(pod: Mapping[str, Any], *, agent_audiences: Collection[str],
             continue
         held = [str(m.get("name")) for m in c.get("volumeMounts") or []
                 if isinstance(m, Mapping) and m.get("name") in volumes]
-        problem = sidecar_problem(spec, c, images=sidecar_images) if held else None
+        problem = sidecar_problem(spec, c, images=sidecar_images,
+                                  annotations=meta.get("annotations") or {}) if held else None
         if problem is not None:
             return hit(c, held[0], problem)
     return None

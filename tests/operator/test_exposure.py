@@ -148,6 +148,13 @@ LOOKALIKES: dict[str, Any] = {
     "agents-uid": lambda p: _sidecar(p)["securityContext"].update(runAsUser=1000),
     "shared-pids": lambda p: p["spec"].update(shareProcessNamespace=True),
     "host-pids": lambda p: p["spec"].update(hostPID=True),
+    # a command of the pod author's run beside the token, or a way into the sidecar's files
+    "exec-probe": lambda p: _sidecar(p).update(livenessProbe={"exec": {"command": ["sh", "-c", "leak"]}}),
+    "post-start-hook": lambda p: _sidecar(p).update(lifecycle={"postStart": {"exec": {"command": ["leak"]}}}),
+    "privileged-agent": lambda p: p["spec"]["containers"][0].update(securityContext={"privileged": True}),
+    "host-path": lambda p: p["spec"]["volumes"].append({"name": "node", "hostPath": {"path": "/var/lib/kubelet"}}),
+    "debug-the-sidecar": lambda p: p["spec"].update(ephemeralContainers=[
+        {"name": "debugger", "image": "busybox", "targetContainerName": contract.SIDECAR_CONTAINER_NAME}]),
     "not-native": lambda p: _sidecar(p).pop("restartPolicy"),
     # The pod's addresses as plain values: the sidecar refuses an upstream resolving to
     # its own pod by these, so a made-up one lets a hosts entry hairpin the key to the agent.
@@ -191,3 +198,20 @@ def test_the_fields_the_vetting_expects_are_the_ones_the_webhook_writes() -> Non
     written = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
                for e in _sidecar(pod)["env"] if "valueFrom" in e}
     assert written == exposure.SIDECAR_FIELD_ENV
+
+
+@pytest.mark.parametrize(("shape", "annotation"), [
+    ("shared-pids", contract.ANNOTATION_ALLOW_SHARED_PROCESS_NAMESPACE),
+    ("host-pids", contract.ANNOTATION_ALLOW_HOST_PID),
+    ("privileged-agent", contract.ANNOTATION_ALLOW_PRIVILEGED),
+    ("host-path", contract.ANNOTATION_ALLOW_HOST_PATH),
+])
+def test_a_risk_the_pod_accepted_with_the_guards_override_holds_nothing_back(shape: str, annotation: str) -> None:
+    # The guard admits a new subject pod with the override, so one that predates the
+    # policy is not held back for it either (it would be, forever, with nothing to fix).
+    pod = _webhook_injected()
+    LOOKALIKES[shape](pod)
+    pod["metadata"]["annotations"] = {annotation: "true"}
+    assert exposure.exposed(pod, agent_audiences=AUDIENCES, vet_sidecar=True, sidecar_images=IMAGES) is None
+    pod["metadata"]["annotations"] = {annotation: "yes"}  # only "true" is an override, as in the guard
+    assert exposure.exposed(pod, agent_audiences=AUDIENCES, vet_sidecar=True, sidecar_images=IMAGES) is not None
