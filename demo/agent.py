@@ -50,6 +50,22 @@ def stream_chat(env: Mapping[str, str]) -> str:
         return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
 
 
+def stream_until_the_budget(env: Mapping[str, str], base_url: str) -> tuple[str, str]:
+    """Stream through a budgeted route: (the text that arrived, the SDK's error, or "")."""
+    text = ""
+    with _client({**env, "OPENAI_BASE_URL": base_url}) as client:
+        try:
+            stream = client.chat.completions.create(
+                model="demo-model", messages=[{"role": "user", "content": "Say hello."}], stream=True,
+                stream_options={"include_usage": True})
+            for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+        except openai.APIError as exc:
+            return text, exc.message
+    return text, ""
+
+
 def list_models(env: Mapping[str, str]) -> list[str]:
     with _client(env) as client:
         return [m.id for m in client.models.list()]

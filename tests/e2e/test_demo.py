@@ -49,6 +49,7 @@ def test_the_demo_shows_the_whole_flow_and_leaves_nothing_running(tmp_path: Path
 
     for claim in ("no key anywhere in the pod spec", "the upstream received the real key",
                   "403", "401 pod agent's token replayed", "401 a token minted for another audience",
-                  "by the apiserver", "rotated key", "no key in any log line or metric"):
+                  "by the apiserver", "rotated key", "the stream was ended at the token budget",
+                  "no key in any log line or metric"):
         assert claim in output, f"the demo did not show: {claim}"
     assert _processes_mentioning(str(workdir)) == []
