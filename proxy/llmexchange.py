@@ -131,8 +131,10 @@ class Exchange:
         tight = min(accounts, key=lambda a: a.left()) if accounts else None
         if tight is None:
             return "the token budget is spent"
-        refusal = llmbudgets.refusal(tight, self.route.name, self.route.policy)
-        return "the stream was ended at the token budget: " + refusal.message
+        b = tight.budget
+        return (f"the stream was ended at the token budget: {b.label} of upstream {self.route.name!r} "
+                f"(AgentPolicy {self.route.policy!r}) has no room for more output ({tight.spent} spent, "
+                f"{tight.reserved} reserved, this stream included); retry after {tight.retry_after()} s")
 
     def finish(self, record: auditing.AuditRecord) -> None:
         """Settle once: the reported usage, nothing for an upstream refusal, else the estimate."""
