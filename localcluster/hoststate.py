@@ -16,6 +16,7 @@ runs create their own network namespaces and veths at the same time.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -247,25 +248,27 @@ def kill_kubepods() -> int:
     return killed
 
 
-def remove_kubepods_cgroups() -> list[str]:
-    """rmdir each kubepods tree bottom-up; returns the ones that would not go."""
-    stuck = []
-    for root in cgroup_hierarchies():
-        top = root / KUBEPODS
-        if not top.is_dir():
-            continue
-        for d in [*map(Path, _dirs_below(top)), top]:
-            for _try in range(20):
+def remove_kubepods_cgroups(patience: float = 5.0) -> list[str]:
+    """rmdir every kubepods tree bottom-up, in rounds over all of them (a folder whose
+    last task is still exiting goes a moment later); returns the ones that would not go."""
+    deadline = time.monotonic() + patience
+    while True:
+        left = []
+        for root in cgroup_hierarchies():
+            top = root / KUBEPODS
+            if not top.is_dir():
+                continue
+            for d in [*map(Path, _dirs_below(top)), top]:
                 try:
                     d.rmdir()
-                    break
                 except FileNotFoundError:
-                    break
+                    pass
                 except OSError:
-                    time.sleep(0.05)
-            else:
-                stuck.append(str(d))
-    return stuck
+                    left.append(str(d))
+        if not left or time.monotonic() > deadline:
+            return left
+        kill_kubepods()
+        time.sleep(0.05)
 
 
 def unmount_all(roots: Sequence[str]) -> None:
@@ -278,7 +281,21 @@ def unmount_all(roots: Sequence[str]) -> None:
         if not points:
             return
         for p in sorted(points, key=lambda p: -p.count("/")):
-            subprocess.run(["umount", "--lazy", p], capture_output=True, timeout=10, check=False)
+            _detach(p)
+
+
+MNT_DETACH = 2
+
+
+def _detach(point: str) -> None:
+    """``umount --lazy``, as a system call: a pod's volumes are dozens of mounts."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        if libc.umount2(point.encode(), MNT_DETACH) == 0:
+            return
+    except OSError:
+        pass
+    subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=10, check=False)
 
 
 def unified_hierarchy() -> Path | None:

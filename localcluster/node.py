@@ -337,11 +337,12 @@ class NodeCluster(LocalCluster):
         _run("ip", "link", "add", BRIDGE, "type", "bridge")
         _run("ip", "addr", "add", f"{GATEWAY}/24", "dev", BRIDGE)
         _run("ip", "link", "set", BRIDGE, "up")
-        # Pod traffic stays on the bridge (the bridge plugin turns on forwarding
-        # for pod -> Service -> pod): nothing from a pod is routed anywhere else,
-        # and nothing from elsewhere is routed to a pod.
-        _run("iptables", "-w", "-I", "FORWARD", "1", "-i", BRIDGE, "!", "-o", BRIDGE, "-j", "DROP")
-        _run("iptables", "-w", "-I", "FORWARD", "1", "!", "-i", BRIDGE, "-o", BRIDGE, "-j", "DROP")
+        # The bridge plugin turns forwarding on (pod -> Service -> pod is routed
+        # back onto the bridge). The host then forwards bridge to bridge only:
+        # nothing from a pod is routed anywhere else, nothing from elsewhere to a
+        # pod, and nothing between the host's other interfaces (as before).
+        _run("iptables", "-w", "-I", "FORWARD", "1", "!", "-o", BRIDGE, "-j", "DROP")
+        _run("iptables", "-w", "-I", "FORWARD", "1", "!", "-i", BRIDGE, "-j", "DROP")
 
     # --- containerd --------------------------------------------------------
 
