@@ -272,3 +272,9 @@ async def test_a_body_that_could_be_read_another_way_is_a_400_and_never_forwarde
                                  headers={"Authorization": f"Bearer {mint()}", "Content-Encoding": "gzip"
                                           if raw.startswith(b"\x1f") else "identity"}, content=raw)
     assert resp.status_code == 400 and world.mock.seen == []
+
+
+async def test_a_forbidden_model_named_in_the_path_is_a_403(world: World) -> None:
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        await world.openai().models.retrieve("gpt-5")
+    assert "'gpt-5'" in said(caught.value) and world.mock.seen == []
