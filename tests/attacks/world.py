@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from sidekey.localcluster.processes import Processes
 from sidekey.localcluster.upstreams import RecordingUpstream as Upstream
 from sidekey.localcluster.upstreams import Trap
 from tests.support.kubectl import wait_until
+from tests.support.sidecars import SidecarView
 
 __all__ = ["Trap", "Upstream", "free_port", "wait_until"]
 
@@ -134,7 +134,7 @@ def subject(cluster: LocalCluster, namespace: str, upstream_url: str,
 
 
 @dataclass
-class SubjectSidecar:
+class SubjectSidecar(SidecarView):
     cluster: LocalCluster
     namespace: str
     pod_uid: str
@@ -142,39 +142,6 @@ class SubjectSidecar:
     workdir: Path
     agent_token: str
     _procs: Processes
-
-    @property
-    def port(self) -> int:
-        return self.running.port
-
-    @property
-    def health_port(self) -> int:
-        return self.running.health_port
-
-    @property
-    def api_token(self) -> str:
-        return self.running.api_token
-
-    @property
-    def process(self) -> subprocess.Popen[bytes]:  # tests signal it, wait for it and poll it
-        return self.running.process.popen
-
-    @property
-    def url(self) -> str:
-        return self.running.url
-
-    @property
-    def health_url(self) -> str:
-        return self.running.health_url
-
-    def logs(self) -> str:
-        return "\n".join(self.running.process.lines())
-
-    def audit(self) -> list[dict[str, Any]]:
-        return self.running.audit()
-
-    def ready(self) -> bool:
-        return podplayer.readyz(self.health_port)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -42,6 +42,7 @@ from sidekey.localcluster.processes import Processes
 from sidekey.localcluster.upstreams import MockLLM
 from tests.support.kubectl import wait_until
 from tests.support.namespaces import make_namespace
+from tests.support.sidecars import SidecarView
 
 pytestmark = pytest.mark.e2e
 
@@ -114,38 +115,15 @@ def secret_manifest(namespace: str, name: str, data: dict[str, str]) -> dict[str
 
 
 @dataclass
-class SharedSidecar:
+class SharedSidecar(SidecarView):
     namespace: str
     running: podplayer.RunningSidecar
     token_file: Path
     upstream: MockLLM
     cluster: Any
 
-    @property
-    def url(self) -> str:
-        return self.running.url
-
-    @property
-    def health_url(self) -> str:
-        return self.running.health_url
-
-    @property
-    def health_port(self) -> int:
-        return self.running.health_port
-
-    @property
-    def api_token(self) -> str:
-        return self.running.api_token
-
-    @property
-    def process(self) -> subprocess.Popen[bytes]:
-        return self.running.process.popen
-
     def token(self) -> str:
         return self.token_file.read_text()
-
-    def logs(self) -> str:
-        return "\n".join(self.running.process.lines())
 
 
 @pytest.fixture(scope="module")
