@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -283,18 +284,21 @@ async def test_an_account_granted_already_is_not_revoked_for_its_sidecars() -> N
     assert [s["name"] for s in api.objects[BINDING_PATH]["subjects"]] == ["agent"]
 
 
-async def test_a_gone_pod_that_settles_during_another_policys_reconcile_is_no_crash() -> None:
+async def test_a_gone_pod_that_settles_during_another_policys_reconcile_is_no_crash(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # Two policies hold the grant of one account back for the same bare pod. The
     # pod goes; while one policy's reconcile is writing its status, the other's
     # runs after the token cache's TTL and forgets the pod. The first must then
     # look again soon, not fail on the pod it no longer finds (min() of nothing).
-    api, ctl, _ = _setup(token_cache_seconds=0.5)
+    # The clock is moved by hand, so a slow machine cannot change what is tested.
+    real, offset = time.monotonic, [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: real() + offset[0])
+    api, ctl, _ = _setup(token_cache_seconds=60)
     other = policy("other", "team")
     other["metadata"].update(uid="u2", generation=1, creationTimestamp="2026-01-02T00:00:00Z")
     other_path = POLICY_PATH.replace("/agents", "/other")
     api.objects[other_path] = other
-    index = Index(api.objects[POLICY_PATH], other)
-    ctl.attach(index)
+    ctl.attach(Index(api.objects[POLICY_PATH], other))
     api.objects[PODS_PATH] = {"items": [BARE_POD], "metadata": {}}
     await ctl.reconcile(("team", "agents"))
     await ctl.reconcile(("team", "other"))
@@ -310,7 +314,7 @@ async def test_a_gone_pod_that_settles_during_another_policys_reconcile_is_no_cr
         nonlocal inside
         if path == other_path + "/status" and not inside:
             inside = True
-            await asyncio.sleep(0.55)  # the token cache's TTL passes meanwhile
+            offset[0] += 61  # the token cache's TTL passes meanwhile
             await ctl.reconcile(("team", "agents"))  # and this one forgets the pod
         return await plain_patch(path, body, kind)
 
