@@ -43,6 +43,8 @@ _HEADER_SAFE: Final = re.compile(r"^[\x20-\x7e\x80-\xff]*\Z")  # \Z: "$" also ma
 #: Refresh an OAuth2 token this long before it expires (or at 80% of its life if shorter).
 OAUTH_REFRESH_MARGIN: Final = 60.0
 OAUTH_DEFAULT_LIFETIME: Final = 3600.0
+#: A token answer larger than this is refused unread: every sidecar holds what it reads.
+OAUTH_MAX_ANSWER_BYTES: Final = 64 * 1024
 #: The longest lifetime believed: an access token is refreshed at least this often.
 OAUTH_MAX_LIFETIME: Final = 86400.0
 OAUTH_TIMEOUT: Final = aiohttp.ClientTimeout(total=30)
@@ -258,7 +260,7 @@ class OAuthClient:
                 allow_redirects=False,
                 timeout=OAUTH_TIMEOUT,
             ) as resp:
-                body = await resp.read()
+                body = await resp.content.read(OAUTH_MAX_ANSWER_BYTES + 1)
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise CredentialError(
@@ -266,6 +268,8 @@ class OAuthClient:
             ) from None
         if status != 200:
             raise CredentialError(f"the OAuth2 token endpoint answered {status}", 502)
+        if len(body) > OAUTH_MAX_ANSWER_BYTES:
+            raise CredentialError("the OAuth2 token endpoint's answer is too large for a token", 502)
         try:
             doc = json.loads(body)
             token = doc["access_token"]

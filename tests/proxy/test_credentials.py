@@ -316,3 +316,36 @@ async def test_an_expires_in_that_is_no_lifetime_is_read_as_a_bounded_one(expire
         assert 0 < left <= credentials.OAUTH_MAX_LIFETIME
     finally:
         await runner.cleanup()
+
+
+async def test_a_token_answer_too_large_for_a_token_is_refused_unread() -> None:
+    sent: list[int] = []
+
+    async def token(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"access_token": "at-1234567890", "padding": "')
+        try:
+            for _ in range(1024):  # up to 64 MB, unless the reader stops first
+                await resp.write(b"x" * 65536)
+                sent.append(1)
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        cred = credentials.build(oauth(f"http://127.0.0.1:{port}/token"), SECRETS, insecure=True)
+        assert cred.oauth is not None
+        with pytest.raises(credentials.CredentialError, match="too large") as info:
+            await fetch(cred.oauth, None)
+        assert info.value.status == 502
+        assert len(sent) < 1024  # the sidecar stopped reading; it never held the whole answer
+    finally:
+        await runner.cleanup()
