@@ -170,9 +170,13 @@ class Controller:
             if other and other != name and _conflict_stale(raw, lost.get(other, [])):
                 self.queue.add((namespace, other))
 
-    def secret_changed(self, namespace: str, name: str) -> None:
+    def secret_changed(self, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
+        """A Secret changed: reconcile the policies naming it, and, for a legacy
+        token Secret, the policies whose subject it holds back (``exposure.legacy_token``)."""
+        token = exposure.legacy_token(body) if body is not None else None
         for raw in self._policies(namespace):
-            if name in referenced_secrets(raw):
+            if name in referenced_secrets(raw) or (
+                    token is not None and token.service_account in subject_accounts(raw)):
                 self.queue.add((namespace, str(raw["metadata"]["name"])))
 
     def pod_changed(self, body: Mapping[str, Any], *, deleted: bool) -> None:
@@ -266,7 +270,8 @@ class Controller:
         ready = sum(1 for v in self._ready.values() if v)
         self._stats.policies.labels("true").set(ready)
         self._stats.policies.labels("false").set(len(self._ready) - ready)
-        self._stats.blocked_subject_pods.set(len({u for pods in self._held.values() for u in pods}))
+        self._stats.blocked_subject_pods.set(
+            len({u for pods in self._held.values() for u, p in pods.items() if not p.secret}))
 
     async def _judge(self, raw: Mapping[str, Any]) -> tuple[verdicts.Verdict, bool]:
         meta = raw.get("metadata") or {}
@@ -316,6 +321,17 @@ class Controller:
                 if not more:
                     break
                 params = {**params, "continue": str(more)}
+        params = {"fieldSelector": f"type={exposure.LEGACY_TOKEN_TYPE}", "limit": "500"}
+        while True:  # legacy token Secrets of a subject: any pod may mount one
+            page = await self._api.get(rest.secret_path(policy.namespace), params) or {}
+            for secret in page.get("items") or []:
+                token = exposure.legacy_token(secret)  # names only: the value goes no further
+                if token is not None and token.service_account in policy.service_accounts:
+                    found.setdefault(token.service_account, []).append(token)
+            more = (page.get("metadata") or {}).get("continue")
+            if not more:
+                break
+            params = {**params, "continue": str(more)}
         return found
 
     async def _lookup(self, namespace: str, name: str) -> verdicts.SecretLookup:

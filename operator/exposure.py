@@ -42,6 +42,9 @@ authentication for 10 seconds, so a token copied out of the pod authenticates
 for up to that long after the pod is gone. A held pod that goes therefore
 keeps holding the grant back for ``TOKEN_CACHE_SECONDS`` more.
 
+A legacy token Secret of a subject account (``legacy_token``) holds the
+grant back the same way: any pod of the namespace can mount it.
+
 Pure functions over the served pod; no I/O. Names only: never a value.
 """
 
@@ -72,6 +75,32 @@ class ExposedPod:
     #: Gone from the apiserver less than ``TOKEN_CACHE_SECONDS`` ago: its token may
     #: still authenticate, so it holds the grant back a little longer.
     deleted: bool = False
+    #: Not a pod but a legacy token Secret of the account (``legacy_token``).
+    secret: bool = False
+
+
+#: A Secret the token controller fills with a non-expiring API token of the account it names.
+LEGACY_TOKEN_TYPE = "kubernetes.io/service-account-token"
+LEGACY_TOKEN_ACCOUNT = "kubernetes.io/service-account.name"
+
+
+def legacy_token(secret: Mapping[str, Any]) -> ExposedPod | None:
+    """A legacy token Secret, as what holds the grant of its account back; else None.
+
+    Such a token never expires and is not bound to a pod, and any pod of the
+    namespace may mount it as a ``secret`` volume without the right to read
+    Secrets: whoever can create pods there holds the account's API token. The
+    guard cannot tell (CEL does not see a mounted Secret's type), but the
+    operator reads Secrets, so the grant waits until the Secret is deleted.
+    """
+    meta = secret.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    account = annotations.get(LEGACY_TOKEN_ACCOUNT) if isinstance(annotations, Mapping) else None
+    if secret.get("type") != LEGACY_TOKEN_TYPE or not isinstance(account, str) or not account:
+        return None
+    return ExposedPod(namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
+                      uid=str(meta.get("uid", "")), service_account=account, container="",
+                      volume="", secret=True)
 
 
 def service_account(pod: Mapping[str, Any]) -> str:

@@ -11,8 +11,9 @@ happens in the controller's keyed queue, which retries with backoff.
 Watched:
 - AgentPolicies: indexed by namespace (kopf fills the index before any
   handler runs), and every change reconciles the policy and its neighbours;
-- Secrets: a change to one a policy names reconciles that policy, a change
-  to the webhook's TLS or CA Secret re-checks TLS;
+- Secrets: a change to one a policy names reconciles that policy, and so
+  does a legacy token Secret of a subject account; a change to the webhook's
+  TLS or CA Secret re-checks TLS;
 - Roles and RoleBindings the operator manages: an edit is reverted;
 - the MutatingWebhookConfiguration: its caBundle is (re)set;
 - Pods and labelled Namespaces: opted-in pods without a sidecar are reported,
@@ -61,12 +62,12 @@ def register(registry: kopf.OperatorRegistry, opts: Options, ctl: controller.Con
         ctl.policy_changed(str(namespace), name, deleted=type == "DELETED")
 
     @kopf.on.event("", "v1", "secrets", registry=registry, id="secret")
-    async def _secret(namespace: str | None, name: str, **_: Any) -> None:
+    async def _secret(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
         namespace = str(namespace)
         if tls is not None and namespace == opts.namespace and name in (opts.tls_secret,
                                                                           opts.ca_secret):
             tls.request()
-        ctl.secret_changed(namespace, name)
+        ctl.secret_changed(namespace, name, body)
 
     @kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", registry=registry,
                    labels=MANAGED, id="role")

@@ -184,10 +184,11 @@ class Hold:
 def hold(policy: policies.AgentPolicy,
          exposed: Mapping[str, Sequence[exposure.ExposedPod]]) -> Hold:
     """Grant each subject account unless one of its pods holds an API token outside
-    the sidecar: that pod would read the Secrets the moment the account is bound.
+    the sidecar (or a legacy token Secret of it exists, which any pod may mount):
+    that pod would read the Secrets the moment the account is bound.
 
-    The grant follows once those pods are gone (deleted, or recreated injected);
-    the pod watch brings the reconcile back when they go.
+    The grant follows once those pods (and Secrets) are gone (deleted, or pods
+    recreated injected); the pod and Secret watches bring the reconcile back.
     """
     pods = tuple(sorted((p for sa in sorted(policy.service_accounts) for p in exposed.get(sa, ())),
                         key=lambda p: (p.service_account, p.name)))
@@ -202,23 +203,29 @@ def hold(policy: policies.AgentPolicy,
     more = f" and {len(pods) - MAX_PODS_NAMED} more" if len(pods) > MAX_PODS_NAMED else ""
     accounts = ", ".join(sorted(held))
     one = len(pods) == 1
+    fix = f"Delete {'it' if one else 'them'}"
+    if not all(p.secret for p in pods):
+        fix += f", or recreate {'it' if one else 'the pods'} injected (sidekey.io/inject: \"true\")"
     message = (
         f"the grant to service account{'s' if len(held) != 1 else ''} {accounts} is held back: "
-        f"pod{'' if one else 's'} {'; '.join(named)}{more} {'holds' if one else 'hold'} an API "
+        f"{'; '.join(named)}{more} {'holds' if one else 'hold'} an API "
         "token outside the sidekey sidecar, which would read the policy's Secrets once granted. "
-        f"Delete {'it' if one else 'them'}, or recreate {'it' if one else 'them'} injected "
-        '(sidekey.io/inject: "true"), and the grant follows')
-    return Hold(granted, pods, conditions.Wanted(
-        conditions.SUBJECTS_GRANTED, "False", "UninjectedPods", message))
+        f"{fix}, and the grant follows")
+    reason = "LegacyTokenSecrets" if all(p.secret for p in pods) else "UninjectedPods"
+    return Hold(granted, pods, conditions.Wanted(conditions.SUBJECTS_GRANTED, "False", reason, message))
 
 
 def _held_pod(pod: exposure.ExposedPod) -> str:
+    if pod.secret:
+        gone = "; deleted, the apiserver may accept its token for a few seconds more" if pod.deleted else ""
+        return (f"Secret {pod.name} (a legacy token of service account {pod.service_account!r}, "
+                f"which any pod of the namespace may mount{gone})")
     if pod.deleted:
-        return f"{pod.name} (deleted; the apiserver may accept its token for a few seconds more)"
+        return f"pod {pod.name} (deleted; the apiserver may accept its token for a few seconds more)"
     where = f"container {pod.container!r} mounts API token volume {pod.volume!r}"
     if pod.lookalike:
-        return f"{pod.name} ({where} but is not the injected sidecar: {pod.lookalike})"
-    return f"{pod.name} ({where})"
+        return f"pod {pod.name} ({where} but is not the injected sidecar: {pod.lookalike})"
+    return f"pod {pod.name} ({where})"
 
 
 def default_subject(policy: policies.AgentPolicy) -> conditions.Wanted | None:

@@ -17,6 +17,7 @@ first GET answers 200 with the key.
 
 from __future__ import annotations
 
+import base64
 import json
 import ssl
 import time
@@ -238,3 +239,31 @@ def test_a_lookalike_sidecar_that_predates_its_account_being_named_gets_no_grant
     assert held is not None and held["status"] == "False"
     assert "mimic-pod" in held["message"] and "not the injected sidecar" in held["message"]
     assert "attacker.example" not in held["message"]  # what differs is named, never the value
+
+
+def test_a_legacy_token_secret_of_an_account_holds_its_grant_back(
+        cluster: Any, operator: RunningOperator, team: str) -> None:
+    # A non-expiring API token of the account that any pod of the namespace may
+    # mount as a secret volume (no right to read Secrets needed), and the guard
+    # cannot tell its type. Named as a subject, the account must not read the key
+    # with it. On the operator before it read such Secrets: 200.
+    assert admission.create(cluster, manifests.service_account(team, "keeper")).admitted
+    legacy = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/service-account-token",
+              "metadata": {"name": "keeper-token", "namespace": team,
+                           "annotations": {"kubernetes.io/service-account.name": "keeper"}}}
+    assert admission.create(cluster, legacy).admitted
+
+    def filled() -> str | None:
+        data = (get(cluster, "secret", "keeper-token", team) or {}).get("data") or {}
+        return data.get("token")
+
+    token = base64.b64decode(wait_for("the token controller fills the legacy token", filled, 30)).decode()
+    policy = _name(cluster, team, ["agent", "keeper"])
+    assert _read_secret(cluster, token, team) == 403, "the legacy token of a subject reads the key"
+    held = condition(policy, "SubjectsGranted")
+    assert held is not None and held["status"] == "False" and "Secret keeper-token" in held["message"]
+    assert token not in json.dumps(policy)
+    # deleted, the grant follows (after the apiserver's token cache has let go of it)
+    cluster.kubectl("delete", "secret", "keeper-token", "-n", team)
+    wait_for("the grant once the legacy token is gone", lambda: (c := condition(
+        get(cluster, "agentpolicy", "openai", team), "SubjectsGranted")) and c["status"] == "True", 40)

@@ -322,3 +322,53 @@ async def test_a_gone_pod_that_settles_during_another_policys_reconcile_is_no_cr
     await ctl.reconcile(("team", "other"))  # raised ValueError before the fix
     assert inside
     assert ctl.queue.depth >= 1  # it looks again (and then grants)
+
+
+SECRETS_PATH = "/api/v1/namespaces/team/secrets"
+LEGACY_TOKEN = {"type": "kubernetes.io/service-account-token",
+                "metadata": {"namespace": "team", "name": "agent-token", "uid": "secret-1",
+                             "annotations": {"kubernetes.io/service-account.name": "agent"}},
+                "data": {"token": base64.b64encode(b"eyJ-the-legacy-token").decode()}}
+
+
+async def test_a_legacy_token_secret_of_the_subject_holds_the_grant_back_until_it_goes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real, offset = time.monotonic, [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: real() + offset[0])
+    api, ctl, stats = _setup(token_cache_seconds=60)
+    seen: list[Any] = []
+    plain_get = api.get
+
+    async def get(path: str, params: Any = None) -> dict[str, Any] | None:
+        if path == SECRETS_PATH:
+            seen.append(dict(params))
+        return await plain_get(path, params)
+
+    api.get = get  # type: ignore[method-assign]
+    api.objects[SECRETS_PATH] = {"items": [LEGACY_TOKEN], "metadata": {}}
+    await ctl.reconcile(("team", "agents"))
+    assert seen[0]["fieldSelector"] == "type=kubernetes.io/service-account-token"
+    assert api.objects[BINDING_PATH]["subjects"] == []
+    held = next(c for c in _status(api)["conditions"] if c["type"] == "SubjectsGranted")
+    assert (held["status"], held["reason"]) == ("False", "LegacyTokenSecrets")
+    assert "Secret agent-token" in held["message"] and "recreate" not in held["message"]
+    written = repr([_status(api), list(_events(api).values())])
+    assert LEGACY_TOKEN["data"]["token"] not in written and "the-legacy-token" not in written
+    assert stats.registry.get_sample_value("sidekey_operator_blocked_subject_pods") == 0  # no pod
+
+    # its change events reach the policy naming its account, and no other
+    ctl.attach(Index(api.objects[POLICY_PATH]))
+    ctl.secret_changed("team", "agent-token", {**LEGACY_TOKEN, "metadata": {
+        **LEGACY_TOKEN["metadata"], "annotations": {"kubernetes.io/service-account.name": "bystander"}}})
+    assert ctl.queue.depth == 0
+    ctl.secret_changed("team", "agent-token", LEGACY_TOKEN)
+    assert ctl.queue.depth == 1
+
+    # deleted: its token may authenticate from the apiserver's cache a little longer, then the grant
+    api.objects[SECRETS_PATH] = {"items": [], "metadata": {}}
+    await ctl.reconcile(("team", "agents"))
+    assert api.objects[BINDING_PATH]["subjects"] == []
+    offset[0] += 61
+    ctl.attach(Index(api.objects[POLICY_PATH]))
+    await ctl.reconcile(("team", "agents"))
+    assert [s["name"] for s in api.objects[BINDING_PATH]["subjects"]] == ["agent"]

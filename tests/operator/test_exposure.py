@@ -215,3 +215,23 @@ def test_a_risk_the_pod_accepted_with_the_guards_override_holds_nothing_back(sha
     assert exposure.exposed(pod, agent_audiences=AUDIENCES, vet_sidecar=True, sidecar_images=IMAGES) is None
     pod["metadata"]["annotations"] = {annotation: "yes"}  # only "true" is an override, as in the guard
     assert exposure.exposed(pod, agent_audiences=AUDIENCES, vet_sidecar=True, sidecar_images=IMAGES) is not None
+
+
+# --- legacy token Secrets ------------------------------------------------------------------------
+
+def _legacy(account: str | None, type_: str = exposure.LEGACY_TOKEN_TYPE) -> dict[str, Any]:
+    annotations = {exposure.LEGACY_TOKEN_ACCOUNT: account} if account else {}
+    return {"type": type_, "metadata": {"namespace": "team", "name": "old-token", "uid": "s1",
+                                        "annotations": annotations},
+            "data": {"token": "ZXlKaGJHY2lPaUpTVXpJMU5pSjk="}}
+
+
+def test_a_legacy_token_secret_holds_its_accounts_grant_back() -> None:
+    found = exposure.legacy_token(_legacy("late"))
+    assert found is not None and found.secret and found.service_account == "late"
+    assert "ZXlK" not in repr(found)  # names only, never the token
+
+
+def test_other_secrets_hold_nothing_back() -> None:
+    assert exposure.legacy_token(_legacy("late", type_="Opaque")) is None
+    assert exposure.legacy_token(_legacy(None)) is None
