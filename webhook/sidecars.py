@@ -270,6 +270,21 @@ def agent_token_volume(audience: str, expiration_seconds: int) -> Volume:
     }
 
 
+def pod_spec() -> dict[str, bool]:
+    """The pod-level fields every injected pod gets, which the bypass guard also pins.
+
+    ``automountServiceAccountToken: false``: only the sidecar holds an API
+    token. ``enableServiceLinks: false``: a Service named ``kubernetes`` in the
+    pod's namespace would otherwise replace the master service's
+    ``KUBERNETES_SERVICE_HOST``/``PORT`` in the sidecar's env (the kubelet lets
+    a same-namespace service override it), and with it where the sidecar sends
+    its API token. Without links the kubelet still injects the master service's
+    variables, so in-cluster config keeps working; agents lose only the
+    docker-link variables of their namespace's other Services (DNS still works).
+    """
+    return {"automountServiceAccountToken": False, "enableServiceLinks": False}
+
+
 def agent_mount() -> VolumeMount:
     return {"name": contract.AGENT_TOKEN_VOLUME, "mountPath": contract.AGENT_TOKEN_DIR, "readOnly": True}
 

@@ -130,6 +130,18 @@ def _automount_on(pod: dict[str, Any]) -> None:
     pod["spec"]["automountServiceAccountToken"] = True
 
 
+def _service_links_on(pod: dict[str, Any]) -> None:
+    """Opted out, in the injected shape, with the kubelet's service links on (the apiserver's default).
+
+    A namespace editor's Service named ``kubernetes`` would then set the
+    sidecar's KUBERNETES_SERVICE_HOST/PORT (the kubelet lets a same-namespace
+    service override the master service), and with a rewritten
+    ``kube-root-ca.crt`` the sidecar would hand its API token to that endpoint.
+    """
+    pod["metadata"]["annotations"][contract.ANNOTATION_INJECT] = "false"
+    pod["spec"]["enableServiceLinks"] = True
+
+
 def _agent_as_second_sidecar(pod: dict[str, Any]) -> None:
     twin = copy.deepcopy(manifests.sidecar(pod))
     twin["name"] = "sidekey-proxy-2"
@@ -242,6 +254,9 @@ POD_CASES: dict[str, Callable[[str], dict[str, Any]]] = {
     "annotated-bystander-pod-reads-the-secret-through-the-webhook": _annotated_bystander,
     # issue 14, Medium: an insecure upstream's key sniffed on loopback
     "agent-adds-net-raw-beside-an-insecure-upstream": _keeps_net_raw,
+    # issue 14, follow-up: a Service named kubernetes moves the sidecar's apiserver through service links
+    "opted-out-pod-in-the-injected-shape-with-service-links": lambda ns: _hand_injected(
+        ns, "service-links", _service_links_on),
 }
 
 
@@ -272,6 +287,7 @@ WHY = {
     "annotated-bystander-pod-reads-the-secret-through-the-webhook":
         f"Secret {manifests.SECRET}, which AgentPolicy openai names",
     "agent-adds-net-raw-beside-an-insecure-upstream": "is insecure (plain http)",
+    "opted-out-pod-in-the-injected-shape-with-service-links": "enableServiceLinks: false",
 }
 
 
@@ -280,6 +296,8 @@ def test_control_an_annotated_pod_through_the_webhook_is_admitted(
     ns, _ = guarded
     stored = _injected_through_the_webhook(cluster, ns, "control")
     assert stored["spec"]["initContainers"][0]["name"] == contract.SIDECAR_CONTAINER_NAME
+    # no Service of the namespace can set the sidecar's KUBERNETES_SERVICE_HOST
+    assert stored["spec"]["enableServiceLinks"] is False
 
 
 @pytest.mark.parametrize("case", list(POD_CASES))
@@ -362,6 +380,8 @@ def test_no_stored_injected_pod_gives_an_api_token_to_any_container_but_the_side
         where = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
         credential_volumes = _api_audience_volumes(pod, cluster.issuer)
         assert pod["spec"].get("automountServiceAccountToken") is False, where
+        if pod["metadata"]["namespace"] == ns:  # other modules' hand-made sidecar pods share the cluster
+            assert pod["spec"].get("enableServiceLinks") is False, where
         for c in [*(pod["spec"].get("initContainers") or []), *pod["spec"]["containers"],
                   *(pod["spec"].get("ephemeralContainers") or [])]:
             if c["name"] == contract.SIDECAR_CONTAINER_NAME:

@@ -4,8 +4,9 @@ Helm cannot import Python, so the chart holds a rendered ``_contract.tpl`` of
 named templates: the names the webhook, the sidecar and the guards agree on,
 and what the bypass guard expects of the sidecar. The guard's expectations
 are read off the objects the webhook really builds (``webhook/sidecars.py``):
-the env names and their ``fieldRef``s, the mounts, the security context and
-the ``sidekey-api-access`` volume, so a change to the sidecar changes the
+the env names and their ``fieldRef``s, the mounts, the security context, the
+``sidekey-api-access`` volume and the pod-level fields (``sidecars.pod_spec``:
+no automounted token, no service links), so a change to the sidecar changes the
 guard with it. ``tests/chart/test_contract_template.py`` fails when the file
 drifts; with SIDEKEY_UPDATE_GOLDENS=1 it rewrites it.
 
@@ -75,7 +76,7 @@ HEADER = """\
 Generated from core/contract.py, webhook/sidecars.py and crds/ by
 tests/chart/test_contract_template.py (SIDEKEY_UPDATE_GOLDENS=1).
 Do not edit: change the contract or the sidecar, and regenerate.
-The *Check templates are CEL over a container `c` or a volume `v`.
+The *Check templates are CEL over a container `c`, a volume `v` or the pod `object`.
 */}}
 """
 
@@ -196,6 +197,13 @@ def _checks(container: sidecars.Container, volume: sidecars.Volume) -> list[str]
     vol: Mapping[str, Any] = volume
     out.append(_define("apiVolumeCheck", " && ".join(
         t for key in vol if key != "name" for t in [f"has(v.{key})", *exact(f"v.{key}", vol[key], key)])))
+    # The pod-level fields the webhook sets (automountServiceAccountToken and
+    # enableServiceLinks false), over the pod under admission; absent is the
+    # apiserver's default (true), so each must be there.
+    fields = sidecars.pod_spec()
+    out.append(_define("podSpecCheck", " && ".join(
+        t for key, value in fields.items() for t in [f"has(object.spec.{key})", *exact(f"object.spec.{key}", value, f"spec.{key}")])))
+    out.append(_define("podSpecText", ", ".join(f"{key}: {_cel(value)}" for key, value in fields.items())))
     return out
 
 

@@ -143,6 +143,12 @@ DEVIATIONS: dict[str, tuple[Change, str]] = {
     "termination-message-is-the-token": (
         _field(terminationMessagePath=f"{contract.API_TOKEN_DIR}/{contract.API_TOKEN_FILENAME}"),
         "terminationMessagePath"),
+    # Pod-level: with service links a Service named kubernetes in the namespace
+    # sets the sidecar's KUBERNETES_SERVICE_HOST/PORT (the apiserver defaults an
+    # absent enableServiceLinks to true, so dropping it is the same deviation).
+    "service-links-enabled": (lambda p: p["spec"].update(enableServiceLinks=True), "enableServiceLinks: false"),
+    "service-links-left-to-the-default": (lambda p: p["spec"].pop("enableServiceLinks"),
+                                          "enableServiceLinks: false"),
 }
 
 
@@ -161,6 +167,7 @@ def test_the_pod_the_webhook_builds_is_admitted_by_the_guard(cluster: Any, subje
     built = manifests.sidecar(pod)
     for key in ("env", "volumeMounts", "securityContext", "command"):
         assert stored[key] == built[key], key
+    assert answer.obj["spec"]["enableServiceLinks"] is False
 
 
 @pytest.mark.parametrize("case", list(DEVIATIONS))

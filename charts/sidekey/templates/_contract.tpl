@@ -2,7 +2,7 @@
 Generated from core/contract.py, webhook/sidecars.py and crds/ by
 tests/chart/test_contract_template.py (SIDEKEY_UPDATE_GOLDENS=1).
 Do not edit: change the contract or the sidecar, and regenerate.
-The *Check templates are CEL over a container `c` or a volume `v`.
+The *Check templates are CEL over a container `c`, a volume `v` or the pod `object`.
 */}}
 {{- define "sidekey.contract.group" -}}
 sidekey.io
@@ -133,4 +133,10 @@ has(c.restartPolicy) && c.restartPolicy == "Always" && has(c.terminationMessageP
 {{- end }}
 {{- define "sidekey.contract.apiVolumeCheck" -}}
 has(v.projected) && has(v.projected.defaultMode) && v.projected.defaultMode == 420 && has(v.projected.sources) && v.projected.sources.size() == 3 && has(v.projected.sources[0].serviceAccountToken) && has(v.projected.sources[0].serviceAccountToken.expirationSeconds) && v.projected.sources[0].serviceAccountToken.expirationSeconds == 3600 && has(v.projected.sources[0].serviceAccountToken.path) && v.projected.sources[0].serviceAccountToken.path == "token" && !has(v.projected.sources[0].serviceAccountToken.audience) && has(v.projected.sources[1].configMap) && has(v.projected.sources[1].configMap.name) && v.projected.sources[1].configMap.name == "kube-root-ca.crt" && has(v.projected.sources[1].configMap.items) && v.projected.sources[1].configMap.items.size() == 1 && has(v.projected.sources[1].configMap.items[0].key) && v.projected.sources[1].configMap.items[0].key == "ca.crt" && has(v.projected.sources[1].configMap.items[0].path) && v.projected.sources[1].configMap.items[0].path == "ca.crt" && !has(v.projected.sources[1].configMap.items[0].mode) && !has(v.projected.sources[1].configMap.optional) && has(v.projected.sources[2].downwardAPI) && has(v.projected.sources[2].downwardAPI.items) && v.projected.sources[2].downwardAPI.items.size() == 1 && has(v.projected.sources[2].downwardAPI.items[0].path) && v.projected.sources[2].downwardAPI.items[0].path == "namespace" && has(v.projected.sources[2].downwardAPI.items[0].fieldRef) && has(v.projected.sources[2].downwardAPI.items[0].fieldRef.apiVersion) && v.projected.sources[2].downwardAPI.items[0].fieldRef.apiVersion == "v1" && has(v.projected.sources[2].downwardAPI.items[0].fieldRef.fieldPath) && v.projected.sources[2].downwardAPI.items[0].fieldRef.fieldPath == "metadata.namespace" && !has(v.projected.sources[2].downwardAPI.items[0].mode) && !has(v.projected.sources[2].downwardAPI.items[0].resourceFieldRef)
+{{- end }}
+{{- define "sidekey.contract.podSpecCheck" -}}
+has(object.spec.automountServiceAccountToken) && object.spec.automountServiceAccountToken == false && has(object.spec.enableServiceLinks) && object.spec.enableServiceLinks == false
+{{- end }}
+{{- define "sidekey.contract.podSpecText" -}}
+automountServiceAccountToken: false, enableServiceLinks: false
 {{- end }}
