@@ -81,7 +81,7 @@ class LocalCluster:
     _procs: processes.Processes | None = None
     _etcd_dirs: list[Path] = field(default_factory=list)
     _binaries: binaries.Binaries | None = None
-    _ca: certificates.KeyPair | None = None
+    _ca: certificates.KeyPair | None = field(default=None, repr=False)  # never in a failure report
     _cgroup: Path | None = None  # NodeCluster's egress guard matches on it
 
     # --- lifecycle ---------------------------------------------------------
