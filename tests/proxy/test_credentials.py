@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -269,14 +270,13 @@ def test_a_token_ca_bundle_must_be_pem() -> None:
         oauth("https://idp.example/token", "MIIB...")
 
 
-async def test_an_access_token_ending_in_a_newline_is_unusable() -> None:
-    """It would end the header line early upstream ('$' let a final newline through)."""
-    async def token(request: web.Request) -> web.Response:
-        return web.json_response({"access_token": "at-1234567890\n", "expires_in": 300})
-
+@contextlib.asynccontextmanager
+async def plain_token_endpoint(
+        answer: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[credentials.OAuthClient]:
+    """A plain-http token endpoint on loopback answering with ``answer``, and an OAuth2 client of it."""
     app = web.Application()
-    app.router.add_post("/token", token)
-    runner = web.AppRunner(app)
+    app.router.add_post("/token", answer)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -284,10 +284,19 @@ async def test_an_access_token_ending_in_a_newline_is_unusable() -> None:
     try:
         cred = credentials.build(oauth(f"http://127.0.0.1:{port}/token"), SECRETS, insecure=True)
         assert cred.oauth is not None
-        with pytest.raises(credentials.CredentialError, match="unusable access_token"):
-            await fetch(cred.oauth, None)
+        yield cred.oauth
     finally:
         await runner.cleanup()
+
+
+async def test_an_access_token_ending_in_a_newline_is_unusable() -> None:
+    """It would end the header line early upstream ('$' let a final newline through)."""
+    async def token(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "at-1234567890\n", "expires_in": 300})
+
+    async with plain_token_endpoint(token) as client:
+        with pytest.raises(credentials.CredentialError, match="unusable access_token"):
+            await fetch(client, None)
 
 
 @pytest.mark.parametrize("expires_in", ['"NaN"', "NaN", "-30", "1e400", '"Infinity"', "1e12"])
@@ -299,23 +308,12 @@ async def test_an_expires_in_that_is_no_lifetime_is_read_as_a_bounded_one(expire
         return web.Response(text='{"access_token": "at-1234567890", "expires_in": ' + expires_in + "}",
                             content_type="application/json")
 
-    app = web.Application()
-    app.router.add_post("/token", token)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        cred = credentials.build(oauth(f"http://127.0.0.1:{port}/token"), SECRETS, insecure=True)
-        assert cred.oauth is not None
-        assert await fetch(cred.oauth, None) == "at-1234567890"
-        assert await fetch(cred.oauth, None) == "at-1234567890"
-        assert cred.oauth.fetches == 1  # the second request used the cached token
-        left = cred.oauth._refresh_at - time.monotonic()
+    async with plain_token_endpoint(token) as client:
+        assert await fetch(client, None) == "at-1234567890"
+        assert await fetch(client, None) == "at-1234567890"
+        assert client.fetches == 1  # the second request used the cached token
+        left = client._refresh_at - time.monotonic()
         assert 0 < left <= credentials.OAUTH_MAX_LIFETIME
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_token_answer_too_large_for_a_token_is_refused_unread() -> None:
@@ -333,19 +331,8 @@ async def test_a_token_answer_too_large_for_a_token_is_refused_unread() -> None:
             pass
         return resp
 
-    app = web.Application()
-    app.router.add_post("/token", token)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        cred = credentials.build(oauth(f"http://127.0.0.1:{port}/token"), SECRETS, insecure=True)
-        assert cred.oauth is not None
+    async with plain_token_endpoint(token) as client:
         with pytest.raises(credentials.CredentialError, match="too large") as info:
-            await fetch(cred.oauth, None)
+            await fetch(client, None)
         assert info.value.status == 502
         assert len(sent) < 1024  # the sidecar stopped reading; it never held the whole answer
-    finally:
-        await runner.cleanup()
