@@ -238,7 +238,7 @@ class StaticRoutes(routes.Routes):
         return self.secrets.get(name)
 
     def set_policies(self, *objs: Mapping[str, Any]) -> None:
-        self.selection = policies.select([policies.parse(o) for o in objs], SA)
+        self.selection = policies.select([policies.parse(policies.raw(o)) for o in objs], SA)
         self.rebuild()
 
 
