@@ -7,6 +7,10 @@ pod-bound tokens with TokenRequest and starts the sidecar exactly as the
 injected spec says). The agent is the real ``openai`` SDK.
 
 Nothing here imports a component: each runs as ``sidekey <part>``, as in a pod.
+
+This is the pod-less path. Where a real node can run (root, cgroups),
+``sidekey demo`` runs the same steps with ``demo/onnode.py``: the agent is a
+pod and nothing plays the kubelet; ``--pod-less`` asks for this path.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import yaml
 
 from sidekey.core import certificates, contract
 from sidekey.demo import agent
-from sidekey.localcluster import binaries, helm, podplayer, upstreams
+from sidekey.localcluster import binaries, helm, node, podplayer, upstreams
 from sidekey.localcluster.cluster import ControlPlaneError, LocalCluster, free_port
 from sidekey.localcluster.processes import Processes
 
@@ -55,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--record", type=Path, default=None,
                         help="append what the mock upstream received (JSON lines, never the key) to this file")
     parser.add_argument("--workdir", type=Path, default=None, help="where to keep files (default: a temp dir)")
+    parser.add_argument("--pod-less", action="store_true",
+                        help="skip the real node: the demo plays the kubelet (the path where a node cannot run)")
 
 
 class Output:
@@ -107,6 +113,8 @@ def _http_get(url: str) -> tuple[int, str]:
 
 
 class Demo:
+    upstream_host = "127.0.0.1"  # where the mock upstream listens (a node's pods reach the bridge)
+
     def __init__(self, args: argparse.Namespace, out: Output, stack: ExitStack) -> None:
         self.args = args
         self.out = out
@@ -194,7 +202,7 @@ class Demo:
 
     def create_policy(self) -> None:
         self.out.step("A team's namespace, its key in a Secret, and an AgentPolicy for 'openai'")
-        self.mock.start()
+        self.mock.start(host=self.upstream_host)
         self.stack.callback(self.mock.stop)
         self.out.ok(f"mock OpenAI API on {self.mock.url} (real TLS, checks the key)")
         self.apply(
@@ -235,8 +243,7 @@ class Demo:
 
     def create_agent_pod(self) -> dict[str, Any]:
         self.out.step("Create an annotated agent pod; the webhook injects the sidecar")
-        self.proxy_port = free_port()
-        pod = agent.pod("agent", DEMO_NS, "agent", self.proxy_port)
+        pod = self.agent_manifest("agent")
         stored: dict[str, Any] = json.loads(self.kubectl(
             "create", "-o", "json", "-f", "-", input=yaml.safe_dump(pod)))
         sidecar = next(c for c in stored["spec"].get("initContainers", [])
@@ -262,6 +269,9 @@ class Demo:
             raise DemoFailed(f"an agent container mounts an API token: {leaked}")
         self.out.ok("no key anywhere in the pod spec, and no API token mounted in the agent container")
         return stored
+
+    def agent_manifest(self, name: str) -> dict[str, Any]:
+        return agent.pod(name, DEMO_NS, "agent", free_port())
 
     def start_pod(self, pod: dict[str, Any], name: str) -> podplayer.PlayedPod:
         return podplayer.play(self.cluster, pod, self.procs, self.workdir / name, name=name, ip=FAKE_POD_IP)
@@ -307,7 +317,9 @@ class Demo:
         status, message = agent.raw_call(self.sidecar.port, foreign)
         _expect(status, 401, "a token for another audience")
         self.out.refused(f"401 a token minted for another audience: {message}")
+        self.bare_pod_refused()
 
+    def bare_pod_refused(self) -> None:
         bare = agent.pod("bare", DEMO_NS, "agent", None)
         bare["metadata"]["annotations"] = {contract.ANNOTATION_INJECT: "false"}
         result = self.kubectl("create", "-f", "-", input=yaml.safe_dump(bare), check=False)
@@ -391,6 +403,12 @@ class Demo:
                 raise DemoFailed("a key appears in a log line or a metric")
         self.out.ok("no key in any log line or metric")
 
+    def try_it(self) -> str:
+        return (f"  export KUBECONFIG={self.cluster.kubeconfig}\n"
+                f"  kubectl get agentpolicies,pods -n {DEMO_NS}\n"
+                f"  curl -s -H \"Authorization: Bearer $(cat {self.pod.agent_token_file})\" "
+                f"http://127.0.0.1:{self.sidecar.port}/openai/models\n")
+
 
 def _expect(status: int, wanted: int, what: str) -> None:
     if status != wanted:
@@ -418,13 +436,31 @@ def _signals_stop() -> Iterator[threading.Event]:
             signal.signal(s, h)
 
 
+def _choose(args: argparse.Namespace, out: Output, stack: ExitStack) -> Demo:
+    """The agent as a real pod on a real node when this machine can run one; else the pod-less path."""
+    from sidekey.demo import onnode  # it builds on Demo
+
+    problems = node.preflight()
+    if args.pod_less or problems:
+        if problems:
+            print("a real node cannot run here (" + "; ".join(problems) + "): the pod-less path, "
+                  "where the demo plays the kubelet", file=sys.stderr)
+        return Demo(args, out, stack)
+    return onnode.NodeDemo(args, out, stack)
+
+
 def run(args: argparse.Namespace) -> int:
     out = Output()
     began = time.monotonic()
     with _signals_stop(), ExitStack() as stack:
-        demo = Demo(args, out, stack)
+        demo = _choose(args, out, stack)
         try:
-            demo.start_control_plane()
+            try:
+                demo.start_control_plane()
+            except node.NodeUnavailable as exc:  # e.g. another node holds this machine
+                out.say(f"the node did not start ({exc}); running the pod-less path instead")
+                demo = Demo(args, out, stack)
+                demo.start_control_plane()
             demo.install_sidekey()
             demo.create_policy()
             pod = demo.create_agent_pod()
@@ -434,7 +470,7 @@ def run(args: argparse.Namespace) -> int:
             demo.rotate()
             demo.budget()
             demo.observe()
-        except (DemoFailed, ControlPlaneError, binaries.BinariesUnavailable) as exc:
+        except (DemoFailed, ControlPlaneError, binaries.BinariesUnavailable, node.NodeUnavailable) as exc:
             print(f"\n\033[31mdemo failed:\033[0m {exc}", file=sys.stderr)
             print(f"logs: {demo.workdir}", file=sys.stderr)
             return 1
@@ -444,12 +480,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n\033[1mDone in {time.monotonic() - began:.0f}s.\033[0m The agent never held a key; "
               "its token was worthless outside its pod.")
         if args.keep:
-            print(f"\nEverything is still running. Try:\n"
-                  f"  export KUBECONFIG={demo.cluster.kubeconfig}\n"
-                  f"  kubectl get agentpolicies,pods -n {DEMO_NS}\n"
-                  f"  curl -s -H \"Authorization: Bearer $(cat {demo.pod.agent_token_file})\" "
-                  f"http://127.0.0.1:{demo.sidecar.port}/openai/models\n"
-                  f"Ctrl-C stops it all.")
+            print(f"\nEverything is still running. Try:\n{demo.try_it()}Ctrl-C stops it all.")
             try:
                 threading.Event().wait()
             except KeyboardInterrupt:
