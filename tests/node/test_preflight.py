@@ -29,3 +29,22 @@ def test_starting_on_such_a_machine_raises_with_every_problem(monkeypatch: pytes
     message = str(exc.value)
     assert message.startswith("a node cannot run on this machine: ")
     assert "not root" in message and "/nonexistent/cni/bridge" in message
+
+
+def test_the_demo_says_why_and_takes_the_pod_less_path_where_no_node_can_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import argparse
+    import contextlib
+
+    from sidekey.demo import main, onnode
+
+    parser = argparse.ArgumentParser()
+    main.add_arguments(parser)
+    args = parser.parse_args(["--workdir", str(tmp_path)])
+    with contextlib.ExitStack() as stack:
+        assert isinstance(main._choose(args, main.Output(), stack), onnode.NodeDemo)  # this machine can
+        monkeypatch.setattr(node.os, "geteuid", lambda: 1000)
+        chosen = main._choose(args, main.Output(), stack)
+    assert type(chosen) is main.Demo
+    assert "a real node cannot run here (not root" in capsys.readouterr().err
