@@ -22,6 +22,8 @@ from sidekey.proxy import forwarding, listener, llmexchange, metrics, routes, se
 log = logging.getLogger("sidekey.proxy")
 
 AUDIT_FLUSH_SECONDS: Final = 0.2
+#: The most a stopping sidecar waits for the ledger to take its unspent slices back.
+RELEASE_SECONDS: Final = 2.0
 
 
 class SidecarProcess:
@@ -128,8 +130,11 @@ class SidecarProcess:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # the drained requests' audit lines first: what follows talks to the apiserver, and
+        # a slow one must not use up the grace period before they are out
+        self.audit.flush()
         if self.proxy.llm is not None:
-            await self.proxy.llm.close()  # unspent budget slices go back to the ledger
+            await self._release_slices(self.proxy.llm)
         await self.routes.stop()
         await self.proxy.close()
         await self.session.close()
@@ -137,6 +142,18 @@ class SidecarProcess:
         await self.health.drain(1.0)
         self.audit.flush()
         log.info("stopped")
+
+    async def _release_slices(self, llm: llmexchange.Gate) -> None:
+        """Hand the unspent budget slices back, for at most ``RELEASE_SECONDS``.
+
+        A slice not handed back is not lost: the operator reclaims it after the
+        holder timeout. Waiting longer would only eat the pod's grace period.
+        """
+        try:
+            await asyncio.wait_for(llm.close(), RELEASE_SECONDS)
+        except TimeoutError:
+            log.warning("budget ledger did not answer within %s s: the unspent slices come back "
+                        "when the operator reclaims them", RELEASE_SECONDS)
 
     # --- background work ---------------------------------------------------------------
 

@@ -306,6 +306,10 @@ class FakeApi:
         self.changed = asyncio.Event()
         self.runner: web.AppRunner | None = None
         self.port = 0
+        #: Budget ledger Leases by name (get and update, as a sidecar's Role allows).
+        self.leases: dict[str, dict[str, Any]] = {}
+        #: When set, a Lease update is never answered (an apiserver that went slow); each one calls this.
+        self.hang_lease_updates: Callable[[], None] | None = None
 
     def bump(self) -> None:
         self.rv += 1
@@ -348,8 +352,25 @@ class FakeApi:
     async def secrets_handler(self, request: web.Request) -> web.StreamResponse:
         return await self.collection(request, self.secrets, False)
 
+    async def lease(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.leases:
+            return web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)
+        if request.method == "PUT":
+            if self.hang_lease_updates is not None:
+                self.hang_lease_updates()
+                await asyncio.Event().wait()
+            body = await request.json()
+            if body["metadata"].get("resourceVersion") != self.leases[name]["metadata"]["resourceVersion"]:
+                return web.json_response({"kind": "Status", "code": 409, "reason": "Conflict"}, status=409)
+            self.rv += 1
+            body["metadata"]["resourceVersion"] = str(self.rv)
+            self.leases[name] = body
+        return web.json_response(self.leases[name])
+
     async def start(self, port: int = 0) -> None:
         app = web.Application()
+        app.router.add_route("*", f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/{{name}}", self.lease)
         app.router.add_get("/.well-known/openid-configuration", self.discovery)
         app.router.add_get("/openid/v1/jwks", self.jwks)
         app.router.add_get(POLICIES_PATH, self.policies_handler)

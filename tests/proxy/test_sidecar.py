@@ -8,15 +8,21 @@ grant it live; and go away entirely while the sidecar keeps serving.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import time
 from typing import Any
 
 import aiohttp
 import pytest
 
+from sidekey.core import llmledger, logs
 from sidekey.proxy import sidecar
 from tests.proxy.fakes import (
     ISSUER,
     NAMESPACE,
+    POD_UID,
+    SA,
     FakeApi,
     Upstream,
     bearer_upstream,
@@ -139,3 +145,70 @@ async def test_a_deleted_secret_gives_503_for_its_upstream_only(
     status, body = await get(f"{proxy}/openai/x", mint())
     assert status == 503 and b"'keys'" in body and b"sk-live" not in body
     assert (await get(f"{proxy}/other/x", mint()))[0] == 200
+
+
+class _FlushedStream(io.StringIO):
+    """An audit stream that remembers what had been flushed: a pod's log has only that."""
+
+    flushed = ""
+
+    def flush(self) -> None:
+        self.flushed = self.getvalue()
+
+
+async def test_a_stop_flushes_the_audit_before_the_ledger_and_waits_for_it_only_so_long(
+    fake_api: FakeApi, running: sidecar.SidecarProcess, upstream: Upstream
+) -> None:
+    budget = {"tokens": 100_000, "window": "24h", "scope": "serviceAccount"}
+    name = llmledger.lease_name("p", "openai", 0, SA)
+    fake_api.leases[name] = {
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": name, "namespace": NAMESPACE, "resourceVersion": "1",
+                     "annotations": {llmledger.ANNOTATION: llmledger.dumps(llmledger.new(100_000, 86400, time.time()))}},
+        "spec": {"leaseDurationSeconds": 120},
+    }
+    fake_api.secrets["keys"] = {"metadata": {"name": "keys", "namespace": NAMESPACE},
+                                "data": {"openai": "c2stbGl2ZS1rZXktMTIzNDU="}}
+    fake_api.policies["p"] = policy(bearer_upstream(upstream.url, api="openai", budgets=[budget]))
+    fake_api.forbid_policies = False
+    audit = _FlushedStream()
+    sc = sidecar.SidecarProcess(running.settings, running.api_config, audit=logs.AuditWriter(audit))
+    await sc.start()
+    proxy = f"http://127.0.0.1:{sc.proxy_port}"
+
+    async def ready() -> bool:
+        return sc.ready and "openai" in sc.routes.table
+
+    await until(ready)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{proxy}/openai/chat/completions", headers={"Authorization": f"Bearer {mint()}"},
+                          json={"model": "gpt-4.1", "max_tokens": 10,
+                                "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status == 200, await r.text()
+        held = llmledger.loads(fake_api.leases[name]["metadata"]["annotations"][llmledger.ANNOTATION])
+        assert held.holding(POD_UID) > 0  # a slice to hand back on stop
+
+        flushed_at_release: list[str] = []
+        fake_api.hang_lease_updates = lambda: flushed_at_release.append(audit.flushed)
+        drained = asyncio.create_task(call_status(s, f"{proxy}/openai/slow?s=0.5"))
+        await until(lambda: _true(sc.proxy.in_flight > 0))
+        started = time.monotonic()
+        await asyncio.wait_for(sc.stop(), 10)
+        took = time.monotonic() - started
+        assert await drained == 200
+    assert flushed_at_release, "the sidecar never tried to hand its slice back"
+    # the drained request's audit line was out before the sidecar waited on the ledger
+    lines = [json.loads(line) for line in flushed_at_release[0].splitlines()]
+    assert [(x["path"], x["status"]) for x in lines if x["path"].startswith("/openai/slow")] == [
+        ("/openai/slow?s=REDACTED", 200)], lines
+    assert took < 0.5 + sidecar.RELEASE_SECONDS + 2.5, took  # the drain, the bounded release, the rest
+
+
+async def call_status(s: aiohttp.ClientSession, url: str) -> int:
+    async with s.get(url, headers={"Authorization": f"Bearer {mint()}"}) as r:
+        await r.read()
+        return r.status
+
+
+async def _true(value: bool) -> bool:
+    return value
