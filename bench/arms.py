@@ -7,18 +7,29 @@ buffering); ``aiohttp-floor`` is a bare aiohttp passthrough (bench/passthrough.p
 the least any aiohttp-based proxy pays; ``sidekey`` is the sidecar on its full path (token validated,
 cached, policy checked, key attached, response scrubbed, audit line
 written); ``sidekey-nocache`` is the same sidecar validating the token
-signature and claims on every request (``SIDEKEY_TOKEN_CACHE=0``, a benchmark knob).
+signature and claims on every request (``SIDEKEY_TOKEN_CACHE=0``, a benchmark knob);
+``sidekey-llm`` is the sidecar with ``api: openai``, a model allow-list and
+a token budget (reading ``model`` and metering every SSE event); ``litellm``
+is LiteLLM's proxy, the Python peer (bench/litellm_peer.py).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench import procstats
 
 JSON_PATH = "/v1/chat/completions"
-SSE_PATH = "/stream?events=100&gap_ms=1"
+#: The SSE stream is a chat completion too (the upstream streams 100 events, 1 ms apart, to any POST),
+#: so the LLM arm meters it and LiteLLM routes it; its model names the SSE upstream for LiteLLM.
+SSE_PATH = "/v1/chat/completions"
+_MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
+             {"role": "user", "content": "Say ok."}]
+JSON_BODY = json.dumps({"model": "bench", "max_tokens": 16, "messages": _MESSAGES}, separators=(",", ":"))
+SSE_BODY = json.dumps({"model": "bench-sse", "max_tokens": 256, "stream": True, "messages": _MESSAGES},
+                      separators=(",", ":"))
 
 
 @dataclass

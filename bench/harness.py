@@ -30,13 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import arms, kubelet, loads, nginx, procstats, reports, sse
+from bench import arms, kubelet, litellm_peer, loads, nginx, procstats, reports, sse
 from sidekey.localcluster.cluster import LocalCluster, free_port
 from sidekey.localcluster.processes import Process, Processes
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-ARM_NAMES = ("direct", "nginx", "llhttp-floor", "aiohttp-floor", "sidekey", "sidekey-nocache")
+ARM_NAMES = ("direct", "nginx", "llhttp-floor", "aiohttp-floor", "sidekey", "sidekey-nocache", "sidekey-llm",
+             "litellm")
+#: The arms of the scaling rows (concurrency from 1 to 256 connections, 1 to 100 streams).
+SCALING_ARMS = ("nginx", "sidekey")
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,18 @@ class Plan:
     warmup_seconds: float = 1.0
     ready_samples: int = 3  # extra cold starts of the sidecar, besides one per repetition
     connections: tuple[int, ...] = (16, 64)
+    #: the scaling rows: saturation at these connection counts besides ``connections`` ...
+    scaling_connections: tuple[int, ...] = (1, 256)
+    #: ... and this many concurrent SSE streams (each client reads ``max(1, 20 // n)`` streams)
+    scaling_streams: tuple[int, ...] = (1, 10, 100)
+    #: LiteLLM's proxy, installed by the bench into its own venv (pip): kept out of the quick run
+    litellm: bool = True
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(reps=1, saturation_seconds=1, paced_seconds=1, sse_ttfb_streams=3, sse_clients=2,
-                   sse_streams_per_client=2, warmup_seconds=0, ready_samples=0)
+                   sse_streams_per_client=2, warmup_seconds=0, ready_samples=0, scaling_connections=(1,),
+                   scaling_streams=(1, 10), litellm=False)
 
 
 @dataclass
@@ -129,6 +139,33 @@ class Run:
         self.pod = kubelet.create_pod(self.cluster, self.workdir, upstream_port=self.upstream_port,
                                       sse_port=self.sse_port)
 
+    def create_llm_pod(self) -> None:
+        """A second pod whose policy reads bodies as OpenAI's, allows two models and has a budget."""
+        self.llm_pod = kubelet.create_pod(self.cluster, self.workdir, upstream_port=self.upstream_port,
+                                          sse_port=self.sse_port, llm=True)
+
+    def start_litellm(self) -> None:
+        """LiteLLM's proxy; a failure to install or start it fails the run (PeerError, TimeoutError)."""
+        self.litellm_arm: arms.Arm | None = None
+        if not self.plan.litellm:
+            return
+        script = litellm_peer.ensure_installed(_say)
+        port = free_port()
+        conf = litellm_peer.config(self.workdir, self.upstream_port, self.sse_port, self.pod.key)
+        proc = self.procs.start("litellm", [*procstats.pin_prefix(self.proxy_core),
+                                            *litellm_peer.command(script, conf, port)],
+                                env=litellm_peer.environment(self.workdir))
+        started = time.monotonic()
+        _wait_http(f"http://127.0.0.1:{port}/health/liveliness", proc, timeout=180)
+        self.notes.append(f"litellm {litellm_peer.VERSION} started in {time.monotonic() - started:.1f} s")
+        pid = int(proc.popen.pid)
+        self.litellm_arm = arms.Arm("litellm", port, "", port, "", token=litellm_peer.MASTER_KEY,
+                                    pids=lambda: [pid, *procstats.children(pid)],
+                                    label=f"LiteLLM proxy {litellm_peer.VERSION} (Python peer)")
+        for arm in (self.litellm_arm,):  # one call of each kind, so a misparse fails here, loudly
+            loads.wrk(arm.json_url, connections=1, seconds=1, token=arm.token, core=self.load_core)
+            sse.run(arm.sse_port, arm.sse_path, arm.token, clients=1, streams=1)
+
     def start_nginx_proxy(self) -> None:
         port = free_port()
         conf = nginx.proxy_config(self.workdir, port, self.upstream_port, self.sse_port, self.pod.key)
@@ -168,7 +205,9 @@ class Run:
     def all_arms(self) -> list[arms.Arm]:
         direct = arms.Arm("direct", self.upstream_port, "", self.sse_port, "", label="direct to upstream")
         lean = [self.lean_arm] if self.lean_arm is not None else []
-        return [direct, self.nginx_arm, *lean, self.floor_arm, self.sidekey_arm, self.nocache_arm]
+        peer = [self.litellm_arm] if self.litellm_arm is not None else []
+        return [direct, self.nginx_arm, *lean, self.floor_arm, self.sidekey_arm, self.nocache_arm,
+                self.llm_arm, *peer]
 
     def proxy_arms(self) -> list[arms.Arm]:
         return [a for a in self.all_arms() if a.measured]
@@ -178,7 +217,12 @@ class Run:
                                       core=self.proxy_core)
         nocache = kubelet.start_sidecar(self.cluster, self.pod, self.procs, f"sidekey-nocache-{rep}",
                                         core=self.proxy_core, token_cache=False)
-        self.sidecars = [cache, nocache]
+        llm = kubelet.start_sidecar(self.cluster, self.llm_pod, self.procs, f"sidekey-llm-{rep}",
+                                    core=self.proxy_core)
+        self.sidecars = [cache, nocache, llm]
+        self.llm_arm = arms.Arm("sidekey-llm", llm.port, "/bench", llm.port, "/sse",
+                                token=self.llm_pod.agent_token, pids=lambda: [llm.pid],
+                                label="sidekey, api: openai + model allow-list + token budget")
         token = self.pod.agent_token
         self.sidekey_arm = arms.Arm("sidekey", cache.port, "/bench", cache.port, "/sse", token=token,
                                     pids=lambda: [cache.pid], label="sidekey, token cache on")
@@ -223,8 +267,10 @@ class Run:
             loads.wrk(arm.json_url, connections=16, seconds=self.plan.warmup_seconds, token=arm.token,
                       core=self.load_core)
 
-    def saturation(self, rep: int, connections: int) -> None:
+    def saturation(self, rep: int, connections: int, only: tuple[str, ...] | None = None) -> None:
         for arm in self._ordered(rep):
+            if only is not None and arm.name not in only:
+                continue
             result: loads.WrkResult | None = None
 
             def work(arm: arms.Arm = arm) -> int:
@@ -236,6 +282,7 @@ class Run:
             assert result is not None
             self.samples.add(arm.name, f"rps_c{connections}", result.rps)
             if arm.measured:
+                self.samples.add(arm.name, f"rss_c{connections}_mib", arm.rss_kib() / 1024)
                 self.samples.add(arm.name, f"cpu_us_per_req_c{connections}", cpu / requests * 1e6)
                 # below 1.0 at saturation, other processes held the proxy's core
                 self.samples.add(arm.name, f"core_share_c{connections}", cpu / result.seconds)
@@ -291,6 +338,23 @@ class Run:
         for name, value in ttfb.items():
             if name != "direct":
                 self.samples.add(name, "added_sse_ttfb_us", value - ttfb["direct"])
+
+    def sse_scaling(self, rep: int) -> None:
+        """CPU per event and RSS with n concurrent streams (n clients at once, each reading its streams)."""
+        for arm in self._ordered(rep):
+            if arm.name not in SCALING_ARMS:
+                continue
+            for n in self.plan.scaling_streams:
+                result: sse.SseResult | None = None
+
+                def work(arm: arms.Arm = arm, n: int = n) -> int:
+                    nonlocal result
+                    result = sse.run(arm.sse_port, arm.sse_path, arm.token, clients=n, streams=max(1, 20 // n))
+                    return result.events
+                cpu, events = self._measure(arm, work)
+                self.samples.add(arm.name, f"sse_cpu_us_per_event_s{n}", cpu / events * 1e6)
+                self.samples.add(arm.name, f"rss_s{n}_mib", arm.rss_kib() / 1024)
+                _say(f"rep {rep + 1} sse x{n:<3} {arm.name:16} {cpu / events * 1e6:5.1f} us CPU/event")
 
     def after_load(self) -> None:
         for arm in self.proxy_arms():
@@ -375,9 +439,13 @@ def execute(plan: Plan, *, quick: bool, externals: bool) -> dict[str, Any]:
         with _pinned(run.load_core):
             run.start_upstreams()
             run.create_pod()
+            run.create_llm_pod()
             run.start_nginx_proxy()
             run.start_floor()
             run.start_lean_floor()
+            run.start_litellm()
+            if not plan.litellm:
+                run.notes.append("LiteLLM's arm was left out of this run (--quick or --no-litellm)")
             if not kubelet.cache_knob_exists():
                 run.notes.append("the proxy has no SIDEKEY_TOKEN_CACHE knob yet: the no-cache arm runs "
                                  "the sidecar through bench.launch, which patches the cache out")
@@ -388,8 +456,11 @@ def execute(plan: Plan, *, quick: bool, externals: bool) -> dict[str, Any]:
                 run.warmup(rep)
                 for c in plan.connections:
                     run.saturation(rep, c)
+                for c in plan.scaling_connections:
+                    run.saturation(rep, c, only=SCALING_ARMS)
                 run.paced(rep)
                 run.sse(rep)
+                run.sse_scaling(rep)
                 run.after_load()
                 run.stop_sidecars()
         external: dict[str, Any] = {}
@@ -418,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     parser.add_argument("--no-externals", action="store_true",
                         help="skip the webhook and operator benchmarks")
+    parser.add_argument("--no-litellm", action="store_true",
+                        help="leave LiteLLM's arm out (said in the table); by default a full run installs it")
     parser.add_argument("--update-docs", action="store_true",
                         help="write the table into docs/performance.md (between its bench:results marks)")
     args = parser.parse_args(argv)
@@ -426,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(**{**plan.__dict__, "reps": args.reps})
     if args.seconds:
         plan = Plan(**{**plan.__dict__, "saturation_seconds": args.seconds})
+    if args.no_litellm:
+        plan = Plan(**{**plan.__dict__, "litellm": False})
     out = args.out or (RESULTS / ("quick.json" if args.quick else "latest.json"))
     result = execute(plan, quick=args.quick, externals=not args.no_externals)
     out.parent.mkdir(parents=True, exist_ok=True)

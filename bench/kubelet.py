@@ -56,7 +56,17 @@ def _apply(cluster: LocalCluster, *manifests: dict[str, Any]) -> None:
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(list(manifests)))
 
 
-def create_pod(cluster: LocalCluster, workdir: Path, *, upstream_port: int, sse_port: int) -> Pod:
+#: The LLM arm's models: an exact name and a pattern, as a real allow-list would hold.
+LLM_MODELS = ["bench", "bench-sse", "gpt-4.1*"]
+#: Its budget: per pod, far more than any run spends, so it never runs out.
+LLM_BUDGET = {"tokens": 10**12, "window": "24h", "scope": "pod"}
+
+
+def create_pod(cluster: LocalCluster, workdir: Path, *, upstream_port: int, sse_port: int,
+               llm: bool = False) -> Pod:
+    """A namespace with the bench's policy and a Pending pod; ``llm`` adds ``api: openai``, a model
+    allow-list and a token budget to both upstreams (the sidecar then reads every body and meters
+    every SSE event)."""
     for crd in sorted((ROOT / "crds").glob("*.yaml")):
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
@@ -68,7 +78,8 @@ def create_pod(cluster: LocalCluster, workdir: Path, *, upstream_port: int, sse_
         # plain http on loopback: TLS would hide the proxy's own cost (said in the results)
         return {"name": name, "url": f"http://127.0.0.1:{port}", "insecure": True,
                 "auth": {"type": "bearer", "secretRef": {"name": SECRET, "key": "api-key"}},
-                "allow": [{"methods": ["GET", "POST"], "paths": ["/**"]}]}
+                "allow": [{"methods": ["GET", "POST"], "paths": ["/**"]}],
+                **({"api": "openai", "models": LLM_MODELS, "budgets": [LLM_BUDGET]} if llm else {})}
 
     _apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     _apply(

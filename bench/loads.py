@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import procstats
+from bench import arms, procstats
 
 LUA_DIR = Path(__file__).resolve().parent / "wrk"
 
@@ -53,7 +53,7 @@ def wrk(url: str, *, connections: int, seconds: float, token: str | None = None,
     with tempfile.NamedTemporaryFile(prefix="wrk-", suffix=".json", delete=False) as f:
         out = Path(f.name)
     env = {**os.environ, "BENCH_OUT": str(out), "BENCH_LUA_DIR": str(LUA_DIR),
-           "BENCH_TOKEN": token or "", "BENCH_RATE": str(rate or 0)}
+           "BENCH_TOKEN": token or "", "BENCH_BODY": arms.JSON_BODY, "BENCH_RATE": str(rate or 0)}
     duration = max(1, round(seconds))
     cmd = [*procstats.pin_prefix(core), "wrk", "-t1", f"-c{connections}", f"-d{duration}s",
            f"--timeout={timeout_s:g}s", "-s", str(script), url]

@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-BODY = ('{"id":"chatcmpl-bench","object":"chat.completion","model":"bench",'
-        '"choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}')
+#: A complete chat completion (created and usage included), so the LiteLLM arm can parse it as OpenAI's.
+BODY = ('{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench",'
+        '"choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
+        '"usage":{"prompt_tokens":12,"completion_tokens":1,"total_tokens":13}}')
 
 
 def _common(workdir: Path, name: str) -> tuple[str, str]:

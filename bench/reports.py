@@ -29,8 +29,33 @@ TARGETS: tuple[tuple[str, str, str, float, str, str], ...] = (
 #: Targets that must hold in every repetition: the worst one is reported, not the median.
 WORST_OF_REPS = frozenset({"p99"})
 
-ARMS = ("direct", "nginx", "llhttp-floor", "aiohttp-floor", "sidekey", "sidekey-nocache")
+ARMS = ("direct", "nginx", "llhttp-floor", "aiohttp-floor", "sidekey", "sidekey-nocache", "sidekey-llm",
+        "litellm")
 COMPARED = ARMS[2:]
+#: The scaling rows: (metric pattern, title, the counts) for the arms that have them.
+SCALING: tuple[tuple[str, str, tuple[int, ...]], ...] = (
+    ("cpu_us_per_req_c{}", "CPU us/request at {} conns", (1, 16, 64, 256)),
+    ("rss_c{}_mib", "RSS MiB after {} conns", (1, 16, 64, 256)),
+    ("sse_cpu_us_per_event_s{}", "CPU us/SSE event, {} streams", (1, 10, 100)),
+    ("rss_s{}_mib", "RSS MiB after {} streams", (1, 10, 100)),
+)
+SCALED = ("nginx", "sidekey")
+
+
+def _versus(m: dict[str, float], base: dict[str, float], name: str) -> dict[str, float]:
+    """How an arm compares with a baseline arm: rps and efficiency (>1: better than it), RSS (>1: more)."""
+    r: dict[str, float] = {}
+    for c in (16, 64):
+        if base.get(f"rps_c{c}") and m.get(f"rps_c{c}"):
+            r[f"rps_c{c}_vs_{name}"] = m[f"rps_c{c}"] / base[f"rps_c{c}"]
+        if base.get(f"cpu_us_per_req_c{c}") and m.get(f"cpu_us_per_req_c{c}"):
+            # efficiency: requests per CPU second, relative to the baseline's
+            r[f"efficiency_c{c}_vs_{name}"] = base[f"cpu_us_per_req_c{c}"] / m[f"cpu_us_per_req_c{c}"]
+    if base.get("sse_cpu_us_per_event") and m.get("sse_cpu_us_per_event"):
+        r[f"sse_efficiency_vs_{name}"] = base["sse_cpu_us_per_event"] / m["sse_cpu_us_per_event"]
+    if base.get("rss_loaded_mib") and m.get("rss_loaded_mib"):
+        r[f"rss_vs_{name}"] = m["rss_loaded_mib"] / base["rss_loaded_mib"]
+    return r
 
 
 def _webhook_p99(external: dict[str, Any]) -> float | None:
@@ -42,22 +67,11 @@ def assemble(*, plan: dict[str, Any], machine: dict[str, Any], notes: list[str],
              labels: dict[str, str], samples: dict[str, dict[str, list[float]]],
              medians: dict[str, dict[str, float]], external: dict[str, Any], seconds: float,
              quick: bool) -> dict[str, Any]:
-    base = medians.get("nginx", {})
     ratios: dict[str, dict[str, float]] = {}
     for arm in COMPARED:
-        m = medians.get(arm, {})
-        r: dict[str, float] = {}
-        for c in (16, 64):
-            if base.get(f"rps_c{c}") and m.get(f"rps_c{c}"):
-                r[f"rps_c{c}_vs_nginx"] = m[f"rps_c{c}"] / base[f"rps_c{c}"]
-            if base.get(f"cpu_us_per_req_c{c}") and m.get(f"cpu_us_per_req_c{c}"):
-                # efficiency: requests per CPU second, relative to nginx's
-                r[f"efficiency_c{c}_vs_nginx"] = base[f"cpu_us_per_req_c{c}"] / m[f"cpu_us_per_req_c{c}"]
-        if base.get("sse_cpu_us_per_event") and m.get("sse_cpu_us_per_event"):
-            r["sse_efficiency_vs_nginx"] = base["sse_cpu_us_per_event"] / m["sse_cpu_us_per_event"]
-        if base.get("rss_loaded_mib") and m.get("rss_loaded_mib"):
-            r["rss_vs_nginx"] = m["rss_loaded_mib"] / base["rss_loaded_mib"]
-        ratios[arm] = r
+        if arm in medians:
+            ratios[arm] = {**_versus(medians[arm], medians.get("nginx", {}), "nginx"),
+                           **_versus(medians[arm], medians.get("litellm", {}), "litellm")}
     targets: list[dict[str, Any]] = []
     for key, measure, text, limit, arm, metric in TARGETS:
         value = medians.get(arm, {}).get(metric)
@@ -81,8 +95,9 @@ def assemble(*, plan: dict[str, Any], machine: dict[str, Any], notes: list[str],
         "machine": machine,
         "plan": plan,
         "setup": {
-            "upstream": f"nginx (1 worker) returning a fixed {len(nginx.BODY)}-byte JSON body; SSE: an aiohttp server "
-                        "streaming 100 events, 1 ms apart",
+            "upstream": f"nginx (1 worker) answering every chat-completion POST with a fixed {len(nginx.BODY)}-byte "
+                        "chat.completion; SSE: an aiohttp server "
+                        "streaming 100 chat.completion.chunk events, 1 ms apart",
             "transport": "plain HTTP on loopback to the upstream (policy url http://127.0.0.1:PORT, "
                          "insecure: true), so TLS costs do not hide the proxy's own cost",
             "pinning": "wrk, the upstreams and the SSE client on the first core; the proxy under test "
@@ -125,6 +140,7 @@ ROWS: tuple[tuple[str, str, int], ...] = (
     ("rss_idle_mib", "RSS idle (MiB)", 1),
     ("rss_loaded_mib", "RSS after load (MiB)", 1),
     ("rss_anon_loaded_mib", "of which private (RssAnon, MiB)", 1),
+    ("rss_c256_mib", "RSS after 256 conns (MiB)", 1),
     ("ready_s", "start to ready (s)", 2),
 )
 
@@ -152,6 +168,21 @@ def table(result: dict[str, Any]) -> str:
     for key, title in names.items():
         cells = [_fmt(result["ratios"].get(arm, {}).get(key), "x", 2) for arm in shown]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    if "litellm" in medians:
+        peers = [arm for arm in shown if arm != "litellm"]
+        lines += ["", "| vs LiteLLM (x; >1 is better than LiteLLM, but RSS: >1 is more) | "
+                  + " | ".join(peers) + " |", "|---|" + "---:|" * len(peers)]
+        for key, title in names.items():
+            cells = [_fmt(result["ratios"].get(arm, {}).get(key.replace("nginx", "litellm")), "x", 2)
+                     for arm in peers]
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    scaled = [arm for arm in SCALED if arm in medians]
+    lines += ["", "| scaling | " + " | ".join(scaled) + " |", "|---|" + "---:|" * len(scaled)]
+    for pattern, title, counts in SCALING:
+        for n in counts:
+            cells = [_fmt(medians[arm].get(pattern.format(n)), digits=1) for arm in scaled]
+            if any(c != "-" for c in cells):
+                lines.append(f"| {title.format(n)} | " + " | ".join(cells) + " |")
     lines += ["", "| target | goal | measured | |", "|---|---|---:|---|"]
     for t in result["targets"]:
         v = t["value"]
@@ -189,7 +220,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
     medians = result["medians"]
     colors = {"direct": "#9e9e9e", "nginx": "#2e7d32", "llhttp-floor": "#8d6e63", "aiohttp-floor": "#f9a825",
-              "sidekey": "#1565c0", "sidekey-nocache": "#90caf9"}
+              "sidekey": "#1565c0", "sidekey-nocache": "#90caf9", "sidekey-llm": "#6a1b9a",
+              "litellm": "#c62828"}
     panels = (
         ("saturation rps (16 / 64 conns)", ("rps_c16", "rps_c64"), ARMS),
         ("proxy CPU us per request", ("cpu_us_per_req_c16", "cpu_us_per_req_500"), ARMS[1:]),
@@ -198,7 +230,9 @@ def chart(result: dict[str, Any], path: Path) -> None:
          ("added_sse_ttfb_us", "sse_cpu_us_per_event"), ARMS[1:]),
         ("RSS MiB (idle / after load)", ("rss_idle_mib", "rss_loaded_mib"), ARMS[1:]),
     )
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 4.2))
+    fig, grid = plt.subplots(2, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 8.4))
+    axes = grid[0]
+    _scaling_panels(medians, colors, grid[1])
     ratio_keys = ("efficiency_c16_vs_nginx", "rps_c16_vs_nginx", "sse_efficiency_vs_nginx")
     ratio_arms = [arm for arm in COMPARED if arm in result["ratios"]]
     ax0 = axes[0]
@@ -229,6 +263,24 @@ def chart(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _scaling_panels(medians: dict[str, dict[str, float]], colors: dict[str, str], axes: Any) -> None:
+    """The second row: each scaling metric against concurrency (log x), one line per arm."""
+    for ax, (pattern, title, counts) in zip(axes, SCALING, strict=False):
+        for arm in SCALED:
+            points = [(n, medians.get(arm, {}).get(pattern.format(n))) for n in counts]
+            xs = [n for n, v in points if v is not None]
+            ys = [v for _, v in points if v is not None]
+            if xs:
+                ax.plot(xs, ys, marker="o", label=arm, color=colors[arm])
+        ax.set_xscale("log")
+        ax.set_xticks(list(counts), [str(n) for n in counts], fontsize=7)
+        ax.set_title("scaling: " + title.format("n"), fontsize=9)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    for ax in list(axes)[len(SCALING):]:
+        ax.axis("off")
 
 
 START_MARK = "<!-- bench:results:start -->"

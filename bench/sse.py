@@ -15,6 +15,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from bench import arms
+
 
 class SseError(RuntimeError):
     pass
@@ -30,10 +32,13 @@ class SseResult:
 
 
 def _request(path: str, host: str, token: str | None) -> bytes:
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Accept: text/event-stream"]
+    """The same streaming chat-completion POST for every arm."""
+    body = arms.SSE_BODY.encode()
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", "Accept: text/event-stream",
+             "Content-Type: application/json", f"Content-Length: {len(body)}"]
     if token:
         lines.append(f"Authorization: Bearer {token}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 def _dechunk(body: bytes) -> bytes:
@@ -77,7 +82,8 @@ async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reque
         raise SseError(f"stream answered {head[:40]!r}")
     if b"chunked" not in bytes(buf[:body_at]).lower():
         raise SseError("stream is not chunked")
-    got = _dechunk(bytes(buf[body_at:])).count(b"data: {")
+    # counted by content, not by "data:" lines: LiteLLM re-encodes each chunk and adds a final one
+    got = _dechunk(bytes(buf[body_at:])).count(b'"token ')
     if got != events:
         raise SseError(f"stream delivered {got} of {events} events")
     return first - start

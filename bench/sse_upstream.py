@@ -14,10 +14,14 @@ import sys
 
 from aiohttp import web
 
-EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"token %d"}}]}\n\n'
+#: An OpenAI chat.completion.chunk in full (LiteLLM's arm parses and re-encodes it).
+EVENT = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,'
+         b'"model":"bench","choices":[{"index":0,"delta":{"content":"token %d"},"finish_reason":null}]}\n\n')
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
+    if request.method == "POST":
+        await request.read()  # the chat-completion request; every POST streams
     events = int(request.query.get("events", "100"))
     gap = float(request.query.get("gap_ms", "1")) / 1000
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -34,6 +38,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
 def main() -> None:
     app = web.Application()
     app.router.add_get("/{tail:.*}", stream)
+    app.router.add_post("/{tail:.*}", stream)
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
                 shutdown_timeout=0.1)
 

@@ -1,6 +1,10 @@
 -- Shared by every wrk run of the benchmark: sets the caller's credential from
 -- the environment (never on the command line) and writes the summary as JSON
 -- to the file named by BENCH_OUT.
+-- Every arm gets the same chat-completion POST (the LiteLLM arm needs one to route it).
+wrk.method = "POST"
+wrk.body = os.getenv("BENCH_BODY")
+wrk.headers["Content-Type"] = "application/json"
 local token = os.getenv("BENCH_TOKEN")
 if token and token ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. token
