@@ -32,8 +32,9 @@ def test_the_quick_run_reports_every_arm_and_metric(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     medians = result["medians"]
-    required = {"direct", "nginx", "aiohttp-floor", "sidekey", "sidekey-nocache"}
-    assert required <= set(medians) <= required | {"llhttp-floor"}  # that one needs httptools
+    required = {"direct", "nginx", "aiohttp-floor", "llhttp-floor", "sidekey", "sidekey-nocache", "sidekey-llm"}
+    assert set(medians) == required  # LiteLLM's arm (a pip install) is the full run's only
+    assert any("LiteLLM's arm was left out" in note for note in result["notes"])  # and says so
     for arm in set(medians) - {"direct"}:
         missing = [m for m in PROXY_METRICS if not isinstance(medians[arm].get(m), int | float)]
         assert not missing, f"{arm} lacks {missing}"
@@ -41,6 +42,10 @@ def test_the_quick_run_reports_every_arm_and_metric(tmp_path: Path) -> None:
     for m in ("rps_c16", "rps_c64", "p50_us_500", "p99_us_500", "sse_ttfb_us"):
         assert medians["direct"][m] > 0
     assert 0 < medians["sidekey"]["ready_s"] < 30
+    for arm in ("nginx", "sidekey"):  # the scaling rows of the quick plan
+        for metric in ("cpu_us_per_req_c1", "rss_c1_mib", "sse_cpu_us_per_event_s1", "sse_cpu_us_per_event_s10",
+                       "rss_s10_mib"):
+            assert medians[arm][metric] > 0, (arm, metric)
     assert {t["key"] for t in result["targets"]} >= {"cpu", "efficiency", "p99", "sse_ttfb", "sse_cpu",
                                                      "rss", "ready", "webhook"}
     if importlib.util.find_spec("matplotlib") is not None:  # the bench extra
@@ -48,3 +53,4 @@ def test_the_quick_run_reports_every_arm_and_metric(tmp_path: Path) -> None:
     table = proc.stdout
     assert table.lstrip().startswith("### sidekey benchmark")
     assert "| CPU on the full path" in table and "| vs nginx |" in table
+    assert "| CPU us/request at 1 conns |" in table and "| CPU us/SSE event, 10 streams |" in table
