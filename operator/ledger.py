@@ -9,6 +9,9 @@ keeper, a background task next to the reconcile queue, every few seconds:
 - writes a changed budget (tokens, window) into the ledger;
 - reclaims the slices of holders unseen for the Lease's
   ``leaseDurationSeconds``, so a dead sidecar's unspent slice comes back;
+- replaces a ledger it cannot read with one that is fully spent until the
+  window ends (and says so in a Warning Event on the Lease): what was spent
+  is unknown, and counting it as nothing could grant the budget twice;
 - writes ``status.budgets`` (spend per budget, in its window) and
   ``status.spend`` (the Spend column) when they changed.
 
@@ -21,6 +24,7 @@ writes the conditions, and a merge patch of one leaves the other alone.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -29,7 +33,7 @@ from typing import Any, Final
 import aiohttp
 
 from sidekey.core import contract, kubeapi, llmledger, policies, reflector
-from sidekey.operator import rest
+from sidekey.operator import kubeobjects, recording, rest
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,22 @@ def _ledger_of(lease: Mapping[str, Any]) -> llmledger.Ledger | None:
         return None
 
 
+def spent_out(place: llmledger.Place, now: float) -> llmledger.Ledger:
+    """The ledger that replaces an unreadable one: this window's budget, all of it spent.
+
+    Nothing is granted from it until the window ends (``rolled`` then starts
+    the next one at zero). The sidecars spend at most the slices they hold.
+    """
+    led = llmledger.new(place.budget.tokens, place.budget.window_seconds, now)
+    return dataclasses.replace(led, retired=led.tokens)
+
+
+def lease_reference(lease: Mapping[str, Any]) -> kubeobjects.ObjectReference:
+    meta = lease.get("metadata") or {}
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "name": str(meta.get("name", "")),
+            "namespace": str(meta.get("namespace", "")), "uid": str(meta.get("uid", ""))}
+
+
 def holder_seconds(lease: Mapping[str, Any]) -> int:
     value = (lease.get("spec") or {}).get("leaseDurationSeconds")
     return value if isinstance(value, int) and value > 0 else llmledger.DEFAULT_HOLDER_SECONDS
@@ -101,8 +121,10 @@ class LedgerKeeper:
     """Creates, reclaims and reports the ledgers; ``run`` until cancelled."""
 
     def __init__(self, api: rest.Rest, *, interval: float = INTERVAL, report_every: float = REPORT_EVERY,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, recorder: recording.Recorder | None = None) -> None:
         self._api = api
+        self._recorder = recorder or recording.Recorder(api)
+        self._warned: dict[str, str] = {}  # Lease key -> the resourceVersion whose ledger was unreadable
         self._interval = interval
         self._report_every = report_every
         self._reported: dict[str, float] = {}  # policy uid -> monotonic time of the last report
@@ -160,8 +182,9 @@ class LedgerKeeper:
             return _ledger_of(created)
         led = _ledger_of(lease)
         if led is None:
-            # unreadable: start the window again rather than grant from a guess
-            led = llmledger.new(place.budget.tokens, place.budget.window_seconds, now)
+            # unreadable: what was spent is unknown, so all of it was (fail closed until the window ends)
+            led = spent_out(place, now)
+            await self._warn_unreadable(place, lease, led)
         new = llmledger.rolled(led, now)
         if (new.tokens, new.window_seconds) != (place.budget.tokens, place.budget.window_seconds):
             new = llmledger.rebudgeted(new, place.budget.tokens, place.budget.window_seconds, now)
@@ -184,6 +207,21 @@ class LedgerKeeper:
             log.info("budget Lease %s/%s: reclaimed the unspent slices of %d silent holder(s)",
                      place.namespace, place.name, len(gone))
         return new
+
+    async def _warn_unreadable(self, place: llmledger.Place, lease: Mapping[str, Any],
+                               led: llmledger.Ledger) -> None:
+        """Log and post one Warning Event per unreadable version of a Lease (its content is never quoted)."""
+        key = f"{place.namespace}/{place.name}"
+        version = str((lease.get("metadata") or {}).get("resourceVersion", ""))
+        if self._warned.get(key) == version:
+            return
+        self._warned[key] = version
+        ends = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(led.window + led.window_seconds))
+        message = (f"annotation {llmledger.ANNOTATION} of budget Lease {key} (AgentPolicy {place.policy}, "
+                   f"upstream {place.upstream}, service account {place.service_account}) is not a ledger the "
+                   f"operator can read: the budget counts as fully spent until its window ends at {ends}")
+        log.warning("%s", message)
+        await self._recorder.post(lease_reference(lease), "Warning", "LedgerUnreadable", message)
 
     async def _report(self, raw: Mapping[str, Any], entries: list[dict[str, Any]]) -> None:
         status = raw.get("status") or {}
