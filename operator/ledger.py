@@ -144,6 +144,8 @@ class LedgerKeeper:
                     await self.tick()
                 except (kubeapi.ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                     log.warning("budget ledgers: %s", exc)
+                except Exception:  # a bug must not end the task: /healthz would fail and restart the operator
+                    log.exception("budget ledgers: the pass failed; the next one runs in %s s", self._interval)
                 await asyncio.sleep(self._interval)
         finally:
             for t in watches:
@@ -151,21 +153,32 @@ class LedgerKeeper:
             await asyncio.gather(*watches, return_exceptions=True)
 
     async def tick(self) -> None:
+        """One pass over every policy; a policy whose step fails is logged and the pass goes on."""
         now = self._clock()
         for raw in list(self.policies.objects.values()):
+            meta = raw.get("metadata") or {}
+            where = f"AgentPolicy {meta.get('namespace')}/{meta.get('name')}"
             try:
-                policy = policies.parse(policies.raw(raw))
-            except policies.PolicyError:
-                continue
-            places = llmledger.places(policy)
-            if not places and not (raw.get("status") or {}).get("budgets"):
-                continue
-            entries: list[dict[str, Any]] = []
-            for place in places:
-                led = await self._keep(place, policy, now)
-                if led is not None:
-                    entries.append(status_entry(place, led))
-            await self._report(raw, entries[:MAX_STATUS_ENTRIES])
+                await self._keep_policy(raw, now)
+            except (kubeapi.ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.warning("budget ledgers of %s: %s", where, exc)
+            except Exception:  # one bad policy must not stop the ledgers of the others
+                log.exception("budget ledgers of %s: this pass skips it", where)
+
+    async def _keep_policy(self, raw: Mapping[str, Any], now: float) -> None:
+        try:
+            policy = policies.parse(policies.raw(raw))
+        except policies.PolicyError:
+            return
+        places = llmledger.places(policy)
+        if not places and not (raw.get("status") or {}).get("budgets"):
+            return
+        entries: list[dict[str, Any]] = []
+        for place in places:
+            led = await self._keep(place, policy, now)
+            if led is not None:
+                entries.append(status_entry(place, led))
+        await self._report(raw, entries[:MAX_STATUS_ENTRIES])
 
     async def _keep(self, place: llmledger.Place, policy: policies.AgentPolicy, now: float
                     ) -> llmledger.Ledger | None:

@@ -7,6 +7,7 @@ test_shared_budgets.py cannot easily be made to produce on cue.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 import pytest
@@ -127,3 +128,40 @@ async def test_an_unreadable_ledger_is_warned_about_once_per_version() -> None:
     await keeper.tick()
     await keeper.tick()  # the write lost the race: the same version is still unreadable
     assert len(api.events) == 1
+
+
+async def test_one_policy_whose_step_raises_does_not_stop_the_others() -> None:
+    api = MemoryApi()
+    broken, fine = agent_policy("broken", "a-team"), agent_policy("fine", "b-team")
+    api.fail[ledger.lease_path("a-team")] = RuntimeError("a bug in one step")
+    keeper = keeper_with(api, broken, fine)
+
+    await keeper.tick()  # must not raise: the keeper task would end with it
+
+    created = api.objects[f"{ledger.lease_path('b-team')}/{place_of(fine).name}"]
+    assert ledger_in(created).tokens == 10_000
+    assert [path for path, _ in api.patches] == [rest.policy_path("b-team", "fine") + "/status"]
+
+
+async def test_the_keeper_keeps_running_after_a_tick_that_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    api = MemoryApi()
+    keeper = ledger.LedgerKeeper(cast(rest.Rest, api), interval=0.0)
+    ticks: list[int] = []
+
+    async def tick() -> None:
+        ticks.append(len(ticks))
+        if len(ticks) == 1:
+            raise KeyError("something no one expected")
+        if len(ticks) == 3:
+            raise asyncio.CancelledError  # the operator stopping
+
+    async def synced_watch() -> None:
+        keeper.policies.synced.set()
+        keeper.leases.synced.set()
+
+    monkeypatch.setattr(keeper, "tick", tick)
+    monkeypatch.setattr(keeper.policies, "run", synced_watch)
+    monkeypatch.setattr(keeper.leases, "run", synced_watch)
+    with pytest.raises(asyncio.CancelledError):
+        await keeper.run()
+    assert ticks == [0, 1, 2]
