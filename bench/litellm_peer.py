@@ -4,9 +4,12 @@ LiteLLM is never a project dependency: the bench installs one pinned
 version into a venv of its own (``~/.cache/sidekey/bench/litellm-venv``,
 reused across runs) with pip from PyPI. The proxy serves two model names,
 ``bench`` (the JSON upstream) and ``bench-sse`` (the SSE upstream), both
-``openai/`` models whose ``api_base`` is the bench's own upstream on
-loopback, with a fixed upstream key; the agent side authenticates with a
-fixed master key, as the sidecar's agents present a token.
+``openai/gpt-4o-mini`` with ``api_base`` the bench's own upstream on
+loopback and a fixed upstream key; the agent side authenticates with a
+fixed master key, as the sidecar's agents present a token. The model is
+one LiteLLM's bundled cost map prices, so its cost accounting runs as in a
+real deployment: with an unpriced name (``openai/bench``) it ran a
+zero-cost diagnostic on every request, 15 ms of CPU each (py-spy dump).
 
 Nothing may leave loopback, not even DNS: LiteLLM fetches a model cost map
 from GitHub at start unless told otherwise, so it runs with
@@ -58,7 +61,7 @@ def config(workdir: Path, upstream_port: int, sse_port: int, key: str) -> Path:
     """One OpenAI-compatible model per upstream, a master key, nothing else switched on."""
     models = "".join(f"""  - model_name: {name}
     litellm_params:
-      model: openai/bench
+      model: openai/gpt-4o-mini
       api_base: http://127.0.0.1:{port}/v1
       api_key: {key}
 """ for name, port in (("bench", upstream_port), ("bench-sse", sse_port)))
