@@ -302,7 +302,7 @@ class Run:
             r = results[arm.name]
             if r.rps < 0.95 * p.paced_rate:
                 self.notes.append(f"rep {rep + 1}: {arm.name} reached only {r.rps:.0f} of {p.paced_rate} rps "
-                                  "in the paced run (the machine was overloaded)")
+                                  "in the paced run (the arm at its limit, or the machine overloaded)")
             self.samples.add(arm.name, "p50_us_500", r.p50_us)
             self.samples.add(arm.name, "p99_us_500", r.p99_us)
             self.samples.add(arm.name, "rate_500", r.rps)
