@@ -3,10 +3,7 @@
 # kube-controller-manager, kubectl, etcd, helm) from the Go module proxy with the
 # machine's own Go toolchain, and cache them outside the repo.
 #
-# Why a wrapper module: k8s.io/kubernetes requires its staging modules at
-# v0.0.0 and maps them to ./staging with replace directives, which Go ignores
-# in a dependency. So each build happens in a throwaway module that replaces
-# every staging module with its matching v0.X.Y release.
+# The kubernetes commands build in a wrapper module (k8s-module.sh says why).
 #
 # Usage: build-binaries.sh [--check] [DEST]   (default DEST: $SIDEKEY_BIN_CACHE or
 #        ~/.cache/sidekey/bin/k8s-<ver>_etcd-<ver>_helm-<ver>)
@@ -39,44 +36,17 @@ need() {
   return 1
 }
 
-k8s_minor="${K8S_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
-staging_version="v0.${K8S_VERSION#v1.}"
+# shellcheck source=k8s-module.sh
+source "$(dirname "${BASH_SOURCE[0]}")/k8s-module.sh"
 
 if need kube-apiserver kube-controller-manager kubectl; then
   log "kubernetes $K8S_VERSION: resolving staging modules"
   mkdir -p "$work/k8s" && cd "$work/k8s"
-  gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
-  {
-    echo "module sidekey.local/k8sbuild"
-    echo
-    grep -E '^go [0-9]' "$gomod"
-    grep -E '^godebug ' "$gomod" || true
-    echo
-    echo "require k8s.io/kubernetes $K8S_VERSION"
-    echo
-    grep -oE 'k8s\.io/[a-z0-9-]+ => \./staging' "$gomod" | awk -v v="$staging_version" '{print "replace " $1 " => " $1 " " v}'
-  } > go.mod
-  log "$(grep -c '^replace' go.mod) staging replaces at $staging_version"
-  cat > tools.go <<GO
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
-	_ "k8s.io/kubernetes/cmd/kubectl"
-)
-GO
-  go mod tidy >/dev/null 2>"$work/tidy.err" || { cat "$work/tidy.err" >&2; exit 1; }
-  ld=""
-  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ld="$ld -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$k8s_minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-  done
+  k8s_module k8sbuild kube-apiserver kube-controller-manager kubectl
   for cmd in kube-apiserver kube-controller-manager kubectl; do
     [ -x "$dest/$cmd" ] && continue
     log "building $cmd (the first build takes several minutes)"
-    go build -trimpath -ldflags "-s -w $ld" -o "$dest/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
+    go build -trimpath -ldflags "-s -w $k8s_ld" -o "$dest/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
     mv "$dest/$cmd.tmp" "$dest/$cmd"
   done
 fi

@@ -43,44 +43,17 @@ need() {
   return 1
 }
 
-k8s_minor="${K8S_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
-staging_version="v0.${K8S_VERSION#v1.}"
+# shellcheck source=k8s-module.sh
+source "$(dirname "${BASH_SOURCE[0]}")/k8s-module.sh"
 
 if need kubelet kube-proxy kube-scheduler pause; then
   log "kubernetes $K8S_VERSION: resolving staging modules"
   mkdir -p "$work/k8s" && cd "$work/k8s"
-  gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
-  k8s_src="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
-  {
-    echo "module sidekey.local/k8snodebuild"
-    echo
-    grep -E '^go [0-9]' "$gomod"
-    grep -E '^godebug ' "$gomod" || true
-    echo
-    echo "require k8s.io/kubernetes $K8S_VERSION"
-    echo
-    grep -oE 'k8s\.io/[a-z0-9-]+ => \./staging' "$gomod" | awk -v v="$staging_version" '{print "replace " $1 " => " $1 " " v}'
-  } > go.mod
-  cat > tools.go <<GO
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-proxy"
-	_ "k8s.io/kubernetes/cmd/kube-scheduler"
-	_ "k8s.io/kubernetes/cmd/kubelet"
-)
-GO
-  go mod tidy >/dev/null 2>"$work/tidy.err" || { cat "$work/tidy.err" >&2; exit 1; }
-  ld=""
-  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ld="$ld -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$k8s_minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-  done
+  k8s_module k8snodebuild kube-proxy kube-scheduler kubelet
   for cmd in kubelet kube-proxy kube-scheduler; do
     [ -x "$dest/$cmd" ] && continue
     log "building $cmd"
-    go build -trimpath -ldflags "-s -w $ld" -o "$dest/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
+    go build -trimpath -ldflags "-s -w $k8s_ld" -o "$dest/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
     mv "$dest/$cmd.tmp" "$dest/$cmd"
   done
   if [ ! -x "$dest/pause" ]; then
