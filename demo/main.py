@@ -341,9 +341,27 @@ class Demo:
         _wait("the rotated key to reach the upstream", rotated, timeout=10, interval=0.2)
         self.out.ok(f"the next call carried the rotated key {time.monotonic() - began:.1f}s after the change")
 
+    # --- where the agent and the sidecar live (demo/onnode.py runs them in a pod) ----
+
+    agent_place = ""  # how the output names where the agent's calls run
+
+    def agent_does(self, call: str, *args: str) -> Any:
+        """One call of demo/agent.py as the agent makes it."""
+        return getattr(agent, call)(self.agent_env, *args)
+
+    def sidecar_base(self, upstream: str) -> str:
+        return f"http://127.0.0.1:{self.sidecar.port}/{upstream}"
+
+    def sidecar_log_lines(self) -> list[str]:
+        return self.procs.get("sidecar").lines()
+
+    def sidecar_metrics(self) -> str:
+        status, metrics = _http_get(f"http://127.0.0.1:{self.sidecar.health_port}/metrics")
+        return metrics if status == 200 else ""
+
     def budget(self) -> None:
         self.out.step("A token budget runs out mid-stream; the SDK gets a clean error, not a torn stream")
-        base = f"http://127.0.0.1:{self.sidecar.port}/openai-budget"
+        base = self.sidecar_base("openai-budget")
 
         def with_budget(tokens: int) -> dict[str, Any]:
             policy: dict[str, Any] = json.loads(json.dumps(self.policy))
@@ -355,37 +373,37 @@ class Demo:
 
         self.apply(with_budget(100_000))
         _wait("the sidecar to route openai-budget",
-              lambda: bool(agent.stream_until_the_budget(self.agent_env, base)[0]), timeout=15, interval=0.3)
+              lambda: bool(self.agent_does("stream_until_the_budget", base)[0]), timeout=60, interval=0.3)
 
         audited: list[dict[str, Any]] = []
 
         def measured() -> bool:
-            audited[:] = [json.loads(line) for line in self.procs.get("sidecar").lines()
+            audited[:] = [json.loads(line) for line in self.sidecar_log_lines()
                           if '"openai-budget"' in line and '"tokens"' in line]
             return bool(audited)
 
-        _wait("the audit line of that call", measured, timeout=10, interval=0.2)
+        _wait("the audit line of that call", measured, timeout=30, interval=0.3)
         line = audited[-1]
         spent = sum(v for k, v in line["tokens"].items() if k != "estimated")
         # leave room for the next prompt (its size in bytes, the sidecar's estimate) and 8 bytes of reply
         room = spent + int(line["bytes_in"]) + 8
         reloads = self._policy_reloads()
         self.apply(with_budget(room))
-        _wait("the sidecar to load the smaller budget", lambda: self._policy_reloads() > reloads, timeout=10)
+        _wait("the sidecar to load the smaller budget", lambda: self._policy_reloads() > reloads,
+              timeout=30, interval=0.3)
         self.out.say(f"upstream openai-budget: capMaxTokens false, a pod budget of {room} tokens "
                      f"({spent} spent by a first call, the next prompt, and 8 more)")
-        text, error = agent.stream_until_the_budget(self.agent_env, base)
+        text, error = self.agent_does("stream_until_the_budget", base)
         if "token budget" not in error or not text:
             raise DemoFailed(f"the stream was not ended at the budget: text {text!r}, error {error!r}")
-        self.out.say(f"streamed before the budget ran out: {text!r}")
+        self.out.say(f"{self.agent_place}streamed before the budget ran out: {text!r}")
         self.out.refused(f"the openai SDK raised APIError: {error[:300]}")
         self.out.ok("the stream ended cleanly in OpenAI's own shape (an error event, then [DONE]); "
                     "the sidecar closed the upstream connection, so the provider stops generating")
 
     def _policy_reloads(self) -> float:
-        status, metrics = _http_get(f"http://127.0.0.1:{self.sidecar.health_port}/metrics")
-        return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                   if line.startswith("sidekey_policy_reloads_total{")) if status == 200 else 0.0
+        return sum(float(line.rsplit(" ", 1)[1]) for line in self.sidecar_metrics().splitlines()
+                   if line.startswith("sidekey_policy_reloads_total{"))
 
     def observe(self) -> None:
         self.out.step("What operators see: audit lines and metrics (never a key or token)")

@@ -176,59 +176,31 @@ class NodeDemo(main.Demo):
         self.out.ok(f"the next call carried the rotated key {time.monotonic() - began:.1f}s after the change "
                     f"(sidecar restarts: {restarts})")
 
-    def budget(self) -> None:
-        self.out.step("A token budget runs out mid-stream; the SDK gets a clean error, not a torn stream")
-        base = f"http://127.0.0.1:{contract.DEFAULT_PROXY_PORT}/openai-budget"
+    # --- the agent and the sidecar in the pod (the budget step is main.Demo's) ------
 
-        def with_budget(tokens: int) -> dict[str, Any]:
-            policy: dict[str, Any] = json.loads(json.dumps(self.policy))
-            up = {k: v for k, v in policy["spec"]["upstreams"][0].items() if k != "env"}
-            up.update(name="openai-budget", api="openai", models=["demo-model"], capMaxTokens=False,
-                      budgets=[{"tokens": tokens, "window": "24h", "scope": "pod"}])
-            policy["spec"]["upstreams"].append(up)
-            return policy
+    agent_place = "in the agent container, "
 
-        self.apply(with_budget(100_000))
-        main._wait("the sidecar to route openai-budget",
-                   lambda: bool(self.in_pod("agent", IN_POD, "stream_until_the_budget", base)[0]),
-                   timeout=60, interval=0.5)
-        audited = [json.loads(line) for line in self._sidecar_log().splitlines()
-                   if '"openai-budget"' in line and '"tokens"' in line]
-        if not audited:
-            raise main.DemoFailed("no audit line of the budgeted call")
-        line = audited[-1]
-        spent = sum(v for k, v in line["tokens"].items() if k != "estimated")
-        room = spent + int(line["bytes_in"]) + 8  # the next prompt (the sidecar's estimate) and 8 more
-        reloads = self._policy_reloads()
-        self.apply(with_budget(room))
-        main._wait("the sidecar to load the smaller budget", lambda: self._policy_reloads() > reloads,
-                   timeout=30, interval=0.5)
-        self.out.say(f"upstream openai-budget: capMaxTokens false, a pod budget of {room} tokens "
-                     f"({spent} spent by a first call, the next prompt, and 8 more)")
-        text, error = self.in_pod("agent", IN_POD, "stream_until_the_budget", base)
-        if "token budget" not in error or not text:
-            raise main.DemoFailed(f"the stream was not ended at the budget: text {text!r}, error {error!r}")
-        self.out.say(f"in the agent container, streamed before the budget ran out: {text!r}")
-        self.out.refused(f"the openai SDK raised APIError: {error[:300]}")
-        self.out.ok("the stream ended cleanly in OpenAI's own shape (an error event, then [DONE]); "
-                    "the sidecar closed the upstream connection, so the provider stops generating")
+    def agent_does(self, call: str, *args: str) -> Any:
+        return self.in_pod("agent", IN_POD, call, *args)
+
+    def sidecar_base(self, upstream: str) -> str:
+        return f"http://127.0.0.1:{contract.DEFAULT_PROXY_PORT}/{upstream}"
+
+    def sidecar_log_lines(self) -> list[str]:
+        return self._sidecar_log().splitlines()
+
+    def sidecar_metrics(self) -> str:
+        return self.kubectl("exec", "-n", main.DEMO_NS, "agent", "-c", "agent", "--", "python", "-c", METRICS)
 
     def _sidecar_log(self) -> str:
         return self.kubectl("logs", "-n", main.DEMO_NS, "agent", "-c", contract.SIDECAR_CONTAINER_NAME)
-
-    def _metrics(self) -> str:
-        return self.kubectl("exec", "-n", main.DEMO_NS, "agent", "-c", "agent", "--", "python", "-c", METRICS)
-
-    def _policy_reloads(self) -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in self._metrics().splitlines()
-                   if line.startswith("sidekey_policy_reloads_total{"))
 
     def observe(self) -> None:
         self.out.step("What operators see: audit lines and metrics (never a key or token)")
         sidecar_log = self._sidecar_log()
         for line in [x for x in sidecar_log.splitlines() if '"request_id"' in x][-4:]:
             self.out.say(line[:260])
-        metrics = self._metrics()
+        metrics = self.sidecar_metrics()
         for line in metrics.splitlines():
             if line.startswith("sidekey_requests_total{"):
                 self.out.say(line)
