@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import secrets
-import shlex
 import shutil
 import socket
 import ssl
@@ -35,33 +33,14 @@ import yaml
 from sidekey.core import contract
 from sidekey.localcluster import helm, processes
 from tests.guards import admission, manifests
+from tests.support import install
+from tests.support.install import documented, run_documented
 
 pytestmark = pytest.mark.e2e
 
 RELEASE, NAMESPACE = "sidekey", "sidekey-system"
-INSTALL_DOC = helm.ROOT / "docs" / "install.md"
 FORWARD = Path(__file__).with_name("forward.py")
 ETC_NETNS = Path("/etc/netns")
-
-
-def documented(step: str) -> list[list[str]]:
-    """The commands of the ``<!-- tested: step -->`` block of docs/install.md."""
-    text = INSTALL_DOC.read_text()
-    match = re.search(rf"<!-- tested: {step} -->\s*```sh\n(.*?)```", text, re.S)
-    assert match, f"docs/install.md has no tested block {step!r}"
-    return [shlex.split(line) for line in match.group(1).splitlines() if line.strip()]
-
-
-def run_documented(cluster: Any, step: str) -> list[str]:
-    outputs = []
-    for argv in documented(step):
-        tool, args = argv[0], argv[1:]
-        assert tool in ("helm", "kubectl"), argv
-        if tool == "helm":
-            outputs.append(helm.run(*args, env=cluster.env()).stdout)
-        else:
-            outputs.append(cluster.kubectl(*args))
-    return outputs
 
 
 def _json(cluster: Any, *args: str) -> Any:
@@ -161,12 +140,7 @@ def netns() -> Iterator[NetNamespace]:
 @pytest.fixture(scope="module")
 def release(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The chart installed with the documented command; uninstalled (if still there) afterwards."""
-    # Another test may have applied crds/ already: let the release adopt the CRD.
-    crd = "customresourcedefinition/agentpolicies.sidekey.io"
-    if cluster.kubectl("get", crd, "--ignore-not-found", "-o", "name").strip():
-        cluster.kubectl("annotate", "--overwrite", crd, f"meta.helm.sh/release-name={RELEASE}",
-                        f"meta.helm.sh/release-namespace={NAMESPACE}")
-        cluster.kubectl("label", "--overwrite", crd, "app.kubernetes.io/managed-by=Helm")
+    install.adopt_crd(cluster, RELEASE, NAMESPACE)
     [install_output] = run_documented(cluster, "install")
     manifest = helm.run("get", "manifest", RELEASE, "-n", NAMESPACE, env=cluster.env()).stdout
     docs = [d for d in yaml.safe_load_all(manifest) if d]

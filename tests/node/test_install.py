@@ -28,26 +28,15 @@ from cryptography import x509
 
 from sidekey.core import contract
 from sidekey.localcluster import helm, image, subjects
-from tests.chart.test_install import documented
 from tests.node import pods
+from tests.support import install
+from tests.support.install import documented, run_documented
 
 pytestmark = [pytest.mark.e2e, pytest.mark.node, pytest.mark.timeout(900)]
 
 RELEASE, NAMESPACE = helm.RELEASE, helm.NAMESPACE
 OPERATOR, WEBHOOK = f"{RELEASE}-operator", f"{RELEASE}-webhook"
 LOCAL_IMAGE_FLAGS = ["--set", f"image.repository={image.REPOSITORY}", "--set", f"image.tag={image.tag()}"]
-
-
-def run_documented(cluster: Any, step: str) -> list[str]:
-    outputs = []
-    for argv in documented(step):
-        tool, args = argv[0], argv[1:]
-        assert tool in ("helm", "kubectl"), argv
-        if tool == "helm":
-            outputs.append(helm.run(*args, env=cluster.env(), timeout=600).stdout)
-        else:
-            outputs.append(cluster.kubectl(*args))
-    return outputs
 
 
 def _json(cluster: Any, *args: str) -> Any:
@@ -100,14 +89,9 @@ def local_image(node_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="module")
 def release(node_cluster: Any, local_image: image.Image) -> Iterator[dict[str, Any]]:
     """The documented install with the local image; uninstalled (if still there) at the end."""
-    crd = "customresourcedefinition/agentpolicies.sidekey.io"
-    if node_cluster.kubectl("get", crd, "--ignore-not-found", "-o", "name").strip():
-        # Kept by an earlier release or applied from crds/: let this release adopt it.
-        node_cluster.kubectl("annotate", "--overwrite", crd, f"meta.helm.sh/release-name={RELEASE}",
-                             f"meta.helm.sh/release-namespace={NAMESPACE}")
-        node_cluster.kubectl("label", "--overwrite", crd, "app.kubernetes.io/managed-by=Helm")
+    install.adopt_crd(node_cluster, RELEASE, NAMESPACE)  # kept by an earlier release, or from crds/
     began = time.monotonic()
-    [output] = run_documented(node_cluster, "install-local-image")
+    [output] = run_documented(node_cluster, "install-local-image", helm_timeout=600)
     try:
         yield {"output": output, "installed_at": began}
     finally:
@@ -245,7 +229,7 @@ def test_the_injected_sidecar_runs_from_the_image_before_the_agent(node_cluster:
 
 def test_helm_test_passes(node_cluster: Any, running: dict[str, float]) -> None:
     try:
-        [output] = run_documented(node_cluster, "helm-test")
+        [output] = run_documented(node_cluster, "helm-test", helm_timeout=600)
     except helm.HelmFailed as exc:
         logs = node_cluster.kubectl("-n", NAMESPACE, "logs", f"{RELEASE}-test", check=False)
         pytest.fail(f"{exc}\nthe test pod's log:\n{logs}", pytrace=False)
@@ -254,7 +238,7 @@ def test_helm_test_passes(node_cluster: Any, running: dict[str, float]) -> None:
 
 def test_helm_upgrade_changes_the_setting_and_the_pods_stay_ready(
         node_cluster: Any, running: dict[str, float]) -> None:
-    run_documented(node_cluster, "upgrade")
+    run_documented(node_cluster, "upgrade", helm_timeout=600)
     configuration = _json(node_cluster, "get", "mutatingwebhookconfiguration", contract.WEBHOOK_CONFIGURATION)
     assert {hook["timeoutSeconds"] for hook in configuration["webhooks"]} == {5}
     values = json.loads(helm.run("get", "values", RELEASE, "-n", NAMESPACE, "-o", "json",
@@ -319,7 +303,7 @@ def test_the_operator_and_webhook_logged_no_error_on_the_node(node_cluster: Any,
 
 
 def test_uninstall_leaves_what_the_docs_say(node_cluster: Any, release: dict[str, Any]) -> None:
-    run_documented(node_cluster, "uninstall")
+    run_documented(node_cluster, "uninstall", helm_timeout=600)
     kubectl: Callable[..., str] = node_cluster.kubectl
 
     def nothing_left() -> bool:
