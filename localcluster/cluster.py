@@ -34,6 +34,17 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sidekey.core import certificates
 from sidekey.localcluster import binaries, processes
 
+
+class KubectlFailed(subprocess.CalledProcessError):
+    """A kubectl command that failed, with what kubectl said in its message: a CI log
+    that shows only the exception line must still say why (a refused admission, a
+    missing CRD), not just the exit status."""
+
+    def __str__(self) -> str:
+        said = (self.stderr or "").strip()
+        return f"{super().__str__()}: {said[-800:]}" if said else super().__str__()
+
+
 SERVICE_CIDR = "10.0.0.0/24"
 LOOPBACK = "127.0.0.1"
 # Controllers a pod-less cluster has no use for. A cluster with a node
@@ -301,7 +312,7 @@ class LocalCluster:
             input=input, capture_output=True, text=True, timeout=120, check=False,
         )
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, ["kubectl", *args], proc.stdout, proc.stderr)
+            raise KubectlFailed(proc.returncode, ["kubectl", *args], proc.stdout, proc.stderr)
         return proc.stdout if check else proc.stdout + proc.stderr
 
     def token(
