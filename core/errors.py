@@ -18,11 +18,14 @@ can always say what to fix::
     ├── Unavailable                something needed is not reachable or not ready (yet)
     │     webhook caching.Unavailable
     │     proxy: credentials.CredentialError · upstream.UpstreamError · llmslices.LedgerUnavailable
+    │     httpclient.HttpError (also an OSError) ─ HttpTimeout (also a TimeoutError) · BodyTooLarge
     ├── kubeapi.ApiError           + status, reason: what the apiserver answered
     └── proxy decoding.DecodeError   a compressed upstream body that cannot be read
 
-``proxy.routes.HostRefused`` stays an ``OSError``: aiohttp's resolver contract
-needs one. ``tests/core/test_errors.py`` keeps this drawing and the classes in step.
+``proxy.routes.HostRefused`` stays an ``OSError``: a refusing resolver fails
+with one, as getaddrinfo does, and both HTTP clients catch that. ``HttpError``
+is an ``OSError`` for the same reason: callers that caught transport trouble as
+``OSError`` keep catching it. ``tests/core/test_errors.py`` keeps this drawing and the classes in step.
 
 Every class has a ``type``, a stable word for machines; an HTTP edge that
 answers with an error uses ``body()``: ``{"error": {"type", "message"}}``, the

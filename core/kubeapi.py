@@ -1,27 +1,33 @@
-"""Kubernetes API access for the sidecar and the webhook, on aiohttp alone.
+"""Kubernetes API access for the sidecar, the webhook and the operator's writes.
 
-The ``kubernetes`` client costs tens of megabytes and every agent pod pays the
-sidecar's memory, so the lean parts talk to the apiserver here: one pooled
-session and a token file re-read whenever the kubelet rewrites it. Where the
-apiserver is comes from ``apiconfig``; keeping a collection current with
-list and watch is ``reflector``'s.
+The ``kubernetes`` client costs tens of megabytes, aiohttp's client another 14,
+and every agent pod pays the sidecar's memory, so the apiserver is reached here
+over ``httpclient``: pooled keep-alive connections and a token file re-read
+whenever the kubelet rewrites it. Where the apiserver is comes from
+``apiconfig``; keeping a collection current with list and watch is
+``reflector``'s. Transport failures are ``httpclient.HttpError`` (an
+``OSError``); an answer with an error status is an ``ApiError``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal, TypedDict
 
-import aiohttp
-
-from sidekey.core import apiconfig, errors
+from sidekey.core import apiconfig, errors, httpclient
 
 #: Client-side read timeout on a watch: longer than the server-side one, so it
 #: only fires when the connection died without a FIN.
 WATCH_READ_SLACK: Final = 30
+CONNECT_TIMEOUT: Final = 10.0
+#: The longest silence in the answer to a plain request.
+READ_TIMEOUT: Final = 60.0
+#: The largest answer read (a list page of 500 objects stays far below it).
+MAX_ANSWER: Final = 256 * 1024 * 1024
 
 
 class WatchEvent(TypedDict):
@@ -86,21 +92,21 @@ def _status_error(status: int, body: bytes) -> ApiError:
 
 
 class ApiClient:
-    """One pooled aiohttp session to the apiserver: ``async with ApiClient(config) as api``."""
+    """Pooled connections to the apiserver: ``async with ApiClient(config) as api``.
+
+    ``limit`` caps the connections open at once (each watch holds one while it runs).
+    """
 
     def __init__(self, config: apiconfig.ApiConfig, *, limit: int = 20) -> None:
         self.config = config
         self._token = _TokenFile(config.token_file, static=config.token)
         self._limit = limit
-        self._session: aiohttp.ClientSession | None = None
+        self._http: httpclient.Client | None = None
 
     async def __aenter__(self) -> ApiClient:
-        connector = aiohttp.TCPConnector(ssl=self.config.ssl_context(), limit=self._limit)
-        self._session = aiohttp.ClientSession(
-            base_url=None,
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=60),
-            auto_decompress=True,
+        self._http = httpclient.Client(
+            tls=self.config.ssl_context(), limit=self._limit,
+            connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
         )
         return self
 
@@ -108,22 +114,26 @@ class ApiClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def http(self) -> httpclient.Client:
+        if self._http is None:
             raise RuntimeError("ApiClient is not open: use 'async with ApiClient(config) as api'")
-        return self._session
+        return self._http
 
-    def _headers(self) -> dict[str, str]:
+    def _url(self, path: str, params: Mapping[str, str] | None) -> str:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        return f"{self.config.server}{path}{query}"
+
+    def _headers(self) -> list[tuple[str, str]]:
         # the JWKS endpoint serves application/jwk-set+json and answers 406 to JSON alone
-        headers = {"Accept": "application/json, application/jwk-set+json;q=0.9"}
+        headers = [("Accept", "application/json, application/jwk-set+json;q=0.9")]
         auth = self._token.header()
         if auth:
-            headers["Authorization"] = auth
+            headers.append(("Authorization", auth))
         return headers
 
     async def request(
@@ -139,14 +149,13 @@ class ApiClient:
         headers = self._headers()
         data = None
         if body is not None:
-            headers["Content-Type"] = content_type
+            headers.append(("Content-Type", content_type))
             data = json.dumps(body).encode()
-        async with self.session.request(
-            method, self.config.server + path, data=data, params=params or None, headers=headers
-        ) as resp:
-            raw = await resp.read()
-            if resp.status >= 300:
-                raise _status_error(resp.status, raw)
+        resp = await self.http.request(method, self._url(path, params), headers=headers, body=data,
+                                       read_timeout=READ_TIMEOUT, limit=MAX_ANSWER)
+        raw = resp.body
+        if resp.status >= 300:
+            raise _status_error(resp.status, raw)
         if not raw:
             return {}
         doc = json.loads(raw)
@@ -162,15 +171,13 @@ class ApiClient:
         query = dict(params)
         query["watch"] = "true"
         server_timeout = int(query.get("timeoutSeconds", "0") or 0)
-        read_timeout = (server_timeout + WATCH_READ_SLACK) if server_timeout else None
-        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=read_timeout)
-        async with self.session.get(
-            self.config.server + path, params=query, headers=self._headers(), timeout=timeout
-        ) as resp:
+        read_timeout = float(server_timeout + WATCH_READ_SLACK) if server_timeout else None
+        async with self.http.stream("GET", self._url(path, query), headers=self._headers(),
+                                    read_timeout=read_timeout) as resp:
             if resp.status >= 300:
-                raise _status_error(resp.status, await resp.read())
+                raise _status_error(resp.status, await resp.read_all(64 * 1024))
             buf = b""
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp:
                 buf += chunk
                 while True:
                     nl = buf.find(b"\n")

@@ -15,9 +15,7 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-import aiohttp
-
-from sidekey.core import kubeapi
+from sidekey.core import httpclient, kubeapi
 
 log = logging.getLogger("sidekey.kubeapi")
 
@@ -183,7 +181,7 @@ class Reflector:
                 )
                 await asyncio.sleep(min(backoff, limit) * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, limit)
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError) as exc:
+            except (httpclient.HttpError, TimeoutError, OSError, ValueError, KeyError) as exc:
                 self._report(exc)
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, BACKOFF_MAX)

@@ -34,7 +34,7 @@ def test_readiness_names_the_failing_checks() -> None:
 
 
 def test_the_tree_in_the_docstring_is_the_tree_in_the_code() -> None:
-    from sidekey.core import kubeapi, llmledger, llmpolicy, policies, tokens
+    from sidekey.core import httpclient, kubeapi, llmledger, llmpolicy, policies, tokens
     from sidekey.proxy import (
         credentials,
         decoding,
@@ -55,10 +55,21 @@ def test_the_tree_in_the_docstring_is_the_tree_in_the_code() -> None:
                               paths.PathError, listener.Malformed, llmledger.LedgerError],
         errors.Denied: [tokens.TokenError, patching.Refused, refusals.Refusal, llmrequests.LlmRefusal],
         errors.Unavailable: [caching.Unavailable, credentials.CredentialError, upstream.UpstreamError,
-                             llmslices.LedgerUnavailable],
+                             llmslices.LedgerUnavailable, httpclient.HttpError, httpclient.HttpTimeout,
+                             httpclient.BodyTooLarge],
         errors.SidekeyError: [kubeapi.ApiError, decoding.DecodeError],
     }
     for branch, members in branches.items():
         for cls in members:
             assert issubclass(cls, branch), f"{cls.__module__}.{cls.__name__} is not a {branch.__name__}"
             assert cls.__name__ in (errors.__doc__ or ""), f"{cls.__name__} is missing from the drawing"
+
+
+def test_a_transport_failure_is_unavailable_and_still_an_os_error() -> None:
+    """Callers that caught aiohttp's connection errors as OSError keep catching the small client's."""
+    from sidekey.core import httpclient
+
+    exc = httpclient.HttpTimeout("no answer within 1 s")
+    assert isinstance(exc, errors.Unavailable) and isinstance(exc, OSError) and isinstance(exc, TimeoutError)
+    assert str(exc) == exc.message == "no answer within 1 s"
+    assert exc.body() == {"error": {"type": "http_timeout", "message": "no answer within 1 s"}}
