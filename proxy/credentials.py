@@ -3,10 +3,11 @@
 Everything that can be computed when a Secret or policy changes is computed
 then (the header to set, the query parameter, the scrubber), so a request
 only copies a prepared tuple. OAuth2 client credentials (RFC 6749 §4.4) are
-exchanged for an access token with the sidecar's own aiohttp session (authlib's
-clients would pull httpx or requests into every agent pod); the token is
-cached and refreshed before it expires, so the upstream too only ever sees a
-short-lived credential.
+exchanged for an access token over the sidecar's small control-plane client
+(``core.httpclient``, behind the same host checks as the upstreams: authlib's
+clients would pull httpx or requests into every agent pod, aiohttp 14 MB); the
+token is cached and refreshed before it expires, so the upstream too only ever
+sees a short-lived credential.
 
 The token URL is its own TLS peer, usually a public IdP apart from the
 upstream: it is verified against the system store, or against its own
@@ -30,11 +31,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import quote_plus
+from urllib.parse import quote_plus, urlencode
 
-import aiohttp
-
-from sidekey.core import errors, policies
+from sidekey.core import errors, httpclient, policies
 from sidekey.proxy import scrubbing
 
 log = logging.getLogger("sidekey.proxy.credentials")
@@ -47,7 +46,14 @@ OAUTH_DEFAULT_LIFETIME: Final = 3600.0
 OAUTH_MAX_ANSWER_BYTES: Final = 64 * 1024
 #: The longest lifetime believed: an access token is refreshed at least this often.
 OAUTH_MAX_LIFETIME: Final = 86400.0
-OAUTH_TIMEOUT: Final = aiohttp.ClientTimeout(total=30)
+#: The longest silence of a token endpoint (connect, then each read).
+OAUTH_TIMEOUT: Final = 30.0
+
+
+def token_client(resolve: httpclient.Resolve | None = None) -> httpclient.Client:
+    """The client the OAuth2 token calls go over; ``resolve`` checks where a token URL's name points."""
+    return httpclient.Client(resolve=resolve, idle_per_origin=2,
+                             connect_timeout=OAUTH_TIMEOUT, read_timeout=OAUTH_TIMEOUT)
 
 
 class CredentialError(errors.Unavailable):
@@ -216,12 +222,11 @@ class OAuthClient:
         self._token, self._refresh_at, self._expires_at = other._token, other._refresh_at, other._expires_at
         self.scrubber = other.scrubber
 
-    async def token(self, session: aiohttp.ClientSession, upstream_ssl: object = None) -> str:
-        """The access token, fetched or refreshed when due.
+    async def token(self, http: httpclient.Client) -> str:
+        """The access token, fetched (over ``http``) or refreshed when due.
 
-        ``upstream_ssl`` is ignored: the token URL is verified with
-        ``self.context`` whatever the upstream uses (the argument stays until
-        every caller stops passing the upstream's context).
+        The token URL is verified with ``self.context`` whatever the upstream
+        uses; ``http`` only carries the connection (and refuses local addresses).
         """
         now = time.monotonic()
         if self._token is not None and now < self._refresh_at:
@@ -231,7 +236,7 @@ class OAuthClient:
             if self._token is not None and now < self._refresh_at:
                 return self._token
             try:
-                await self._fetch(session)
+                await self._fetch(http)
             except CredentialError:
                 if self._token is not None and now < self._expires_at:
                     log.warning("OAuth2 token refresh failed; using the current token until it expires")
@@ -240,7 +245,7 @@ class OAuthClient:
             assert self._token is not None
             return self._token
 
-    async def _fetch(self, session: aiohttp.ClientSession) -> None:
+    async def _fetch(self, http: httpclient.Client) -> None:
         form = {"grant_type": "client_credentials"}
         if self._scopes:
             form["scope"] = " ".join(self._scopes)
@@ -249,27 +254,22 @@ class OAuthClient:
         basic = base64.b64encode(
             f"{quote_plus(self._client_id)}:{quote_plus(self._client_secret)}".encode()
         ).decode()
-        headers = {"Authorization": f"Basic {basic}", "Accept": "application/json"}
+        headers = [("Authorization", f"Basic {basic}"), ("Accept", "application/json"),
+                   ("Content-Type", "application/x-www-form-urlencoded")]
         self.fetches += 1
         try:
-            async with session.post(
-                self.token_url,
-                data=form,
-                headers=headers,
-                ssl=self.context if self.context is not None else True,
-                allow_redirects=False,
-                timeout=OAUTH_TIMEOUT,
-            ) as resp:
-                body = await resp.content.read(OAUTH_MAX_ANSWER_BYTES + 1)
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # no redirects: the client follows none (the secret must not travel on)
+            resp = await http.request("POST", self.token_url, headers=headers, body=urlencode(form).encode(),
+                                      tls=self.context, read_timeout=OAUTH_TIMEOUT, limit=OAUTH_MAX_ANSWER_BYTES)
+        except httpclient.BodyTooLarge:
+            raise CredentialError("the OAuth2 token endpoint's answer is too large for a token", 502) from None
+        except (httpclient.HttpError, TimeoutError, OSError) as exc:
             raise CredentialError(
                 f"the OAuth2 token endpoint is unreachable ({type(exc).__name__})", 502
             ) from None
+        status, body = resp.status, resp.body
         if status != 200:
             raise CredentialError(f"the OAuth2 token endpoint answered {status}", 502)
-        if len(body) > OAUTH_MAX_ANSWER_BYTES:
-            raise CredentialError("the OAuth2 token endpoint's answer is too large for a token", 502)
         try:
             doc = json.loads(body)
             token = doc["access_token"]

@@ -23,9 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-import aiohttp
-
-from sidekey.core import errors, kubeapi, llmledger, llmpolicy
+from sidekey.core import errors, httpclient, kubeapi, llmledger, llmpolicy
 from sidekey.proxy import llmbudgets
 
 log = logging.getLogger("sidekey.proxy.llm")
@@ -193,7 +191,7 @@ class SharedAccount(llmbudgets.Account):
                     await asyncio.sleep(random.uniform(0, 0.02 * (attempt + 1)))
                     continue
                 raise LedgerUnavailable(f"{exc.status} {exc.reason}") from None
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except (httpclient.HttpError, OSError, TimeoutError) as exc:
                 raise LedgerUnavailable(type(exc).__name__) from None
             self.writes += 1
             self.unavailable = None
@@ -208,5 +206,5 @@ class SharedAccount(llmbudgets.Account):
             if exc.status == 404:
                 raise LedgerUnavailable("the operator has not created the ledger Lease yet") from None
             raise LedgerUnavailable(f"{exc.status} {exc.reason}") from None
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (httpclient.HttpError, OSError, TimeoutError) as exc:
             raise LedgerUnavailable(type(exc).__name__) from None

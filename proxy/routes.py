@@ -22,10 +22,7 @@ import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
-
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
+from typing import Any, Final, TypedDict
 
 from sidekey.core import contract, kubeapi, policies, reflector
 from sidekey.proxy import credentials, limits, metrics
@@ -63,7 +60,47 @@ class HostRefused(OSError):
     """The policy's hostname resolves somewhere the key must never go."""
 
 
-class GuardedResolver(AbstractResolver):
+class ResolveResult(TypedDict):
+    """One address of a name (the shape aiohttp's resolvers return, which ``proxy.upstream`` reads)."""
+
+    hostname: str
+    host: str
+    port: int
+    family: int
+    proto: int
+    flags: int
+
+
+class SystemResolver:
+    """getaddrinfo in the loop's thread pool, so /etc/hosts and the pod's resolv.conf apply."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, family=family,
+                                       flags=socket.AI_ADDRCONFIG)
+        results: list[ResolveResult] = []
+        for fam, _, proto, _, address in infos:
+            if fam == socket.AF_INET6:
+                if len(address) < 3:
+                    continue  # IPv6 not built into this Python
+                if address[3]:  # a scope id: a link-local address keeps its zone ("fe80::1%eth0")
+                    found, service = await loop.getnameinfo(address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                    address = (found, int(service))
+            elif fam != socket.AF_INET:
+                continue
+            results.append(ResolveResult(hostname=host, host=str(address[0]), port=int(address[1]), family=fam,
+                                         proto=proto, flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV))
+        if not results:
+            raise OSError(None, f"{host} has no usable address")
+        return results
+
+    async def close(self) -> None:
+        pass
+
+
+class GuardedResolver:
     """Resolves through getaddrinfo (so /etc/hosts applies) and refuses local targets.
 
     Every container of the pod can write its shared /etc/hosts, so a policy
@@ -82,7 +119,7 @@ class GuardedResolver(AbstractResolver):
     """
 
     def __init__(self, pod_ips: frozenset[str]) -> None:
-        self._inner = aiohttp.ThreadedResolver()
+        self._inner = SystemResolver()
         self._pod_ips = frozenset(ipaddress.ip_address(ip) for ip in pod_ips if ip)
 
     async def resolve(
@@ -101,8 +138,20 @@ class GuardedResolver(AbstractResolver):
                 )
         return results
 
+    async def addresses(self, host: str, port: int) -> list[str]:
+        """The checked addresses of ``host``, for ``httpclient.Client(resolve=...)`` (the OAuth2 token URL)."""
+        return [r["host"] for r in await self.resolve(host, port, socket.AF_UNSPEC)]
+
     async def close(self) -> None:
         await self._inner.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """An upstream's connect timeout and read timeout (the longest silence); never a total one."""
+
+    sock_connect: float
+    sock_read: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +163,7 @@ class Route:
     ssl: ssl.SSLContext | bool
     strip: frozenset[str]
     bucket: limits.TokenBucket | None
-    timeout: aiohttp.ClientTimeout
+    timeout: Timeouts
     credential: credentials.Credential | None
     unavailable: str | None  # why the credential is missing (503), never the secret
 
@@ -294,8 +343,7 @@ class Routes:
             ssl=self._tls.get(up.ca_bundle) if up.scheme == "https" else False,
             strip=frozenset(strip),
             bucket=bucket,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
+            timeout=Timeouts(
                 sock_connect=min(CONNECT_TIMEOUT, up.limits.timeout_seconds),
                 sock_read=up.limits.timeout_seconds,
             ),

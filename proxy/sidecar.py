@@ -14,9 +14,7 @@ import logging
 import random
 from typing import Any, Final
 
-import aiohttp
-
-from sidekey.core import apiconfig, contract, health, kubeapi, logs, tokens
+from sidekey.core import apiconfig, contract, health, httpclient, kubeapi, logs, tokens
 from sidekey.proxy import forwarding, listener, llmexchange, metrics, routes, settings
 
 log = logging.getLogger("sidekey.proxy")
@@ -79,20 +77,12 @@ class SidecarProcess:
         self._tasks.append(asyncio.create_task(self._discover(), name="discover-issuer"))
         self._tasks.append(asyncio.create_task(self.keys.run(), name="jwks-refresh"))
         self._tasks.append(asyncio.create_task(self._flush_audit(), name="audit-flush"))
+        # one host guard for the upstreams' pool and the OAuth2 token calls (the Proxy makes both)
         resolver = routes.GuardedResolver(s.own_addresses)
-        # aiohttp only for the OAuth2 token endpoint; the forwarding has its own pool (proxy.upstream)
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=16, resolver=resolver, ttl_dns_cache=10),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None),
-            trust_env=False,
-        )
         self.proxy = forwarding.Proxy(
             table=lambda: self.routes.table,
             validator=lambda: self.validator,
             ready=lambda: self.ready,
-            session=self.session,
             audit=self.audit,
             pod=s.pod_name,
             namespace=s.namespace,
@@ -137,7 +127,6 @@ class SidecarProcess:
             await self._release_slices(self.proxy.llm)
         await self.routes.stop()
         await self.proxy.close()
-        await self.session.close()
         await self.api.close()
         await self.health.drain(1.0)
         self.audit.flush()
@@ -167,7 +156,7 @@ class SidecarProcess:
                 if not isinstance(issuer, str) or not issuer:
                     raise ValueError("discovery document has no issuer")
                 break
-            except (kubeapi.ApiError, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            except (kubeapi.ApiError, httpclient.HttpError, TimeoutError, OSError, ValueError) as exc:
                 metrics.APISERVER_ERRORS.labels("discovery").inc()
                 log.warning("issuer discovery failed, retrying: %s", type(exc).__name__)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))

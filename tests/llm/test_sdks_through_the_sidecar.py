@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import anthropic
 import httpx
 import openai
@@ -87,10 +86,9 @@ async def world() -> AsyncIterator[World]:
     validator = tokens.Validator(keys, tokens.Binding(issuer=ISSUER, audience="sidekey", namespace=NAMESPACE,
                                                       pod_name=POD, pod_uid=POD_UID, service_account=SA))
     audit = io.StringIO()
-    session = aiohttp.ClientSession()
     gate = llmexchange.Gate(api=None, namespace=NAMESPACE, pod=POD, pod_uid=POD_UID, service_account=SA)
     proxy = forwarding.Proxy(table=lambda: table.table, validator=lambda: validator, ready=lambda: True,
-                             session=session, audit=logs.AuditWriter(audit), pod=POD, namespace=NAMESPACE,
+                             audit=logs.AuditWriter(audit), pod=POD, namespace=NAMESPACE,
                              resolver=routes.GuardedResolver(frozenset()), llm=gate)
     server = await proxy.listen("127.0.0.1", 0)
     try:
@@ -99,7 +97,6 @@ async def world() -> AsyncIterator[World]:
         await server.drain(0.5)
         await proxy.close()
         await gate.close()
-        await session.close()
         mock.stop()
 
 

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -69,17 +68,10 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
         table.set_policies(*objs)
         audit_stream = io.StringIO()
         resolver = routes.GuardedResolver(frozenset({pod_ip} - {""}))
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(resolver=resolver),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None),
-        )
         proxy = forwarding.Proxy(
             table=lambda: table.table,
             validator=lambda: validator,
             ready=lambda: True,
-            session=session,
             audit=logs.AuditWriter(audit_stream),
             pod=POD,
             namespace=NAMESPACE,
@@ -91,7 +83,6 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
         async def cleanup() -> None:
             await server.drain(0.5)
             await proxy.close()
-            await session.close()
 
         cleanups.append(cleanup)
         return Running(f"http://127.0.0.1:{port}", table, audit_stream, proxy, validator)

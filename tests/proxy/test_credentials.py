@@ -10,14 +10,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from sidekey.core import certificates, policies
-from sidekey.proxy import credentials, forwarding, limits
+from sidekey.proxy import credentials, forwarding, limits, routes
 from tests.proxy.fakes import StaticRoutes, policy
 
 
@@ -218,9 +217,13 @@ async def idp(tmp_path: Path) -> AsyncIterator[tuple[str, certificates.KeyPair, 
     await runner.cleanup()
 
 
-async def fetch(client: credentials.OAuthClient, upstream_ssl: object) -> str:
-    async with aiohttp.ClientSession() as session:
-        return await client.token(session, upstream_ssl)
+async def fetch(client: credentials.OAuthClient) -> str:
+    """One token call over the sidecar's own token client (the upstream's TLS is not an input)."""
+    http = credentials.token_client()
+    try:
+        return await client.token(http)
+    finally:
+        await http.close()
 
 
 async def test_an_insecure_upstream_never_lends_its_missing_verification_to_the_token_url(
@@ -230,7 +233,7 @@ async def test_an_insecure_upstream_never_lends_its_missing_verification_to_the_
     cred = credentials.build(oauth(url), SECRETS, insecure=True)
     assert cred.oauth is not None
     with pytest.raises(credentials.CredentialError, match="unreachable"):
-        await fetch(cred.oauth, False)  # what an http upstream's route passes: no verification
+        await fetch(cred.oauth)  # an http upstream's route has no verification to lend
     assert forms == [], "the client secret reached a token URL nobody verified"
 
 
@@ -240,7 +243,7 @@ async def test_the_token_url_is_verified_against_its_own_ca_bundle(
     url, ca, forms = idp
     cred = credentials.build(oauth(url, ca.cert_pem.decode()), SECRETS, insecure=True)
     assert cred.oauth is not None
-    assert await fetch(cred.oauth, False) == "at-from-the-idp"
+    assert await fetch(cred.oauth) == "at-from-the-idp"
     assert len(forms) == 1
 
 
@@ -251,10 +254,13 @@ async def test_the_upstreams_ca_bundle_does_not_apply_to_the_token_url(
     # the IdP is "public": its CA is in the system store, which SSL_CERT_FILE stands for
     (tmp_path / "store.pem").write_bytes(ca.cert_pem)
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "store.pem"))
-    upstream_ssl = ssl.create_default_context(cadata=certificates.make_ca("private upstream").cert_pem.decode())
-    cred = credentials.build(oauth(url), SECRETS)
+    # the routes' context cache holds the private upstream's context next to the system store's
+    contexts = routes.TlsContexts()
+    upstream_ssl = contexts.get(certificates.make_ca("private upstream").cert_pem.decode())
+    cred = credentials.build(oauth(url), SECRETS, tls=contexts.get)
     assert cred.oauth is not None
-    assert await fetch(cred.oauth, upstream_ssl) == "at-from-the-idp"
+    assert cred.oauth.context is contexts.get(None) and cred.oauth.context is not upstream_ssl
+    assert await fetch(cred.oauth) == "at-from-the-idp"
     assert len(forms) == 1
 
 
@@ -296,7 +302,7 @@ async def test_an_access_token_ending_in_a_newline_is_unusable() -> None:
 
     async with plain_token_endpoint(token) as client:
         with pytest.raises(credentials.CredentialError, match="unusable access_token"):
-            await fetch(client, None)
+            await fetch(client)
 
 
 @pytest.mark.parametrize("expires_in", ['"NaN"', "NaN", "-30", "1e400", '"Infinity"', "1e12"])
@@ -309,8 +315,8 @@ async def test_an_expires_in_that_is_no_lifetime_is_read_as_a_bounded_one(expire
                             content_type="application/json")
 
     async with plain_token_endpoint(token) as client:
-        assert await fetch(client, None) == "at-1234567890"
-        assert await fetch(client, None) == "at-1234567890"
+        assert await fetch(client) == "at-1234567890"
+        assert await fetch(client) == "at-1234567890"
         assert client.fetches == 1  # the second request used the cached token
         left = client._refresh_at - time.monotonic()
         assert 0 < left <= credentials.OAUTH_MAX_LIFETIME
@@ -333,6 +339,6 @@ async def test_a_token_answer_too_large_for_a_token_is_refused_unread() -> None:
 
     async with plain_token_endpoint(token) as client:
         with pytest.raises(credentials.CredentialError, match="too large") as info:
-            await fetch(client, None)
+            await fetch(client)
         assert info.value.status == 502
         assert len(sent) < 1024  # the sidecar stopped reading; it never held the whole answer
