@@ -31,9 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
-import aiohttp
-
-from sidekey.core import logs, tokens
+from sidekey.core import httpclient, logs, tokens
 from sidekey.proxy import audit as auditing
 from sidekey.proxy import (
     credentials,
@@ -91,11 +89,11 @@ class Proxy:
         table: Callable[[], dict[str, routes.Route]],
         validator: Callable[[], tokens.Validator | None],
         ready: Callable[[], bool],
-        session: aiohttp.ClientSession,
         audit: logs.AuditWriter,
         pod: str,
         namespace: str,
         resolver: routes.GuardedResolver | None = None,
+        session: httpclient.Client | None = None,
         hooks: Sequence[RequestHook] = (),
         token_cache: bool = True,
         llm: llmexchange.Gate | None = None,
@@ -103,8 +101,10 @@ class Proxy:
         self._table = table
         self._validator = validator
         self._ready = ready
-        self.session = session  # for the OAuth2 token endpoint only
-        self.pool = upstream.Pool(resolver or routes.GuardedResolver(frozenset()))
+        guard = resolver or routes.GuardedResolver(frozenset())
+        self.pool = upstream.Pool(guard)
+        # for the OAuth2 token endpoint only, behind the same host checks as the upstreams
+        self.session = session or credentials.token_client(guard.addresses)
         self._audit = audit
         self._pod = pod
         self._namespace = namespace
@@ -132,6 +132,7 @@ class Proxy:
 
     async def close(self) -> None:
         self.pool.close()
+        await self.session.close()
 
     async def handle(self, request: listener.Request, conn: listener.AgentConnection) -> None:
         started = time.perf_counter()
@@ -335,7 +336,7 @@ class Proxy:
         lines = headers.forward(request.headers, request.connection, route.strip)
         if cred.oauth is not None:
             try:
-                access = await cred.oauth.token(self.session, route.ssl)
+                access = await cred.oauth.token(self.session)
             except credentials.CredentialError as exc:
                 raise refusals.UpstreamFailure(
                     "oauth_failed", f"upstream {route.name!r}: {exc.message}", exc.status
