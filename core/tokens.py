@@ -39,7 +39,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from joserfc import errors as jose_errors
-from joserfc import jwk, jws
+from joserfc import jwk
+from joserfc.jwa import JWSAlgModel
+from joserfc.jws import JWSRegistry
 
 from sidekey.core import errors
 
@@ -67,6 +69,15 @@ MAX_LIFETIME: Final = 86400
 MAX_TIMESTAMP: Final = 253402300799
 
 _KTY_FOR_ALG: Final = {"RS": "RSA", "PS": "RSA", "ES": "EC"}
+#: joserfc's own algorithm objects, looked up once: ``verify(signing_input, signature, key)``
+#: is the call its ``deserialize_compact`` ends in, without rebuilding a registry per token.
+_JOSE_ALGORITHMS: Final[Mapping[str, JWSAlgModel]] = {
+    name: JWSRegistry.algorithms[name] for name in ALLOWED_ALGORITHMS
+}
+#: joserfc's header rules (registered names only, each of its type): built once, not per token.
+_JOSE_HEADERS: Final = JWSRegistry(algorithms=sorted(ALLOWED_ALGORITHMS))
+#: How many distinct clean headers a validator remembers; an apiserver has one per signing key.
+_HEADER_MEMO_SIZE: Final = 64
 
 
 class TokenError(errors.Denied):
@@ -131,6 +142,8 @@ class KeySet:
         self._on_refresh = on_refresh
         self._clock = clock
         self.keys: dict[str, jwk.Key] = {}
+        #: The JWK each key in ``keys`` was imported from, to skip re-importing it.
+        self._documents: dict[str, dict[str, Any]] = {}
         self.loaded = asyncio.Event()
         #: Bumped whenever the set of keys changes; validators drop cached results.
         self.generation = 0
@@ -138,8 +151,14 @@ class KeySet:
         self._inflight: asyncio.Future[bool] | None = None
 
     def load(self, document: Mapping[str, Any]) -> bool:
-        """Replace the keys with the document's; return whether anything changed."""
+        """Replace the keys with the document's; return whether anything changed.
+
+        A key whose JWK is the same as in the last load keeps its imported object
+        (and the ``cryptography`` public key inside it): the periodic refresh does
+        not re-import an unchanged set. A kid whose JWK changed is imported anew.
+        """
         keys: dict[str, jwk.Key] = {}
+        documents: dict[str, dict[str, Any]] = {}
         for raw in document.get("keys") or []:
             if not isinstance(raw, Mapping):
                 continue
@@ -148,12 +167,20 @@ class KeySet:
                 continue
             if raw.get("kty") not in ("RSA", "EC"):
                 continue
+            jwk_doc = dict(raw)
+            known = self.keys.get(kid)
+            if known is not None and self._documents.get(kid) == jwk_doc:
+                keys[kid] = known
+                documents[kid] = jwk_doc
+                continue
             try:
-                keys[kid] = jwk.import_key(dict(raw))
+                keys[kid] = jwk.import_key(dict(jwk_doc))
+                documents[kid] = jwk_doc
             except (jose_errors.JoseError, ValueError, TypeError) as exc:
                 log.warning("skipping JWKS key %s: %s", kid, type(exc).__name__)
         changed = {k: v.as_dict() for k, v in keys.items()} != {k: v.as_dict() for k, v in self.keys.items()}
         self.keys = keys
+        self._documents = documents
         if changed:
             self.generation += 1
         self.loaded.set()
@@ -227,23 +254,107 @@ def _no_constants(name: str) -> Any:
     raise _NotJson(name)
 
 
-def _b64json(segment: str, what: str) -> dict[str, Any]:
+#: The strict reader, built once: ``json.loads`` with hooks builds a new decoder on every call.
+_STRICT_JSON: Final = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_no_constants)
+#: base64url's two letters to the standard alphabet's, for ``binascii``.
+_FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
+#: By padding length: the letters a segment may end with, those whose unused low bits are zero.
+#: joserfc refuses any other ending, so that a segment has one encoding only.
+_CANONICAL_ENDINGS: Final = ("", "AEIMQUYcgkosw048", "AQgw")
+
+
+def _b64decode(segment: str) -> bytes:
+    """A compact-JWS segment, decoded by joserfc's rules (``joserfc.util.urlsafe_b64decode``).
+
+    The base64url alphabet only, no padding, no ``+``/``/``, and a canonical last
+    letter; the tests hold it to joserfc's own function. ``binascii.Error`` (a
+    ``ValueError``) otherwise. ``segment`` is ASCII (checked before).
+    """
+    pad = -len(segment) % 4
+    if pad == 3 or "=" in segment or "+" in segment or "/" in segment:
+        raise binascii.Error("not base64url")
+    if pad and segment[-1] not in _CANONICAL_ENDINGS[pad]:
+        raise binascii.Error("not canonical base64url")
+    return binascii.a2b_base64(segment.encode().translate(_FROM_URLSAFE) + b"=" * pad, strict_mode=True)
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """Bytes read as ``json.loads`` reads bytes (the same encoding detection), strictly."""
     try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        value = json.loads(raw, object_pairs_hook=_unique_members, parse_constant=_no_constants)
+        value = _STRICT_JSON.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except _RepeatedMember:
         raise TokenError("malformed", f"token {what} repeats a member name") from None
     except _NotJson:
         raise TokenError("malformed", f"token {what} holds NaN or Infinity, which JSON does not have") from None
-    except (binascii.Error, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise TokenError("malformed", f"token {what} is not base64url JSON") from exc
     if not isinstance(value, dict):
         raise TokenError("malformed", f"token {what} is not a JSON object")
     return value
 
 
+def _b64json(segment: str, what: str) -> dict[str, Any]:
+    """A segment decoded leniently (padding added, stray letters dropped), then read strictly."""
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise TokenError("malformed", f"token {what} is not base64url JSON") from exc
+    return _json_object(raw, what)
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    """What a protected header says, once it passed every check that depends on it alone."""
+
+    alg: str
+    kid: str
+    #: joserfc's object for ``alg``: its ``check_key`` and ``verify``.
+    algorithm: JWSAlgModel
+    #: joserfc would refuse this header (not strict base64url, over its size limit, a name it
+    #: does not register or a value of the wrong type). Raised after the key checks, where
+    #: joserfc's ``deserialize_compact`` refused it before, so every token keeps its reason.
+    flawed: bool
+
+
+def _read_header(segment: str) -> _Header:
+    """The header's own checks, in the order the refusal reasons depend on."""
+    flawed = len(segment) > _JOSE_HEADERS.max_header_length
+    try:
+        fields = _json_object(_b64decode(segment), "header")
+    except binascii.Error:
+        flawed = True  # joserfc refuses it; the lenient reading still names the first defect
+        fields = _b64json(segment, "header")
+    alg = fields.get("alg")
+    if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
+        raise TokenError(
+            "bad_algorithm",
+            f"token algorithm {str(alg)[:20]!r} is not accepted; "
+            "use a service-account token signed by the apiserver",
+        )
+    if "crit" in fields or "b64" in fields:
+        # RFC 7797 unencoded payloads would let the signature cover one reading of the
+        # payload while the claims are taken from another; the apiserver never uses them
+        raise TokenError("malformed", "token header uses JWS extensions (crit, b64) that "
+                         "service-account tokens never carry")
+    kid = fields.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise TokenError("unknown_kid", "token header has no key id (kid)")
+    if not flawed:
+        try:
+            _JOSE_HEADERS.check_header(fields)
+        except (jose_errors.JoseError, ValueError, TypeError):
+            flawed = True
+    return _Header(alg=alg, kid=kid, algorithm=_JOSE_ALGORITHMS[alg], flawed=flawed)
+
+
 class Validator:
-    """Validates tokens against one ``Binding`` and a ``KeySet``, with a result cache."""
+    """Validates tokens against one ``Binding`` and a ``KeySet``, with a result cache.
+
+    A cache miss costs one signature check and one strict JSON read of the
+    payload: the token is split once, each segment decoded once, and the header
+    (the same for every token one key signs) is read and checked once per
+    distinct header and remembered, clean headers only, a few dozen at most.
+    """
 
     def __init__(
         self,
@@ -259,6 +370,7 @@ class Validator:
         self._cache: dict[bytes, Identity] = {}
         self._cache_size = cache_size
         self._cache_generation = keys.generation
+        self._headers: dict[str, _Header] = {}
 
     def cached(self, token: str) -> Identity | None:
         """The fast path: a previous result for this exact token, if still valid."""
@@ -282,63 +394,81 @@ class Validator:
         identity = self.cached(token)
         if identity is not None:
             return identity
-        header, alg, kid = self._header(token)
-        key = self.keys.keys.get(kid)
+        segments, header = self._parse(token)
+        key = self.keys.keys.get(header.kid)
         if key is None:
             await self.keys.refetch_for_unknown_kid()
-            key = self.keys.keys.get(kid)
+            key = self.keys.keys.get(header.kid)
             if key is None:
                 raise TokenError(
                     "unknown_kid",
                     "token is signed by a key this cluster does not publish: "
                     "use the projected token the kubelet writes for this pod",
                 )
-        identity = self.check(token, key, header, alg)
+        identity = self._verified(segments, header, key)
         self._remember(token, identity)
         return identity
 
-    def _header(self, token: str) -> tuple[dict[str, Any], str, str]:
+    def check(self, token: str, key: jwk.Key) -> Identity:
+        """Signature and claims of ``token`` against ``key``, without the cache."""
+        segments, header = self._parse(token)
+        return self._verified(segments, header, key)
+
+    def _parse(self, token: str) -> tuple[list[str], _Header]:
         if not token:
             raise TokenError("missing", "no token: send the pod's token as 'Authorization: Bearer'")
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError("malformed", "token is too long")
         if not token.isascii():
             raise TokenError("malformed", "token holds characters a JWT never has: send the token file's content")
-        parts = token.split(".")
-        if len(parts) != 3:
+        segments = token.split(".")
+        if len(segments) != 3:
             raise TokenError("malformed", "token is not a signed JWT (expected three '.'-separated parts)")
-        header = _b64json(parts[0], "header")
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
-            raise TokenError(
-                "bad_algorithm",
-                f"token algorithm {str(alg)[:20]!r} is not accepted; "
-                "use a service-account token signed by the apiserver",
-            )
-        if "crit" in header or "b64" in header:
-            # RFC 7797 unencoded payloads would let the signature cover one reading of the
-            # payload while the claims are taken from another; the apiserver never uses them
-            raise TokenError("malformed", "token header uses JWS extensions (crit, b64) that "
-                             "service-account tokens never carry")
-        kid = header.get("kid")
-        if not isinstance(kid, str) or not kid:
-            raise TokenError("unknown_kid", "token header has no key id (kid)")
-        return header, alg, kid
+        header = self._headers.get(segments[0])
+        if header is None:
+            header = _read_header(segments[0])
+            if not header.flawed:
+                if len(self._headers) >= _HEADER_MEMO_SIZE:
+                    del self._headers[next(iter(self._headers))]
+                self._headers[segments[0]] = header
+        return segments, header
 
-    def check(self, token: str, key: jwk.Key, header: Mapping[str, Any], alg: str) -> Identity:
-        """Signature and claims, without the cache (the claims are checked here, not by joserfc)."""
+    def _verified(self, segments: list[str], header: _Header, key: jwk.Key) -> Identity:
+        """The signature by joserfc's algorithm object, then the claims (checked here, not by joserfc).
+
+        The same checks, in the same order, as joserfc's ``deserialize_compact``
+        followed by a strict read of the payload: joserfc's size limits, strict
+        base64url, its header rules and ``check_key`` (the key's ``use``, type,
+        ``alg`` and curve), then ``verify``; the payload's JSON is read only once
+        the signature holds.
+        """
+        alg = header.alg
         key_alg = key.get("alg")
         if key.key_type != _KTY_FOR_ALG[alg[:2]] or (key_alg and key_alg != alg):
             raise TokenError("bad_algorithm", f"token algorithm {alg} does not match its signing key")
+        head, body, signature = segments
         try:
-            obj = jws.deserialize_compact(token, key, algorithms=[alg])
-        except jose_errors.BadSignatureError:
-            raise TokenError("bad_signature", "token signature is invalid") from None
+            if (
+                header.flawed
+                or len(signature) > _JOSE_HEADERS.max_signature_length
+                or len(body) > _JOSE_HEADERS.max_payload_length
+            ):
+                raise binascii.Error("refused by joserfc's rules")
+            payload = _b64decode(body)
+            header.algorithm.check_key(key)
         except (jose_errors.JoseError, ValueError, TypeError):
             raise TokenError("malformed", "token could not be verified") from None
-        claims = _b64json(token.split(".")[1], "payload")
-        del obj
-        return self.check_claims(claims)
+        try:
+            raw_signature = _b64decode(signature)
+        except ValueError:
+            raise TokenError("bad_signature", "token signature is invalid") from None
+        try:
+            valid = header.algorithm.verify(f"{head}.{body}".encode(), raw_signature, key)
+        except (jose_errors.JoseError, ValueError, TypeError):
+            raise TokenError("malformed", "token could not be verified") from None
+        if not valid:
+            raise TokenError("bad_signature", "token signature is invalid")
+        return self.check_claims(_json_object(payload, "payload"))
 
     def check_claims(self, claims: Mapping[str, Any]) -> Identity:
         b = self.binding
