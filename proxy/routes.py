@@ -82,16 +82,14 @@ class SystemResolver:
                                        flags=socket.AI_ADDRCONFIG)
         results: list[ResolveResult] = []
         for fam, _, proto, _, address in infos:
-            if fam == socket.AF_INET6:
-                if len(address) < 3:
-                    continue  # IPv6 not built into this Python
-                if address[3]:  # a scope id: a link-local address keeps its zone ("fe80::1%eth0")
-                    found, service = await loop.getnameinfo(address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
-                    address = (found, int(service))
-            elif fam != socket.AF_INET:
-                continue
-            results.append(ResolveResult(hostname=host, host=str(address[0]), port=int(address[1]), family=fam,
-                                         proto=proto, flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV))
+            if fam == socket.AF_INET6 and len(address) >= 4 and address[3]:
+                # a scope id: a link-local address keeps its zone ("fe80::1%eth0")
+                found, service = await loop.getnameinfo(address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                text, number = found, int(service)
+            else:
+                text, number = str(address[0]), int(address[1])
+            results.append(ResolveResult(hostname=host, host=text, port=number, family=fam, proto=proto,
+                                         flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV))
         if not results:
             raise OSError(None, f"{host} has no usable address")
         return results
