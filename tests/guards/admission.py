@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from sidekey.localcluster import helm
+from tests.guards import manifests
+from tests.support.namespaces import make_namespace
 
 GUARD_TEMPLATES = ("templates/guard-bypass.yaml", "templates/guard-escalation.yaml")
 
@@ -67,8 +69,31 @@ def install_guards(cluster: Any, values: dict[str, Any] | None = None) -> str:
     return text
 
 
-def remove_guards(cluster: Any, text: str) -> None:
+def remove_guards(cluster: Any, text: str, timeout: float = 30.0) -> None:
+    """Delete the guards, and return only once the apiserver has stopped enforcing them.
+
+    The apiserver drops a deleted policy asynchronously, as it loads one: a
+    module that builds a subject pod right after another module removed the
+    guards was refused by the guard still loaded (one CI run lost 222 attack
+    tests to it). A bare pod of a policy subject is the probe, in a namespace
+    of its own.
+    """
     cluster.kubectl("delete", "--ignore-not-found", "--wait=true", "-f", "-", input=text)
+    namespace = make_namespace(cluster, "skunguard")
+    try:
+        for obj in (manifests.service_account(namespace, "agent"), manifests.secret(namespace),
+                    manifests.agent_policy(namespace)):
+            answer = apply(cluster, obj)
+            assert answer.admitted, answer.message
+        probe = manifests.bare_pod(namespace, "probe")
+        deadline = time.monotonic() + timeout
+        answer = create(cluster, probe, dry_run=True)
+        while not answer.admitted and time.monotonic() < deadline:
+            time.sleep(0.2)
+            answer = create(cluster, probe, dry_run=True)
+        assert answer.admitted, f"the guards were still enforced {timeout:.0f} s after their deletion: {answer.message}"
+    finally:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def wait_until_enforced(cluster: Any, probe: dict[str, Any], timeout: float = 30.0) -> Answer:
