@@ -45,6 +45,39 @@ class KubectlFailed(subprocess.CalledProcessError):
         return f"{super().__str__()}: {said[-800:]}" if said else super().__str__()
 
 
+ETCD_DIR_PREFIX = "sidekey-etcd-"
+#: A data dir this young may belong to a session that has not started its etcd yet.
+ORPHAN_MIN_AGE = 120.0
+
+
+def sweep_orphaned_etcd_dirs(root: Path) -> list[Path]:
+    """Remove etcd data dirs in ``root`` that no running process names.
+
+    They live in /dev/shm (RAM) for speed, ~125 MB each, and a SIGKILLed test
+    session (a CI timeout, a killed pytest) leaves its dir behind: no running
+    etcd has it on its command line. A dir younger than ``ORPHAN_MIN_AGE``
+    is left alone, since another session may be about to start its etcd there.
+    """
+    in_use = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            in_use.update(arg for arg in cmdline.read_bytes().split(b"\0") if arg.startswith(b"--data-dir="))
+        except OSError:
+            continue
+    removed = []
+    now = time.time()
+    for candidate in root.glob(f"{ETCD_DIR_PREFIX}*"):
+        try:
+            young = now - candidate.stat().st_mtime < ORPHAN_MIN_AGE
+        except OSError:
+            continue
+        if young or f"--data-dir={candidate}".encode() in in_use:
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate)
+    return removed
+
+
 SERVICE_CIDR = "10.0.0.0/24"
 LOOPBACK = "127.0.0.1"
 # Controllers a pod-less cluster has no use for. A cluster with a node
@@ -194,7 +227,9 @@ class LocalCluster:
         b = self._binaries
         etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
         shm = Path("/dev/shm")
-        data_root = Path(tempfile.mkdtemp(prefix="sidekey-etcd-", dir=shm if shm.is_dir() else None))
+        if shm.is_dir():
+            sweep_orphaned_etcd_dirs(shm)
+        data_root = Path(tempfile.mkdtemp(prefix=ETCD_DIR_PREFIX, dir=shm if shm.is_dir() else None))
         etcd = self._spawn("etcd", [
             str(b.path("etcd")),
             f"--data-dir={data_root}",
