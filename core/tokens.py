@@ -12,6 +12,15 @@ rate-limited refetch, and a periodic refresh drops keys the apiserver no
 longer publishes. Successful results are cached by a hash of the token until
 the token expires, which keeps the hot path to one dict lookup.
 
+A miss (the first call with each rotated token) pays one signature check by
+joserfc's algorithm object and one strict read of the payload, little else:
+the token is split once and each segment decoded once, with joserfc's own
+strict base64url rules; the header, the same for every token a key signs, is
+checked once (joserfc's header rules included) and remembered; unchanged JWKs
+keep their imported keys across refreshes. The checks and their order are
+those of joserfc's ``deserialize_compact`` followed by the claims, which
+tests/core/test_tokens_joserfc_parity.py holds it to.
+
 The time claims bound the token's *lifetime*, not only its end: ``iat`` is
 required and ``exp - iat`` may not exceed ``MAX_LIFETIME`` (the longest
 ``spec.token.expirationSeconds`` a policy may set) plus the leeway. The
@@ -237,11 +246,9 @@ class _RepeatedMember(ValueError):
 
 def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A repeated member name is refused: first-wins and last-wins readers would disagree."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _RepeatedMember(key)
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _RepeatedMember()
     return out
 
 
@@ -570,7 +577,7 @@ def _timestamp(claims: Mapping[str, Any], name: str, what: str) -> float:
     value = claims.get(name)
     if value is None:
         raise TokenError("malformed", f"token has no {what} ({name})")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_TIMESTAMP:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_TIMESTAMP:
         raise TokenError("malformed", f"token {what} ({name}) is not a timestamp: "
                          "a finite number of seconds since 1970")
     return float(value)
