@@ -8,7 +8,11 @@ figures it prints are not the benchmark's (``bench/run`` starts the real
 sidecar against a real apiserver), only ratios measured side by side.
 
     python -m bench.standalone serve PORT UPSTREAM_PORT SSE_PORT   # prints the caller's token
-    python -m bench.standalone measure [--reps 3] [--seconds 4] [--conns 16]
+    python -m bench.standalone measure [--reps 3] [--seconds 4] [--conns 16] [--baseline DIR]
+
+``--baseline DIR`` adds an arm ``sidekey-before``: the same path served from
+another copy of the package (``DIR/sidekey``, e.g. ``git archive`` of an
+earlier commit), so a change is measured side by side with what it replaces.
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ async def serve(port: int, upstream_port: int, sse_port: int) -> None:
             sink.truncate()
 
 
-def measure(reps: int, seconds: float, conns: int) -> None:
+def measure(reps: int, seconds: float, conns: int, baseline: str | None = None) -> None:
     """nginx upstream; direct, nginx proxy, the llhttp prototype and this path, interleaved."""
     from bench import leanfloor, loads, nginx, procstats  # noqa: F401
     from sidekey.localcluster.cluster import free_port
@@ -105,7 +109,8 @@ def measure(reps: int, seconds: float, conns: int) -> None:
         workdir = Path(tempfile.mkdtemp(prefix="sidekey-standalone-"))
         stack.callback(shutil.rmtree, workdir, True)
         procs = stack.enter_context(Processes(workdir / "logs"))
-        up_port, ngx_port, lean_port, sk_port = free_port(), free_port(), free_port(), free_port()
+        up_port, ngx_port, lean_port, sk_port, base_port = (free_port(), free_port(), free_port(), free_port(),
+                                                            free_port())
         procs.start("upstream", [*procstats.pin_prefix(load_core), *nginx.command(nginx.upstream_config(workdir, up_port))])
         ngx = procs.start("nginx", [*procstats.pin_prefix(proxy_core), *nginx.command(
             nginx.proxy_config(workdir, ngx_port, up_port, up_port, KEY))])
@@ -114,20 +119,33 @@ def measure(reps: int, seconds: float, conns: int) -> None:
                                     str(lean_port), str(up_port), str(up_port), KEY], env=env)
         sk = procs.start("sidekey", [*procstats.pin_prefix(proxy_core), sys.executable, "-m", "bench.standalone",
                                      "serve", str(sk_port), str(up_port), str(up_port)], env=env)
-        deadline = time.monotonic() + 30
-        token = ""
-        while time.monotonic() < deadline and not token and sk.popen.poll() is None:
-            time.sleep(0.1)
-            token = next((line for line in sk.log.read_text().splitlines() if line.startswith("ey")), "")
-        if not token:
-            raise SystemExit("the standalone sidecar did not start; see its log")
+        started = [sk]
+        if baseline:
+            base = procs.start("sidekey-before", [
+                *procstats.pin_prefix(proxy_core), sys.executable, "-m", "bench.standalone", "serve",
+                str(base_port), str(up_port), str(up_port)], env={**env, "PYTHONPATH": str(Path(baseline).resolve())})
+            started.append(base)
+        tokens = []
+        for proc in started:
+            deadline = time.monotonic() + 30
+            token = ""
+            while time.monotonic() < deadline and not token and proc.popen.poll() is None:
+                time.sleep(0.1)
+                token = next((line for line in proc.log.read_text().splitlines() if line.startswith("ey")), "")
+            if not token:
+                raise SystemExit("the standalone sidecar did not start; see its log")
+            tokens.append(token)
         arms = {"direct": (f"http://127.0.0.1:{up_port}/v1/chat/completions", []),
                 "nginx": (f"http://127.0.0.1:{ngx_port}/bench/v1/chat/completions",
                           procstats.children(ngx.popen.pid) or [ngx.popen.pid]),
                 "llhttp-floor": (f"http://127.0.0.1:{lean_port}/bench/v1/chat/completions", [lean.popen.pid]),
                 "sidekey": (f"http://127.0.0.1:{sk_port}/bench/v1/chat/completions", [sk.popen.pid])}
-        for url, _ in arms.values():
-            loads.wrk(url, connections=conns, seconds=1, core=load_core, token=token)
+        tokens_of = dict.fromkeys(arms, tokens[0])
+        if baseline:
+            arms["sidekey-before"] = (f"http://127.0.0.1:{base_port}/bench/v1/chat/completions", [started[1].popen.pid])
+            tokens_of["sidekey-before"] = tokens[1]
+        for arm, (url, _) in arms.items():
+            loads.wrk(url, connections=conns, seconds=1, core=load_core, token=tokens_of[arm])
         cpu: dict[str, list[float]] = {a: [] for a in arms}
         rps: dict[str, list[float]] = {a: [] for a in arms}
         names = list(arms)
@@ -136,7 +154,7 @@ def measure(reps: int, seconds: float, conns: int) -> None:
             for arm in order:
                 url, pids = arms[arm]
                 before = procstats.cpu_seconds(pids) if pids else 0.0
-                r = loads.wrk(url, connections=conns, seconds=seconds, core=load_core, token=token)
+                r = loads.wrk(url, connections=conns, seconds=seconds, core=load_core, token=tokens_of[arm])
                 if pids:
                     cpu[arm].append((procstats.cpu_seconds(pids) - before) / r.requests * 1e6)
                 rps[arm].append(r.rps)
@@ -156,5 +174,6 @@ if __name__ == "__main__":
         p.add_argument("--reps", type=int, default=3)
         p.add_argument("--seconds", type=float, default=4)
         p.add_argument("--conns", type=int, default=16)
+        p.add_argument("--baseline", help="a directory holding another copy of the package as sidekey/")
         a = p.parse_args()
-        measure(a.reps, a.seconds, a.conns)
+        measure(a.reps, a.seconds, a.conns, a.baseline)

@@ -28,7 +28,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final, Protocol
 
 from sidekey.core import httpclient, logs, tokens
@@ -126,7 +126,7 @@ class Proxy:
 
     async def listen(self, host: str, port: int) -> listener.Listener:
         """The agent-facing listener on ``host:port`` (0: any free port), serving this proxy."""
-        server = listener.Listener(self.handle)
+        server = listener.Listener(self.handle, self.fast)
         await server.start(host, port)
         return server
 
@@ -135,6 +135,12 @@ class Proxy:
         await self.session.close()
 
     async def handle(self, request: listener.Request, conn: listener.AgentConnection) -> None:
+        started, record, reply = self._begin(request, conn)
+        await self._run(request, conn, reply, record, started, self._handle(request, conn, reply, record))
+
+    def _begin(
+        self, request: listener.Request, conn: listener.AgentConnection
+    ) -> tuple[float, auditing.AuditRecord, listener.Reply]:
         started = time.perf_counter()
         self.in_flight += 1
         record: auditing.AuditRecord = {
@@ -146,11 +152,22 @@ class Proxy:
             "method": request.method,
             "path": auditing.redacted(request.target),
         }
-        reply = listener.Reply(conn, request)
+        return started, record, listener.Reply(conn, request)
+
+    async def _run(
+        self,
+        request: listener.Request,
+        conn: listener.AgentConnection,
+        reply: listener.Reply,
+        record: auditing.AuditRecord,
+        started: float,
+        work: Coroutine[Any, Any, int],
+    ) -> None:
+        """Await the request's work; whatever happens, one audit line and one count."""
         status = 500
         try:
             try:
-                status = await self._handle(request, conn, reply, record)
+                status = await work
             except refusals.Refusal as refusal:
                 status = self._refuse(reply, record, refusal)
                 if request.has_body and not request.body.eof:
@@ -182,13 +199,16 @@ class Proxy:
                 status = 499
             raise
         finally:
-            elapsed = time.perf_counter() - started
-            self.in_flight -= 1
-            record["status"] = status
-            record["duration_ms"] = round(elapsed * 1000, 3)
-            record["time"] = self._now()
-            self._audit.write(record)
-            self._count(record["upstream"] or "", request.method, status, record.get("decision", "error"), elapsed)
+            self._finish(request, record, started, status)
+
+    def _finish(self, request: listener.Request, record: auditing.AuditRecord, started: float, status: int) -> None:
+        elapsed = time.perf_counter() - started
+        self.in_flight -= 1
+        record["status"] = status
+        record["duration_ms"] = round(elapsed * 1000, 3)
+        record["time"] = self._now()
+        self._audit.write(record)
+        self._count(record["upstream"] or "", request.method, status, record.get("decision", "error"), elapsed)
 
     def _refuse(self, reply: listener.Reply, record: auditing.AuditRecord, refusal: refusals.Refusal) -> int:
         if refusal.decision is not None:
@@ -219,6 +239,84 @@ class Proxy:
             if len(self._histograms) < 1024:
                 self._histograms[key] = child
         return child
+
+    # --- the fast path -------------------------------------------------------------------
+
+    def fast(
+        self, request: listener.Request, conn: listener.AgentConnection
+    ) -> listener.Exchange | Coroutine[Any, Any, None] | None:
+        """Serve from callbacks a request that needs no waiting: the listener's fast handler.
+
+        Taken when the body has fully arrived and is small, the token is in the cache, and
+        (after the decision) the route's key is static, it is no LLM upstream and an idle
+        pooled connection is there: then the request is written upstream here and the
+        answer relayed from the upstream protocol's callbacks (``_FastExchange``), with no
+        task and no future. The checks and their order are ``_handle``'s; a request that
+        fails one before the decision is left to ``handle`` (None: nothing was done yet),
+        one that needs waiting after it goes on as a coroutine from the decision on.
+        """
+        if self.hooks or request.chunked or request.expect is not None or not self._token_cache:
+            return None
+        length = request.content_length
+        if length is not None and length > SMALL_BODY:
+            return None
+        validator = self._validator()
+        if validator is None or not self._ready():
+            return None
+        try:
+            target = paths.parse(request.target)
+        except paths.PathError:
+            return None
+        token = headers.caller_token(request.authorization, request.token_header)
+        if token is None:
+            return None
+        identity = validator.cached(token)
+        if identity is None:
+            return None
+        started, record, reply = self._begin(request, conn)
+        try:
+            record["service_account"] = identity.service_account
+            try:
+                route = decision.authorise(target, identity, self._table(), request.method, length)
+            except refusals.Refusal as refusal:
+                if isinstance(refusal, refusals.RateLimited):
+                    metrics.RATE_LIMITED.labels(refusal.upstream or "").inc()
+                status = self._refuse(reply, record, refusal)
+                self._finish(request, record, started, status)
+                conn.finished(request)
+                return _ANSWERED
+            record["upstream"] = route.name
+            record["decision"] = "allowed"
+            record["reason"] = "ok"
+            cred = route.credential
+            assert cred is not None  # authorise refused a route without one
+            up_conn = None
+            if route.upstream.llm is None and cred.oauth is None:
+                up_conn = self.pool.idle_connection(route)
+            if up_conn is None:
+                return self._run(request, conn, reply, record, started,
+                                 self._forward(request, conn, reply, route, identity, target, record))
+            body = request.body.take() if request.has_body else b""
+            record["bytes_in"] = len(body)
+            lines = headers.forward(request.headers, request.connection, route.strip)
+            lines.extend(cred.headers)
+            data = _upstream_request(request.method, route, target, lines, body, length)
+            timeout = route.timeout.sock_read or float(route.upstream.limits.timeout_seconds)
+            exchange = _FastExchange(self, request, conn, reply, record, started, route, cred.scrubber,
+                                     up_conn, data, timeout)
+            up_conn.send(data, head_method=request.method == "HEAD", timeout=timeout, watcher=exchange)
+            return exchange
+        except Exception as exc:  # a bug costs this request a 500, never the audit line
+            log.error("request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
+            if reply.started:
+                conn.abort()
+                status = reply.status
+            else:
+                status = self._refuse(reply, record, refusals.Internal(
+                    "internal_error", "the sidecar failed on this request; see its logs"))
+            self._finish(request, record, started, status)
+            conn.finished(request)
+            return _ANSWERED
 
     # --- the decision --------------------------------------------------------------------
 
@@ -345,34 +443,32 @@ class Proxy:
             scrubber = cred.oauth.scrubber
         else:
             lines.extend(cred.headers)
-        query = target.query
-        if cred.query is not None:
-            name, value = cred.query
-            query = headers.without_param(query, name)
-            query = f"{query}&{name}={value}" if query else f"{name}={value}"
-        path = up.base_path + target.path
-        if query:
-            path = f"{path}?{query}"
-        host = f"[{up.host}]" if ":" in up.host else up.host
-        if up.port != (443 if up.scheme == "https" else 80):
-            host = f"{host}:{up.port}"
-        head = [f"{request.method} {path or '/'} HTTP/1.1\r\nHost: {host}\r\n"]
-        head.extend(f"{k}: {v}\r\n" for k, v in lines)
-        head.append("Accept-Encoding: identity\r\n")
         streamed_body = body is None
-        if streamed_body:
-            head.append(f"Content-Length: {length}\r\n\r\n" if length is not None else "Transfer-Encoding: chunked\r\n\r\n")
-        elif body or request.method in ("POST", "PUT", "PATCH"):
-            head.append(f"Content-Length: {len(body or b'')}\r\n\r\n")
-        else:
-            head.append("\r\n")
-        data = "".join(head).encode("utf-8", "surrogateescape")
-        if body:
-            data += body
-        # --- the exchange
+        data = _upstream_request(request.method, route, target, lines, body, length)
         timeout = route.timeout.sock_read or float(up.limits.timeout_seconds)
+        return await self._exchange(request, conn, reply, route, data, timeout, streamed_body, length,
+                                    scrubber, chunk_hooks, record, exchange)
+
+    async def _exchange(
+        self,
+        request: listener.Request,
+        conn: listener.AgentConnection,
+        reply: listener.Reply,
+        route: routes.Route,
+        data: bytes,
+        read_timeout: float,
+        streamed_body: bool,
+        length: int | None,
+        scrubber: scrubbing.Scrubber,
+        chunk_hooks: list[ChunkHook],
+        record: auditing.AuditRecord,
+        exchange: llmexchange.Exchange | None,
+        *,
+        fresh: bool = False,
+    ) -> int:
+        """Send the request, relay the answer; a stale pooled connection is retried once."""
         started = time.perf_counter()
-        up_conn = await self._send(route, data, request, timeout)
+        up_conn = await self._send(route, data, request, read_timeout, fresh=fresh)
         try:
             if streamed_body:
                 await self._upload(request, route, up_conn, length is None, record)
@@ -384,7 +480,7 @@ class Proxy:
                 if streamed_body or not up_conn.reused or up_conn.received_any:
                     raise
                 up_conn.abandon()
-                up_conn = await self._send(route, data, request, timeout, fresh=True)
+                up_conn = await self._send(route, data, request, read_timeout, fresh=True)
                 await up_conn.head()
             self._histogram(metrics.UPSTREAM_DURATION, route.name).observe(time.perf_counter() - started)
             status = await self._respond(request, conn, reply, up_conn, scrubber, chunk_hooks, record, exchange)
@@ -466,24 +562,7 @@ class Proxy:
         record: auditing.AuditRecord,
         exchange: llmexchange.Exchange | None = None,
     ) -> int:
-        status = up_conn.status
-        codings = decoding.codings(v.decode("latin-1") for v in up_conn.codings)
-        decoder: decoding.Decoder | None = None
-        if codings:
-            if len(codings) > 1 or codings[0] not in decoding.DECODABLE:
-                encoding = ", ".join(codings)
-                raise upstream.Unacceptable(
-                    f"the upstream answered with Content-Encoding {encoding!r} although the "
-                    "sidecar asked for identity; such a body cannot be checked for the key"
-                )
-            decoder = decoding.Decoder()
-        block = headers.response_head(
-            up_conn.headers, headers.DECODED_DROP if decoder is not None else headers.RESPONSE_DROP, scrubber
-        )
-        # upstreams echo keys in the reason phrase too ("401 Invalid key sk-...")
-        reason = scrubber.scrub(up_conn.reason) if up_conn.reason else listener.reason_phrase(status)
-        length = up_conn.content_length
-        sse = _EVENT_STREAM in block.lower()
+        status, reason, block, decoder, length, sse = _response_head(up_conn, scrubber)
         if exchange is not None:
             llm_hook = exchange.response(status, sse)
             if llm_hook is not None:
@@ -567,6 +646,275 @@ class Proxy:
         reply.whole(status, block, body, reason)
         record["bytes_out"] = len(body)
         return status
+
+
+def _upstream_request(
+    method: str,
+    route: routes.Route,
+    target: paths.Target,
+    lines: list[tuple[str, str]],
+    body: bytes | None,
+    length: int | None,
+) -> bytes:
+    """The request head for the upstream (and ``body``; None: the body is streamed after)."""
+    up = route.upstream
+    cred = route.credential
+    assert cred is not None
+    query = target.query
+    if cred.query is not None:
+        name, value = cred.query
+        query = headers.without_param(query, name)
+        query = f"{query}&{name}={value}" if query else f"{name}={value}"
+    path = up.base_path + target.path
+    if query:
+        path = f"{path}?{query}"
+    host = f"[{up.host}]" if ":" in up.host else up.host
+    if up.port != (443 if up.scheme == "https" else 80):
+        host = f"{host}:{up.port}"
+    head = [f"{method} {path or '/'} HTTP/1.1\r\nHost: {host}\r\n"]
+    head.extend(f"{k}: {v}\r\n" for k, v in lines)
+    head.append("Accept-Encoding: identity\r\n")
+    if body is None:
+        head.append(f"Content-Length: {length}\r\n\r\n" if length is not None else "Transfer-Encoding: chunked\r\n\r\n")
+    elif body or method in ("POST", "PUT", "PATCH"):
+        head.append(f"Content-Length: {len(body)}\r\n\r\n")
+    else:
+        head.append("\r\n")
+    data = "".join(head).encode("utf-8", "surrogateescape")
+    if body:
+        data += body
+    return data
+
+
+def _response_head(
+    up_conn: upstream.UpstreamConnection, scrubber: scrubbing.Scrubber
+) -> tuple[int, bytes, bytes, decoding.Decoder | None, int | None, bool]:
+    """The answer's status, reason, header block for the agent, decoder, length and whether SSE."""
+    status = up_conn.status
+    decoder: decoding.Decoder | None = None
+    if up_conn.codings:
+        codings = decoding.codings(v.decode("latin-1") for v in up_conn.codings)
+        if codings:
+            if len(codings) > 1 or codings[0] not in decoding.DECODABLE:
+                encoding = ", ".join(codings)
+                raise upstream.Unacceptable(
+                    f"the upstream answered with Content-Encoding {encoding!r} although the "
+                    "sidecar asked for identity; such a body cannot be checked for the key"
+                )
+            decoder = decoding.Decoder()
+    block = headers.response_head(
+        up_conn.headers, headers.DECODED_DROP if decoder is not None else headers.RESPONSE_DROP, scrubber
+    )
+    # upstreams echo keys in the reason phrase too ("401 Invalid key sk-...")
+    reason = scrubber.scrub(up_conn.reason) if up_conn.reason else listener.reason_phrase(status)
+    return status, reason, block, decoder, up_conn.content_length, _EVENT_STREAM in block.lower()
+
+
+class _Answered:
+    """What ``Proxy.fast`` returns for a request it answered at once (a refusal)."""
+
+    def lost(self) -> None:
+        pass
+
+
+_ANSWERED: Final = _Answered()
+
+_HEAD, _WHOLE, _STREAM = 0, 1, 2
+
+
+class _FastExchange:
+    """One request on the fast path, followed from the upstream protocol's callbacks.
+
+    It does what ``Proxy._exchange`` and ``_respond`` do for a request without
+    hooks or an LLM step, in the same order and with the same outcomes (the
+    tests in tests/proxy and tests/attacks run both paths): the answer's head
+    is checked and scrubbed when it is parsed, the body relayed to the agent as
+    it arrives (a small one leaves with the head in one send), the pooled
+    connection released and the audit line written when it ends. A stale pooled
+    connection that fails before any answer is retried once on a new one, in a
+    task, as the slow path does.
+    """
+
+    __slots__ = (
+        "_block", "_conn", "_data", "_decoder", "_ended", "_parts", "_phase", "_proxy", "_reason", "_record",
+        "_relay", "_reply", "_request", "_route", "_scrubber", "_sent_at", "_sse", "_started", "_status",
+        "_task", "_timeout", "_up",
+    )
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        request: listener.Request,
+        conn: listener.AgentConnection,
+        reply: listener.Reply,
+        record: auditing.AuditRecord,
+        started: float,
+        route: routes.Route,
+        scrubber: scrubbing.Scrubber,
+        up: upstream.UpstreamConnection,
+        data: bytes,
+        timeout: float,
+    ) -> None:
+        self._proxy = proxy
+        self._request = request
+        self._conn = conn
+        self._reply = reply
+        self._record = record
+        self._started = started
+        self._route = route
+        self._scrubber = scrubber
+        self._up = up
+        self._data = data
+        self._timeout = timeout
+        self._sent_at = time.perf_counter()
+        self._phase = _HEAD
+        self._status = 0
+        self._reason = b""
+        self._block = b""
+        self._decoder: decoding.Decoder | None = None
+        self._parts: list[bytes] = []
+        self._relay: _Relay | None = None
+        self._sse = False
+        self._task: asyncio.Task[None] | None = None
+        self._ended = False
+
+    # --- upstream.Watcher ---------------------------------------------------------------
+
+    def head_ready(self) -> None:
+        try:
+            self._head_ready()
+        except upstream.UpstreamError:
+            raise
+        except Exception as exc:
+            log.error("request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
+            raise upstream.Broken("the relay failed") from None
+
+    def _head_ready(self) -> None:
+        up = self._up
+        proxy = self._proxy
+        proxy._histogram(metrics.UPSTREAM_DURATION, self._route.name).observe(time.perf_counter() - self._sent_at)
+        status, reason, block, decoder, length, sse = _response_head(up, self._scrubber)
+        self._status = status
+        if decoder is not None and length is not None and length <= SMALL_BODY:
+            # a small compressed body: read whole, decoded, scrubbed, sent with its new length
+            self._decoder, self._reason, self._block = decoder, reason, block
+            self._phase = _WHOLE
+            up.set_sink(self._parts.append)
+            return
+        reply = self._reply
+        relay = _Relay(reply, up, self._scrubber.stream(), decoder, [])
+        if length is None or length > SMALL_BODY or decoder is not None:
+            self._record["streamed"] = True
+        reply.start(status, reason, block, length if decoder is None else None)
+        conn = self._conn
+        conn.on_pause, conn.on_resume = up.pause, up.resume
+        if conn.write_paused:
+            up.pause()
+        self._relay, self._sse, self._phase = relay, sse, _STREAM
+        up.set_sink(relay.feed)
+
+    def fed(self) -> None:
+        if self._phase == _STREAM:
+            self._reply.uncork()  # a stream: the head now, then every chunk as it is read
+
+    def done(self) -> None:
+        reply, record = self._reply, self._record
+        if self._phase == _WHOLE:
+            decoder = self._decoder
+            assert decoder is not None
+            try:
+                data = decoder.feed(b"".join(self._parts)) + decoder.flush()
+            except decoding.DecodeError:
+                self.failed(upstream.Unacceptable("the upstream sent a corrupt or oversized compressed body"))
+                return
+            body = self._scrubber.scrub(data)
+            reply.whole(self._status, self._block, body, self._reason)
+            record["bytes_out"] = len(body)
+        else:
+            relay = self._relay
+            assert relay is not None
+            try:
+                relay.finish()
+            except upstream.UpstreamError as exc:
+                # as in the slow path: the status is gone, the agent sees a cut response
+                self._up.abandon()
+                record["reason"] = exc.reason
+                self._conn.abort()
+                self._complete(reply.status)
+                return
+            reply.end()
+            record["bytes_out"] = reply.sent
+        self._up.release()
+        self._complete(self._status)
+
+    def failed(self, exc: upstream.UpstreamError) -> None:
+        up = self._up
+        if self._phase == _HEAD and isinstance(exc, upstream.Broken) and up.reused and not up.received_any:
+            # a pooled connection the upstream closed while it sat idle: once more on a new one
+            up.abandon()
+            self._task = asyncio.get_running_loop().create_task(self._retry())
+            return
+        up.abandon()
+        if self._phase == _STREAM and not self._reply.discard():
+            # the status is gone: end the connection so the agent sees a cut stream,
+            # not a clean end of a truncated body
+            self._record["reason"] = "upstream_broke_stream"
+            self._record["bytes_out"] = self._reply.sent
+            log.info("upstream stream broke: %s", type(exc).__name__)
+            self._conn.abort()
+            self._complete(self._status)
+            return
+        # nothing reached the agent yet: it gets a clean 502 (504 for a timeout)
+        proxy = self._proxy
+        self._complete(proxy._refuse(self._reply, self._record, proxy._failure(self._route, exc)))
+
+    # --- listener.Exchange ------------------------------------------------------------------
+
+    def lost(self) -> None:
+        """The agent left before the answer was done: audited as the slow path's cancellation."""
+        if self._task is not None:
+            self._task.cancel()  # the retry's _run audits it
+            return
+        if self._ended:
+            return
+        record = self._record
+        if self._phase == _STREAM:
+            relay = self._relay
+            if self._sse and relay is not None and relay.final:
+                record["reason"] = "stream_complete"
+            record["bytes_out"] = self._reply.sent
+        self._up.abandon()
+        record.setdefault("decision", "allowed")
+        if record.get("reason") == "stream_complete":
+            status = self._reply.status  # the agent closed after the final event: a completed stream
+            record["reason"] = "ok"
+        else:
+            record["reason"] = "client_disconnected"
+            status = 499
+        self._ended = True
+        self._proxy._finish(self._request, record, self._started, status)
+
+    # --- the end ------------------------------------------------------------------------------
+
+    def _complete(self, status: int) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._proxy._finish(self._request, self._record, self._started, status)
+        self._conn.finished(self._request)
+
+    async def _retry(self) -> None:
+        proxy, request, conn = self._proxy, self._request, self._conn
+        self._ended = True  # from here _run writes the audit line
+        scrubber = self._scrubber
+        try:
+            await proxy._run(request, conn, self._reply, self._record, self._started, proxy._exchange(
+                request, conn, self._reply, self._route, self._data, self._timeout, False, None,
+                scrubber, [], self._record, None, fresh=True))
+        except asyncio.CancelledError:
+            conn.close()
+            return
+        conn.finished(request)
 
 
 class _Relay:

@@ -11,11 +11,14 @@ what llhttp allows but a proxy in front of a credential must not: a second
 answered ``400`` (or ``414``/``431``) and the connection closed; nothing
 raises out of the protocol.
 
-Each connection runs one task that serves its requests in order
-(pipelining), so a response is never interleaved with another. A request
-body is buffered up to a bound and then reading from the agent pauses until
-the handler takes it (back-pressure); the handler's writes pause the
-upstream read when the agent reads slowly (``pause_writing``).
+A connection serves its requests one after another (pipelining), so a
+response is never interleaved with another. Requests are dispatched at the
+end of each read: first to the ``fast`` handler, which may take a request
+whose body is complete and serve it from callbacks alone (no task; it calls
+``finished()`` at the end), else to the handler, run in a task per request.
+A request body is buffered up to a bound and then reading from the agent
+pauses until the handler takes it (back-pressure); the handler's writes
+pause the upstream read when the agent reads slowly (``pause_writing``).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Final
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, Protocol
 
 import httptools
 
@@ -125,6 +128,13 @@ class Body:
             self._conn.resume_reading()
         return chunk
 
+    def take(self) -> bytes:
+        """The whole body of a request that has fully arrived (``eof`` and not ``broken``)."""
+        assert self.eof and not self.broken
+        data = b"".join(self._chunks)
+        self.discard()
+        return data
+
     async def read_all(self) -> bytes:
         parts = []
         while chunk := await self.read():
@@ -167,20 +177,35 @@ class Request:
         return self.chunked or bool(self.content_length)
 
 
-Handler = Callable[[Request, "AgentConnection"], Awaitable[None]]
+Handler = Callable[[Request, "AgentConnection"], Coroutine[Any, Any, None]]
+
+
+class Exchange(Protocol):
+    """A request served from callbacks (the fast path); told when the agent leaves mid-way."""
+
+    def lost(self) -> None: ...
+
+
+#: Takes a request whose body has fully arrived and returns the Exchange serving it from
+#: callbacks (it calls ``conn.finished(request)`` at its end, perhaps at once), a coroutine
+#: to run as the handler would be, or None to leave the request to the handler.
+FastHandler = Callable[[Request, "AgentConnection"], "Exchange | Coroutine[Any, Any, None] | None"]
 
 
 class AgentConnection(asyncio.Protocol):
     """One agent connection: parses requests and serves them one after another."""
 
-    def __init__(self, handler: Handler, server: Listener) -> None:
+    def __init__(self, handler: Handler, server: Listener, fast: FastHandler | None = None) -> None:
         self._handler = handler
+        self._fast = fast
         self._server = server
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self._queue: collections.deque[Request | Malformed] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False  # closed or aborted by this side: nothing more is served
         self._task: asyncio.Task[None] | None = None
+        self._exchange: Exchange | None = None  # a request served from callbacks
+        self._dispatching = False
         self._current: Request | None = None  # being parsed
         self._url: list[bytes] = []
         self._header_bytes = 0
@@ -203,7 +228,6 @@ class AgentConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self._server.connections.add(self)
-        self._task = asyncio.get_running_loop().create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
         if self._stop_reading:
@@ -220,6 +244,8 @@ class AgentConnection(asyncio.Protocol):
             self._malformed(error if isinstance(error, Malformed) else Malformed(400, "malformed request"))
         except httptools.HttpParserError as exc:
             self._malformed(Malformed(400, f"malformed request: {exc}"))
+        if self._queue and not self.busy and not self._ended:
+            self._next()  # after the whole read: a small request's body has arrived with its head
 
     def eof_received(self) -> bool | None:
         # The agent closed its side. Like aiohttp (and most servers), that is an agent that
@@ -234,11 +260,12 @@ class AgentConnection(asyncio.Protocol):
         for item in self._queue:
             if isinstance(item, Request):
                 item.body._wake()
-        if self._task is not None and not self._task.done():
-            if self.busy:
+        if self.busy:
+            if self._task is not None and not self._task.done():
                 self._task.cancel()  # the handler audits a client disconnect
-            else:
-                self._wake()
+            exchange, self._exchange = self._exchange, None
+            if exchange is not None:
+                exchange.lost()  # likewise, from callbacks
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("the agent closed the connection"))
             self._drain.exception()  # retrieved: no "never retrieved" noise if nobody waits
@@ -324,7 +351,6 @@ class AgentConnection(asyncio.Protocol):
         self._queue.append(req)
         if len(self._queue) > 1 or self.busy:
             self.pause_reading()  # pipelined: one request ahead is enough
-        self._wake()
 
     def on_body(self, body: bytes) -> None:
         if self._current is not None:
@@ -346,12 +372,6 @@ class AgentConnection(asyncio.Protocol):
                 # the head was read, the body broke (bad chunk framing): the handler sees a short body
                 self._current = None
         self._queue.append(error)
-        self._wake()
-
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self.closed:
@@ -363,43 +383,71 @@ class AgentConnection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
 
-    async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _next(self) -> None:
+        """Serve the queued requests, one at a time, as long as each ends at once."""
+        if self._dispatching:
+            return  # a request that ended at once, inside the loop below
+        self._dispatching = True
         try:
-            while True:
-                while not self._queue:
-                    if self.closed or self._stop_reading or self._server.draining:
-                        return
-                    self._waiter = loop.create_future()
-                    try:
-                        await self._waiter
-                    finally:
-                        self._waiter = None
+            while not self.busy and self._queue and not self._ended:
                 item = self._queue.popleft()
                 if isinstance(item, Malformed):
                     self.answer_malformed(item)
+                    self.close()
                     return
                 if not self._queue and not item.body.paused:
                     # paused while a previous request was answered (pipelining): this one's
                     # body may still be on its way
                     self.resume_reading()
                 self.busy = True
-                try:
-                    await self._handler(item, self)
-                finally:
-                    self.busy = False
-                    self.on_pause = self.on_resume = None
-                if self.closed or not item.keep_alive or self._server.draining:
-                    return
-                if not item.body.eof:
-                    return  # a body the handler did not take: its framing is unknown from here
-                item.body.discard()
+                self._start(item)
+        finally:
+            self._dispatching = False
+
+    def _start(self, item: Request) -> None:
+        work: Exchange | Coroutine[Any, Any, None] | None = None
+        body = item.body
+        if self._fast is not None and body.eof and not body.broken and not self._server.draining:
+            try:
+                work = self._fast(item, self)
+            except Exception as exc:  # a bug must cost one connection, never the listener
+                log.error("connection failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
+                self.close()
+                return
+        if work is None:
+            work = self._handler(item, self)
+        if isinstance(work, Coroutine):
+            self._task = asyncio.get_running_loop().create_task(self._run(item, work))
+        elif self.busy:  # not finished at once
+            self._exchange = work
+
+    async def _run(self, item: Request, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
         except asyncio.CancelledError:
-            pass  # the agent left while a request was handled; the handler audited it
+            self.close()  # the agent left while the request was handled; the handler audited it
+            return
         except Exception as exc:  # a bug must cost one connection, never the listener
             log.error("connection failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
-        finally:
             self.close()
+            return
+        self._task = None
+        self.finished(item)
+
+    def finished(self, item: Request) -> None:
+        """The response to ``item`` has been written (or the connection given up): serve the next."""
+        self.busy = False
+        self._exchange = None
+        self.on_pause = self.on_resume = None
+        if self.closed or not item.keep_alive or self._server.draining or not item.body.eof:
+            # not kept alive; or a body the handler did not take: its framing is unknown from here
+            self.close()
+            return
+        item.body.discard()
+        if not self._queue and self._stop_reading:
+            self.close()  # after an upgrade or an error nothing more is read
+            return
+        self._next()
 
     def answer_malformed(self, error: Malformed) -> None:
         import json
@@ -427,11 +475,13 @@ class AgentConnection(asyncio.Protocol):
             self._drain = None
 
     def close(self) -> None:
+        self._ended = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     def abort(self) -> None:
         """End the connection without a clean end: the agent sees a cut response."""
+        self._ended = True
         if self.transport is not None:
             self.transport.abort()
         self._stop_reading = True
@@ -533,8 +583,9 @@ class Reply:
 class Listener:
     """The listening socket and its connections, with a drain for SIGTERM."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, fast: FastHandler | None = None) -> None:
         self._handler = handler
+        self._fast = fast
         self.connections: set[AgentConnection] = set()
         self.draining = False
         self._server: asyncio.Server | None = None
@@ -546,7 +597,7 @@ class Listener:
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: AgentConnection(self._handler, self), host, port, reuse_address=True, backlog=1024
+            lambda: AgentConnection(self._handler, self, self._fast), host, port, reuse_address=True, backlog=1024
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._sweep = loop.call_later(IDLE_SECONDS / 5, self._close_idle)
@@ -574,7 +625,7 @@ class Listener:
         self._gone = asyncio.Event()
         for conn in list(self.connections):
             if conn.idle:
-                conn._wake()  # its task sees the drain and closes it
+                conn.close()
         if self.connections:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(seconds):

@@ -26,7 +26,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 import httptools
 
@@ -82,6 +82,25 @@ class Unacceptable(UpstreamError):
 Origin = tuple[str, str, int, int]  # scheme, host, port, id of the TLS context
 
 
+class Watcher(Protocol):
+    """Follows an exchange from the protocol's callbacks, instead of futures (the fast path).
+
+    ``head_ready`` runs inside the parser's callback and may set the sink; raising an
+    ``UpstreamError`` there fails the exchange. ``fed`` runs after each read that did not
+    end the exchange; ``done`` after the read that ended it, outside the parser, so the
+    connection may go back to the pool (and carry the next exchange) from within it.
+    ``failed`` is called at most once, and never after ``done``.
+    """
+
+    def head_ready(self) -> None: ...
+
+    def fed(self) -> None: ...
+
+    def done(self) -> None: ...
+
+    def failed(self, exc: UpstreamError) -> None: ...
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One connection to an upstream; one exchange at a time."""
 
@@ -97,6 +116,10 @@ class UpstreamConnection(asyncio.Protocol):
         # --- the exchange in progress
         self._head: asyncio.Future[None] | None = None
         self._done: asyncio.Future[None] | None = None
+        self._watcher: Watcher | None = None
+        self._done_pending = False  # the watcher's exchange ended in the read being parsed
+        self._active = False  # an exchange was started and the connection not released since
+        self._got_head = False
         self._head_method = False
         self._in_head = False
         self._info = False  # a 1xx response is being skipped
@@ -130,7 +153,7 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._last = self._loop.time()
         self.received_any = True
-        if self._head is None:  # nothing asked: an idle connection that talks is broken
+        if not self._active:  # nothing asked: an idle connection that talks is broken
             self._close()
             return
         try:
@@ -142,13 +165,26 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(Broken(f"an unparsable response ({type(exc).__name__})"))
             self._close()
+        watcher = self._watcher
+        if watcher is not None:
+            if self._done_pending:
+                self._done_pending = False
+                self._watcher = None
+                watcher.done()  # may reuse this connection: nothing of it is touched after
+            else:
+                watcher.fed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._pool.forget(self)
-        if self._head is not None and not self.complete:
-            if self._until_close and self._head.done():
+        if self._active and not self.complete:
+            if self._until_close and self._got_head:
                 self._finish()  # a body delimited by the end of the connection
+                watcher = self._watcher
+                if watcher is not None:
+                    self._done_pending = False
+                    self._watcher = None
+                    watcher.done()
             else:
                 self._fail(Broken("the upstream closed the connection"))
         d = self._drain
@@ -208,12 +244,19 @@ class UpstreamConnection(asyncio.Protocol):
             self._info = True  # 100 Continue, 103 Early Hints: skipped, the final answer follows
             return
         self.status = status
+        self._got_head = True
         self._until_close = (
             not self.chunked and self.content_length is None and not self._head_method and status not in (204, 304)
         )
         head = self._head
         if head is not None and not head.done():
             head.set_result(None)
+        watcher = self._watcher
+        if watcher is not None:
+            try:
+                watcher.head_ready()
+            except UpstreamError as exc:
+                raise self._stash(exc) from None
         if self._head_method:
             # llhttp cannot be told the answer is to HEAD; the head is the whole message
             self._parser = httptools.HttpResponseParser(self)
@@ -246,11 +289,22 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- the exchange -------------------------------------------------------------------------
 
-    def send(self, data: bytes, *, head_method: bool, timeout: float) -> None:
-        """Start an exchange: ``data`` is the request head (and a small body)."""
+    def send(self, data: bytes, *, head_method: bool, timeout: float, watcher: Watcher | None = None) -> None:
+        """Start an exchange: ``data`` is the request head (and a small body).
+
+        Without a ``watcher`` the exchange is followed by ``head()`` and ``relay()``'s
+        futures; with one, by its callbacks (no future, no task wake-up).
+        """
         assert self.transport is not None
-        self._head = self._loop.create_future()
-        self._done = self._loop.create_future()
+        if watcher is None:
+            self._head = self._loop.create_future()
+            self._done = self._loop.create_future()
+        else:
+            self._head = self._done = None
+        self._watcher = watcher
+        self._done_pending = False
+        self._active = True
+        self._got_head = False
         self._head_method = head_method
         self.complete = False
         self.received_any = False
@@ -287,6 +341,10 @@ class UpstreamConnection(asyncio.Protocol):
         assert self._head is not None
         await self._head
 
+    def set_sink(self, sink: Callable[[bytes], None]) -> None:
+        """The watcher's ``head_ready``: the body goes to ``sink`` as it is parsed."""
+        self._sink = sink
+
     def relay(self, sink: Callable[[bytes], None]) -> asyncio.Future[None]:
         """Hand the body to ``sink`` from now on; the future ends with the body (or its failure)."""
         assert self._done is not None
@@ -314,7 +372,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def check_timeout(self, now: float) -> None:
         """Called by the pool's sweep: fail the exchange after ``timeout`` seconds of silence."""
-        if self.complete or self.closed or self._head is None:
+        if self.complete or self.closed or not self._active:
             return
         if self.read_paused:
             self._last = now  # the agent is slow, not the upstream
@@ -328,6 +386,8 @@ class UpstreamConnection(asyncio.Protocol):
         done = self._done
         if done is not None and not done.done():
             done.set_result(None)
+        if self._watcher is not None:
+            self._done_pending = True  # told at the end of the read (data_received)
 
     def _fail(self, exc: UpstreamError) -> None:
         self.complete = True
@@ -337,6 +397,12 @@ class UpstreamConnection(asyncio.Protocol):
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
                 fut.exception()  # marked retrieved: the waiter may already be gone
+        watcher = self._watcher
+        if watcher is not None and not self._done_pending:
+            # after a complete answer the failure (bytes nobody asked for) only ends the
+            # connection: done() still comes, and release() drops it
+            self._watcher = None
+            watcher.failed(exc)
 
     def _close(self) -> None:
         self.keep_alive = False
@@ -347,6 +413,8 @@ class UpstreamConnection(asyncio.Protocol):
         """The exchange will not be finished (the agent left, or a failure): drop the connection."""
         self.complete = True
         self._sink = None
+        self._watcher = None
+        self._done_pending = False
         self._close()
 
     def release(self) -> None:
@@ -354,6 +422,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.complete and self.keep_alive and not self.closed and self.sink_error is None:
             self._head = self._done = None
             self._sink = None
+            self._watcher = None
+            self._active = False
             self._pool.put(self)
         else:
             self.abandon()
@@ -395,12 +465,11 @@ class Pool:
         if self._busy:
             self._sweep = loop.call_later(self.SWEEP_SECONDS, self._sweep_busy)
 
-    async def acquire(self, route: routes.Route, *, fresh: bool = False) -> UpstreamConnection:
-        """An idle connection to the route's origin, or (``fresh``, or none idle) a new one."""
+    def idle_connection(self, route: routes.Route) -> UpstreamConnection | None:
+        """An idle pooled connection to the route's origin, if one is fit to reuse (no I/O)."""
         up = route.upstream
         ctx = route.ssl if isinstance(route.ssl, ssl.SSLContext) else None
-        origin: Origin = (up.scheme, up.host, up.port, id(ctx))
-        idle = None if fresh else self._idle.get(origin)
+        idle = self._idle.get((up.scheme, up.host, up.port, id(ctx)))
         if idle:
             now = time.monotonic()
             while idle:
@@ -409,6 +478,17 @@ class Pool:
                     conn.reused = True
                     return conn
                 conn.abandon()
+        return None
+
+    async def acquire(self, route: routes.Route, *, fresh: bool = False) -> UpstreamConnection:
+        """An idle connection to the route's origin, or (``fresh``, or none idle) a new one."""
+        if not fresh:
+            conn = self.idle_connection(route)
+            if conn is not None:
+                return conn
+        up = route.upstream
+        ctx = route.ssl if isinstance(route.ssl, ssl.SSLContext) else None
+        origin: Origin = (up.scheme, up.host, up.port, id(ctx))
         timeout = route.timeout.sock_connect or routes.CONNECT_TIMEOUT
         try:
             async with asyncio.timeout(timeout):
