@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from prometheus_client import Counter, Gauge
-
 from sidekey.core import llmpolicy
 from sidekey.proxy import metrics
+from sidekey.proxy.metrictypes import Counter, Gauge
 
 MAX_MODELS: Final = 32
 
