@@ -36,6 +36,15 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def rfc3339_in(seconds: float) -> str:
+    """The time ``seconds`` from now, rounded up to the second: a message saying
+    when something ends never names a moment before it does."""
+    at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+    if at.microsecond:
+        at = at.replace(microsecond=0) + datetime.timedelta(seconds=1)
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def existing(status: Mapping[str, Any] | None) -> dict[str, kubeobjects.Condition]:
     """The conditions currently on an object, by type; malformed entries are ignored."""
     found: dict[str, kubeobjects.Condition] = {}

@@ -128,6 +128,9 @@ class Controller:
         self._granted: dict[Key, frozenset[str]] = {}
         #: Held pods that went, by uid: (when the reconcile first missed them, the pod).
         self._gone: dict[str, tuple[float, exposure.ExposedPod]] = {}
+        #: Per policy an earlier instance reconciled, the restart grace: (its end on
+        #: the monotonic clock, the same as RFC 3339 for the condition).
+        self._restart_grace: dict[Key, tuple[float, str]] = {}
         self._token_cache = token_cache_seconds
         #: Set once kopf delivers events, i.e. its indexes are filled.
         self.handling = asyncio.Event()
@@ -160,6 +163,7 @@ class Controller:
             self._ready.pop((namespace, name), None)
             self._held.pop((namespace, name), None)
             self._granted.pop((namespace, name), None)
+            self._restart_grace.pop((namespace, name), None)
             self._update_gauge()
         else:
             self.queue.add((namespace, name))
@@ -246,13 +250,18 @@ class Controller:
         self._held[key] = {p.uid: p for p in verdict.held_pods}
         self._granted[key] = verdict.granted
         self._update_gauge()
+        due: list[float] = []  # monotonic times the hold may end with no event announcing it
         settling = [p for p in verdict.held_pods if p.deleted]
         if settling:
             # Nothing announces that the apiserver's token cache has expired: look again then.
             # A pod another policy's reconcile forgot meanwhile (its TTL passed) is due now.
             since = min((self._gone[p.uid][0] for p in settling if p.uid in self._gone),
                         default=time.monotonic() - self._token_cache)
-            self.queue.add_after(key, max(0.1, since + self._token_cache - time.monotonic()))
+            due.append(since + self._token_cache)
+        if verdict.waiting:  # nor that a restart's grace is over
+            due.append(self._restart_grace.get(key, (time.monotonic(), ""))[0])
+        if due:
+            self.queue.add_after(key, max(0.1, min(due) - time.monotonic()))
         if rbac_changed and verdict.policy is not None:
             p = verdict.policy
             granted = ", ".join(sorted(verdict.granted)) or "none (every grant is held back)"
@@ -283,17 +292,20 @@ class Controller:
         lost = verdicts.conflicts(parsed, self._policies(parsed.namespace))
         lookups = {s: await self._lookup(parsed.namespace, s) for s in sorted(parsed.secret_names)}
         secrets = verdicts.secrets_resolved(parsed, lookups)
-        exposed = await self._exposed_pods(parsed, await self._bound(parsed))
-        held = verdicts.hold(parsed, self._with_recently_gone(parsed, exposed))
+        bound = await self._bound(parsed)
+        exposed = await self._exposed_pods(parsed, bound or frozenset())
+        restart = self._restart_wait(raw, parsed, bound)
+        held = verdicts.hold(parsed, self._with_recently_gone(parsed, exposed), restart)
         problem, changed = await self._ensure_rbac(parsed, held.granted)
         return verdicts.judge(parsed, lost, secrets, problem, held), changed
 
-    async def _bound(self, policy: policies.AgentPolicy) -> frozenset[str]:
-        """The accounts this policy's RoleBinding names now (read, so a restart knows)."""
+    async def _bound(self, policy: policies.AgentPolicy) -> frozenset[str] | None:
+        """The accounts this policy's RoleBinding names now (read, so a restart knows);
+        None when the policy has no RoleBinding of its own."""
         current = await self._api.get(rest.role_binding_path(policy.namespace,
                                                              rbac.object_name(policy.name)))
         if current is None or not rbac.owned_by(current, policy.uid):
-            return frozenset()
+            return None
         return frozenset(str(s.get("name")) for s in current.get("subjects") or []
                          if isinstance(s, Mapping) and s.get("kind") == "ServiceAccount")
 
@@ -344,6 +356,39 @@ class Controller:
         if secret is None:
             return verdicts.Missing(name)
         return secret_keys(name, secret)
+
+    def _restart_wait(self, raw: Mapping[str, Any], policy: policies.AgentPolicy,
+                      bound: frozenset[str] | None) -> verdicts.RestartWait | None:
+        """The restart grace of this policy, while it lasts (``verdicts.RestartWait``).
+
+        ``_gone`` remembers the held pods that went only in this process. So
+        until a reconcile of the policy has completed here (its held pods are
+        then in ``_held``, and their deletion is seen), and for
+        ``TOKEN_CACHE_SECONDS`` after the pod listing of that reconcile, an
+        account the RoleBinding does not name is not granted: a held pod deleted
+        before that listing, unseen, may still have a token the apiserver
+        accepts from its cache. Counting from the listing rather than the
+        process start also covers a pod deleted after the start but before the
+        policy's first reconcile. Only a policy that an operator reconciled
+        before gets the grace (``verdicts.reconciled_before``): for a new one,
+        nothing was held, so nothing was forgotten. No state is kept outside
+        the process, so neither a crash nor an upgrade can lose it.
+        """
+        key = (policy.namespace, policy.name)
+        now = time.monotonic()
+        if key not in self._held:  # not reconciled in this process yet: (re)start the grace
+            if verdicts.reconciled_before(raw, bound is not None):
+                self._restart_grace[key] = (now + self._token_cache,
+                                            conditions.rfc3339_in(self._token_cache))
+            else:
+                self._restart_grace.pop(key, None)
+        grace = self._restart_grace.get(key)
+        if grace is None:
+            return None
+        if now >= grace[0]:
+            del self._restart_grace[key]
+            return None
+        return verdicts.RestartWait(bound=bound or frozenset(), until=grace[1])
 
     def _with_recently_gone(self, policy: policies.AgentPolicy,
                             exposed: dict[str, list[exposure.ExposedPod]]

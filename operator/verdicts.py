@@ -49,6 +49,8 @@ class Verdict:
     retry: bool = False  # look again with backoff: the fix would come unannounced
     #: The pods holding a subject's grant back (empty: every subject is granted).
     held_pods: tuple[exposure.ExposedPod, ...] = ()
+    #: Accounts whose new grant waits out a restarted operator's grace (``RestartWait``).
+    waiting: frozenset[str] = frozenset()
 
     @property
     def ready(self) -> conditions.Wanted:
@@ -59,7 +61,8 @@ class Verdict:
         """The subject accounts the RoleBinding names."""
         if self.policy is None:
             return frozenset()
-        return self.policy.service_accounts - {p.service_account for p in self.held_pods}
+        return (self.policy.service_accounts - {p.service_account for p in self.held_pods}
+                - self.waiting)
 
 
 def parse(raw: Mapping[str, Any]) -> policies.AgentPolicy | policies.PolicyError:
@@ -179,26 +182,62 @@ class Hold:
     granted: frozenset[str]
     pods: tuple[exposure.ExposedPod, ...]
     condition: conditions.Wanted
+    #: Accounts held back by a restarted operator's grace alone (``RestartWait``).
+    waiting: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class RestartWait:
+    """This operator instance has not watched the policy's pods long enough to
+    know that none of them went moments ago: the accounts the RoleBinding does
+    not name yet (``bound`` is what it names) wait until ``until`` (RFC 3339).
+
+    The memory of held pods that went (``exposure.TOKEN_CACHE_SECONDS``) lives
+    in the process: an operator that restarts right after such a pod is
+    deleted does not know it, and would grant while the apiserver still
+    accepts a token copied from that pod. Accounts already bound stay bound:
+    nothing is taken away by a restart.
+    """
+
+    bound: frozenset[str]
+    until: str
+
+
+def reconciled_before(raw: Mapping[str, Any], has_binding: bool) -> bool:
+    """Whether an operator has reconciled this policy before: it wrote conditions
+    or the policy's RoleBinding. Only then can an earlier instance have held a
+    pod back whose deletion this one did not see; a policy no operator has
+    looked at yet gets its grants at once."""
+    return has_binding or bool(conditions.existing(raw.get("status")))
 
 
 def hold(policy: policies.AgentPolicy,
-         exposed: Mapping[str, Sequence[exposure.ExposedPod]]) -> Hold:
+         exposed: Mapping[str, Sequence[exposure.ExposedPod]],
+         restart: RestartWait | None = None) -> Hold:
     """Grant each subject account unless one of its pods holds an API token outside
     the sidecar (or a legacy token Secret of it exists, which any pod may mount):
     that pod would read the Secrets the moment the account is bound.
 
     The grant follows once those pods (and Secrets) are gone (deleted, or pods
     recreated injected); the pod and Secret watches bring the reconcile back.
+    After a restart (``restart``), an account not bound yet also waits for the
+    grace to end; a timer brings the reconcile back then.
     """
     pods = tuple(sorted((p for sa in sorted(policy.service_accounts) for p in exposed.get(sa, ())),
                         key=lambda p: (p.service_account, p.name)))
     held = frozenset(p.service_account for p in pods)
-    granted = frozenset(policy.service_accounts) - held
-    if not pods:
+    waiting = (frozenset(policy.service_accounts) - restart.bound - held if restart is not None
+               else frozenset[str]())
+    granted = frozenset(policy.service_accounts) - held - waiting
+    if not pods and not waiting:
         return Hold(granted, (), conditions.Wanted(
             conditions.SUBJECTS_GRANTED, "True", "Granted",
             f"service account{'s' if len(granted) != 1 else ''} {', '.join(sorted(granted))} "
             "may read the policy's Secrets"))
+    wait = _restart_message(waiting, restart.until) if restart is not None and waiting else ""
+    if not pods:
+        return Hold(granted, (), conditions.Wanted(
+            conditions.SUBJECTS_GRANTED, "False", "OperatorRestarted", wait), waiting)
     named = [_held_pod(p) for p in pods[:MAX_PODS_NAMED]]
     more = f" and {len(pods) - MAX_PODS_NAMED} more" if len(pods) > MAX_PODS_NAMED else ""
     accounts = ", ".join(sorted(held))
@@ -211,8 +250,22 @@ def hold(policy: policies.AgentPolicy,
         f"{'; '.join(named)}{more} {'holds' if one else 'hold'} an API "
         "token outside the sidekey sidecar, which would read the policy's Secrets once granted. "
         f"{fix}, and the grant follows")
+    if wait:
+        message += f". And {wait[0].lower()}{wait[1:]}"
     reason = "LegacyTokenSecrets" if all(p.secret for p in pods) else "UninjectedPods"
-    return Hold(granted, pods, conditions.Wanted(conditions.SUBJECTS_GRANTED, "False", reason, message))
+    return Hold(granted, pods, conditions.Wanted(conditions.SUBJECTS_GRANTED, "False", reason, message),
+                waiting)
+
+
+def _restart_message(waiting: frozenset[str], until: str) -> str:
+    one = len(waiting) == 1
+    return (
+        f"the grant to service account{'' if one else 's'} {', '.join(sorted(waiting))} waits "
+        f"until {until}: the operator restarted, and what the earlier instance knew of deleted "
+        f"pods went with it. A pod of {'this account' if one else 'these accounts'} that held an "
+        "API token outside the sidekey sidecar may have been deleted moments before, and the "
+        "apiserver accepts a token copied from such a pod for up to 10 s after it is gone. "
+        "Nothing to do: the grant follows then")
 
 
 def _held_pod(pod: exposure.ExposedPod) -> str:
@@ -269,7 +322,7 @@ def judge(policy: policies.AgentPolicy, lost: Sequence[policies.Conflict],
         ready = conditions.Wanted(conditions.READY, "False", "Conflict", conflict_message(lost))
     elif rbac_problem is not None:
         ready = conditions.Wanted(conditions.READY, "False", rbac_problem[0], rbac_problem[1])
-    elif held.pods:
+    elif held.pods or held.waiting:
         ready = conditions.Wanted(conditions.READY, "False", "GrantHeld", held.condition.message)
     elif secrets.status != "True":
         ready = conditions.Wanted(conditions.READY, "False", "SecretsUnresolved", secrets.message)
@@ -283,4 +336,4 @@ def judge(policy: policies.AgentPolicy, lost: Sequence[policies.Conflict],
     warning = default_subject(policy)
     wanted = (secrets, held.condition, *((warning,) if warning else ()), ready)
     return Verdict(policy=policy, upstream_count=count, wanted=wanted, grants=True,
-                   retry=retry, held_pods=held.pods)
+                   retry=retry, held_pods=held.pods, waiting=held.waiting)

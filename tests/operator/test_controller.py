@@ -372,3 +372,93 @@ async def test_a_legacy_token_secret_of_the_subject_holds_the_grant_back_until_i
     ctl.attach(Index(api.objects[POLICY_PATH]))
     await ctl.reconcile(("team", "agents"))
     assert [s["name"] for s in api.objects[BINDING_PATH]["subjects"]] == ["agent"]
+
+
+# --- after an operator restart ---------------------------------------------------------------
+
+
+def _restarted(api: FakeApi, stats: metrics.Metrics | None = None) -> controller.Controller:
+    """A new operator process on the same apiserver: nothing in memory, the policy as served."""
+    ctl = controller.Controller(api, recording.Recorder(api), stats or metrics.Metrics(),  # type: ignore[arg-type]
+                                token_cache_seconds=60)
+    ctl.attach(Index(api.objects[POLICY_PATH]))
+    return ctl
+
+
+async def test_a_restart_right_after_a_held_pod_went_does_not_grant_before_the_token_cache_expires(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The held pod goes and the operator restarts at once: the new instance never
+    # saw the pod, and the apiserver may still accept a token copied from it. Before
+    # the grace, it granted in its first reconcile.
+    real, offset = time.monotonic, [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: real() + offset[0])
+    api, old, _ = _setup(token_cache_seconds=60)
+    api.objects[PODS_PATH] = {"items": [BARE_POD], "metadata": {}}
+    await old.reconcile(("team", "agents"))
+    assert api.objects[BINDING_PATH]["subjects"] == []
+    api.objects[PODS_PATH] = {"items": [], "metadata": {}}  # deleted; then the restart
+
+    stats = metrics.Metrics()
+    ctl = _restarted(api, stats)
+    await ctl.reconcile(("team", "agents"))
+    assert api.objects[BINDING_PATH]["subjects"] == []
+    held = next(c for c in _status(api)["conditions"] if c["type"] == "SubjectsGranted")
+    assert (held["status"], held["reason"]) == ("False", "OperatorRestarted")
+    assert "service account agent waits until" in held["message"] and "restarted" in held["message"]
+    ready = next(c for c in _status(api)["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "GrantHeld")
+    assert "restarted" in _events(api)["GrantHeld"]["message"]
+    assert stats.registry.get_sample_value("sidekey_operator_blocked_subject_pods") == 0  # no pod known
+    assert ctl.queue.depth == 1  # a timer brings the reconcile back when the grace ends
+
+    offset[0] += 30  # still within the grace: another reconcile grants nothing
+    ctl.attach(Index(api.objects[POLICY_PATH]))
+    await ctl.reconcile(("team", "agents"))
+    assert api.objects[BINDING_PATH]["subjects"] == []
+    offset[0] += 31
+    ctl.attach(Index(api.objects[POLICY_PATH]))
+    await ctl.reconcile(("team", "agents"))
+    assert [s["name"] for s in api.objects[BINDING_PATH]["subjects"]] == ["agent"]
+    assert next(c for c in _status(api)["conditions"] if c["type"] == "Ready")["status"] == "True"
+    assert "GrantReleased" in _events(api)
+
+
+async def test_the_restart_grace_counts_from_the_policys_first_listing_not_the_process_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pod deleted after the new instance started but before it first listed the
+    # policy's pods was never seen either.
+    real, offset = time.monotonic, [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: real() + offset[0])
+    api, old, _ = _setup(token_cache_seconds=60)
+    api.objects[PODS_PATH] = {"items": [BARE_POD], "metadata": {}}
+    await old.reconcile(("team", "agents"))
+    ctl = _restarted(api)
+    offset[0] += 120  # long after the start; the pod goes only now
+    api.objects[PODS_PATH] = {"items": [], "metadata": {}}
+    await ctl.reconcile(("team", "agents"))
+    assert api.objects[BINDING_PATH]["subjects"] == []
+
+
+async def test_after_a_restart_accounts_already_bound_keep_their_grant_and_new_policies_get_theirs_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real, offset = time.monotonic, [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: real() + offset[0])
+    api, old, _ = _setup(token_cache_seconds=60)
+    await old.reconcile(("team", "agents"))
+    assert [s["name"] for s in api.objects[BINDING_PATH]["subjects"]] == ["agent"]
+    ctl = _restarted(api)
+    api.calls.clear()
+    await ctl.reconcile(("team", "agents"))
+    assert [s["name"] for s in api.objects[BINDING_PATH]["subjects"]] == ["agent"]
+    assert all(method == "GET" for method, _ in api.calls), api.calls  # nothing changed
+    assert ctl.queue.depth == 0
+
+    # a policy no operator reconciled before: nothing was held, so nothing waits
+    fresh = policy("fresh", "team", service_accounts=("newcomer",))
+    fresh["metadata"].update(uid="u3", generation=1, creationTimestamp="2026-01-03T00:00:00Z")
+    fresh_path = POLICY_PATH.replace("/agents", "/fresh")
+    api.objects[fresh_path] = fresh
+    ctl.attach(Index(api.objects[POLICY_PATH], fresh))
+    await ctl.reconcile(("team", "fresh"))
+    binding = api.objects[BINDING_PATH.replace("-agents", "-fresh")]
+    assert [s["name"] for s in binding["subjects"]] == ["newcomer"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 from typing import Any
 
 from sidekey.core import policies
@@ -188,3 +189,51 @@ def test_a_policy_naming_default_gets_a_warning_condition() -> None:
     assert "'default'" in warning.message and "serviceAccountName" in warning.message
     other = _parsed(service_accounts=("agent",))
     assert "DefaultSubject" not in {w.type for w in verdicts.judge(other, [], ok, None).wanted}
+
+
+# --- after an operator restart ---------------------------------------------------------------
+
+
+def test_after_a_restart_only_accounts_not_bound_yet_wait_and_the_condition_says_until_when() -> None:
+    p = _parsed(service_accounts=("agent", "late", "new"))
+    wait = verdicts.RestartWait(bound=frozenset({"agent"}), until="2026-12-01T22:40:05Z")
+    held = verdicts.hold(p, {}, wait)
+    assert held.granted == {"agent"} and held.waiting == {"late", "new"} and held.pods == ()
+    c = held.condition
+    assert (c.type, c.status, c.reason) == ("SubjectsGranted", "False", "OperatorRestarted")
+    assert "late, new" in c.message and "until 2026-12-01T22:40:05Z" in c.message
+    assert "restarted" in c.message
+    ok = verdicts.secrets_resolved(p, {"openai": _keys("openai", {"api-key"})})
+    verdict = verdicts.judge(p, [], ok, None, held)
+    assert (verdict.ready.status, verdict.ready.reason) == ("False", "GrantHeld")
+    assert verdict.ready.message == c.message
+    assert verdict.granted == {"agent"} and verdict.waiting == {"late", "new"}
+    # every account bound already: a restart takes nothing away, and says nothing
+    every = verdicts.hold(p, {}, verdicts.RestartWait(frozenset({"agent", "late", "new"}), "x"))
+    assert every.granted == {"agent", "late", "new"} and every.condition.status == "True"
+
+
+def test_after_a_restart_a_held_pod_still_names_itself_and_the_wait_is_added() -> None:
+    p = _parsed(service_accounts=("agent", "late", "new"))
+    held = verdicts.hold(p, {"late": [_exposed("bare", "late")]},
+                         verdicts.RestartWait(frozenset({"agent"}), "2026-12-01T22:40:05Z"))
+    assert held.granted == {"agent"} and held.waiting == {"new"}  # late is held by its pod
+    c = held.condition
+    assert c.reason == "UninjectedPods" and "bare" in c.message
+    assert "service account new waits until 2026-12-01T22:40:05Z" in c.message
+
+
+def test_only_a_policy_an_operator_reconciled_before_gets_the_restart_grace() -> None:
+    assert not verdicts.reconciled_before(_raw(), has_binding=False)  # new: grants at once
+    assert verdicts.reconciled_before(_raw(), has_binding=True)
+    status = {"conditions": [{"type": "Ready", "status": "False", "reason": "GrantHeld"}]}
+    assert verdicts.reconciled_before({**_raw(), "status": status}, has_binding=False)
+    assert not verdicts.reconciled_before({**_raw(), "status": {"conditions": "junk"}}, has_binding=False)
+
+
+def test_the_end_of_a_wait_is_named_rounded_up_to_the_second() -> None:
+    before = datetime.datetime.now(datetime.UTC)
+    named = datetime.datetime.strptime(conditions.rfc3339_in(15.0), "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=datetime.UTC)
+    assert before + datetime.timedelta(seconds=15) <= named  # truncating would name a moment before
+    assert named <= before + datetime.timedelta(seconds=17)
