@@ -49,6 +49,13 @@ IDLE_SECONDS: Final = 30.0
 #: Reading pauses while this much of a streamed body waits for its reader.
 PAUSE_ABOVE: Final = 256 * 1024
 
+class _ClientDefault:
+    """Stands for "the client's own read timeout" in a call's arguments."""
+
+
+#: A call's ``read_timeout`` when not given: the one the Client was made with.
+CLIENT_DEFAULT: Final = _ClientDefault()
+
 #: ``resolve(host, port)``: the addresses to try, in order; raises OSError to refuse.
 Resolve = Callable[[str, int], Awaitable[list[str]]]
 _Key = tuple[str, str, int, int]  # scheme, host, port, id of the TLS context
@@ -312,7 +319,7 @@ class Client:
         headers: Iterable[tuple[str, str]] = (),
         body: bytes | None = None,
         tls: ssl.SSLContext | None = None,
-        read_timeout: float | None = READ_TIMEOUT,
+        read_timeout: float | _ClientDefault | None = CLIENT_DEFAULT,
         limit: int = MAX_BODY,
     ) -> Response:
         """One exchange, its body read whole (at most ``limit`` bytes)."""
@@ -329,11 +336,15 @@ class Client:
         headers: Iterable[tuple[str, str]] = (),
         body: bytes | None = None,
         tls: ssl.SSLContext | None = None,
-        read_timeout: float | None = READ_TIMEOUT,
+        read_timeout: float | _ClientDefault | None = CLIENT_DEFAULT,
     ) -> AsyncIterator[Stream]:
-        """One exchange whose body is read as it arrives; the connection is reused only if it was read to the end."""
+        """One exchange whose body is read as it arrives; the connection is reused only if it was read to the end.
+
+        ``read_timeout`` is the longest silence allowed (None: no limit), the client's own unless given.
+        """
         if self._closed:
-            raise RuntimeError("the HTTP client is closed")
+            raise HttpError("the HTTP client is closed")
+        silence = self.read_timeout if isinstance(read_timeout, _ClientDefault) else read_timeout
         scheme, host, port, target, authority = _split(url)
         ctx = (tls or self._tls or _default_context()) if scheme == "https" else None
         data = _head(method, target, authority, headers, body)
@@ -341,10 +352,10 @@ class Client:
             await self._slots.acquire()
         conn: _Connection | None = None
         try:
-            conn = await self._exchange((scheme, host, port, id(ctx)), host, port, ctx, data, read_timeout)
+            conn = await self._exchange((scheme, host, port, id(ctx)), host, port, ctx, data, silence)
             if conn.headers.get("content-encoding", "identity").lower() != "identity":
                 raise HttpError(f"the answer is {conn.headers['content-encoding'][:32]!r}-encoded; identity was asked for")
-            yield Stream(conn, read_timeout)
+            yield Stream(conn, silence)
             if conn.reusable:
                 self._put(conn)
                 conn = None
