@@ -260,10 +260,10 @@ class OAuthClient:
         try:
             # no redirects: the client follows none (the secret must not travel on)
             resp = await http.request("POST", self.token_url, headers=headers, body=urlencode(form).encode(),
-                                      tls=self.context, read_timeout=OAUTH_TIMEOUT, limit=OAUTH_MAX_ANSWER_BYTES)
+                                      tls=self.context, limit=OAUTH_MAX_ANSWER_BYTES)
         except httpclient.BodyTooLarge:
             raise CredentialError("the OAuth2 token endpoint's answer is too large for a token", 502) from None
-        except (httpclient.HttpError, TimeoutError, OSError) as exc:
+        except (httpclient.HttpError, TimeoutError, OSError, ValueError) as exc:
             raise CredentialError(
                 f"the OAuth2 token endpoint is unreachable ({type(exc).__name__})", 502
             ) from None
