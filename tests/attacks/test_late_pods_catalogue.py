@@ -12,7 +12,10 @@ and the policy's condition and a Warning Event must name the pod. Once the
 pod is gone, the grant follows.
 
 On the code before the hold (the operator bound every subject at once) the
-first GET answers 200 with the key.
+first GET answers 200 with the key. The last case crashes the operator right
+after a held pod is deleted and starts it again: the new instance never saw
+the pod, and on the code before its restart grace it granted at once, while
+the apiserver still accepted the deleted pod's token from its cache.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -267,3 +271,77 @@ def test_a_legacy_token_secret_of_an_account_holds_its_grant_back(
     cluster.kubectl("delete", "secret", "keeper-token", "-n", team)
     wait_for("the grant once the legacy token is gone", lambda: (c := condition(
         get(cluster, "agentpolicy", "openai", team), "SubjectsGranted")) and c["status"] == "True", 40)
+
+
+def _restart(cluster: Any, operator: RunningOperator, workdir: Path) -> None:
+    """Crash the operator (SIGKILL: nothing flushed, nothing handed over) and start it
+    again at once, in the fixture's place, so the module's teardown stops the new one."""
+    operator.process.kill()
+    operator.process.wait()
+    new = start_operator(cluster, workdir, "--sidecar-image", manifests.DEFAULT_SIDECAR_IMAGE,
+                         namespace=operator.namespace)
+    for field in ("process", "log", "health_port", "metrics_port", "args"):
+        setattr(operator, field, getattr(new, field))
+
+
+def _bound(cluster: Any, ns: str) -> list[str]:
+    binding = get(cluster, "rolebinding", "sidekey-policy-openai", ns) or {}
+    return sorted(s["name"] for s in binding.get("subjects") or [])
+
+
+def test_an_operator_restarted_right_after_a_held_pod_went_does_not_grant_before_its_token_expires(
+        cluster: Any, operator: RunningOperator, team: str, tmp_path: Path) -> None:
+    token = _pod_token(cluster, team, "late-pod", "late")
+    policy = _name(cluster, team, ["agent", "late"])
+    held = condition(policy, "SubjectsGranted")
+    assert held is not None and (held["status"], held["reason"]) == ("False", "UninjectedPods")
+    first_log = operator.log
+
+    # The token authenticates (and the apiserver caches that) but may not read the
+    # Secret. Then the pod goes and, at once, the operator crashes and comes back.
+    assert _read_secret(cluster, token, team) == 403
+    cluster.kubectl("delete", "pod", "late-pod", "-n", team, "--wait=true", "--grace-period=0",
+                    "--force")
+    gone = time.monotonic()
+    _restart(cluster, operator, tmp_path)
+
+    def rewritten() -> dict[str, Any] | None:
+        # The old instance wrote UninjectedPods (the pod, then the pod deleted); anything
+        # else is the new instance's first reconcile.
+        p = get(cluster, "agentpolicy", "openai", team)
+        c = condition(p, "SubjectsGranted")
+        return p if c is not None and c["reason"] != "UninjectedPods" else None
+
+    policy = wait_for("the restarted operator's first reconcile", rewritten, 10)
+    assert time.monotonic() - gone < 14, "the restart took too long for this case to test anything"
+    code = _read_secret(cluster, token, team)  # 200 on the operator before the restart grace
+    assert code in (401, 403), f"the deleted pod's token read the key ({code}) after the restart"
+    assert "late" not in _bound(cluster, team), "the restarted operator granted at once"
+    held = condition(policy, "SubjectsGranted")
+    assert held is not None and (held["status"], held["reason"]) == ("False", "OperatorRestarted")
+    assert "service account late waits until" in held["message"] and "restarted" in held["message"]
+    ready = condition(policy, "Ready")
+    assert ready is not None and (ready["status"], ready["reason"]) == ("False", "GrantHeld")
+    assert _bound(cluster, team) == ["agent"]  # what was bound stays bound
+
+    # Until the apiserver's cache has let go of the pod's token (10 s after the
+    # deletion, and the hold's margin), the account stays unbound...
+    while time.monotonic() - gone < 14.5:
+        assert "late" not in _bound(cluster, team), \
+            f"late granted {time.monotonic() - gone:.1f} s after its held pod went"
+        assert _read_secret(cluster, token, team) in (401, 403), "the deleted pod's token read the key"
+        time.sleep(0.5)
+    # ...and then the grant follows, with no event to announce it (a timer).
+    wait_for("the grant after the grace", lambda: (c := condition(
+        get(cluster, "agentpolicy", "openai", team), "SubjectsGranted")) and c["status"] == "True", 30)
+    assert _bound(cluster, team) == ["agent", "late"]
+    fresh = cluster.token(team, "late", audience=cluster.issuer)
+    wait_for("late may read", lambda: _read_secret(cluster, fresh, team) == 200)
+    assert _read_secret(cluster, token, team) == 401  # the old pod's token died with it
+    warned = [e for e in _events(cluster, team, "GrantHeld") if "restarted" in e["message"]]
+    assert warned and warned[0]["type"] == "Warning"
+    assert _events(cluster, team, "GrantReleased")
+    seen = cluster.kubectl("get", "agentpolicy", "openai", "-n", team, "-o", "yaml") + \
+        cluster.kubectl("get", "events", "-n", team, "-o", "yaml") + \
+        first_log.read_text(errors="replace") + operator.output()
+    assert "sk-test-not-a-real-key" not in seen and token not in seen
