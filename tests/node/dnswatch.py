@@ -7,18 +7,49 @@ socket sees each UDP datagram to port 53 leaving any interface; the watch
 records the names asked for, so a test can check that none is the node's.
 Other users of the machine may resolve their own names meanwhile, so a test
 asserts on the names, not on silence.
+
+The kernel queues only UDP datagrams to port 53 on the socket (a classic BPF
+filter, as ``tcpdump 'udp dst port 53'`` compiles it): unfiltered, the
+socket's buffer overflowed under the machine's other loopback traffic and
+dropped the watch's own probe (one CI run).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 ETH_P_ALL = 0x0003
+SO_ATTACH_FILTER = 26
+
+#: ``udp dst port 53`` over Ethernet (IPv4 unfragmented, IPv6 without extension headers):
+#: (code, jt, jf, k), as ``tcpdump -dd`` prints it.
+UDP_DST_53 = (
+    (0x28, 0, 0, 12), (0x15, 0, 4, 0x86DD), (0x30, 0, 0, 20), (0x15, 0, 11, 17), (0x28, 0, 0, 56),
+    (0x15, 8, 9, 53), (0x15, 0, 8, 0x0800), (0x30, 0, 0, 23), (0x15, 0, 6, 17), (0x28, 0, 0, 20),
+    (0x45, 4, 0, 0x1FFF), (0xB1, 0, 0, 14), (0x48, 0, 0, 16), (0x15, 0, 1, 53), (0x06, 0, 0, 0x40000),
+    (0x06, 0, 0, 0),
+)
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _attach_dns_filter(sock: socket.socket) -> None:
+    program = (_SockFilter * len(UDP_DST_53))(*(_SockFilter(*ins) for ins in UDP_DST_53))
+    fprog = _SockFprog(len(UDP_DST_53), program)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))  # the kernel copies the program
 
 
 @dataclass
@@ -35,6 +66,15 @@ class DnsWatch:
 
     def names(self) -> list[str]:
         return [q.name for q in self.queries]
+
+    def wait_for(self, suffix: str, timeout: float = 5.0) -> bool:
+        """Whether a query for a name ending in ``suffix`` is seen within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(n.endswith(suffix) for n in self.names()):
+                return True
+            time.sleep(0.05)
+        return False
 
     def run(self, sock: socket.socket) -> None:
         while not self._stop.is_set():
@@ -80,6 +120,8 @@ def _qname(data: bytes) -> str:
 def watching() -> Iterator[DnsWatch]:
     """Record DNS queries until the block ends (needs root for the raw socket)."""
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    _attach_dns_filter(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.settimeout(0.2)
     watch = DnsWatch()
     thread = threading.Thread(target=watch.run, args=(sock,), daemon=True)

@@ -67,12 +67,12 @@ def test_a_bare_pod_with_a_local_image_runs_to_succeeded_and_its_logs_come_back(
     with dnswatch.watching() as watch:
         logs = node_cluster.kubectl("logs", "-n", node_namespace, "hello")
         dnswatch.probe_loopback(f"probe-{uuid.uuid4().hex[:6]}.sidekey-dnswatch.test")
-        time.sleep(0.5)
+        seen_probe = watch.wait_for(".sidekey-dnswatch.test")
     # The image says User 65532:65532, but the kubelet passes only the UID on
     # (the CRI's image status carries no group) and the image has no
     # /etc/group: the group is 0 unless the pod sets runAsGroup.
     assert logs.strip() == "hello from a real pod, uid 65532 gid 0"
-    assert any("sidekey-dnswatch.test" in n for n in watch.names()), "the DNS watch saw not even its own probe"
+    assert seen_probe, "the DNS watch saw not even its own probe"
     leaked = [q for q in watch.queries if node_name in q.name or "cluster.local" in q.name]
     assert not leaked, f"DNS queries for the node's names left through the host resolver: {leaked}"
 
@@ -100,6 +100,8 @@ def test_a_pull_goes_nowhere_but_a_closed_loopback_port(node_cluster: Any, node_
             waiting = [c["state"].get("waiting", {}) for c in status.get("containerStatuses", [])]
             message = waiting[0].get("message", "") if waiting else ""
             time.sleep(0.2)
+        dnswatch.probe_loopback(f"probe-{uuid.uuid4().hex[:6]}.sidekey-dnswatch.test")
+        assert watch.wait_for(".sidekey-dnswatch.test"), "the DNS watch saw not even its own probe"
     assert "127.0.0.1:9" in message, message
     assert not [q for q in watch.queries if "example.org" in q.name], watch.queries
 
