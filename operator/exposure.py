@@ -42,6 +42,20 @@ authentication for 10 seconds, so a token copied out of the pod authenticates
 for up to that long after the pod is gone. A held pod that goes therefore
 keeps holding the grant back for ``TOKEN_CACHE_SECONDS`` more.
 
+That memory lives in the operator's process, so a restart (crash, upgrade,
+rescheduling) would shorten it: the new instance never saw the pod, and the
+pod is no longer there to list. So an instance that has not yet watched a
+policy's pods for ``TOKEN_CACHE_SECONDS`` (counted from its first listing of
+them) grants no account the policy's RoleBinding does not name yet
+(``verdicts.RestartWait``, condition reason ``OperatorRestarted``). We chose
+that over persisting "held pod gone at T" (in the policy's status, say): it
+needs no state, so nothing can be lost or stale, no CRD field and no write
+per deletion; it costs a new grant at most ``TOKEN_CACHE_SECONDS`` after a
+restart, and only for a policy an operator reconciled before (a new policy
+had nothing held, so nothing to forget). Accounts already bound stay bound.
+The chart runs one instance (no leader election), so a restart is the only
+hand-over; an instance that never restarts never waits.
+
 A legacy token Secret of a subject account (``legacy_token``) holds the
 grant back the same way: any pod of the namespace can mount it.
 
