@@ -16,7 +16,8 @@ A miss (the first call with each rotated token) pays one signature check by
 joserfc's algorithm object and one strict read of the payload, little else:
 the token is split once and each segment decoded once, with joserfc's own
 strict base64url rules; the header, the same for every token a key signs, is
-checked once (joserfc's header rules included) and remembered; unchanged JWKs
+checked once (joserfc's header rules included) and remembered once a token
+with it was accepted; unchanged JWKs
 keep their imported keys across refreshes. The checks and their order are
 those of joserfc's ``deserialize_compact`` followed by the claims, which
 tests/core/test_tokens_joserfc_parity.py holds it to.
@@ -360,7 +361,8 @@ class Validator:
     A cache miss costs one signature check and one strict JSON read of the
     payload: the token is split once, each segment decoded once, and the header
     (the same for every token one key signs) is read and checked once per
-    distinct header and remembered, clean headers only, a few dozen at most.
+    distinct header, and remembered once a token with it was accepted (a few
+    dozen at most).
     """
 
     def __init__(
@@ -413,6 +415,7 @@ class Validator:
                     "use the projected token the kubelet writes for this pod",
                 )
         identity = self._verified(segments, header, key)
+        self._remember_header(segments[0], header)
         self._remember(token, identity)
         return identity
 
@@ -434,11 +437,16 @@ class Validator:
         header = self._headers.get(segments[0])
         if header is None:
             header = _read_header(segments[0])
-            if not header.flawed:
-                if len(self._headers) >= _HEADER_MEMO_SIZE:
-                    del self._headers[next(iter(self._headers))]
-                self._headers[segments[0]] = header
         return segments, header
+
+    def _remember_header(self, segment: str, header: _Header) -> None:
+        """Keep a header once a token with it was accepted: only headers the cluster's keys signed
+        are remembered, so refused tokens cannot crowd the legitimate ones out."""
+        if segment in self._headers:
+            return
+        if len(self._headers) >= _HEADER_MEMO_SIZE:
+            del self._headers[next(iter(self._headers))]
+        self._headers[segment] = header
 
     def _verified(self, segments: list[str], header: _Header, key: jwk.Key) -> Identity:
         """The signature by joserfc's algorithm object, then the claims (checked here, not by joserfc).

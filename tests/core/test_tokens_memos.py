@@ -12,9 +12,22 @@ from __future__ import annotations
 import json
 
 import pytest
+from joserfc import jwk
 
 from sidekey.core import tokens
-from tests.core.test_tokens import EC, RSA, RSA_2, STRANGER, b64, claims, make, public_jwks, sign, sign_raw
+from tests.core.test_tokens import (
+    EC,
+    NOW,
+    RSA,
+    RSA_2,
+    STRANGER,
+    b64,
+    claims,
+    make,
+    public_jwks,
+    sign,
+    sign_raw,
+)
 from tests.core.test_tokens_joserfc_parity import signed
 
 
@@ -76,11 +89,23 @@ async def test_a_key_back_in_the_jwks_validates_again() -> None:
 
 
 async def test_a_remembered_header_still_meets_the_key_type_check_every_time() -> None:
+    """The kid of a remembered RS256 header now names an EC key: the next token is refused."""
+    v, fetcher, _ = await make(RSA)
+    assert await v.validate(sign(claims()))
+    assert sign(claims()).split(".")[0] in v._headers
+    fetcher.document = public_jwks(jwk.ECKey.generate_key("P-256", parameters={"kid": "rsa-1", "alg": "ES256"}))
+    await v.keys.refresh()
+    assert await refused_with(v, sign(claims(jti="next"))) == "bad_algorithm"
+
+
+async def test_only_headers_of_accepted_tokens_are_remembered() -> None:
     v, _, _ = await make(RSA, EC)
-    token = sign(claims(), RSA, "RS256", kid="ec-1")
-    assert await refused_with(v, token) == "bad_algorithm"
-    assert token.split(".")[0] in v._headers  # the header alone is fine: it names an RS256 key id
-    assert await refused_with(v, sign(claims(jti="2"), RSA, "RS256", kid="ec-1")) == "bad_algorithm"
+    assert await refused_with(v, sign(claims(), STRANGER)) == "bad_signature"
+    assert await refused_with(v, sign(claims(), RSA, "RS256", kid="ec-1")) == "bad_algorithm"
+    assert await refused_with(v, sign(claims(exp=int(NOW) - 120, iat=int(NOW) - 200))) == "expired"
+    assert v._headers == {}
+    assert await v.validate(sign(claims()))
+    assert list(v._headers) == [sign(claims()).split(".")[0]]
 
 
 async def test_a_remembered_header_does_not_vouch_for_the_claims() -> None:
