@@ -371,8 +371,11 @@ class Controller:
         process start also covers a pod deleted after the start but before the
         policy's first reconcile. Only a policy that an operator reconciled
         before gets the grace (``verdicts.reconciled_before``): for a new one,
-        nothing was held, so nothing was forgotten. No state is kept outside
-        the process, so neither a crash nor an upgrade can lose it.
+        nothing was held, so nothing was forgotten. The grace is derived from
+        what a restart leaves (the policy's conditions, its RoleBinding) and
+        this process's clock: nothing stored that a crash or upgrade could lose.
+        A first reconcile that fails is not one: the next attempt starts the
+        grace again, since the pods that one listed were not remembered.
         """
         key = (policy.namespace, policy.name)
         now = time.monotonic()

@@ -261,10 +261,10 @@ def _restart_message(waiting: frozenset[str], until: str) -> str:
     one = len(waiting) == 1
     return (
         f"the grant to service account{'' if one else 's'} {', '.join(sorted(waiting))} waits "
-        f"until {until}: the operator restarted, and what the earlier instance knew of deleted "
-        f"pods went with it. A pod of {'this account' if one else 'these accounts'} that held an "
-        "API token outside the sidekey sidecar may have been deleted moments before, and the "
-        "apiserver accepts a token copied from such a pod for up to 10 s after it is gone. "
+        f"until {until}: the operator restarted and has only just begun to watch this policy's "
+        f"pods, so it cannot know whether a pod of {'this account' if one else 'these accounts'} "
+        "that held an API token outside the sidekey sidecar was deleted moments before (the "
+        "apiserver accepts a token copied from such a pod for up to 10 s after it is gone). "
         "Nothing to do: the grant follows then")
 
 

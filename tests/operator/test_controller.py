@@ -462,3 +462,24 @@ async def test_after_a_restart_accounts_already_bound_keep_their_grant_and_new_p
     await ctl.reconcile(("team", "fresh"))
     binding = api.objects[BINDING_PATH.replace("-agents", "-fresh")]
     assert [s["name"] for s in binding["subjects"]] == ["newcomer"]
+
+
+async def test_a_first_reconcile_that_fails_after_a_restart_starts_the_grace_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pods that failed run listed were never remembered (``_held``): one
+    # deleted after it is as unseen as one deleted before the restart.
+    real, offset = time.monotonic, [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: real() + offset[0])
+    api, old, _ = _setup(token_cache_seconds=60)
+    api.objects[PODS_PATH] = {"items": [BARE_POD], "metadata": {}}
+    await old.reconcile(("team", "agents"))
+    ctl = _restarted(api)
+    api.fail[("GET", ROLE_PATH)] = [kubeapi.ApiError(503, "ServiceUnavailable", "x")]
+    with pytest.raises(queueing.Retry):
+        await ctl.reconcile(("team", "agents"))  # listed the pod, remembered nothing
+    offset[0] += 61
+    api.objects[PODS_PATH] = {"items": [], "metadata": {}}  # the pod goes only now
+    await ctl.reconcile(("team", "agents"))
+    assert api.objects[BINDING_PATH]["subjects"] == []
+    held = next(c for c in _status(api)["conditions"] if c["type"] == "SubjectsGranted")
+    assert held["reason"] == "OperatorRestarted"
