@@ -58,7 +58,7 @@ def sweep_orphaned_etcd_dirs(root: Path) -> list[Path]:
     etcd has it on its command line. A dir younger than ``ORPHAN_MIN_AGE``
     is left alone, since another session may be about to start its etcd there.
     """
-    in_use = set()
+    in_use: set[bytes] = set()
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             in_use.update(arg for arg in cmdline.read_bytes().split(b"\0") if arg.startswith(b"--data-dir="))
