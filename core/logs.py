@@ -59,6 +59,10 @@ class AuditWriter:
     def write(self, record: Mapping[str, Any]) -> None:
         self._stream.write(self._dumps(record) + "\n")
 
+    def write_line(self, line: str) -> None:
+        """A line the caller encoded itself (one JSON object and its newline)."""
+        self._stream.write(line)
+
     def flush(self) -> None:
         with contextlib.suppress(OSError, ValueError):  # a closed stdout must not kill the sidecar
             self._stream.flush()

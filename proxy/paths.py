@@ -60,8 +60,27 @@ _FAST_PATH: Final = re.compile(r"^(?:/[A-Za-z0-9_~:@,=+-][A-Za-z0-9._~:@,=+-]*)+
 _FAST_QUERY: Final = re.compile(r"^[A-Za-z0-9._~!$'()*+,;=:@/?&-]*\Z")
 
 
+#: Targets parsed before: agents call the same few endpoints, and a Target is immutable.
+#: Only short targets are kept, and the cache is emptied when full, so it stays small.
+_PARSED: Final[dict[str, Target]] = {}
+_PARSED_MAX: Final = 1024
+_PARSED_LONGEST: Final = 256
+
+
 def parse(raw_target: str) -> Target:
     """Split and check a raw request target such as ``/openai/v1/chat/completions?x=1``."""
+    target = _PARSED.get(raw_target)
+    if target is not None:
+        return target
+    target = _parse(raw_target)  # a refused target raises and is never kept
+    if len(raw_target) <= _PARSED_LONGEST:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[raw_target] = target
+    return target
+
+
+def _parse(raw_target: str) -> Target:
     path, sep, query = raw_target.partition("?")
     if _FAST_PATH.match(path) and (not sep or _FAST_QUERY.match(query)):
         parts = path.split("/")
