@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from sidekey.core import certificates, policies
+from sidekey.core import certificates, logs, policies
 from sidekey.proxy import credentials, forwarding, limits, routes
 from tests.proxy.fakes import StaticRoutes, policy
 
@@ -342,3 +343,29 @@ async def test_a_token_answer_too_large_for_a_token_is_refused_unread() -> None:
             await fetch(client)
         assert info.value.status == 502
         assert len(sent) < 1024  # the sidecar stopped reading; it never held the whole answer
+
+
+async def test_the_proxys_token_client_refuses_a_token_url_name_that_resolves_to_loopback() -> None:
+    """The token call goes through the same host guard as the upstreams: a name the pod's /etc/hosts
+    (or DNS) points at loopback never gets the client secret; the IP literal, written as meant, does."""
+    seen: list[bytes] = []
+
+    async def token(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.json_response({"access_token": "at-1234567890", "expires_in": 300})
+
+    async with plain_token_endpoint(token) as literal:
+        port = int(literal.token_url.rsplit(":", 1)[1].split("/", 1)[0])
+        by_name = credentials.build(oauth(f"http://localhost:{port}/token"), SECRETS, insecure=True).oauth
+        assert by_name is not None
+        proxy = forwarding.Proxy(table=dict, validator=lambda: None, ready=lambda: True,
+                                 audit=logs.AuditWriter(io.StringIO()), pod="p", namespace="n",
+                                 resolver=routes.GuardedResolver(frozenset()))
+        try:
+            with pytest.raises(credentials.CredentialError, match="unreachable") as info:
+                await by_name.token(proxy.session)
+            assert info.value.status == 502 and seen == []
+            assert await literal.token(proxy.session) == "at-1234567890"
+            assert len(seen) == 1
+        finally:
+            await proxy.close()
