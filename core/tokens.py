@@ -17,9 +17,9 @@ joserfc's algorithm object and one strict read of the payload, little else:
 the token is split once and each segment decoded once, with joserfc's own
 strict base64url rules; the header, the same for every token a key signs, is
 checked once (joserfc's header rules included) and remembered once a token
-with it was accepted; unchanged JWKs
-keep their imported keys across refreshes. The checks and their order are
-those of joserfc's ``deserialize_compact`` followed by the claims, which
+with it was accepted; unchanged JWKs keep their imported keys across
+refreshes. The checks and their order are those of joserfc's
+``deserialize_compact`` followed by the claims, which
 tests/core/test_tokens_joserfc_parity.py holds it to.
 
 The time claims bound the token's *lifetime*, not only its end: ``iat`` is

@@ -281,3 +281,14 @@ def test_a_remembered_header_is_still_checked_against_the_key_of_each_token() ->
     foreign = signed({"alg": "RS256", "kid": "rsa-1"}, claims(), RSA_2)
     assert foreign.split(".")[0] == good().split(".")[0]
     assert same(foreign, v) == "bad_signature"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet=ALPHABET + "=+/!. ", max_size=12) | st.text(alphabet=ALPHABET, min_size=1, max_size=40))
+def test_segments_are_decoded_as_joserfc_decodes_them(segment: str) -> None:
+    def decode(fn: Any) -> object:
+        try:
+            return fn()
+        except ValueError:  # binascii.Error is one
+            return "refused"
+    assert decode(lambda: tokens._b64decode(segment)) == decode(lambda: urlsafe_b64decode(segment.encode()))
