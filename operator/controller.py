@@ -114,6 +114,7 @@ class Controller:
                  *, agent_audiences: Collection[str] = (contract.DEFAULT_AUDIENCE,),
                  sidecar_images: Collection[str] | None = None,
                  token_cache_seconds: float = exposure.TOKEN_CACHE_SECONDS,
+                 gone_capacity: int = exposure.MAX_GONE_REMEMBERED,
                  workers: int = 4) -> None:
         self._api = api
         self._recorder = recorder
@@ -126,11 +127,14 @@ class Controller:
         self._held: dict[Key, dict[str, exposure.ExposedPod]] = {}
         #: Per policy, the accounts its last reconcile bound.
         self._granted: dict[Key, frozenset[str]] = {}
-        #: Held pods that went, by uid: (when the reconcile first missed them, the pod).
-        self._gone: dict[str, tuple[float, exposure.ExposedPod]] = {}
+        #: Exposed pods that went, of every account and namespace: from the pod
+        #: watch's DELETED events, and held pods a reconcile no longer finds.
+        self._gone = exposure.RecentlyGone(token_cache_seconds, gone_capacity)
         #: Per policy an earlier instance reconciled, the restart grace: (its end on
         #: the monotonic clock, the same as RFC 3339 for the condition).
         self._restart_grace: dict[Key, tuple[float, str]] = {}
+        #: Per policy, when the wait its last reconcile reported ends (monotonic).
+        self._wait_ends: dict[Key, float] = {}
         self._token_cache = token_cache_seconds
         #: Set once kopf delivers events, i.e. its indexes are filled.
         self.handling = asyncio.Event()
@@ -164,6 +168,7 @@ class Controller:
             self._held.pop((namespace, name), None)
             self._granted.pop((namespace, name), None)
             self._restart_grace.pop((namespace, name), None)
+            self._wait_ends.pop((namespace, name), None)
             self._update_gauge()
         else:
             self.queue.add((namespace, name))
@@ -190,10 +195,21 @@ class Controller:
         holds an API token outside the sidecar and is not yet holding a grant
         back, or one that was and no longer does (it went, or was replaced).
         Every other pod event costs a set lookup.
+
+        A pod that goes while it holds an API token outside the sidecar, of any
+        account, is remembered (``exposure.RecentlyGone``): a policy that names
+        its account in the next ``TOKEN_CACHE_SECONDS`` holds the new grant
+        back for it, as a copy of its token may still authenticate. That costs
+        one ``exposure.exposed`` per deleted pod, on its last state.
         """
         meta = body.get("metadata") or {}
         namespace, uid = str(meta.get("namespace", "")), str(meta.get("uid", ""))
         account = exposure.service_account(body)
+        if deleted:
+            gone = exposure.exposed(body, agent_audiences=self._audiences, vet_sidecar=True,
+                                    sidecar_images=self._images)
+            if gone is not None:
+                self._gone.went(gone, time.monotonic())
         for raw in self._policies(namespace):
             name = str((raw.get("metadata") or {}).get("name", ""))
             if not name or account not in subject_accounts(raw):
@@ -255,11 +271,11 @@ class Controller:
         if settling:
             # Nothing announces that the apiserver's token cache has expired: look again then.
             # A pod another policy's reconcile forgot meanwhile (its TTL passed) is due now.
-            since = min((self._gone[p.uid][0] for p in settling if p.uid in self._gone),
+            since = min((t for p in settling if (t := self._gone.since(p.uid)) is not None),
                         default=time.monotonic() - self._token_cache)
             due.append(since + self._token_cache)
-        if verdict.waiting:  # nor that a restart's grace is over
-            due.append(self._restart_grace.get(key, (time.monotonic(), ""))[0])
+        if verdict.waiting:  # nor that a restart's grace, or a namespace-wide wait, is over
+            due.append(self._wait_ends.get(key, time.monotonic()))
         if due:
             self.queue.add_after(key, max(0.1, min(due) - time.monotonic()))
         if rbac_changed and verdict.policy is not None:
@@ -294,8 +310,8 @@ class Controller:
         secrets = verdicts.secrets_resolved(parsed, lookups)
         bound = await self._bound(parsed)
         exposed = await self._exposed_pods(parsed, bound or frozenset())
-        restart = self._restart_wait(raw, parsed, bound)
-        held = verdicts.hold(parsed, self._with_recently_gone(parsed, exposed), restart)
+        wait = self._wait(raw, parsed, bound)
+        held = verdicts.hold(parsed, self._with_recently_gone(parsed, exposed, bound), wait)
         problem, changed = await self._ensure_rbac(parsed, held.granted)
         return verdicts.judge(parsed, lost, secrets, problem, held), changed
 
@@ -393,24 +409,51 @@ class Controller:
             return None
         return verdicts.RestartWait(bound=bound or frozenset(), until=grace[1])
 
+    def _wait(self, raw: Mapping[str, Any], policy: policies.AgentPolicy,
+              bound: frozenset[str] | None) -> verdicts.RestartWait | None:
+        """The wait of the accounts not bound yet, if any: the restart grace, or a
+        namespace-wide wait while ``_gone`` could not keep every pod that went
+        there (``exposure.RecentlyGone.blind_until``); the later one."""
+        key = (policy.namespace, policy.name)
+        now = time.monotonic()
+        waits: list[tuple[float, verdicts.RestartWait]] = []
+        restart = self._restart_wait(raw, policy, bound)
+        if restart is not None:
+            waits.append((self._restart_grace[key][0], restart))
+        blind = self._gone.blind_until(policy.namespace, now)
+        if blind is not None:
+            waits.append((blind, verdicts.RestartWait(
+                bound=bound or frozenset(), until=conditions.rfc3339_in(blind - now),
+                reason=verdicts.TOO_MANY_PODS_GONE)))
+        if not waits:
+            self._wait_ends.pop(key, None)
+            return None
+        end, wait = max(waits, key=lambda w: w[0])
+        self._wait_ends[key] = end
+        return wait
+
     def _with_recently_gone(self, policy: policies.AgentPolicy,
-                            exposed: dict[str, list[exposure.ExposedPod]]
+                            exposed: dict[str, list[exposure.ExposedPod]],
+                            bound: frozenset[str] | None
                             ) -> dict[str, list[exposure.ExposedPod]]:
-        """Add the pods this policy held that went less than the token cache's TTL ago."""
+        """Add the exposed pods of an account not bound yet that went less than the
+        token cache's TTL ago: those the pod watch saw go (of any account, so also
+        before the policy named it, or while it was invalid), and those this
+        policy held that its listing no longer finds (whether or not the watch
+        delivered their deletion). An account bound already is not held back for
+        them: its pods lived while it was bound."""
         now = time.monotonic()
         found = {p.uid for pods in exposed.values() for p in pods}
         key = (policy.namespace, policy.name)
         for uid, pod in self._held.get(key, {}).items():
-            if uid not in found and uid not in self._gone:
-                self._gone[uid] = (now, pod)
-        for uid, (since, _) in list(self._gone.items()):
-            if now - since >= self._token_cache or uid in found:
-                del self._gone[uid]
+            if uid not in found and not pod.deleted:
+                self._gone.went(pod, now)
+        for uid in found:
+            self._gone.forget(uid)
         result = {account: list(pods) for account, pods in exposed.items()}
-        for _, pod in self._gone.values():
-            if pod.namespace == policy.namespace and pod.service_account in policy.service_accounts:
-                result.setdefault(pod.service_account, []).append(
-                    dataclasses.replace(pod, deleted=True))
+        accounts = policy.service_accounts - (bound or frozenset())
+        for _, pod in self._gone.recent(policy.namespace, accounts, now):
+            result.setdefault(pod.service_account, []).append(dataclasses.replace(pod, deleted=True))
         return result
 
     async def _ensure_rbac(self, policy: policies.AgentPolicy, granted: Collection[str]

@@ -42,6 +42,21 @@ authentication for 10 seconds, so a token copied out of the pod authenticates
 for up to that long after the pod is gone. A held pod that goes therefore
 keeps holding the grant back for ``TOKEN_CACHE_SECONDS`` more.
 
+And not only a held one. Whoever may create pods as an account no policy
+names yet can run a bare pod, copy its token out and delete it, again and
+again: when an admin then names the account, no pod is left to hold the
+grant back, yet the last copied token still authenticates. So the operator
+remembers every exposed pod that goes, of any account in any namespace
+(``RecentlyGone``, fed by the pod watch's DELETED events and checked on the
+pod's last state, sidecar vetted), and for ``TOKEN_CACHE_SECONDS`` it holds
+back a new grant of that account like a live one. The memory is bounded
+(``MAX_GONE_REMEMBERED`` pods); past that it stops telling pods apart in the
+namespace of the pod it could not keep, and every account the namespace's
+policies do not bind yet waits instead (fail closed, never forget). The
+accounts already bound are not held back by it: their pods lived while they
+were bound, so nothing is gained, and a rollout of an older sidecar must
+not revoke grants.
+
 That memory lives in the operator's process, so a restart (crash, upgrade,
 rescheduling) would shorten it: the new instance never saw the pod, and the
 pod is no longer there to list. So an instance that has not yet watched a
@@ -59,7 +74,8 @@ hand-over; an instance that never restarts never waits.
 A legacy token Secret of a subject account (``legacy_token``) holds the
 grant back the same way: any pod of the namespace can mount it.
 
-Pure functions over the served pod; no I/O. Names only: never a value.
+Pure functions over the served pod, and that one bounded memory; no I/O.
+Names only: never a value.
 """
 
 from __future__ import annotations
@@ -72,6 +88,9 @@ from sidekey.core import contract
 
 #: The kube-apiserver's success TTL for cached token authentications (10 s), plus margin.
 TOKEN_CACHE_SECONDS = 15.0
+#: How many exposed pods that went ``RecentlyGone`` tells apart (about 2 MB at most);
+#: that is 270 deletions a second for 15 s, and past it a namespace-wide wait.
+MAX_GONE_REMEMBERED = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,3 +329,77 @@ def exposed(pod: Mapping[str, Any], *, agent_audiences: Collection[str],
         if problem is not None:
             return hit(c, held[0], problem)
     return None
+
+
+class RecentlyGone:
+    """The exposed pods that went less than ``ttl`` ago, in every namespace.
+
+    Kept in the order they went (a dict keeps insertion order, and every
+    entry is stamped "now" on a monotonic clock), so pruning pops expired
+    entries from the front: each entry costs O(1) to add and to drop. At
+    ``capacity`` it forgets nothing: the pod it cannot keep makes its
+    namespace *blind* for ``ttl`` instead (``blind_until``), and past
+    ``capacity`` blind namespaces, every namespace is. A blind namespace
+    grants no account that is not bound already until then.
+    """
+
+    def __init__(self, ttl: float = TOKEN_CACHE_SECONDS,
+                 capacity: int = MAX_GONE_REMEMBERED) -> None:
+        self._ttl = ttl
+        self._capacity = max(1, capacity)
+        self._pods: dict[str, tuple[float, ExposedPod]] = {}  # by uid, oldest first
+        self._blind: dict[str, float] = {}  # namespace -> when it last lost a pod, oldest first
+        self._blind_everywhere: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._pods)
+
+    def went(self, pod: ExposedPod, now: float) -> None:
+        """``pod`` went (or was first seen gone) at ``now``; a pod known already keeps its time."""
+        self.prune(now)
+        if pod.uid in self._pods:
+            return
+        if len(self._pods) < self._capacity:
+            self._pods[pod.uid] = (now, pod)
+        elif pod.namespace in self._blind or len(self._blind) < self._capacity:
+            self._blind.pop(pod.namespace, None)  # re-added last: the order stays by time
+            self._blind[pod.namespace] = now
+        else:
+            self._blind_everywhere = now
+
+    def forget(self, uid: str) -> None:
+        """The pod is there after all (a listing found it): its live self holds."""
+        self._pods.pop(uid, None)
+
+    def since(self, uid: str) -> float | None:
+        """When the pod went, if it is remembered."""
+        entry = self._pods.get(uid)
+        return entry[0] if entry is not None else None
+
+    def recent(self, namespace: str, accounts: Collection[str], now: float
+               ) -> list[tuple[float, ExposedPod]]:
+        """The remembered pods of ``accounts`` in ``namespace``: (when each went, the pod)."""
+        self.prune(now)
+        return [(since, pod) for since, pod in self._pods.values()
+                if pod.namespace == namespace and pod.service_account in accounts]
+
+    def blind_until(self, namespace: str, now: float) -> float | None:
+        """When the namespace's forgotten pods stop mattering, while that is later than ``now``."""
+        self.prune(now)
+        lost = [t for t in (self._blind.get(namespace), self._blind_everywhere) if t is not None]
+        return max(lost) + self._ttl if lost else None
+
+    def prune(self, now: float) -> None:
+        cutoff = now - self._ttl
+        while self._pods:
+            uid = next(iter(self._pods))
+            if self._pods[uid][0] > cutoff:
+                break
+            del self._pods[uid]
+        while self._blind:
+            namespace = next(iter(self._blind))
+            if self._blind[namespace] > cutoff:
+                break
+            del self._blind[namespace]
+        if self._blind_everywhere is not None and self._blind_everywhere <= cutoff:
+            self._blind_everywhere = None

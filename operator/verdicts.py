@@ -201,6 +201,14 @@ class RestartWait:
 
     bound: frozenset[str]
     until: str
+    #: ``OperatorRestarted``, or ``TooManyPodsGone`` when more exposed pods went in
+    #: the namespace than the operator tells apart (``exposure.RecentlyGone``): then
+    #: it cannot know that none of them ran as these accounts either.
+    reason: str = "OperatorRestarted"
+
+
+#: The reason of a namespace-wide wait: ``exposure.RecentlyGone`` was full.
+TOO_MANY_PODS_GONE = "TooManyPodsGone"
 
 
 def reconciled_before(raw: Mapping[str, Any], has_binding: bool) -> bool:
@@ -234,10 +242,11 @@ def hold(policy: policies.AgentPolicy,
             conditions.SUBJECTS_GRANTED, "True", "Granted",
             f"service account{'s' if len(granted) != 1 else ''} {', '.join(sorted(granted))} "
             "may read the policy's Secrets"))
-    wait = _restart_message(waiting, restart.until) if restart is not None and waiting else ""
+    wait = _wait_message(waiting, restart) if restart is not None and waiting else ""
     if not pods:
         return Hold(granted, (), conditions.Wanted(
-            conditions.SUBJECTS_GRANTED, "False", "OperatorRestarted", wait), waiting)
+            conditions.SUBJECTS_GRANTED, "False", restart.reason if restart else "", wait),
+            waiting)
     named = [_held_pod(p) for p in pods[:MAX_PODS_NAMED]]
     more = f" and {len(pods) - MAX_PODS_NAMED} more" if len(pods) > MAX_PODS_NAMED else ""
     accounts = ", ".join(sorted(held))
@@ -257,15 +266,19 @@ def hold(policy: policies.AgentPolicy,
                 waiting)
 
 
-def _restart_message(waiting: frozenset[str], until: str) -> str:
+def _wait_message(waiting: frozenset[str], wait: RestartWait) -> str:
     one = len(waiting) == 1
+    why = ("the operator restarted and has only just begun to watch this policy's pods"
+           if wait.reason != TOO_MANY_PODS_GONE else
+           "more pods that held an API token outside the sidekey sidecar were deleted in this "
+           f"namespace in the last {exposure.TOKEN_CACHE_SECONDS:.0f} s than the operator "
+           "remembers one by one")
     return (
         f"the grant to service account{'' if one else 's'} {', '.join(sorted(waiting))} waits "
-        f"until {until}: the operator restarted and has only just begun to watch this policy's "
-        f"pods, so it cannot know whether a pod of {'this account' if one else 'these accounts'} "
-        "that held an API token outside the sidekey sidecar was deleted moments before (the "
-        "apiserver accepts a token copied from such a pod for up to 10 s after it is gone). "
-        "Nothing to do: the grant follows then")
+        f"until {wait.until}: {why}, so it cannot know whether a pod of "
+        f"{'this account' if one else 'these accounts'} that held an API token outside the "
+        "sidekey sidecar was deleted moments before (the apiserver accepts a token copied from "
+        "such a pod for up to 10 s after it is gone). Nothing to do: the grant follows then")
 
 
 def _held_pod(pod: exposure.ExposedPod) -> str:

@@ -483,3 +483,177 @@ async def test_a_first_reconcile_that_fails_after_a_restart_starts_the_grace_aga
     assert api.objects[BINDING_PATH]["subjects"] == []
     held = next(c for c in _status(api)["conditions"] if c["type"] == "SubjectsGranted")
     assert held["reason"] == "OperatorRestarted"
+
+
+# --- pods that went before their account was named ----------------------------------------
+
+
+def _clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    real, offset = time.monotonic, [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: real() + offset[0])
+    return offset
+
+
+def _of(account: str, uid: str = "pod-9", name: str = "copied", namespace: str = "team"
+        ) -> dict[str, Any]:
+    pod = copy.deepcopy(BARE_POD)
+    pod["metadata"].update(uid=uid, name=name, namespace=namespace)
+    pod["spec"]["serviceAccountName"] = account
+    return pod
+
+
+def _name(api: FakeApi, ctl: controller.Controller, *accounts: str) -> None:
+    """What the admin does: the policy now names ``accounts`` (a new generation)."""
+    raw = api.objects[POLICY_PATH]
+    raw["spec"]["subjects"]["serviceAccounts"] = list(accounts)
+    raw["metadata"]["generation"] += 1
+    ctl.attach(Index(raw))
+
+
+def _subjects(api: FakeApi) -> list[str]:
+    return [s["name"] for s in api.objects[BINDING_PATH]["subjects"]]
+
+
+async def test_a_bare_pod_that_went_before_its_account_was_named_holds_the_new_grant_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Someone who may create pods as ``late`` (nobody's subject) runs a bare pod, copies
+    # its token and deletes it. The admin names ``late`` a moment later: no pod is left
+    # to list, but the apiserver may still accept the copied token from its cache.
+    # Before the memory of every exposed pod that goes, this granted at once.
+    offset = _clock(monkeypatch)
+    api, ctl, _ = _setup(token_cache_seconds=60)
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == ["agent"]
+    ctl.pod_changed(_of("late"), deleted=False)
+    assert ctl.queue.depth == 0  # nobody names late: nothing to reconcile
+    ctl.pod_changed(_of("late"), deleted=True)
+    assert ctl.queue.depth == 0
+
+    offset[0] += 5
+    _name(api, ctl, "agent", "late")
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == ["agent"]  # late waits, agent keeps its grant
+    held = next(c for c in _status(api)["conditions"] if c["type"] == "SubjectsGranted")
+    assert (held["status"], held["reason"]) == ("False", "UninjectedPods")
+    assert "copied (deleted;" in held["message"] and "late" in held["message"]
+    assert next(c for c in _status(api)["conditions"] if c["type"] == "Ready")["reason"] == "GrantHeld"
+    assert "copied" in _events(api)["GrantHeld"]["message"]
+    assert ctl.queue.depth == 1  # a timer brings the reconcile back when the cache has let go
+
+    offset[0] += 54  # 59 s after the deletion: still held
+    ctl.attach(Index(api.objects[POLICY_PATH]))
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == ["agent"]
+    offset[0] += 1.5
+    ctl.attach(Index(api.objects[POLICY_PATH]))
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == ["agent", "late"]
+    assert next(c for c in _status(api)["conditions"] if c["type"] == "Ready")["status"] == "True"
+
+
+async def test_only_exposed_pods_of_the_namespace_that_went_hold_a_new_grant_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _clock(monkeypatch)
+    api, ctl, _ = _setup(token_cache_seconds=60)
+    injected = {"metadata": {"namespace": "team", "name": "ok", "uid": "pod-2"},
+                "spec": {"serviceAccountName": "late", "containers": [{"name": "agent"}]}}
+    ctl.pod_changed(injected, deleted=True)  # held no API token: nothing to remember
+    ctl.pod_changed(_of("late", namespace="elsewhere"), deleted=True)  # another namespace's
+    ctl.pod_changed(_of("bystander"), deleted=True)  # another account's
+    _name(api, ctl, "agent", "late")
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == ["agent", "late"]
+
+
+async def test_a_pod_that_went_does_not_take_a_grant_back_from_an_account_bound_already(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its pods lived while it was bound, so holding it back now gains nothing; and a
+    # rollout that deletes pods with an older sidecar (a look-alike to the vetting)
+    # must not revoke the grant.
+    _clock(monkeypatch)
+    api, ctl, _ = _setup(token_cache_seconds=60)
+    await ctl.reconcile(("team", "agents"))
+    ctl.pod_changed(_lookalike(), deleted=True)
+    ctl.pod_changed(_of("agent"), deleted=True)
+    ctl.attach(Index(api.objects[POLICY_PATH]))
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == ["agent"]
+    assert ctl.queue.depth == 0
+
+
+async def test_a_lookalike_sidecars_pod_that_went_holds_a_new_grant_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _clock(monkeypatch)
+    api, ctl, _ = _setup(token_cache_seconds=60)
+    await ctl.reconcile(("team", "agents"))
+    mimic = _lookalike()
+    mimic["spec"]["serviceAccountName"] = "late"
+    ctl.pod_changed(mimic, deleted=True)  # vetted as for a new grant: its sidecar is not ours
+    _name(api, ctl, "agent", "late")
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == ["agent"]
+    held = next(c for c in _status(api)["conditions"] if c["type"] == "SubjectsGranted")
+    assert "lookalike (deleted;" in held["message"]
+
+
+async def test_an_edit_that_makes_a_policy_invalid_and_valid_again_keeps_the_hold(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The invalid version forgets what it held (it grants nothing), but the pod
+    # watch saw the held pod go, so the valid one again still waits for it.
+    offset = _clock(monkeypatch)
+    api, ctl, _ = _setup(token_cache_seconds=60)
+    api.objects[PODS_PATH] = {"items": [BARE_POD], "metadata": {}}
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == []
+    raw = api.objects[POLICY_PATH]
+    good = copy.deepcopy(raw["spec"])
+    raw["spec"]["upstreams"][0]["url"] = "not a url"
+    raw["metadata"]["generation"] += 1
+    ctl.attach(Index(raw))
+    await ctl.reconcile(("team", "agents"))
+    assert next(c for c in _status(api)["conditions"] if c["type"] == "Ready")["reason"] == "InvalidSpec"
+    assert BINDING_PATH not in api.objects
+    ctl.pod_changed(BARE_POD, deleted=True)
+    api.objects[PODS_PATH] = {"items": [], "metadata": {}}
+    offset[0] += 3
+    raw = api.objects[POLICY_PATH]
+    raw["spec"] = good
+    raw["metadata"]["generation"] += 1
+    ctl.attach(Index(raw))
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == []
+    held = next(c for c in _status(api)["conditions"] if c["type"] == "SubjectsGranted")
+    assert "bare (deleted;" in held["message"]
+
+
+async def test_past_its_capacity_the_memory_makes_the_namespace_wait_rather_than_forget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    offset = _clock(monkeypatch)
+    api = FakeApi()
+    raw = policy("agents", "team")
+    raw["metadata"].update(uid="u1", generation=1, creationTimestamp="2026-01-01T00:00:00Z")
+    api.objects[POLICY_PATH] = raw
+    api.objects[SECRET_PATH] = {"data": {"api-key": base64.b64encode(b"sk-value").decode()}}
+    ctl = controller.Controller(api, recording.Recorder(api), metrics.Metrics(),  # type: ignore[arg-type]
+                                token_cache_seconds=60, gone_capacity=2)
+    ctl.attach(Index(raw))
+    await ctl.reconcile(("team", "agents"))
+    for i in range(2):
+        ctl.pod_changed(_of("bystander", uid=f"b{i}", name=f"b{i}"), deleted=True)
+    offset[0] += 10
+    ctl.pod_changed(_of("late", uid="lost", name="lost"), deleted=True)  # no room left for it
+    _name(api, ctl, "agent", "late")
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == ["agent"]  # bound stays bound; late waits
+    held = next(c for c in _status(api)["conditions"] if c["type"] == "SubjectsGranted")
+    assert (held["status"], held["reason"]) == ("False", "TooManyPodsGone")
+    assert "service account late waits until" in held["message"] and "lost" not in held["message"]
+    assert ctl.queue.depth == 1  # a timer brings the reconcile back when the wait ends
+    offset[0] += 55  # the two remembered ones have expired, the lost one not yet
+    ctl.attach(Index(api.objects[POLICY_PATH]))
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == ["agent"]
+    offset[0] += 6
+    ctl.attach(Index(api.objects[POLICY_PATH]))
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == ["agent", "late"]

@@ -235,3 +235,49 @@ def test_a_legacy_token_secret_holds_its_accounts_grant_back() -> None:
 def test_other_secrets_hold_nothing_back() -> None:
     assert exposure.legacy_token(_legacy("late", type_="Opaque")) is None
     assert exposure.legacy_token(_legacy(None)) is None
+
+
+# --- the memory of exposed pods that went ---------------------------------------------------
+
+
+def _gone(uid: str, namespace: str = "team", account: str = "late") -> exposure.ExposedPod:
+    return exposure.ExposedPod(namespace, f"pod-{uid}", uid, account, "agent", "kube-api-access-x")
+
+
+def test_a_pod_that_went_is_remembered_for_the_token_caches_ttl_by_namespace_and_account() -> None:
+    gone = exposure.RecentlyGone(ttl=15, capacity=10)
+    gone.went(_gone("a"), now=100)
+    gone.went(_gone("a"), now=105)  # seen gone again: keeps the first time
+    gone.went(_gone("b", namespace="other"), now=101)
+    assert [(t, p.uid) for t, p in gone.recent("team", {"late"}, now=110)] == [(100, "a")]
+    assert gone.recent("team", {"agent"}, now=110) == []
+    assert gone.since("a") == 100 and gone.blind_until("team", now=110) is None
+    assert gone.recent("team", {"late"}, now=115) == [] and len(gone) == 1  # a expired, b not yet
+    assert len(gone.recent("other", {"late"}, now=115.9)) == 1
+    gone.forget("b")
+    assert len(gone) == 0
+
+
+def test_a_full_memory_forgets_nothing_its_namespace_waits_instead() -> None:
+    gone = exposure.RecentlyGone(ttl=15, capacity=2)
+    gone.went(_gone("a"), now=100)
+    gone.went(_gone("b", namespace="other"), now=101)
+    gone.went(_gone("c", namespace="third"), now=102)  # no room: third goes blind
+    assert len(gone) == 2 and gone.since("c") is None
+    assert gone.blind_until("third", now=103) == 117
+    assert gone.blind_until("team", now=103) is None
+    gone.went(_gone("d", namespace="fourth"), now=103)
+    gone.went(_gone("e", namespace="fifth"), now=104)  # and past as many blind namespaces: all
+    assert gone.blind_until("team", now=105) == 119
+    assert gone.blind_until("third", now=118) == 119  # its own wait is over, everyone's is not
+    assert gone.blind_until("third", now=119) is None and gone.blind_until("team", now=119) is None
+    # once the old entries expire there is room again
+    gone.went(_gone("f"), now=120)
+    assert gone.since("f") == 120 and gone.blind_until("team", now=120) is None
+
+
+def test_a_bare_pods_last_state_is_what_the_memory_keeps_and_an_injected_one_is_not() -> None:
+    # the controller checks a deleted pod as for a new grant (its sidecar vetted)
+    assert exposure.exposed(BARE, agent_audiences=AUDIENCES, vet_sidecar=True) is not None
+    assert exposure.exposed(_webhook_injected(), agent_audiences=AUDIENCES, vet_sidecar=True,
+                            sidecar_images=IMAGES) is None

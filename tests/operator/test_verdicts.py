@@ -237,3 +237,23 @@ def test_the_end_of_a_wait_is_named_rounded_up_to_the_second() -> None:
         tzinfo=datetime.UTC)
     assert before + datetime.timedelta(seconds=15) <= named  # truncating would name a moment before
     assert named <= before + datetime.timedelta(seconds=17)
+
+
+def test_a_namespace_wide_wait_says_the_operator_could_not_tell_the_pods_that_went_apart() -> None:
+    p = _parsed(service_accounts=("agent", "late"))
+    wait = verdicts.RestartWait(frozenset({"agent"}), "2026-12-01T22:40:05Z",
+                                reason=verdicts.TOO_MANY_PODS_GONE)
+    held = verdicts.hold(p, {}, wait)
+    c = held.condition
+    assert (c.status, c.reason) == ("False", "TooManyPodsGone") and held.waiting == {"late"}
+    assert "service account late waits until 2026-12-01T22:40:05Z" in c.message
+    assert "deleted in this namespace" in c.message and "restarted" not in c.message
+
+
+def test_a_pod_that_went_is_named_as_deleted() -> None:
+    p = _parsed(service_accounts=("agent", "late"))
+    gone = exposure.ExposedPod("team", "copied", "u9", "late", "agent", "kube-api-access-x",
+                               deleted=True)
+    held = verdicts.hold(p, {"late": [gone]})
+    assert held.granted == {"agent"} and held.condition.reason == "UninjectedPods"
+    assert "pod copied (deleted; the apiserver may accept its token" in held.condition.message
