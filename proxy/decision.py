@@ -14,9 +14,32 @@ counts only calls the policy allows.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Final
 
-from sidekey.core import tokens
+from sidekey.core import policies, tokens
 from sidekey.proxy import paths, refusals, routes
+
+#: Allow-rule answers already computed: (id of the upstream, method, segments) -> (the
+#: upstream, allowed). ``Upstream.allows`` is a pure function of frozen data; the entry
+#: holds its upstream, so that id cannot be reused by another while the entry lives (a
+#: rebuilt policy's upstream is a new object and gets its own answers). Bounded: short
+#: paths only, and emptied when full.
+_ALLOWED: Final[dict[tuple[int, str, tuple[str, ...]], tuple[policies.Upstream, bool]]] = {}
+_ALLOWED_MAX: Final = 4096
+_ALLOWED_LONGEST: Final = 256
+
+
+def _allows(up: policies.Upstream, method: str, target: paths.Target) -> bool:
+    key = (id(up), method, target.segments)
+    hit = _ALLOWED.get(key)
+    if hit is not None and hit[0] is up:
+        return hit[1]
+    allowed = up.allows(method, target.segments)
+    if len(target.path) <= _ALLOWED_LONGEST:
+        if len(_ALLOWED) >= _ALLOWED_MAX:
+            _ALLOWED.clear()
+        _ALLOWED[key] = (up, allowed)
+    return allowed
 
 
 def authorise(
@@ -34,7 +57,7 @@ def authorise(
             f"upstream named {target.route[:63]!r}",
         )
     up = route.upstream
-    if not up.allows(method, target.segments):
+    if not _allows(up, method, target):
         raise refusals.NotAllowed(
             "not_allowed",
             f"AgentPolicy {route.policy!r} does not allow {method} "

@@ -28,8 +28,9 @@ import collections
 import contextlib
 import logging
 import time
+import types
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 import httptools
 
@@ -416,10 +417,10 @@ class AgentConnection(asyncio.Protocol):
                 return
         if work is None:
             work = self._handler(item, self)
-        if isinstance(work, Coroutine):
+        if isinstance(work, types.CoroutineType):  # the concrete type: cheaper than the ABC
             self._task = asyncio.get_running_loop().create_task(self._run(item, work))
         elif self.busy:  # not finished at once
-            self._exchange = work
+            self._exchange = cast(Exchange, work)
 
     async def _run(self, item: Request, work: Coroutine[Any, Any, None]) -> None:
         try:

@@ -356,3 +356,23 @@ async def test_a_refusal_on_a_warm_connection_keeps_or_ends_it_as_asked(make_pro
             assert (await agent.answer())[0] == 200
         agent.close()
         assert not any("DELETE" in h for h in up.heads)
+
+
+async def test_a_changed_allow_rule_applies_to_the_next_request_on_a_warm_path(make_proxy: ProxyFactory) -> None:
+    async with scripted(echo_path) as up:
+        url = f"http://127.0.0.1:{up.port}"
+        p = await make_proxy(policy(bearer_upstream(url)), secrets=SECRETS)
+        token = mint()
+        await _warm(p, token)
+        agent = await Agent.connect(p, token)
+        for _ in range(2):  # the same call twice: answered (and its allow-rule answer kept)
+            agent.writer.write(agent.request("GET", "/openai/v1/models"))
+            assert (await agent.answer())[0] == 200
+        p.routes.set_policies(policy(bearer_upstream(url, allow=[{"methods": ["GET"], "paths": ["/v2/**"]}])))
+        agent.writer.write(agent.request("GET", "/openai/v1/models"))
+        status, _, body = await agent.answer()
+        assert status == 403 and b"allow rule" in body
+        p.routes.set_policies(policy(bearer_upstream(url)))
+        agent.writer.write(agent.request("GET", "/openai/v1/models"))
+        assert (await agent.answer())[0] == 200
+        agent.close()
