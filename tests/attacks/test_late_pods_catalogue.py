@@ -345,3 +345,52 @@ def test_an_operator_restarted_right_after_a_held_pod_went_does_not_grant_before
         cluster.kubectl("get", "events", "-n", team, "-o", "yaml") + \
         first_log.read_text(errors="replace") + operator.output()
     assert "sk-test-not-a-real-key" not in seen and token not in seen
+
+
+def test_a_token_copied_from_a_bare_pod_deleted_just_before_its_account_is_named_reads_nothing(
+        cluster: Any, operator: RunningOperator, team: str) -> None:
+    # Whoever may create pods as ``x`` (nobody's subject) runs a bare pod, copies its
+    # API token out and deletes the pod: when an admin names ``x`` a moment later, no
+    # pod is left to hold the grant back, but the apiserver still accepts the copied
+    # token from its cache for 10 s. On the controller before it remembered every
+    # exposed pod that went (not only the held ones), it granted at once.
+    assert admission.create(cluster, manifests.service_account(team, "x")).admitted
+    assert admission.create(cluster, manifests.bare_pod(team, "x-pod", sa="x")).admitted
+    token = _pod_token(cluster, team, "x-pod", "x")  # what its container could copy out
+    assert _read_secret(cluster, token, team) == 403  # it authenticates, and that is cached
+    cluster.kubectl("delete", "pod", "x-pod", "-n", team, "--wait=true", "--grace-period=0",
+                    "--force")
+    gone = time.monotonic()
+    answer = admission.apply(cluster, manifests.agent_policy(team, subjects=["agent", "x"]))
+    assert answer.admitted, answer.message
+    generation = int(answer.obj["metadata"]["generation"]) if answer.obj else 2
+
+    held: dict[str, Any] | None = None
+    while time.monotonic() - gone < 14.5:
+        bound = _bound(cluster, team)
+        code = _read_secret(cluster, token, team)  # 200 on the controller before
+        assert code in (401, 403) and "x" not in bound, (
+            f"{time.monotonic() - gone:.1f} s after the deletion the copied token got {code} "
+            f"on the Secret; bound: {bound}")
+        p = get(cluster, "agentpolicy", "openai", team)
+        c = condition(p, "SubjectsGranted")
+        if held is None and c is not None and c["observedGeneration"] >= generation:
+            held = c
+            assert (c["status"], c["reason"]) == ("False", "UninjectedPods"), c
+            assert "x-pod (deleted;" in c["message"] and "service account x " in c["message"]
+            assert condition(p, "Ready")["reason"] == "GrantHeld"  # type: ignore[index]
+            assert _bound(cluster, team) == ["agent"]  # the other subject keeps its grant
+        time.sleep(0.5)
+    assert held is not None, "the operator did not reconcile the edit within 14.5 s"
+    # then the grant follows, with no event to announce it (a timer)
+    wait_for("the grant once the copied token's cache entry is gone", lambda: (c := condition(
+        get(cluster, "agentpolicy", "openai", team), "SubjectsGranted")) and c["status"] == "True", 30)
+    assert _bound(cluster, team) == ["agent", "x"]
+    assert _read_secret(cluster, token, team) == 401  # the pod's token died with it
+    fresh = cluster.token(team, "x", audience=cluster.issuer)
+    wait_for("x may read", lambda: _read_secret(cluster, fresh, team) == 200)
+    warned = [e for e in _events(cluster, team, "GrantHeld") if "x-pod" in e["message"]]
+    assert warned and warned[0]["type"] == "Warning"
+    seen = cluster.kubectl("get", "agentpolicy", "openai", "-n", team, "-o", "yaml") + \
+        cluster.kubectl("get", "events", "-n", team, "-o", "yaml") + operator.output()
+    assert "sk-test-not-a-real-key" not in seen and token not in seen
