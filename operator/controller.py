@@ -47,6 +47,12 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
 
 
+#: How long a new grant waits after the pod listing for the pod watch to deliver
+#: a deletion that listing could have missed (kopf holds each object's events
+#: for its 0.1 s batch window first).
+WATCH_LAG_SECONDS = 1.0
+
+
 class PolicyIndex(Protocol):
     """The part of a ``kopf.Index`` the controller reads: namespace -> policies."""
 
@@ -115,6 +121,7 @@ class Controller:
                  sidecar_images: Collection[str] | None = None,
                  token_cache_seconds: float = exposure.TOKEN_CACHE_SECONDS,
                  gone_capacity: int = exposure.MAX_GONE_REMEMBERED,
+                 watch_lag_seconds: float = WATCH_LAG_SECONDS,
                  workers: int = 4) -> None:
         self._api = api
         self._recorder = recorder
@@ -136,6 +143,7 @@ class Controller:
         #: Per policy, when the wait its last reconcile reported ends (monotonic).
         self._wait_ends: dict[Key, float] = {}
         self._token_cache = token_cache_seconds
+        self._watch_lag = watch_lag_seconds
         #: Set once kopf delivers events, i.e. its indexes are filled.
         self.handling = asyncio.Event()
         self.queue: queueing.Queue[Key] = queueing.Queue(self.reconcile, workers=workers)
@@ -310,10 +318,21 @@ class Controller:
         secrets = verdicts.secrets_resolved(parsed, lookups)
         bound = await self._bound(parsed)
         exposed = await self._exposed_pods(parsed, bound or frozenset())
-        wait = self._wait(raw, parsed, bound)
-        held = verdicts.hold(parsed, self._with_recently_gone(parsed, exposed, bound), wait)
+        held = self._hold(raw, parsed, exposed, bound)
+        if self._watch_lag > 0 and held.granted - (bound or frozenset()):
+            # A pod force-deleted just before the listing above is missing from it, and
+            # its DELETED event reaches ``pod_changed`` a moment later: before a new
+            # grant, give the watch that moment and look at what went again.
+            await asyncio.sleep(self._watch_lag)
+            held = self._hold(raw, parsed, exposed, bound)
         problem, changed = await self._ensure_rbac(parsed, held.granted)
         return verdicts.judge(parsed, lost, secrets, problem, held), changed
+
+    def _hold(self, raw: Mapping[str, Any], policy: policies.AgentPolicy,
+              exposed: dict[str, list[exposure.ExposedPod]], bound: frozenset[str] | None
+              ) -> verdicts.Hold:
+        return verdicts.hold(policy, self._with_recently_gone(policy, exposed, bound),
+                             self._wait(raw, policy, bound))
 
     async def _bound(self, policy: policies.AgentPolicy) -> frozenset[str] | None:
         """The accounts this policy's RoleBinding names now (read, so a restart knows);

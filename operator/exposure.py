@@ -55,7 +55,14 @@ namespace of the pod it could not keep, and every account the namespace's
 policies do not bind yet waits instead (fail closed, never forget). The
 accounts already bound are not held back by it: their pods lived while they
 were bound, so nothing is gained, and a rollout of an older sidecar must
-not revoke grants.
+not revoke grants. A DELETED event reaches the operator a moment after the
+pod is gone (kopf batches each object's events for 0.1 s), so a pod
+force-deleted just before a reconcile's listing is in neither; a new grant
+therefore waits ``controller.WATCH_LAG_SECONDS`` after the listing and looks
+again. What the memory cannot see is a pod deleted while no operator ran,
+or a deletion the watch never delivers (kopf re-lists after ``410 Gone``
+without reporting what went): closing that would need deletions recorded
+outside the process, or every new grant waiting after a start.
 
 That memory lives in the operator's process, so a restart (crash, upgrade,
 rescheduling) would shorten it: the new instance never saw the pod, and the

@@ -228,8 +228,11 @@ def hold(policy: policies.AgentPolicy,
 
     The grant follows once those pods (and Secrets) are gone (deleted, or pods
     recreated injected); the pod and Secret watches bring the reconcile back.
-    After a restart (``restart``), an account not bound yet also waits for the
-    grace to end; a timer brings the reconcile back then.
+    After a restart, or while the memory of pods that went is full for the
+    namespace (``restart``, its ``reason`` says which), an account not bound
+    yet also waits for that to end; a timer brings the reconcile back then.
+    ``exposed`` includes pods that went moments ago (``deleted``): their
+    token may still authenticate from the apiserver's cache.
     """
     pods = tuple(sorted((p for sa in sorted(policy.service_accounts) for p in exposed.get(sa, ())),
                         key=lambda p: (p.service_account, p.name)))

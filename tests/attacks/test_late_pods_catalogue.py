@@ -15,7 +15,9 @@ On the code before the hold (the operator bound every subject at once) the
 first GET answers 200 with the key. The last case crashes the operator right
 after a held pod is deleted and starts it again: the new instance never saw
 the pod, and on the code before its restart grace it granted at once, while
-the apiserver still accepted the deleted pod's token from its cache.
+the apiserver still accepted the deleted pod's token from its cache. And the
+very last one copies a bare pod's token, deletes the pod and only then names
+its account: nothing is left to hold, but the copied token is still cached.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def _setup(secret_value: str | None = "sk-value", *, token_cache_seconds: float 
         api.objects[SECRET_PATH] = {"data": {"api-key": base64.b64encode(secret_value.encode()).decode()}}
     stats = metrics.Metrics()
     ctl = controller.Controller(api, recording.Recorder(api), stats,  # type: ignore[arg-type]
-                                token_cache_seconds=token_cache_seconds)
+                                token_cache_seconds=token_cache_seconds, watch_lag_seconds=0)
     ctl.attach(Index(raw))
     return api, ctl, stats
 
@@ -380,7 +380,7 @@ async def test_a_legacy_token_secret_of_the_subject_holds_the_grant_back_until_i
 def _restarted(api: FakeApi, stats: metrics.Metrics | None = None) -> controller.Controller:
     """A new operator process on the same apiserver: nothing in memory, the policy as served."""
     ctl = controller.Controller(api, recording.Recorder(api), stats or metrics.Metrics(),  # type: ignore[arg-type]
-                                token_cache_seconds=60)
+                                token_cache_seconds=60, watch_lag_seconds=0)
     ctl.attach(Index(api.objects[POLICY_PATH]))
     return ctl
 
@@ -635,7 +635,7 @@ async def test_past_its_capacity_the_memory_makes_the_namespace_wait_rather_than
     api.objects[POLICY_PATH] = raw
     api.objects[SECRET_PATH] = {"data": {"api-key": base64.b64encode(b"sk-value").decode()}}
     ctl = controller.Controller(api, recording.Recorder(api), metrics.Metrics(),  # type: ignore[arg-type]
-                                token_cache_seconds=60, gone_capacity=2)
+                                token_cache_seconds=60, gone_capacity=2, watch_lag_seconds=0)
     ctl.attach(Index(raw))
     await ctl.reconcile(("team", "agents"))
     for i in range(2):
@@ -657,3 +657,42 @@ async def test_past_its_capacity_the_memory_makes_the_namespace_wait_rather_than
     ctl.attach(Index(api.objects[POLICY_PATH]))
     await ctl.reconcile(("team", "agents"))
     assert _subjects(api) == ["agent", "late"]
+
+
+async def test_a_new_grant_waits_a_moment_for_a_deletion_the_listing_missed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pod is force-deleted just before the reconcile lists the account's pods, and
+    # its DELETED event reaches the controller only after that listing (kopf batches
+    # each object's events for 0.1 s). The new grant gives the watch that moment.
+    _clock(monkeypatch)
+    api = FakeApi()
+    raw = policy("agents", "team", service_accounts=("agent", "late"))
+    raw["metadata"].update(uid="u1", generation=1, creationTimestamp="2026-01-01T00:00:00Z")
+    api.objects[POLICY_PATH] = raw
+    api.objects[SECRET_PATH] = {"data": {"api-key": base64.b64encode(b"sk-value").decode()}}
+    ctl = controller.Controller(api, recording.Recorder(api), metrics.Metrics(),  # type: ignore[arg-type]
+                                token_cache_seconds=60, watch_lag_seconds=0.2)
+    ctl.attach(Index(raw))
+    plain_get = api.get
+
+    async def get(path: str, params: Any = None) -> dict[str, Any] | None:
+        found = await plain_get(path, params)
+        if path == PODS_PATH and (params or {}).get("fieldSelector", "").endswith("=late"):
+            loop = asyncio.get_running_loop()  # the event arrives 0.1 s after the listing
+            loop.call_later(0.1, lambda: ctl.pod_changed(_of("late"), deleted=True))
+        return found
+
+    api.get = get  # type: ignore[method-assign]
+    started = time.monotonic()
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == ["agent"]  # ["agent", "late"] without the wait
+    assert time.monotonic() - started >= 0.2
+    held = next(c for c in _status(api)["conditions"] if c["type"] == "SubjectsGranted")
+    assert "copied (deleted;" in held["message"]
+
+    # nothing new to grant (agent is bound, late held): no wait
+    api.get = plain_get  # type: ignore[method-assign]
+    ctl.attach(Index(api.objects[POLICY_PATH]))
+    started = time.monotonic()
+    await ctl.reconcile(("team", "agents"))
+    assert time.monotonic() - started < 0.2
