@@ -8,11 +8,12 @@ figures it prints are not the benchmark's (``bench/run`` starts the real
 sidecar against a real apiserver), only ratios measured side by side.
 
     python -m bench.standalone serve PORT UPSTREAM_PORT SSE_PORT   # prints the caller's token
-    python -m bench.standalone measure [--reps 3] [--seconds 4] [--conns 16] [--baseline DIR]
+    python -m bench.standalone measure [--reps 3] [--seconds 4] [--conns 16] [--baseline [NAME=]DIR ...]
 
-``--baseline DIR`` adds an arm ``sidekey-before``: the same path served from
-another copy of the package (``DIR/sidekey``, e.g. ``git archive`` of an
-earlier commit), so a change is measured side by side with what it replaces.
+``--baseline DIR`` (repeatable) adds an arm (``sidekey-before``, or NAME): the
+same path served from another copy of the package (``DIR/sidekey``, e.g.
+``git archive`` of an earlier commit), so a change is measured side by side
+with what it replaces.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ async def serve(port: int, upstream_port: int, sse_port: int) -> None:
             sink.truncate()
 
 
-def measure(reps: int, seconds: float, conns: int, baseline: str | None = None) -> None:
+def measure(reps: int, seconds: float, conns: int, baselines: list[str] | None = None) -> None:
     """nginx upstream; direct, nginx proxy, the llhttp prototype and this path, interleaved."""
     from bench import leanfloor, loads, nginx, procstats  # noqa: F401
     from sidekey.localcluster.cluster import free_port
@@ -109,8 +110,7 @@ def measure(reps: int, seconds: float, conns: int, baseline: str | None = None) 
         workdir = Path(tempfile.mkdtemp(prefix="sidekey-standalone-"))
         stack.callback(shutil.rmtree, workdir, True)
         procs = stack.enter_context(Processes(workdir / "logs"))
-        up_port, ngx_port, lean_port, sk_port, base_port = (free_port(), free_port(), free_port(), free_port(),
-                                                            free_port())
+        up_port, ngx_port, lean_port, sk_port = free_port(), free_port(), free_port(), free_port()
         procs.start("upstream", [*procstats.pin_prefix(load_core), *nginx.command(nginx.upstream_config(workdir, up_port))])
         ngx = procs.start("nginx", [*procstats.pin_prefix(proxy_core), *nginx.command(
             nginx.proxy_config(workdir, ngx_port, up_port, up_port, KEY))])
@@ -120,11 +120,14 @@ def measure(reps: int, seconds: float, conns: int, baseline: str | None = None) 
         sk = procs.start("sidekey", [*procstats.pin_prefix(proxy_core), sys.executable, "-m", "bench.standalone",
                                      "serve", str(sk_port), str(up_port), str(up_port)], env=env)
         started = [sk]
-        if baseline:
-            base = procs.start("sidekey-before", [
+        others: dict[str, int] = {}
+        for spec in baselines or []:
+            name, _, where = spec.rpartition("=")
+            name = name or "sidekey-before"
+            others[name] = free_port()
+            started.append(procs.start(name, [
                 *procstats.pin_prefix(proxy_core), sys.executable, "-m", "bench.standalone", "serve",
-                str(base_port), str(up_port), str(up_port)], env={**env, "PYTHONPATH": str(Path(baseline).resolve())})
-            started.append(base)
+                str(others[name]), str(up_port), str(up_port)], env={**env, "PYTHONPATH": str(Path(where).resolve())}))
         tokens = []
         for proc in started:
             deadline = time.monotonic() + 30
@@ -141,9 +144,9 @@ def measure(reps: int, seconds: float, conns: int, baseline: str | None = None) 
                 "llhttp-floor": (f"http://127.0.0.1:{lean_port}/bench/v1/chat/completions", [lean.popen.pid]),
                 "sidekey": (f"http://127.0.0.1:{sk_port}/bench/v1/chat/completions", [sk.popen.pid])}
         tokens_of = dict.fromkeys(arms, tokens[0])
-        if baseline:
-            arms["sidekey-before"] = (f"http://127.0.0.1:{base_port}/bench/v1/chat/completions", [started[1].popen.pid])
-            tokens_of["sidekey-before"] = tokens[1]
+        for i, (name, port) in enumerate(others.items(), 1):
+            arms[name] = (f"http://127.0.0.1:{port}/bench/v1/chat/completions", [started[i].popen.pid])
+            tokens_of[name] = tokens[i]
         for arm, (url, _) in arms.items():
             loads.wrk(url, connections=conns, seconds=1, core=load_core, token=tokens_of[arm])
         cpu: dict[str, list[float]] = {a: [] for a in arms}
@@ -174,6 +177,7 @@ if __name__ == "__main__":
         p.add_argument("--reps", type=int, default=3)
         p.add_argument("--seconds", type=float, default=4)
         p.add_argument("--conns", type=int, default=16)
-        p.add_argument("--baseline", help="a directory holding another copy of the package as sidekey/")
+        p.add_argument("--baseline", action="append",
+                       help="[NAME=]DIR: a directory holding another copy of the package as sidekey/")
         a = p.parse_args()
         measure(a.reps, a.seconds, a.conns, a.baseline)
