@@ -187,10 +187,18 @@ class Controller:
             if other and other != name and _conflict_stale(raw, lost.get(other, [])):
                 self.queue.add((namespace, other))
 
-    def secret_changed(self, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
+    def secret_changed(self, namespace: str, name: str, body: Mapping[str, Any] | None = None,
+                       *, deleted: bool = False) -> None:
         """A Secret changed: reconcile the policies naming it, and, for a legacy
-        token Secret, the policies whose subject it holds back (``exposure.legacy_token``)."""
+        token Secret, the policies whose subject it holds back (``exposure.legacy_token``).
+
+        A legacy token Secret that goes is remembered like an exposed pod that
+        goes: a token copied from it may authenticate from the apiserver's
+        cache a little longer, whether or not a policy named its account yet.
+        """
         token = exposure.legacy_token(body) if body is not None else None
+        if deleted and token is not None:
+            self._gone.went(token, time.monotonic())
         for raw in self._policies(namespace):
             if name in referenced_secrets(raw) or (
                     token is not None and token.service_account in subject_accounts(raw)):

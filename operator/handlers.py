@@ -62,12 +62,13 @@ def register(registry: kopf.OperatorRegistry, opts: Options, ctl: controller.Con
         ctl.policy_changed(str(namespace), name, deleted=type == "DELETED")
 
     @kopf.on.event("", "v1", "secrets", registry=registry, id="secret")
-    async def _secret(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+    async def _secret(type: str, namespace: str | None, name: str, body: kopf.Body,
+                      **_: Any) -> None:
         namespace = str(namespace)
         if tls is not None and namespace == opts.namespace and name in (opts.tls_secret,
                                                                           opts.ca_secret):
             tls.request()
-        ctl.secret_changed(namespace, name, body)
+        ctl.secret_changed(namespace, name, body, deleted=type == "DELETED")
 
     @kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", registry=registry,
                    labels=MANAGED, id="role")

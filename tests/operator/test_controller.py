@@ -696,3 +696,23 @@ async def test_a_new_grant_waits_a_moment_for_a_deletion_the_listing_missed(
     started = time.monotonic()
     await ctl.reconcile(("team", "agents"))
     assert time.monotonic() - started < 0.2
+
+
+async def test_a_legacy_token_secret_deleted_before_its_account_was_named_holds_the_new_grant_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    offset = _clock(monkeypatch)
+    api, ctl, _ = _setup(token_cache_seconds=60)
+    await ctl.reconcile(("team", "agents"))
+    late = copy.deepcopy(LEGACY_TOKEN)
+    late["metadata"]["annotations"]["kubernetes.io/service-account.name"] = "late"
+    ctl.secret_changed("team", "agent-token", late, deleted=True)
+    _name(api, ctl, "agent", "late")
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == ["agent"]
+    held = next(c for c in _status(api)["conditions"] if c["type"] == "SubjectsGranted")
+    assert held["reason"] == "LegacyTokenSecrets" and "Secret agent-token" in held["message"]
+    assert "deleted, the apiserver may accept its token" in held["message"]
+    offset[0] += 61
+    ctl.attach(Index(api.objects[POLICY_PATH]))
+    await ctl.reconcile(("team", "agents"))
+    assert _subjects(api) == ["agent", "late"]
