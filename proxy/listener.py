@@ -58,6 +58,15 @@ _REASONS: Final = {
 NO_BODY: Final = frozenset({204, 304})
 
 
+#: The request headers the listener reads, by lowercased name (one dict lookup per header).
+_AUTHORIZATION, _TOKEN_HEADER, _CONTENT_LENGTH, _HOST, _TRANSFER_ENCODING, _EXPECT, _CONNECTION = range(7)
+_SPECIAL: Final = {
+    b"authorization": _AUTHORIZATION, b"x-api-key": _TOKEN_HEADER, b"api-key": _TOKEN_HEADER,
+    b"content-length": _CONTENT_LENGTH, b"host": _HOST, b"transfer-encoding": _TRANSFER_ENCODING,
+    b"expect": _EXPECT, b"connection": _CONNECTION,
+}
+
+
 def reason_phrase(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
@@ -311,29 +320,30 @@ class AgentConnection(asyncio.Protocol):
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_HEADERS_BYTES or len(req.headers) >= MAX_HEADERS:
             raise self._stash(Malformed(431, "the request headers are too large"))
-        key = name.decode("latin-1")
         text = value.decode("latin-1")
-        req.headers.append((key, text))
-        low = key.lower()
-        if low == "authorization":
+        req.headers.append((name.decode("latin-1"), text))
+        kind = _SPECIAL.get(name.lower())
+        if kind is None:
+            return  # most headers: kept, nothing to look at
+        if kind == _AUTHORIZATION:
             if req.authorization is None:
                 req.authorization = text
-        elif low == "x-api-key" or low == "api-key":
+        elif kind == _TOKEN_HEADER:
             if req.token_header is None:
                 req.token_header = text
-        elif low == "content-length":
+        elif kind == _CONTENT_LENGTH:
             req.content_length = int(text)  # llhttp checked the digits and refused duplicates
-        elif low == "host":
+        elif kind == _HOST:
             self._hosts += 1
             if self._hosts > 1:
                 raise self._stash(Malformed(400, "more than one Host header"))
-        elif low == "transfer-encoding":
+        elif kind == _TRANSFER_ENCODING:
             if text.strip().lower() != "chunked" or req.chunked:
                 raise self._stash(Malformed(400, "a Transfer-Encoding other than chunked is not accepted"))
             req.chunked = True
-        elif low == "expect":
+        elif kind == _EXPECT:
             req.expect = text
-        elif low == "connection":
+        else:  # Connection
             req.connection = text if req.connection is None else f"{req.connection}, {text}"
 
     def on_headers_complete(self) -> None:

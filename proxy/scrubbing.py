@@ -150,7 +150,7 @@ def _could_start(form: Sequence[Unit], tail: bytes) -> bool:
 class Scrubber:
     """Finds any spelling of a fixed set of secrets; immutable, shared by all requests of a route."""
 
-    __slots__ = ("_alphabet", "_anchor_regex", "_anchors", "_by_first", "_longest", "_regex")
+    __slots__ = ("_alphabet", "_anchor_regex", "_anchors", "_by_first", "_longest", "_regex", "_shortest")
 
     def __init__(self, secrets: Iterable[str]) -> None:
         found: list[tuple[Unit, ...]] = []
@@ -159,6 +159,8 @@ class Scrubber:
         # the longest first, so a pair is starred whole rather than its password alone
         found = sorted(dict.fromkeys(found), key=len, reverse=True)
         self._longest = max((sum(max(map(len, u)) for u in f) for f in found), default=0)
+        #: No spelling of any form is shorter: a shorter piece (a reason phrase "OK") holds none.
+        self._shortest = min((sum(min(map(len, u)) for u in f) for f in found), default=0)
         anchors = [_anchor(f) for f in found]
         #: None: some form is all punctuation (no anchor), so every chunk takes the regex.
         self._anchors: tuple[bytes, ...] | None = tuple(dict.fromkeys(anchors)) if all(anchors) else None
@@ -193,7 +195,7 @@ class Scrubber:
     def scrub(self, data: bytes) -> bytes:
         """Replace every whole occurrence in ``data``."""
         regex = self._regex
-        if regex is None:
+        if regex is None or len(data) < self._shortest:
             return data
         anchors = self._anchor_regex  # _maybe inlined: this is the per-chunk hot path
         if anchors is not None and len(data) <= _SMALL:
