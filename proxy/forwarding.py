@@ -863,6 +863,24 @@ class _FastExchange:
             self._reply.uncork()  # a stream: the head now, then every chunk as it is read
 
     def done(self) -> None:
+        self._guarded(self._done)
+
+    def failed(self, exc: upstream.UpstreamError) -> None:
+        self._guarded(lambda: self._failed(exc))
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """A bug in a step costs this request (cut, audited), never a hung connection."""
+        try:
+            step()
+        except Exception as exc:
+            log.error("request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
+            self._up.abandon()
+            self._conn.abort()
+            if not self._ended:
+                self._record["reason"] = "internal_error"
+                self._complete(self._reply.status or 500)
+
+    def _done(self) -> None:
         reply, record = self._reply, self._record
         if self._phase == _WHOLE:
             decoder = self._decoder
@@ -870,7 +888,7 @@ class _FastExchange:
             try:
                 data = decoder.feed(b"".join(self._parts)) + decoder.flush()
             except decoding.DecodeError:
-                self.failed(upstream.Unacceptable("the upstream sent a corrupt or oversized compressed body"))
+                self._failed(upstream.Unacceptable("the upstream sent a corrupt or oversized compressed body"))
                 return
             body = self._scrubber.scrub(data)
             reply.whole(self._status, self._block, body, self._reason)
@@ -892,7 +910,7 @@ class _FastExchange:
         self._up.release()
         self._complete(self._status)
 
-    def failed(self, exc: upstream.UpstreamError) -> None:
+    def _failed(self, exc: upstream.UpstreamError) -> None:
         up = self._up
         if self._phase == _HEAD and isinstance(exc, upstream.Broken) and up.reused and not up.received_any:
             # a pooled connection the upstream closed while it sat idle: once more on a new one
