@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import io
 import os
 import shutil
@@ -49,7 +50,6 @@ def _policy(upstream_port: int, sse_port: int) -> dict[str, Any]:
 
 
 async def serve(port: int, upstream_port: int, sse_port: int) -> None:
-    import aiohttp
     from joserfc import jwk, jwt
 
     from sidekey.core import logs, policies, tokens
@@ -81,9 +81,13 @@ async def serve(port: int, upstream_port: int, sse_port: int) -> None:
                                                   "serviceaccount": {"name": "agent", "uid": "sa"}}}, key)
     sink = io.StringIO() if os.environ.get("BENCH_AUDIT") == "memory" else open(os.devnull, "w")  # noqa: SIM115, ASYNC230
     audit = logs.AuditWriter(sink)
-    session = aiohttp.ClientSession()
+    extra: dict[str, Any] = {}
+    if inspect.signature(forwarding.Proxy).parameters["session"].default is inspect.Parameter.empty:
+        import aiohttp  # a --baseline copy from before the sidecar's own token client needs a session
+
+        extra["session"] = aiohttp.ClientSession()
     proxy = forwarding.Proxy(table=lambda: table.table, validator=lambda: validator, ready=lambda: True,
-                             session=session, audit=audit, pod="agent-0", namespace="team",
+                             **extra, audit=audit, pod="agent-0", namespace="team",
                              token_cache=os.environ.get("SIDEKEY_TOKEN_CACHE", "") != "0")
     await proxy.listen("127.0.0.1", port)
     print(token, flush=True)
