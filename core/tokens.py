@@ -400,20 +400,34 @@ class Validator:
 
     async def validate(self, token: str) -> Identity:
         """Check a token fully (or return the cached result); raise TokenError."""
+        identity = self.validate_now(token)
+        if identity is not None:
+            return identity
+        await self.keys.refetch_for_unknown_kid()
+        identity = self.validate_now(token)
+        if identity is None:
+            raise TokenError(
+                "unknown_kid",
+                "token is signed by a key this cluster does not publish: "
+                "use the projected token the kubelet writes for this pod",
+            )
+        return identity
+
+    def validate_now(self, token: str) -> Identity | None:
+        """``validate`` without waiting: None only when the token's ``kid`` is not in the key set.
+
+        The whole check is CPU work once the keys are loaded, so the proxy's
+        fast path runs it inside a protocol callback for a first call with a
+        new token too; only an unknown ``kid`` needs the JWKS refetch, which
+        only ``validate`` may await. Raises TokenError as ``validate`` does.
+        """
         identity = self.cached(token)
         if identity is not None:
             return identity
         segments, header = self._parse(token)
         key = self.keys.keys.get(header.kid)
         if key is None:
-            await self.keys.refetch_for_unknown_kid()
-            key = self.keys.keys.get(header.kid)
-            if key is None:
-                raise TokenError(
-                    "unknown_kid",
-                    "token is signed by a key this cluster does not publish: "
-                    "use the projected token the kubelet writes for this pod",
-                )
+            return None
         identity = self._verified(segments, header, key)
         self._remember_header(segments[0], header)
         self._remember(token, identity)

@@ -355,6 +355,23 @@ async def test_an_unknown_kid_refetches_the_jwks_and_then_validates() -> None:
     assert fetcher.calls == 2
 
 
+async def test_validate_now_checks_a_new_token_without_waiting_and_leaves_an_unknown_kid_to_validate() -> None:
+    v, fetcher, _ = await make(RSA, min_refetch=0.0)
+    new = sign(claims())
+    assert v.cached(new) is None
+    identity = v.validate_now(new)  # a first call, checked in full with no await
+    assert identity is not None and identity.pod_name == "agent-0"
+    assert v.cached(new) == identity  # and remembered
+    with pytest.raises(tokens.TokenError) as info:
+        v.validate_now(sign(claims(aud=["someone-else"])))
+    assert info.value.reason == "bad_audience"
+    fetcher.document = public_jwks(RSA, RSA_2)
+    assert v.validate_now(sign(claims(), RSA_2)) is None  # an unknown kid: only validate refetches
+    assert fetcher.calls == 1
+    assert await v.validate(sign(claims(), RSA_2))
+    assert fetcher.calls == 2
+
+
 async def test_unknown_kid_refetches_are_rate_limited() -> None:
     mono = Clock()
     v, fetcher, _ = await make(RSA, mono=mono)
