@@ -1,14 +1,21 @@
 """The request path: authenticate, authorise, attach the key, relay both ways.
 
-    agent ──► listener (llhttp) ──► Proxy.handle
+    agent ──► listener (llhttp) ──► Proxy.fast: nothing to wait for (small body arrived, token
+                                      │ cached, key static, an idle pooled connection)?
+                                      │   yes: fastpath.Exchange, served from callbacks (no task)
+                                      │   no, before the decision: Proxy.handle, a coroutine
+                                      │   no, after it: the coroutine path from _forward on
+                                      ▼
+                                  Proxy.handle
                                       │ paths.parse, the token (cached), decision.authorise   (no I/O)
                                       │ hooks (after the decision, before the key is attached)
-                                      │ the key, the headers, the body
+                                      │ the key, the headers, the body: upstreamheads.request_head
                                       ▼
-                                  upstream.Pool ──► the upstream (llhttp), body relayed
-                                      │               chunk by chunk: decode? scrub, hooks
+                                  upstream.Pool ──► the upstream (llhttp): upstreamheads.response_head,
+                                      │               the body relayed chunk by chunk (relaying.respond):
+                                      │               decode? scrub, hooks
                                       ▼
-                                  one audit line, one counter increment
+                                  one audit line, one counter increment (Proxy.finish)
 
 Every request ends in exactly one audit line and one counter increment, on
 every path (refused, forwarded, cut by either side), with the upstream's
@@ -17,8 +24,15 @@ malformed target is refused before anything else (400), the caller is
 authenticated before the route is looked up (so an unauthenticated caller
 learns nothing about upstreams), and the rate limit only counts requests the
 policy allows. Refusals are ``refusals.Refusal`` exceptions, rendered in one
-place; their messages tell the agent's developer what to fix and never echo a
-token or a key.
+place (``Proxy.refuse``); their messages tell the agent's developer what to
+fix and never echo a token or a key.
+
+This module holds the Proxy: its wiring, the dispatch between the two paths,
+the coroutine path up to the upstream's answer, and the accounting both paths
+share (``finish``, ``refuse``, ``histogram``, ``resend``: what
+``fastpath.Owner`` asks of it). The heads on the upstream side are built and
+read in ``upstreamheads``, the answer relayed to the agent in ``relaying``,
+the callback exchange followed in ``fastpath``.
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from sidekey.core import httpclient, logs, tokens
 from sidekey.proxy import audit as auditing
@@ -37,46 +51,40 @@ from sidekey.proxy import (
     credentials,
     decision,
     decoding,
+    fastpath,
     headers,
     listener,
     llmexchange,
     metrics,
     paths,
     refusals,
+    relaying,
     routes,
     scrubbing,
     upstream,
+    upstreamheads,
 )
 
 log = logging.getLogger("sidekey.proxy")
 
 #: Bodies up to this size are read at once and sent with their length; larger ones are streamed.
-SMALL_BODY: Final = 64 * 1024
+SMALL_BODY: Final = relaying.SMALL_BODY
 _JSON_HEAD: Final = b"Content-Type: application/json\r\n"
-_EVENT_STREAM: Final = b"text/event-stream"
-#: The last event of a completed stream (OpenAI's and Anthropic's): a client may close right after.
-_FINAL_EVENTS: Final = (b"data: [DONE]", b"event: message_stop")
 
 # the names the tests and the bench knew before the split
 _Decoder = decoding.Decoder
 _redacted = auditing.redacted
 _without_param = headers.without_param
 _forward_headers = headers.forward_request
-
-
-class ChunkHook(Protocol):
-    """Sees every piece of an allowed response after scrubbing (an SSE event as it arrives)."""
-
-    def chunk(self, data: bytes) -> bytes: ...
-
-    def end(self) -> None: ...
-
+_upstream_request = upstreamheads.request_head
+ChunkHook = relaying.ChunkHook
 
 #: Called once a call is allowed, before the key is attached: may raise a Refusal
 #: (a model not on the allow-list, a spent budget) or return a ChunkHook for the response.
 #: ``body`` is the whole request body when it was small enough to be read at once, else None.
 RequestHook = Callable[
-    [routes.Route, tokens.Identity, listener.Request, "bytes | None", auditing.AuditRecord], "ChunkHook | None"
+    [routes.Route, tokens.Identity, listener.Request, "bytes | None", auditing.AuditRecord],
+    "relaying.ChunkHook | None",
 ]
 
 
@@ -120,9 +128,8 @@ class Proxy:
         self._histograms: dict[tuple[int, str], Any] = {}
         self._now = auditing.Stamp().now
         self._lines = auditing.LineEncoder(pod, namespace)
-        #: Per route of the current table, the constant parts of its request head (fast path).
-        self._heads: dict[int, tuple[routes.Route, str, str, str]] = {}
-        self._heads_table: object = None
+        #: The fast path's request heads, their per-route constant parts kept for the current table.
+        self.heads = upstreamheads.RequestHeads()
         self.in_flight = 0
         metrics.IN_FLIGHT.set_function(lambda: self.in_flight)
 
@@ -173,7 +180,7 @@ class Proxy:
             try:
                 status = await work
             except refusals.Refusal as refusal:
-                status = self._refuse(reply, record, refusal)
+                status = self.refuse(reply, record, refusal)
                 if request.has_body and not request.body.eof:
                     reply.keep_alive = False  # the unread body would be read as the next request
             except (ConnectionError, upstream.UpstreamError) as exc:
@@ -191,7 +198,7 @@ class Proxy:
                     conn.abort()
                     status = reply.status
                 else:
-                    status = self._refuse(reply, record, refusals.Internal(
+                    status = self.refuse(reply, record, refusals.Internal(
                         "internal_error", "the sidecar failed on this request; see its logs"))
         except asyncio.CancelledError:
             record.setdefault("decision", "allowed")
@@ -203,9 +210,28 @@ class Proxy:
                 status = 499
             raise
         finally:
-            self._finish(request, record, started, status)
+            self.finish(request, record, started, status)
 
-    def _finish(self, request: listener.Request, record: auditing.AuditRecord, started: float, status: int) -> None:
+    def resend(
+        self,
+        request: listener.Request,
+        conn: listener.AgentConnection,
+        reply: listener.Reply,
+        record: auditing.AuditRecord,
+        started: float,
+        route: routes.Route,
+        data: bytes,
+        timeout: float,
+        scrubber: scrubbing.Scrubber,
+    ) -> Coroutine[Any, Any, None]:
+        """A fast exchange's request once more, on a new connection, the coroutine way (``fastpath.Owner``)."""
+        return self._run(request, conn, reply, record, started, self._exchange(
+            request, conn, reply, route, data, timeout, False, None, scrubber, [], record, None, fresh=True))
+
+    # --- the accounting: what both paths share (fastpath.Owner) --------------------------------
+
+    def finish(self, request: listener.Request, record: auditing.AuditRecord, started: float, status: int) -> None:
+        """The request's one audit line and one count: every path ends here exactly once."""
         elapsed = time.perf_counter() - started
         self.in_flight -= 1
         record["status"] = status
@@ -218,7 +244,8 @@ class Proxy:
             self._audit.write_line(line)
         self._count(record["upstream"] or "", request.method, status, record.get("decision", "error"), elapsed)
 
-    def _refuse(self, reply: listener.Reply, record: auditing.AuditRecord, refusal: refusals.Refusal) -> int:
+    def refuse(self, reply: listener.Reply, record: auditing.AuditRecord, refusal: refusals.Refusal) -> int:
+        """Answer ``refusal`` as its JSON error and note it in ``record``: the one place refusals are rendered."""
         if refusal.decision is not None:
             record["decision"] = refusal.decision
         record["reason"] = refusal.reason
@@ -237,9 +264,10 @@ class Proxy:
                 self._counters[key] = child
         child.inc()
         if upstream_name:
-            self._histogram(metrics.DURATION, upstream_name).observe(elapsed)
+            self.histogram(metrics.DURATION, upstream_name).observe(elapsed)
 
-    def _histogram(self, family: Any, upstream_name: str) -> Any:
+    def histogram(self, family: Any, upstream_name: str) -> Any:
+        """The child of a per-upstream histogram, cached (``labels`` costs more than the observation)."""
         key = (id(family), upstream_name)
         child = self._histograms.get(key)
         if child is None:
@@ -259,7 +287,7 @@ class Proxy:
         waiting (cached, or signed by a key already loaded: ``Validator.validate_now``), and
         (after the decision) the route's key is static, it is no LLM upstream and an idle
         pooled connection is there: then the request is written upstream here and the
-        answer relayed from the upstream protocol's callbacks (``_FastExchange``), with no
+        answer relayed from the upstream protocol's callbacks (``fastpath.Exchange``), with no
         task and no future. The checks and their order are ``_handle``'s; a request that
         fails one before the decision is left to ``handle`` (None: nothing was done yet),
         one that needs waiting after it goes on as a coroutine from the decision on.
@@ -297,10 +325,10 @@ class Proxy:
             except refusals.Refusal as refusal:
                 if isinstance(refusal, refusals.RateLimited):
                     metrics.RATE_LIMITED.labels(refusal.upstream or "").inc()
-                status = self._refuse(reply, record, refusal)
-                self._finish(request, record, started, status)
+                status = self.refuse(reply, record, refusal)
+                self.finish(request, record, started, status)
                 conn.finished(request)
-                return _ANSWERED
+                return fastpath.ANSWERED
             record["upstream"] = route.name
             record["decision"] = "allowed"
             record["reason"] = "ok"
@@ -314,13 +342,10 @@ class Proxy:
                                  self._forward(request, conn, reply, route, identity, target, record))
             body = request.body.take() if request.has_body else b""
             record["bytes_in"] = len(body)
-            if table is not self._heads_table:
-                self._heads.clear()  # a new table: the old routes (and their keys) are not kept
-                self._heads_table = table
-            data = self._fast_request(request, route, cred, target, body)
+            data = self.heads.build(table, request, route, cred, target, body)
             timeout = route.timeout.sock_read or float(route.upstream.limits.timeout_seconds)
-            exchange = _FastExchange(self, request, conn, reply, record, started, route, cred.scrubber,
-                                     up_conn, data, timeout)
+            exchange = fastpath.Exchange(self, request, conn, reply, record, started, route, cred.scrubber,
+                                         up_conn, data, timeout)
             up_conn.send(data, head_method=request.method == "HEAD", timeout=timeout, watcher=exchange)
             return exchange
         except Exception as exc:  # a bug costs this request a 500, never the audit line
@@ -329,46 +354,11 @@ class Proxy:
                 conn.abort()
                 status = reply.status
             else:
-                status = self._refuse(reply, record, refusals.Internal(
+                status = self.refuse(reply, record, refusals.Internal(
                     "internal_error", "the sidecar failed on this request; see its logs"))
-            self._finish(request, record, started, status)
+            self.finish(request, record, started, status)
             conn.finished(request)
-            return _ANSWERED
-
-    def _fast_request(
-        self,
-        request: listener.Request,
-        route: routes.Route,
-        cred: credentials.Credential,
-        target: paths.Target,
-        body: bytes,
-    ) -> bytes:
-        """``_upstream_request`` for a whole body and a static key, its constant parts built once."""
-        entry = self._heads.get(id(route))
-        if entry is None or entry[0] is not route:
-            up = route.upstream
-            host = f"[{up.host}]" if ":" in up.host else up.host
-            if up.port != (443 if up.scheme == "https" else 80):
-                host = f"{host}:{up.port}"
-            key_lines = "".join([f"{k}: {v}\r\n" for k, v in cred.headers])
-            entry = (route, up.base_path, f" HTTP/1.1\r\nHost: {host}\r\n", f"{key_lines}Accept-Encoding: identity\r\n")
-            if len(self._heads) >= 1024:
-                self._heads.clear()
-            self._heads[id(route)] = entry
-        _, base, host_line, tail = entry
-        query = target.query
-        if cred.query is not None:
-            name, value = cred.query
-            query = headers.without_param(query, name)
-            query = f"{query}&{name}={value}" if query else f"{name}={value}"
-        path = base + target.path
-        if query:
-            path = f"{path}?{query}"
-        method = request.method
-        agent = "".join([f"{k}: {v}\r\n" for k, v in headers.forward(request.headers, request.connection, route.strip)])
-        end = f"Content-Length: {len(body)}\r\n\r\n" if body or method in ("POST", "PUT", "PATCH") else "\r\n"
-        data = f"{method} {path or '/'}{host_line}{agent}{tail}{end}".encode("utf-8", "surrogateescape")
-        return data + body if body else data
+            return fastpath.ANSWERED
 
     # --- the decision --------------------------------------------------------------------
 
@@ -476,7 +466,7 @@ class Proxy:
         cred = route.credential
         assert cred is not None
         record["bytes_in"] = len(body) if body is not None else length or 0
-        chunk_hooks: list[ChunkHook] = []
+        chunk_hooks: list[relaying.ChunkHook] = []
         for hook in self.hooks:
             extra = hook(route, identity, request, body, record)
             if extra is not None:
@@ -496,7 +486,7 @@ class Proxy:
         else:
             lines.extend(cred.headers)
         streamed_body = body is None
-        data = _upstream_request(request.method, route, target, lines, body, length)
+        data = upstreamheads.request_head(request.method, route, target, lines, body, length)
         timeout = route.timeout.sock_read or float(up.limits.timeout_seconds)
         return await self._exchange(request, conn, reply, route, data, timeout, streamed_body, length,
                                     scrubber, chunk_hooks, record, exchange)
@@ -512,7 +502,7 @@ class Proxy:
         streamed_body: bool,
         length: int | None,
         scrubber: scrubbing.Scrubber,
-        chunk_hooks: list[ChunkHook],
+        chunk_hooks: list[relaying.ChunkHook],
         record: auditing.AuditRecord,
         exchange: llmexchange.Exchange | None,
         *,
@@ -534,13 +524,13 @@ class Proxy:
                 up_conn.abandon()
                 up_conn = await self._send(route, data, request, read_timeout, fresh=True)
                 await up_conn.head()
-            self._histogram(metrics.UPSTREAM_DURATION, route.name).observe(time.perf_counter() - started)
-            status = await self._respond(request, conn, reply, up_conn, scrubber, chunk_hooks, record, exchange)
+            self.histogram(metrics.UPSTREAM_DURATION, route.name).observe(time.perf_counter() - started)
+            status = await relaying.respond(conn, reply, up_conn, scrubber, chunk_hooks, record, exchange)
         except upstream.UpstreamError as exc:
             up_conn.abandon()
             if reply.started:
                 raise
-            raise self._failure(route, exc) from None
+            raise upstreamheads.failure(route, exc) from None
         except BaseException:
             up_conn.abandon()  # a half-read response never goes back to the pool
             raise
@@ -555,7 +545,7 @@ class Proxy:
         try:
             up_conn = await self.pool.acquire(route, fresh=fresh)
         except upstream.UpstreamError as exc:
-            raise self._failure(route, exc) from None
+            raise upstreamheads.failure(route, exc) from None
         up_conn.send(data, head_method=request.method == "HEAD", timeout=read_timeout)
         return up_conn
 
@@ -582,463 +572,3 @@ class Proxy:
         if chunked:
             up_conn.write(b"0\r\n\r\n")
         record["bytes_in"] = total
-
-    def _failure(self, route: routes.Route, exc: upstream.UpstreamError) -> refusals.UpstreamFailure:
-        name = route.name
-        if isinstance(exc, upstream.ReadTimeout):
-            limit = route.upstream.limits.timeout_seconds
-            what = "could not be connected to" if isinstance(exc, upstream.ConnectTimeout) else "did not answer"
-            return refusals.UpstreamTimeout(
-                exc.reason, f"upstream {name!r} {what} within {limit} s (limits.timeoutSeconds)"
-            )
-        if isinstance(exc, upstream.TlsFailed):
-            return refusals.UpstreamFailure(
-                exc.reason,
-                f"upstream {name!r}: TLS verification failed (check the certificate, or the policy's caBundle)",
-            )
-        if isinstance(exc, upstream.Refused | upstream.Unacceptable | upstream.DnsFailed):
-            return refusals.UpstreamFailure(exc.reason, f"upstream {name!r}: {exc}")
-        log.info("upstream %s failed: %s", name, exc)
-        return refusals.UpstreamFailure(exc.reason, f"upstream {name!r} {exc}")
-
-    # --- the response ----------------------------------------------------------------------------
-
-    async def _respond(
-        self,
-        request: listener.Request,
-        conn: listener.AgentConnection,
-        reply: listener.Reply,
-        up_conn: upstream.UpstreamConnection,
-        scrubber: scrubbing.Scrubber,
-        chunk_hooks: list[ChunkHook],
-        record: auditing.AuditRecord,
-        exchange: llmexchange.Exchange | None = None,
-    ) -> int:
-        status, reason, block, decoder, length, sse = _response_head(up_conn, scrubber)
-        if exchange is not None:
-            llm_hook = exchange.response(status, sse)
-            if llm_hook is not None:
-                chunk_hooks = [*chunk_hooks, llm_hook]
-                if llm_hook.whole and length is not None and length <= llmexchange.MAX_JSON_REPLY:
-                    # the model list is filtered whole and sent with its new length
-                    return await self._respond_decoded(
-                        reply, up_conn, decoder, scrubber, chunk_hooks, status, reason, block, record
-                    )
-        if decoder is not None and length is not None and length <= SMALL_BODY:
-            return await self._respond_decoded(
-                reply, up_conn, decoder, scrubber, chunk_hooks, status, reason, block, record
-            )
-        relay = _Relay(reply, up_conn, scrubber.stream(), decoder, chunk_hooks, sse)
-        if length is None or length > SMALL_BODY or decoder is not None:
-            record["streamed"] = True
-        reply.start(status, reason, block, length if decoder is None else None)
-        conn.on_pause, conn.on_resume = up_conn.pause, up_conn.resume
-        if conn.write_paused:
-            up_conn.pause()
-        done = up_conn.relay(relay.feed)
-        try:
-            if not done.done():
-                reply.uncork()  # a stream: the head now, then every chunk as it is read
-                await done
-            else:
-                done.result()  # a small body arrived with the head: head and body leave in one send
-        except asyncio.CancelledError:
-            if sse and relay.final:
-                record["reason"] = "stream_complete"
-            record["bytes_out"] = reply.sent
-            raise
-        except llmexchange.StreamCut:
-            # the token budget ended the stream: its closing events are sent, end it cleanly
-            up_conn.abandon()
-            record["bytes_out"] = reply.sent
-            if length is None:
-                reply.end()
-            else:
-                conn.abort()
-            return status
-        except upstream.UpstreamError as exc:
-            if reply.discard():
-                raise  # nothing reached the agent yet (corked): it gets a clean 502 instead
-            # the status is gone: end the connection so the agent sees a cut stream,
-            # not a clean end of a truncated body
-            record["reason"] = "upstream_broke_stream"
-            record["bytes_out"] = reply.sent
-            log.info("upstream stream broke: %s", type(exc).__name__)
-            up_conn.abandon()
-            conn.abort()
-            return status
-        relay.finish()
-        reply.end()
-        record["bytes_out"] = reply.sent
-        return status
-
-    async def _respond_decoded(
-        self,
-        reply: listener.Reply,
-        up_conn: upstream.UpstreamConnection,
-        decoder: decoding.Decoder | None,
-        scrubber: scrubbing.Scrubber,
-        chunk_hooks: list[ChunkHook],
-        status: int,
-        reason: bytes,
-        block: bytes,
-        record: auditing.AuditRecord,
-    ) -> int:
-        """A small compressed body: read whole, decoded, scrubbed, sent with its new length."""
-        parts: list[bytes] = []
-        await up_conn.relay(parts.append)
-        try:
-            data = b"".join(parts) if decoder is None else decoder.feed(b"".join(parts)) + decoder.flush()
-        except decoding.DecodeError:
-            raise upstream.Unacceptable("the upstream sent a corrupt or oversized compressed body") from None
-        body = scrubber.scrub(data)
-        for hook in chunk_hooks:
-            body = hook.chunk(body)
-            hook.end()
-        reply.whole(status, block, body, reason)
-        record["bytes_out"] = len(body)
-        return status
-
-
-def _upstream_request(
-    method: str,
-    route: routes.Route,
-    target: paths.Target,
-    lines: list[tuple[str, str]],
-    body: bytes | None,
-    length: int | None,
-) -> bytes:
-    """The request head for the upstream (and ``body``; None: the body is streamed after)."""
-    up = route.upstream
-    cred = route.credential
-    assert cred is not None
-    query = target.query
-    if cred.query is not None:
-        name, value = cred.query
-        query = headers.without_param(query, name)
-        query = f"{query}&{name}={value}" if query else f"{name}={value}"
-    path = up.base_path + target.path
-    if query:
-        path = f"{path}?{query}"
-    host = f"[{up.host}]" if ":" in up.host else up.host
-    if up.port != (443 if up.scheme == "https" else 80):
-        host = f"{host}:{up.port}"
-    head = [f"{method} {path or '/'} HTTP/1.1\r\nHost: {host}\r\n"]
-    head.extend(f"{k}: {v}\r\n" for k, v in lines)
-    head.append("Accept-Encoding: identity\r\n")
-    if body is None:
-        head.append(f"Content-Length: {length}\r\n\r\n" if length is not None else "Transfer-Encoding: chunked\r\n\r\n")
-    elif body or method in ("POST", "PUT", "PATCH"):
-        head.append(f"Content-Length: {len(body)}\r\n\r\n")
-    else:
-        head.append("\r\n")
-    data = "".join(head).encode("utf-8", "surrogateescape")
-    if body:
-        data += body
-    return data
-
-
-def _response_head(
-    up_conn: upstream.UpstreamConnection, scrubber: scrubbing.Scrubber
-) -> tuple[int, bytes, bytes, decoding.Decoder | None, int | None, bool]:
-    """The answer's status, reason, header block for the agent, decoder, length and whether SSE."""
-    status = up_conn.status
-    decoder: decoding.Decoder | None = None
-    if up_conn.codings:
-        codings = decoding.codings(v.decode("latin-1") for v in up_conn.codings)
-        if codings:
-            if len(codings) > 1 or codings[0] not in decoding.DECODABLE:
-                encoding = ", ".join(codings)
-                raise upstream.Unacceptable(
-                    f"the upstream answered with Content-Encoding {encoding!r} although the "
-                    "sidecar asked for identity; such a body cannot be checked for the key"
-                )
-            decoder = decoding.Decoder()
-    block = headers.response_head(
-        up_conn.headers, headers.DECODED_DROP if decoder is not None else headers.RESPONSE_DROP, scrubber
-    )
-    # upstreams echo keys in the reason phrase too ("401 Invalid key sk-...")
-    reason = scrubber.scrub(up_conn.reason) if up_conn.reason else listener.reason_phrase(status)
-    return status, reason, block, decoder, up_conn.content_length, _EVENT_STREAM in block.lower()
-
-
-class _Answered:
-    """What ``Proxy.fast`` returns for a request it answered at once (a refusal)."""
-
-    def lost(self) -> None:
-        pass
-
-
-_ANSWERED: Final = _Answered()
-
-_HEAD, _WHOLE, _STREAM = 0, 1, 2
-
-
-class _FastExchange:
-    """One request on the fast path, followed from the upstream protocol's callbacks.
-
-    It does what ``Proxy._exchange`` and ``_respond`` do for a request without
-    hooks or an LLM step, in the same order and with the same outcomes (the
-    tests in tests/proxy and tests/attacks run both paths): the answer's head
-    is checked and scrubbed when it is parsed, the body relayed to the agent as
-    it arrives (a small one leaves with the head in one send), the pooled
-    connection released and the audit line written when it ends. A stale pooled
-    connection that fails before any answer is retried once on a new one, in a
-    task, as the slow path does.
-    """
-
-    __slots__ = (
-        "_block", "_conn", "_data", "_decoder", "_ended", "_parts", "_phase", "_proxy", "_reason", "_record",
-        "_relay", "_reply", "_request", "_route", "_scrubber", "_sent_at", "_sse", "_started", "_status",
-        "_task", "_timeout", "_up",
-    )
-
-    def __init__(
-        self,
-        proxy: Proxy,
-        request: listener.Request,
-        conn: listener.AgentConnection,
-        reply: listener.Reply,
-        record: auditing.AuditRecord,
-        started: float,
-        route: routes.Route,
-        scrubber: scrubbing.Scrubber,
-        up: upstream.UpstreamConnection,
-        data: bytes,
-        timeout: float,
-    ) -> None:
-        self._proxy = proxy
-        self._request = request
-        self._conn = conn
-        self._reply = reply
-        self._record = record
-        self._started = started
-        self._route = route
-        self._scrubber = scrubber
-        self._up = up
-        self._data = data
-        self._timeout = timeout
-        self._sent_at = time.perf_counter()
-        self._phase = _HEAD
-        self._status = 0
-        self._reason = b""
-        self._block = b""
-        self._decoder: decoding.Decoder | None = None
-        self._parts: list[bytes] = []
-        self._relay: _Relay | None = None
-        self._sse = False
-        self._task: asyncio.Task[None] | None = None
-        self._ended = False
-
-    # --- upstream.Watcher ---------------------------------------------------------------
-
-    def head_ready(self) -> None:
-        try:
-            self._head_ready()
-        except upstream.UpstreamError:
-            raise
-        except Exception as exc:
-            log.error("request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
-            raise upstream.Broken("the relay failed") from None
-
-    def _head_ready(self) -> None:
-        up = self._up
-        proxy = self._proxy
-        proxy._histogram(metrics.UPSTREAM_DURATION, self._route.name).observe(time.perf_counter() - self._sent_at)
-        status, reason, block, decoder, length, sse = _response_head(up, self._scrubber)
-        self._status = status
-        if decoder is not None and length is not None and length <= SMALL_BODY:
-            # a small compressed body: read whole, decoded, scrubbed, sent with its new length
-            self._decoder, self._reason, self._block = decoder, reason, block
-            self._phase = _WHOLE
-            up.set_sink(self._parts.append)
-            return
-        reply = self._reply
-        relay = _Relay(reply, up, self._scrubber.stream(), decoder, [], sse)
-        if length is None or length > SMALL_BODY or decoder is not None:
-            self._record["streamed"] = True
-        reply.start(status, reason, block, length if decoder is None else None)
-        conn = self._conn
-        conn.on_pause, conn.on_resume = up.pause, up.resume
-        if conn.write_paused:
-            up.pause()
-        self._relay, self._sse, self._phase = relay, sse, _STREAM
-        up.set_sink(relay.feed)
-
-    def fed(self) -> None:
-        if self._phase == _STREAM:
-            self._reply.uncork()  # a stream: the head now, then every chunk as it is read
-
-    def done(self) -> None:
-        self._guarded(self._done)
-
-    def failed(self, exc: upstream.UpstreamError) -> None:
-        self._guarded(lambda: self._failed(exc))
-
-    def _guarded(self, step: Callable[[], None]) -> None:
-        """A bug in a step costs this request (cut, audited), never a hung connection."""
-        try:
-            step()
-        except Exception as exc:
-            log.error("request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
-            self._up.abandon()
-            self._conn.abort()
-            if not self._ended:
-                self._record["reason"] = "internal_error"
-                self._complete(self._reply.status or 500)
-
-    def _done(self) -> None:
-        reply, record = self._reply, self._record
-        if self._phase == _WHOLE:
-            decoder = self._decoder
-            assert decoder is not None
-            try:
-                data = decoder.feed(b"".join(self._parts)) + decoder.flush()
-            except decoding.DecodeError:
-                self._failed(upstream.Unacceptable("the upstream sent a corrupt or oversized compressed body"))
-                return
-            body = self._scrubber.scrub(data)
-            reply.whole(self._status, self._block, body, self._reason)
-            record["bytes_out"] = len(body)
-        else:
-            relay = self._relay
-            assert relay is not None
-            try:
-                relay.finish()
-            except upstream.UpstreamError as exc:
-                # as in the slow path: the status is gone, the agent sees a cut response
-                self._up.abandon()
-                record["reason"] = exc.reason
-                self._conn.abort()
-                self._complete(reply.status)
-                return
-            reply.end()
-            record["bytes_out"] = reply.sent
-        self._up.release()
-        self._complete(self._status)
-
-    def _failed(self, exc: upstream.UpstreamError) -> None:
-        up = self._up
-        if self._phase == _HEAD and isinstance(exc, upstream.Broken) and up.reused and not up.received_any:
-            # a pooled connection the upstream closed while it sat idle: once more on a new one
-            up.abandon()
-            self._task = asyncio.get_running_loop().create_task(self._retry())
-            return
-        up.abandon()
-        if self._phase == _STREAM and not self._reply.discard():
-            # the status is gone: end the connection so the agent sees a cut stream,
-            # not a clean end of a truncated body
-            self._record["reason"] = "upstream_broke_stream"
-            self._record["bytes_out"] = self._reply.sent
-            log.info("upstream stream broke: %s", type(exc).__name__)
-            self._conn.abort()
-            self._complete(self._status)
-            return
-        # nothing reached the agent yet: it gets a clean 502 (504 for a timeout)
-        proxy = self._proxy
-        self._complete(proxy._refuse(self._reply, self._record, proxy._failure(self._route, exc)))
-
-    # --- listener.Exchange ------------------------------------------------------------------
-
-    def lost(self) -> None:
-        """The agent left before the answer was done: audited as the slow path's cancellation."""
-        if self._task is not None:
-            self._task.cancel()  # the retry's _run audits it
-            return
-        if self._ended:
-            return
-        record = self._record
-        if self._phase == _STREAM:
-            relay = self._relay
-            if self._sse and relay is not None and relay.final:
-                record["reason"] = "stream_complete"
-            record["bytes_out"] = self._reply.sent
-        self._up.abandon()
-        record.setdefault("decision", "allowed")
-        if record.get("reason") == "stream_complete":
-            status = self._reply.status  # the agent closed after the final event: a completed stream
-            record["reason"] = "ok"
-        else:
-            record["reason"] = "client_disconnected"
-            status = 499
-        self._ended = True
-        self._proxy._finish(self._request, record, self._started, status)
-
-    # --- the end ------------------------------------------------------------------------------
-
-    def _complete(self, status: int) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        self._proxy._finish(self._request, self._record, self._started, status)
-        self._conn.finished(self._request)
-
-    async def _retry(self) -> None:
-        proxy, request, conn = self._proxy, self._request, self._conn
-        self._ended = True  # from here _run writes the audit line
-        scrubber = self._scrubber
-        try:
-            await proxy._run(request, conn, self._reply, self._record, self._started, proxy._exchange(
-                request, conn, self._reply, self._route, self._data, self._timeout, False, None,
-                scrubber, [], self._record, None, fresh=True))
-        except asyncio.CancelledError:
-            conn.close()
-            return
-        conn.finished(request)
-
-
-class _Relay:
-    """The body from the upstream to the agent, run from the upstream protocol's callback."""
-
-    __slots__ = ("_decoder", "_hooks", "_reply", "_sse", "_stream", "_up", "final")
-
-    def __init__(
-        self,
-        reply: listener.Reply,
-        up: upstream.UpstreamConnection,
-        stream: scrubbing.StreamScrubber,
-        decoder: decoding.Decoder | None,
-        hooks: list[ChunkHook],
-        sse: bool = False,
-    ) -> None:
-        self._reply = reply
-        self._up = up
-        self._sse = sse  # only an event stream has a final event to look for
-        self._stream = stream
-        self._decoder = decoder
-        self._hooks = hooks
-        self.final = False
-
-    def feed(self, chunk: bytes) -> None:
-        if self._decoder is not None:
-            try:
-                chunk = self._decoder.feed(chunk)
-            except decoding.DecodeError:
-                raise upstream.Broken("a corrupt or oversized compressed body") from None
-        data = self._stream.feed(chunk)
-        if not data:
-            return
-        for hook in self._hooks:
-            data = hook.chunk(data)
-        self._reply.write(data)
-        if self._sse:
-            tail = data[-64:]
-            self.final = any(f in tail for f in _FINAL_EVENTS)
-        for hook in self._hooks:
-            if getattr(hook, "stopped", False):
-                raise llmexchange.StreamCut("the token budget ended the stream")
-
-    def finish(self) -> None:
-        tail = b""
-        if self._decoder is not None:
-            try:
-                tail = self._decoder.flush()
-            except decoding.DecodeError:
-                raise upstream.Broken("a corrupt or oversized compressed body") from None
-        data = self._stream.feed(tail) + self._stream.flush() if tail else self._stream.flush()
-        for hook in self._hooks:
-            if data:
-                data = hook.chunk(data)
-            hook.end()
-        self._reply.write(data)
-

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sidekey.proxy import forwarding, headers, paths
+from sidekey.proxy import headers, paths, upstreamheads
 from tests.proxy.fakes import SECRETS, ProxyFactory, bearer_upstream, policy
 
 AUTHS: list[dict[str, Any]] = [
@@ -36,7 +36,7 @@ async def test_the_head_is_the_slow_paths(
     request: Any = types.SimpleNamespace(method=method, headers=agent_headers, connection="X-Keep")
     parsed = paths.parse(target)
     lines = headers.forward(agent_headers, "X-Keep", route.strip) + list(cred.headers)
-    slow = forwarding._upstream_request(method, route, parsed, lines, body, len(body))
+    slow = upstreamheads.request_head(method, route, parsed, lines, body, len(body))
     for _ in range(2):  # built, then from the kept parts
-        assert p.proxy._fast_request(request, route, cred, parsed, body) == slow
+        assert p.proxy.heads.build(p.routes.table, request, route, cred, parsed, body) == slow
     assert b"Bearer t" not in slow and b"X-Keep" not in slow
