@@ -328,7 +328,7 @@ class Routes:
         if rpm is not None:
             same = previous is not None and previous.bucket is not None and previous.bucket.capacity == rpm
             bucket = previous.bucket if same and previous is not None else limits.TokenBucket(rpm)
-        # accept-encoding: the sidecar asks for identity itself (see forwarding._respond)
+        # accept-encoding: the sidecar asks for identity itself (see relaying.respond)
         strip = set(HOP_BY_HOP) | set(CALLER_TOKEN_HEADERS) | OVERRIDE_HEADERS | {"accept-encoding"}
         if up.auth.type == "header":
             strip.add(up.auth.header_name.lower())
