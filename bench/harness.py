@@ -87,6 +87,16 @@ def _say(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _first_call(url: str, token: str, timeout: float = 60.0) -> None:
+    """One chat completion with a long timeout: LiteLLM builds its router and
+    client on the first request (a run failed when wrk's 1-second check got no
+    answer in time), so that cost is paid here, outside any measurement."""
+    request = urllib.request.Request(url, data=arms.JSON_BODY.encode(), method="POST", headers={  # noqa: S310
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})  # (a loopback URL the bench built)
+    with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310 - loopback only
+        answer.read()
+
+
 def _wait_http(url: str, proc: Process, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -163,6 +173,7 @@ class Run:
                                     pids=lambda: [pid, *procstats.children(pid)],
                                     label=f"LiteLLM proxy {litellm_peer.VERSION} (Python peer)")
         for arm in (self.litellm_arm,):  # one call of each kind, so a misparse fails here, loudly
+            _first_call(arm.json_url, arm.token)
             loads.wrk(arm.json_url, connections=1, seconds=1, token=arm.token, core=self.load_core)
             sse.run(arm.sse_port, arm.sse_path, arm.token, clients=1, streams=1)
 
