@@ -193,13 +193,7 @@ class Proxy:
                     record["reason"] = "client_disconnected"
                 conn.abort()
             except Exception as exc:
-                log.error("request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
-                if reply.started:
-                    conn.abort()
-                    status = reply.status
-                else:
-                    status = self.refuse(reply, record, refusals.Internal(
-                        "internal_error", "the sidecar failed on this request; see its logs"))
+                status = self._unexpected(reply, conn, record, exc)
         except asyncio.CancelledError:
             record.setdefault("decision", "allowed")
             if record.get("reason") == "stream_complete":
@@ -243,6 +237,16 @@ class Proxy:
         else:
             self._audit.write_line(line)
         self._count(record["upstream"] or "", request.method, status, record.get("decision", "error"), elapsed)
+
+    def _unexpected(self, reply: listener.Reply, conn: listener.AgentConnection,
+                    record: auditing.AuditRecord, exc: Exception) -> int:
+        """A bug on either path: logged, and the request cut or answered 500; its status."""
+        log.error("request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
+        if reply.started:
+            conn.abort()
+            return reply.status
+        return self.refuse(reply, record, refusals.Internal(
+            "internal_error", "the sidecar failed on this request; see its logs"))
 
     def refuse(self, reply: listener.Reply, record: auditing.AuditRecord, refusal: refusals.Refusal) -> int:
         """Answer ``refusal`` as its JSON error and note it in ``record``: the one place refusals are rendered."""
@@ -349,13 +353,7 @@ class Proxy:
             up_conn.send(data, head_method=request.method == "HEAD", timeout=timeout, watcher=exchange)
             return exchange
         except Exception as exc:  # a bug costs this request a 500, never the audit line
-            log.error("request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
-            if reply.started:
-                conn.abort()
-                status = reply.status
-            else:
-                status = self.refuse(reply, record, refusals.Internal(
-                    "internal_error", "the sidecar failed on this request; see its logs"))
+            status = self._unexpected(reply, conn, record, exc)
             self.finish(request, record, started, status)
             conn.finished(request)
             return fastpath.ANSWERED
