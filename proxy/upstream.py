@@ -424,6 +424,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._sink = None
             self._watcher = None
             self._active = False
+            # the agent's buffer may have been full when the answer ended (its last chunk
+            # paused this connection, and the agent's resume now goes nowhere): an idle
+            # connection reads again, or the next exchange on it would wait forever
+            self.resume()
             self._pool.put(self)
         else:
             self.abandon()

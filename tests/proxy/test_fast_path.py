@@ -269,6 +269,34 @@ async def test_a_slow_reading_agent_holds_the_upstream_back_and_gets_every_byte(
         agent.close()
 
 
+async def test_a_connection_whose_answer_ended_while_the_agent_was_slow_serves_the_next_request(
+    make_proxy: ProxyFactory,
+) -> None:
+    """The agent's buffer was full when the last chunk left: the pooled connection still reads.
+
+    That chunk paused the upstream connection, the exchange ended and released it, and
+    the agent's resume then went nowhere (the listener forgets the exchange's callbacks).
+    Without the resume in ``release`` the next request on that connection waited forever:
+    a flake of the slow-reader test above, made deterministic here.
+    """
+    async with scripted(echo_path) as up:
+        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{up.port}")), secrets=SECRETS)
+        token = mint()
+        await _warm(p, token)
+        route = p.routes.table["openai"]
+        pooled = p.proxy.pool.idle_connection(route)
+        assert pooled is not None
+        pooled.pause()  # what the agent's pause_writing did during the last chunk
+        pooled.release()
+        assert not pooled.read_paused
+        agent = await Agent.connect(p, token)
+        agent.writer.write(agent.request("GET", "/openai/next"))
+        status, _, answer = await agent.answer()
+        assert (status, answer) == (200, b"/base/next 0")
+        assert up.connections == 1  # on that same connection
+        agent.close()
+
+
 async def test_early_hints_are_skipped_and_the_key_echoed_in_one_packet_is_scrubbed(make_proxy: ProxyFactory) -> None:
     async def leaks(head: str, body: bytes, writer: asyncio.StreamWriter) -> bool:
         if "/warm" in head:
