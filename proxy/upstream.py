@@ -449,6 +449,7 @@ class Pool:
         self._all: set[UpstreamConnection] = set()
         self._busy: set[UpstreamConnection] = set()
         self._sweep: asyncio.TimerHandle | None = None
+        self._reaper: asyncio.TimerHandle | None = None
 
     def track(self, conn: UpstreamConnection) -> None:
         self._busy.add(conn)
@@ -539,6 +540,26 @@ class Pool:
             return
         conn.idle_since = time.monotonic()
         idle.append(conn)
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._reap)
+
+    def _reap(self) -> None:
+        """Close the connections idle for ``IDLE_SECONDS``: a burst's extra sockets (and their
+        memory) are given back once it is over, not kept until the next burst pops them."""
+        self._reaper = None
+        now = time.monotonic()
+        oldest = now
+        for origin, idle in list(self._idle.items()):
+            # the list is oldest first (put appends, idle_connection pops the newest)
+            while idle and now - idle[0].idle_since >= IDLE_SECONDS:
+                idle.pop(0).abandon()
+            if idle:
+                oldest = min(oldest, idle[0].idle_since)
+            else:
+                del self._idle[origin]
+        if self._idle:
+            self._reaper = asyncio.get_running_loop().call_later(
+                max(0.05, oldest + IDLE_SECONDS - now), self._reap)
 
     def forget(self, conn: UpstreamConnection) -> None:
         self._all.discard(conn)
@@ -551,6 +572,7 @@ class Pool:
         for conn in list(self._all):
             conn.abandon()
         self._idle.clear()
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
+        for timer in (self._sweep, self._reaper):
+            if timer is not None:
+                timer.cancel()
+        self._sweep = self._reaper = None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from sidekey.proxy import upstream
 from tests.proxy.fakes import SECRET, SECRETS, ProxyFactory, Running, bearer_upstream, mint, policy
 
 Script = Callable[[str, bytes, asyncio.StreamWriter], Awaitable[bool]]
@@ -29,6 +30,7 @@ class Scripted:
     port: int = 0
     heads: list[str] = field(default_factory=list)
     connections: int = 0
+    closed: int = 0  # connections the sidecar (or the script) ended
     sent: int = 0  # bytes of the current big answer accepted by the socket
 
 
@@ -58,6 +60,7 @@ async def scripted(script: Script) -> AsyncIterator[Scripted]:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            state.closed += 1
             writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
@@ -295,6 +298,33 @@ async def test_a_connection_whose_answer_ended_while_the_agent_was_slow_serves_t
         assert (status, answer) == (200, b"/base/next 0")
         assert up.connections == 1  # on that same connection
         agent.close()
+
+
+async def test_idle_pooled_connections_are_closed_once_their_idle_time_is_up(
+    make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst's extra connections are closed by the pool's reaper, not kept until popped."""
+    monkeypatch.setattr(upstream, "IDLE_SECONDS", 0.3)
+    async with scripted(echo_path) as up:
+        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{up.port}")), secrets=SECRETS)
+        token = mint()
+        agents = [await Agent.connect(p, token) for _ in range(3)]
+        for agent in agents:  # three at once: three upstream connections
+            agent.writer.write(agent.request("GET", "/openai/burst"))
+        for agent in agents:
+            assert (await agent.answer())[0] == 200
+        assert up.connections == 3
+        route = p.routes.table["openai"]
+        assert len(p.proxy.pool._idle[("http", "127.0.0.1", up.port, id(None))]) == 3
+        await asyncio.sleep(0.8)
+        assert up.closed == 3  # the reaper closed all three, nobody asked for one
+        assert p.proxy.pool.idle_connection(route) is None
+        agents[0].writer.write(agents[0].request("GET", "/openai/later"))
+        status, _, answer = await agents[0].answer()
+        assert (status, answer) == (200, b"/base/later 0")
+        assert up.connections == 4  # on a new connection
+        for agent in agents:
+            agent.close()
 
 
 async def test_early_hints_are_skipped_and_the_key_echoed_in_one_packet_is_scrubbed(make_proxy: ProxyFactory) -> None:
