@@ -49,9 +49,9 @@ def _token() -> tuple[str, jwk.Key]:
     return jwt.encode({"alg": "RS256", "kid": "k1"}, claims, key), key
 
 
-def _rsa_verify(token: str, key: jwk.Key) -> Callable[[], object]:
+def _rsa_verify(token: str, key: tokens.PublicKey) -> Callable[[], object]:
     """The floor under a full validation: the token's RS256 signature checked by ``cryptography`` alone."""
-    public = key.get_op_key("verify")
+    public = key.public
     head, body, signature = token.split(".")
     message, raw = f"{head}.{body}".encode(), base64.urlsafe_b64decode(signature + "==")
     assert isinstance(public, rsa.RSAPublicKey)
