@@ -1,4 +1,4 @@
-"""The sidecar's process holds only what it uses: no aiohttp, kopf, kubernetes, authlib, prometheus_client.
+"""The sidecar's process holds only what it uses: no aiohttp, kopf, kubernetes, authlib, prometheus_client, joserfc.
 
 Every agent pod pays the sidecar's memory; aiohttp alone cost 14 MB of RSS and
 a third of a second of start-up (issue 15). These tests look at a fresh
@@ -20,7 +20,8 @@ import aiohttp
 from tests.proxy.fakes import NAMESPACE, POD, POD_UID, SA, FakeApi, Upstream, bearer_upstream, mint, policy
 
 #: Top-level packages the sidecar must never load.
-FORBIDDEN = ("aiohttp", "multidict", "yarl", "kopf", "kubernetes", "authlib", "httpx", "requests", "prometheus_client")
+FORBIDDEN = ("aiohttp", "multidict", "yarl", "kopf", "kubernetes", "authlib", "httpx", "requests", "prometheus_client",
+             "joserfc")
 
 _REPORT = f"""
 import json, sys
