@@ -215,18 +215,6 @@ class PublicKey:
         """A member of the JWK, as joserfc's keys answer ``key.get("alg")``."""
         return self.document.get(name, default)
 
-    def __call__(self, _obj: object = None) -> Any:
-        """The same JWK as joserfc imports it, for handing this key to joserfc as the reference.
-
-        joserfc resolves a callable key by calling it (``jwk.guess_key``), so the parity tests
-        pass ``KeySet.keys`` values to its ``deserialize_compact`` as they are. The sidecar never
-        calls this: joserfc is imported here only, and tests/proxy/test_lean_imports.py checks
-        that a running sidecar has not loaded it.
-        """
-        from joserfc import jwk
-
-        return jwk.import_key(dict(self.document))
-
 
 def _b64int(value: str) -> int:
     """A JWK number: strict base64url of at least one byte, big-endian (joserfc's ``base64_to_int``)."""
