@@ -235,8 +235,8 @@ class AgentConnection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (asyncio's, or uvloop's, which does not subclass asyncio.Transport)
+        self.transport = cast(asyncio.Transport, transport)
         self._server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:

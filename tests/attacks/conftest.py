@@ -15,6 +15,7 @@ import pytest
 
 from tests.attacks import world
 from tests.attacks.world import World
+from tests.loops import pytest_asyncio_loop_factories  # noqa: F401  (the sidecar's event loop)
 from tests.support.namespaces import make_namespace
 
 

@@ -8,6 +8,7 @@ import pytest
 from aiohttp import web
 
 from tests.core import fake_apiserver
+from tests.loops import pytest_asyncio_loop_factories  # noqa: F401  (the sidecar's event loop)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.loops import pytest_asyncio_loop_factories  # noqa: F401  (the sidecar's event loop)
 from tests.support.operator import SIDECAR_IMAGE, RunningOperator, start_operator
 
 

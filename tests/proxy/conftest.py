@@ -12,6 +12,7 @@ from aiohttp import web
 
 from sidekey.core import apiconfig, logs, reflector, tokens
 from sidekey.proxy import forwarding, routes, settings, sidecar
+from tests.loops import pytest_asyncio_loop_factories  # noqa: F401  (the sidecar's event loop)
 from tests.proxy.fakes import (
     ISSUER,
     KEY,
@@ -131,3 +132,4 @@ async def running(
     yield sc
     if not sc.draining:
         await sc.stop()
+

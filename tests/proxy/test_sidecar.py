@@ -15,9 +15,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 
 from sidekey.core import llmledger, logs
-from sidekey.proxy import sidecar
+from sidekey.proxy import main, sidecar
 from tests.proxy.fakes import (
     ISSUER,
     NAMESPACE,
@@ -212,3 +213,9 @@ async def call_status(s: aiohttp.ClientSession, url: str) -> int:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_the_sidecars_code_is_tested_on_the_loop_it_runs_on() -> None:
+    """``sidekey proxy`` runs on ``main.new_loop`` (uvloop); tests/loops.py puts this directory there too."""
+    assert main.new_loop is uvloop.new_event_loop
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
