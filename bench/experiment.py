@@ -2,7 +2,7 @@
 
 Each variant is the sidecar with a set of ``bench.launch`` patches (see
 there), e.g. ``--variant base= --variant nometrics=nometrics --variant
-uvloop=uvloop``. All variants run side by side on the proxy core and take
+std=stdloop``. All variants run side by side on the proxy core and take
 turns under the same wrk load, repetition after repetition, so the
 differences between them are measured under the same machine conditions.
 This is how docs/performance.md attributes the hot path's cost.

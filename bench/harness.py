@@ -87,12 +87,13 @@ def _say(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _first_call(url: str, token: str, timeout: float = 60.0) -> None:
+def _first_call(url: str, token: str | None, timeout: float = 60.0) -> None:
     """One chat completion with a long timeout: LiteLLM builds its router and
     client on the first request (a run failed when wrk's 1-second check got no
     answer in time), so that cost is paid here, outside any measurement."""
-    request = urllib.request.Request(url, data=arms.JSON_BODY.encode(), method="POST", headers={  # noqa: S310
-        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})  # (a loopback URL the bench built)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=arms.JSON_BODY.encode(), method="POST",  # noqa: S310
+                                     headers=headers)  # (a loopback URL the bench built)
     with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310 - loopback only
         answer.read()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ from sidekey.localcluster.cluster import LocalCluster
 from sidekey.localcluster.processes import Processes
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The image's entry point (``/opt/sidekey/bin/sidekey`` in the image).
+IMAGE_LAUNCHER = ROOT / "localcluster" / "images" / "sidekey"
 SERVICE_ACCOUNT = "agent"
 POD = "agent-0"
 SECRET = "bench-key"
@@ -111,14 +112,6 @@ def create_pod(cluster: LocalCluster, workdir: Path, *, upstream_port: int, sse_
     return Pod(identity=identity, key=key, agent_token=agent_token, workdir=workdir)
 
 
-def _sidekey_binary() -> str:
-    beside = Path(sys.executable).parent / "sidekey"
-    found = str(beside) if beside.exists() else shutil.which("sidekey")
-    if not found:
-        raise RuntimeError("the sidekey console script is not installed (pip install -e .)")
-    return found
-
-
 def cache_knob_exists() -> bool:
     """Whether the proxy reads ``SIDEKEY_TOKEN_CACHE`` (grep, not import: importing is slow)."""
     return any(TOKEN_CACHE_ENV in p.read_text() for p in
@@ -139,14 +132,15 @@ def start_sidecar(cluster: LocalCluster, pod: Pod, procs: Processes, name: str, 
                   env_extra: dict[str, str] | None = None) -> podplayer.RunningSidecar:
     """The sidecar, pinned to ``core``, through bench.launch when a patch is needed."""
     env = {"PATH": os.environ.get("PATH", ""), **(env_extra or {})}
-    command: list[str] = [_sidekey_binary(), "proxy"]
+    # the image's own entry point, the way the image runs it (python -IBu: isolated, unbuffered)
+    command: list[str] = [sys.executable, "-IBu", str(IMAGE_LAUNCHER), "proxy"]
     if not token_cache:
         env[TOKEN_CACHE_ENV] = "0"
     needed = patches_for(token_cache, patches)
     if needed:
         env["BENCH_PATCHES"] = ",".join(sorted(needed))
         env["PYTHONPATH"] = str(ROOT)
-        command = [sys.executable, "-m", "bench.launch", "proxy"]
+        command = [sys.executable, "-Bu", "-m", "bench.launch", "proxy"]  # -I would drop PYTHONPATH
     return podplayer.start_sidecar(cluster, pod.identity, procs, pod.workdir / name, name=name, env=env,
                                    command=command, prefix=procstats.pin_prefix(core), timeout=timeout,
                                    poll=0.005)

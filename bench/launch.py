@@ -11,11 +11,8 @@ proxy:
   ``SIDEKEY_TOKEN_CACHE`` knob.
 - ``noaudit``, ``nometrics``, ``noscrub``: ablations (no audit line, no
   Prometheus updates, no response scrubbing). Never a way to run a sidecar.
-- ``uvloop``: the uvloop event loop instead of asyncio's.
-- ``tailcheck``: the stream scrubber returns at once when a chunk's last
-  byte occurs in no secret form (a held-back tail must be a prefix of one,
-  so all its bytes, the last included, are bytes of some form): SSE events
-  end in a newline, which no key contains.
+- ``stdloop``: asyncio's own selector loop instead of the sidecar's uvloop
+  (``sidekey.proxy.main.new_loop``): what the loop is worth.
 - ``gcstats``: log each collector pass of generation 2 and any pass over
   5 ms to stderr (``gcstats gen=.. ms=..``): what the collector costs the tail.
 - ``trim``: ``malloc_trim(0)`` once the sidecar has started, handing the
@@ -34,7 +31,7 @@ from sidekey.core import tokens
 
 #: The product itself now asks for ``application/jwk-set+json`` and calls
 #: ``gc.freeze()`` after start-up, so those two former patches are gone.
-KNOWN = frozenset({"nocache", "noaudit", "nometrics", "noscrub", "uvloop", "trim", "tailcheck", "gcstats"})
+KNOWN = frozenset({"nocache", "noaudit", "nometrics", "noscrub", "stdloop", "trim", "gcstats"})
 
 
 class _Nothing:
@@ -57,6 +54,7 @@ def apply(patches: set[str]) -> None:
     if "noaudit" in patches:
         from sidekey.core import logs
         logs.AuditWriter.write = lambda self, record: None  # type: ignore[method-assign]
+        logs.AuditWriter.write_line = lambda self, line: None  # type: ignore[method-assign]
     if "nometrics" in patches:
         from sidekey.proxy import metrics
         for name in ("REQUESTS", "DURATION", "UPSTREAM_DURATION", "IN_FLIGHT", "TOKEN_FAILURES"):
@@ -66,19 +64,6 @@ def apply(patches: set[str]) -> None:
         scrubbing.Scrubber.scrub = lambda self, data: data  # type: ignore[method-assign]
         scrubbing.Scrubber.scrub_text = lambda self, text: text  # type: ignore[method-assign]
         scrubbing.Scrubber.held_back = lambda self, data: 0  # type: ignore[method-assign]
-    if "tailcheck" in patches:
-        from sidekey.proxy import scrubbing as scrub
-        held_back = scrub.Scrubber.held_back
-        alphabet: dict[int, frozenset[int]] = {}
-
-        def tail_checked(self: scrub.Scrubber, data: bytes) -> int:
-            letters = alphabet.get(id(self))
-            if letters is None:
-                letters = alphabet[id(self)] = frozenset(b for p in self._patterns for b in p)
-            if not data or data[-1] not in letters:
-                return 0
-            return int(held_back(self, data))
-        scrub.Scrubber.held_back = tail_checked  # type: ignore[method-assign]
     if "gcstats" in patches:
         import time
         began: list[float] = [0.0]
@@ -103,9 +88,11 @@ def apply(patches: set[str]) -> None:
             gc.collect()
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         sidecar.SidecarProcess.start = start_then_trim  # type: ignore[method-assign]
-    if "uvloop" in patches:
-        import uvloop
-        uvloop.install()
+    if "stdloop" in patches:
+        import asyncio
+
+        from sidekey.proxy import main as proxy_main
+        proxy_main.new_loop = asyncio.new_event_loop
 
 
 def main() -> int:
