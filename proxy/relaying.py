@@ -84,7 +84,8 @@ class Relay:
         self._reply.write(data)
         if self._sse:
             tail = data[-64:]
-            self.final = any(f in tail for f in FINAL_EVENTS)
+            final_a, final_b = FINAL_EVENTS  # two plain tests: a generator per SSE event is measurable
+            self.final = final_a in tail or final_b in tail
         for hook in self._hooks:
             if getattr(hook, "stopped", False):
                 raise llmexchange.StreamCut("the token budget ended the stream")
