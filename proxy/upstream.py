@@ -104,6 +104,15 @@ class Watcher(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One connection to an upstream; one exchange at a time."""
 
+    # no instance dict: a burst of connections leaves less of the heap behind
+    __slots__ = (
+        "_active", "_done", "_done_pending", "_drain", "_error", "_got_head", "_head", "_head_method",
+        "_in_head", "_info", "_last", "_loop", "_parser", "_pending", "_pool", "_sink", "_timeout",
+        "_until_close", "_watcher", "_write_paused", "chunked", "closed", "codings", "complete",
+        "content_length", "headers", "idle_since", "keep_alive", "origin", "read_paused", "reason",
+        "received_any", "reused", "sink_error", "status", "transport",
+    )
+
     def __init__(self, pool: Pool, origin: Origin) -> None:
         self._pool = pool
         self.origin = origin
