@@ -259,13 +259,7 @@ class Exchange:
                 record["reason"] = "stream_complete"
             record["bytes_out"] = self._reply.sent
         self._up.abandon()
-        record.setdefault("decision", "allowed")
-        if record.get("reason") == "stream_complete":
-            status = self._reply.status  # the agent closed after the final event: a completed stream
-            record["reason"] = "ok"
-        else:
-            record["reason"] = "client_disconnected"
-            status = 499
+        status = relaying.agent_left(record, self._reply.status)
         self._ended = True
         self._owner.finish(self._request, record, self._started, status)
 

@@ -195,13 +195,7 @@ class Proxy:
             except Exception as exc:
                 status = self._unexpected(reply, conn, record, exc)
         except asyncio.CancelledError:
-            record.setdefault("decision", "allowed")
-            if record.get("reason") == "stream_complete":
-                status = reply.status  # the agent closed after the final event: a completed stream
-                record["reason"] = "ok"
-            else:
-                record["reason"] = "client_disconnected"
-                status = 499
+            status = relaying.agent_left(record, reply.status)
             raise
         finally:
             self.finish(request, record, started, status)

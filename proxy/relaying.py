@@ -40,6 +40,21 @@ SMALL_BODY: Final = 64 * 1024
 FINAL_EVENTS: Final = (b"data: [DONE]", b"event: message_stop")
 
 
+
+def agent_left(record: auditing.AuditRecord, status: int) -> int:
+    """The status to audit when the agent closed before its answer was done (both paths).
+
+    After the final event of a stream (``record["reason"]`` is ``stream_complete``) the
+    stream was complete: it keeps the answer's ``status`` and the reason ``ok``. Anything
+    earlier is a ``499 client_disconnected``.
+    """
+    record.setdefault("decision", "allowed")
+    if record.get("reason") == "stream_complete":
+        record["reason"] = "ok"
+        return status
+    record["reason"] = "client_disconnected"
+    return 499
+
 class ChunkHook(Protocol):
     """Sees every piece of an allowed response after scrubbing (an SSE event as it arrives)."""
 
