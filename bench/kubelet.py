@@ -70,8 +70,7 @@ def create_pod(cluster: LocalCluster, workdir: Path, *, upstream_port: int, sse_
     every SSE event)."""
     for crd in sorted((ROOT / "crds").glob("*.yaml")):
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    f"crd/{contract.PLURAL}.{contract.GROUP}")
+    cluster.wait_established(f"{contract.PLURAL}.{contract.GROUP}")
     ns = f"bench-{secrets.token_hex(4)}"
     key = f"sk-bench-FAKE-{secrets.token_hex(16)}"
 

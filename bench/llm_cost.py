@@ -68,7 +68,7 @@ def run(requests: int, streams: int, repetitions: int) -> dict[str, dict[str, fl
             Processes(Path(tmp) / "procs") as procs:
         cluster.kubectl("apply", "--server-side", "-f",
                         str(Path(__file__).resolve().parent.parent / "crds" / "sidekey.io_agentpolicies.yaml"))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/agentpolicies.sidekey.io")
+        cluster.wait_established("agentpolicies.sidekey.io")
         arms: dict[str, tuple[int, str, str]] = {}  # name -> (pid, url, token)
         for name, llm in (("plain", False), ("llm", True)):
             for kind, port in (("", mock.port), ("-sse", sse_mock.port)):

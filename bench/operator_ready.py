@@ -89,7 +89,7 @@ def main() -> int:
     with LocalCluster() as cluster, tempfile.TemporaryDirectory() as tmp:
         for crd in sorted((ROOT / "crds").glob("*.yaml")):
             cluster.kubectl("apply", "--server-side", "-f", str(crd))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/agentpolicies.sidekey.io")
+        cluster.wait_established("agentpolicies.sidekey.io")
         ns = "bench"
         cluster.kubectl("create", "namespace", ns)
         cluster.kubectl("create", "namespace", "sidekey-system")

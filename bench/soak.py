@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sidekey-soak-") as tmp, LocalCluster() as cluster:
         for f in sorted((ROOT / "crds").glob("*.yaml")):
             cluster.kubectl("apply", "--server-side", "-f", str(f))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/agentpolicies.sidekey.io")
+        cluster.wait_established("agentpolicies.sidekey.io")
         report = run(cluster, Path(tmp), args.minutes * 60, concurrency=args.concurrency,
                      rotate_every=args.rotate_every, edit_every=args.edit_every)
     summary = report.summary()

@@ -162,7 +162,7 @@ class Demo:
         self.out.step("Install sidekey: the CRD, the admission guards, the operator and the webhook")
         for f in sorted(CRDS.glob("*.yaml")):
             self.kubectl("apply", "--server-side", "-f", str(f))
-        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/agentpolicies.sidekey.io")
+        self.cluster.wait_established("agentpolicies.sidekey.io")
         self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NS}})
         self.out.ok("CRD agentpolicies.sidekey.io established")
 

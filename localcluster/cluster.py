@@ -350,6 +350,24 @@ class LocalCluster:
             raise KubectlFailed(proc.returncode, ["kubectl", *args], proc.stdout, proc.stderr)
         return proc.stdout if check else proc.stdout + proc.stderr
 
+    def wait_established(self, *crds: str, timeout: float = 60.0) -> None:
+        """Wait until each named CustomResourceDefinition is served (its ``Established`` condition).
+
+        Not ``kubectl wait --for=condition=Established``: asked right after the apply,
+        before the apiserver has written any condition, kubectl fails at once with
+        ".status.conditions accessor error: <nil>" instead of waiting (seen in a benchmark run).
+        """
+        deadline = time.monotonic() + timeout
+        for name in crds:
+            while True:
+                crd = self.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+                conditions = (crd.get("status") or {}).get("conditions") or []
+                if any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"CRD {name} not established within {timeout:.0f} s: {conditions}")
+                time.sleep(0.1)
+
     def token(
         self,
         namespace: str,

@@ -61,7 +61,7 @@ def crds(cluster: Any) -> list[str]:
             if doc and doc.get("kind") == "CustomResourceDefinition":
                 names.append(doc["metadata"]["name"])
     for name in names:
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
+        cluster.wait_established(name)
     return names
 
 

@@ -220,8 +220,7 @@ def test_with_the_apiserver_stopped_the_sidecar_keeps_serving_from_its_cache(tmp
     try:
         for f in sorted(CRDS.glob("*.yaml")):
             own.kubectl("apply", "--server-side", "-f", str(f))
-        own.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    f"crd/{contract.PLURAL}.{contract.GROUP}")
+        own.wait_established(f"{contract.PLURAL}.{contract.GROUP}")
         namespace = make_namespace(own, "skdown")
         with world.running_upstream(trap) as up:
             uid = world.subject(own, namespace, up.url)
