@@ -58,7 +58,10 @@ CLIENT_DEFAULT: Final = _ClientDefault()
 
 #: ``resolve(host, port)``: the addresses to try, in order; raises OSError to refuse.
 Resolve = Callable[[str, int], Awaitable[list[str]]]
-_Key = tuple[str, str, int, int]  # scheme, host, port, id of the TLS context
+#: scheme, host, port and the TLS context itself (not its id(), which a new context could
+#: take over once the old one is freed): a connection is reused only under the context
+#: that verified it.
+_Key = tuple[str, str, int, ssl.SSLContext | None]
 
 
 class HttpError(errors.Unavailable, OSError):
@@ -352,7 +355,7 @@ class Client:
             await self._slots.acquire()
         conn: _Connection | None = None
         try:
-            conn = await self._exchange((scheme, host, port, id(ctx)), host, port, ctx, data, silence)
+            conn = await self._exchange((scheme, host, port, ctx), host, port, ctx, data, silence)
             if conn.headers.get("content-encoding", "identity").lower() != "identity":
                 raise HttpError(f"the answer is {conn.headers['content-encoding'][:32]!r}-encoded; identity was asked for")
             yield Stream(conn, silence)

@@ -261,3 +261,32 @@ async def test_tls_is_verified_against_the_callers_context(
             await client.request("GET", url, tls=stranger)
     finally:
         await client.close()
+
+
+async def test_a_kept_connection_is_reused_only_under_the_context_that_verified_it(
+    serve: Callable[..., Awaitable[Server]], tmp_path: Path
+) -> None:
+    ca = certificates.make_ca("test CA")
+    leaf = certificates.issue(ca, "server", ip_addresses=["127.0.0.1"])
+    (tmp_path / "server.pem").write_bytes(leaf.cert_pem + leaf.key_pem)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "server.pem")
+
+    async def answer_all(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(OK)
+            await writer.drain()
+    server = await serve(answer_all, context)
+    url = f"https://127.0.0.1:{server.port}/"
+    first = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    second = ssl.create_default_context(cadata=ca.cert_pem.decode())  # the same trust, another context
+    client = httpclient.Client()
+    try:
+        assert (await client.request("GET", url, tls=first)).status == 200
+        assert (await client.request("GET", url, tls=first)).status == 200
+        assert server.connections == 1  # reused under the same context
+        assert (await client.request("GET", url, tls=second)).status == 200
+        assert server.connections == 2  # never handed to another context
+    finally:
+        await client.close()
