@@ -13,27 +13,34 @@ longer publishes. Successful results are cached by a hash of the token until
 the token expires, which keeps the hot path to one dict lookup.
 
 A miss (the first call with each rotated token) pays one signature check by
-``cryptography`` and one strict read of the payload, little else: the token is
-split once and each segment decoded once, with joserfc's strict base64url
-rules; the header, the same for every token a key signs, is checked once
-(joserfc's header rules included) and remembered once a token with it was
-accepted; unchanged JWKs keep their imported keys across refreshes.
+OpenSSL and one strict read of the payload, little else: the token is split
+once and each segment decoded once, with joserfc's strict base64url rules; the
+header, the same for every token a key signs, is checked once (joserfc's
+header rules included) and remembered once a token with it was accepted;
+unchanged JWKs keep their imported keys across refreshes.
 
-The JWKs are imported and the signatures checked with ``cryptography``
-directly, the library joserfc itself verifies with, not through joserfc:
-importing joserfc cost every sidecar 2.3 MB of RSS, nearly all of it private
-(80 modules: its PEM module loads ``cryptography.x509``, ``email`` and
-``zlib``), none of which a JWKS of bare public numbers needs, and every agent
-pod pays the sidecar's memory. What joserfc did is kept, as data
-declared once below: its registered header names and their types, its size
-limits, its JWK member rules, its key checks (``use``, ``key_ops``, ``alg``,
-curve) and its signature schemes (PSS with the digest's length as salt, ES
-signatures as raw ``r || s`` of the curve's size). joserfc stays the
-reference: the checks and their order are those of its ``deserialize_compact``
-followed by the claims, tests/core/test_tokens_joserfc_parity.py holds every
-token's outcome to joserfc's, and test_tokens_cryptography_parity.py holds
-these tables to joserfc's registries and every JWK's import to its
-``jwk.import_key``.
+The signatures are checked by the system's libcrypto, the same OpenSSL 3 that
+Python's ``ssl`` and ``hashlib`` already loaded, called through ``ctypes``
+(core/openssl.py: the EVP API, with each JWK's numbers turned into a DER
+SubjectPublicKeyInfo parsed once), not by ``cryptography``: its Rust binding
+cost every sidecar 7.8 MB of RSS, 2 MB of it anonymous, where ``ctypes`` and
+the library already mapped cost 1.6 MB, and every agent pod pays the sidecar's
+memory. A 2048-bit RSA check takes as long either way (pure Python's ``pow``
+alone would take 270 µs). ``cryptography`` is imported only to read the rare
+JWK with private members, which joserfc reads as a private key that must be
+consistent. Neither is joserfc imported: it cost 2.3 MB more, nearly all of it
+private (80 modules: its PEM module loads ``cryptography.x509``, ``email`` and
+``zlib``), none of which a JWKS of bare public numbers needs. What joserfc did
+is kept, as data declared once below: its registered header names and their
+types, its size limits, its JWK member rules, its key checks (``use``,
+``key_ops``, ``alg``, curve), the public-number checks of the cryptography it
+imported keys with, and its signature schemes (PSS with the digest's length
+as salt, ES signatures as raw ``r || s`` of the curve's size). joserfc stays
+the reference: the checks and their order are those of its
+``deserialize_compact`` followed by the claims,
+tests/core/test_tokens_joserfc_parity.py holds every token's outcome to
+joserfc's, and test_tokens_cryptography_parity.py holds these tables to
+joserfc's registries and every JWK's import to its ``jwk.import_key``.
 
 The time claims bound the token's *lifetime*, not only its end: ``iat`` is
 required and ``exp - iat`` may not exceed ``MAX_LIFETIME`` (the longest
@@ -61,12 +68,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-
-from sidekey.core import errors
+from sidekey.core import errors, openssl
 
 log = logging.getLogger("sidekey.tokens")
 
@@ -179,13 +181,19 @@ _USE_OPERATIONS: Final[Mapping[str, tuple[str, ...]]] = {
 
 @dataclass(frozen=True, slots=True)
 class _Curve:
-    curve: type[ec.EllipticCurve]
-    #: Bytes of each of ``r`` and ``s`` in a JWS signature (RFC 7518 section 3.4).
+    #: The named curve's OID, DER-encoded (RFC 5480 section 2.1.1.1).
+    oid: bytes
+    #: Bytes of each coordinate of a point, and of each of ``r`` and ``s`` in a JWS signature
+    #: (RFC 7518 section 3.4).
     size: int
+    #: cryptography's name of the curve, for the rare JWK with a private member.
+    name: str
 
 
 _CURVES: Final[Mapping[str, _Curve]] = {
-    "P-256": _Curve(ec.SECP256R1, 32), "P-384": _Curve(ec.SECP384R1, 48), "P-521": _Curve(ec.SECP521R1, 66),
+    "P-256": _Curve(bytes.fromhex("06082a8648ce3d030107"), 32, "SECP256R1"),
+    "P-384": _Curve(bytes.fromhex("06052b81040022"), 48, "SECP384R1"),
+    "P-521": _Curve(bytes.fromhex("06052b81040023"), 66, "SECP521R1"),
 }
 
 
@@ -199,7 +207,8 @@ class PublicKey:
 
     #: The JWK as published.
     document: Mapping[str, Any]
-    public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+    #: The public key, parsed by OpenSSL from its DER SubjectPublicKeyInfo.
+    public: openssl.PublicKey
     #: ``RSA`` or ``EC``.
     key_type: str
     #: The algorithm the JWK names, or ``""`` for any of its type.
@@ -232,9 +241,10 @@ def _b64int(value: str) -> int:
 def import_jwk(document: Mapping[str, Any]) -> PublicKey:
     """A JWK read as joserfc's ``jwk.import_key`` reads it: the same members checked, the same keys refused.
 
-    Raises ValueError (JWKError, or cryptography's for numbers that make no key). A JWK with
-    private members (``d``, the RSA primes) is used as joserfc uses it, as a private key that
-    must be consistent, and is refused when it is not; only its public key is kept.
+    Raises ValueError (JWKError naming the member at fault; or, for a JWK with private members,
+    cryptography's). A JWK with private members (``d``, the RSA primes) is used as joserfc uses
+    it, as a private key that must be consistent, and is refused when it is not; only its public
+    key is kept.
     """
     kty = document.get("kty")
     if not isinstance(kty, str) or kty not in _KEY_TYPE_MEMBERS:
@@ -253,7 +263,6 @@ def import_jwk(document: Mapping[str, Any]) -> PublicKey:
         if allowed is None or any(op not in allowed for op in key_ops):
             raise JWKError("key_ops names operations its use does not allow")
     curve = None
-    public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
     if kty == "RSA":
         public = _rsa_public_key(document)
     else:
@@ -266,10 +275,53 @@ def import_jwk(document: Mapping[str, Any]) -> PublicKey:
     )
 
 
-def _rsa_public_key(document: Mapping[str, Any]) -> rsa.RSAPublicKey:
-    numbers = rsa.RSAPublicNumbers(_b64int(document["e"]), _b64int(document["n"]))
-    if "d" not in document:
-        return numbers.public_key()
+def _rsa_public_key(document: Mapping[str, Any]) -> openssl.PublicKey:
+    e, n = _b64int(document["e"]), _b64int(document["n"])
+    if "d" in document:
+        n, e = _private_rsa_numbers(document, n, e)
+    # cryptography's checks of public numbers (RSAPublicNumbers.public_key), which joserfc relied on;
+    # an even n is not refused there, and OpenSSL then fails every signature
+    if n < 3:
+        raise JWKError("member 'n' must be at least 3")
+    if not 3 <= e < n:
+        raise JWKError("member 'e' must be at least 3 and less than n")
+    if not e & 1:
+        raise JWKError("member 'e' must be odd")
+    try:
+        return openssl.PublicKey(openssl.rsa_spki(n, e))
+    except openssl.RefusedKey:
+        raise JWKError("members 'n' and 'e' make no RSA key OpenSSL reads") from None
+
+
+def _ec_public_key(document: Mapping[str, Any]) -> openssl.PublicKey:
+    curve = _CURVES.get(document["crv"])
+    if curve is None:
+        raise JWKError("crv must be P-256, P-384 or P-521")
+    x, y = _b64int(document["x"]), _b64int(document["y"])
+    if "d" in document:
+        x, y = _private_ec_numbers(document, curve, x, y)
+    try:
+        der = openssl.ec_spki(curve.oid, curve.size, x, y)
+    except OverflowError:
+        raise JWKError(f"member 'x' or 'y' is longer than a coordinate of {document['crv']}") from None
+    try:
+        # d2i_PUBKEY refuses a coordinate not below the field's prime and a point off the curve
+        # (tests/core/test_openssl.py); the public check adds the point's order
+        return openssl.PublicKey(der, check=True)
+    except openssl.RefusedKey:
+        raise JWKError(f"members 'x' and 'y' are not a point of {document['crv']}") from None
+
+
+def _private_rsa_numbers(document: Mapping[str, Any], n: int, e: int) -> tuple[int, int]:
+    """``(n, e)`` of a JWK with private members, read as joserfc reads it: a private key that must
+    be consistent (cryptography checks it), whose own public key is kept.
+
+    Only such a JWK, which publishes a signing key and never comes from a healthy apiserver,
+    imports ``cryptography``; the sidecar otherwise never loads it (7.8 MB of RSS).
+    """
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    numbers = rsa.RSAPublicNumbers(e, n)
     primes = [name in document for name in ("p", "q", "dp", "dq", "qi")]
     d = _b64int(document["d"])
     if all(primes):
@@ -280,19 +332,19 @@ def _rsa_public_key(document: Mapping[str, Any]) -> rsa.RSAPublicKey:
     else:
         p, q = rsa.rsa_recover_prime_factors(numbers.n, numbers.e, d)
         dmp1, dmq1, iqmp = rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q)
-    return rsa.RSAPrivateNumbers(p, q, d, dmp1, dmq1, iqmp, numbers).private_key().public_key()
+    public = rsa.RSAPrivateNumbers(p, q, d, dmp1, dmq1, iqmp, numbers).private_key().public_key().public_numbers()
+    return public.n, public.e
 
 
-def _ec_public_key(document: Mapping[str, Any]) -> ec.EllipticCurvePublicKey:
-    curve = _CURVES.get(document["crv"])
-    if curve is None:
-        raise JWKError("crv must be P-256, P-384 or P-521")
-    numbers = ec.EllipticCurvePublicNumbers(_b64int(document["x"]), _b64int(document["y"]), curve.curve())
-    if "d" not in document:
-        return numbers.public_key()
-    # the key joserfc verifies with is the private key's own public key
-    return ec.EllipticCurvePrivateNumbers(_b64int(document["d"]), numbers).private_key().public_key()
+def _private_ec_numbers(document: Mapping[str, Any], curve: _Curve, x: int, y: int) -> tuple[int, int]:
+    """``(x, y)`` of an EC JWK with ``d``: the private key's own public key, as joserfc verifies with
+    (cryptography checks that ``d`` makes that point); ``cryptography`` is imported only here."""
+    from cryptography.hazmat.primitives.asymmetric import ec
 
+    numbers = ec.EllipticCurvePublicNumbers(x, y, getattr(ec, curve.name)())
+    public = ec.EllipticCurvePrivateNumbers(_b64int(document["d"]), numbers).private_key().public_key()
+    point = public.public_numbers()
+    return point.x, point.y
 
 class _KeyOpsRefused(ValueError):
     """The key's ``key_ops`` do not allow verifying (joserfc's ``UnsupportedKeyOperationError``)."""
@@ -303,22 +355,18 @@ class _RSAScheme:
     """RS* (PKCS #1 v1.5) and PS* (PSS): joserfc's ``RSAAlgorithm`` and ``RSAPSSAlgorithm``."""
 
     name: str
-    padding: padding.AsymmetricPadding
-    hash: hashes.HashAlgorithm
+    digest: openssl.Digest
+    #: PSS as joserfc verifies it: MGF1 of the same digest, a salt exactly the digest's length.
+    pss: bool
     #: RSA keys have no curve to match.
     curve: None = None
 
     def verify(self, key: PublicKey, message: bytes, signature: bytes) -> bool:
         if not key.may_verify:
             raise _KeyOpsRefused()
-        public = key.public
-        if not isinstance(public, rsa.RSAPublicKey):  # the key type was checked before
+        if key.key_type != "RSA":  # the key type was checked before
             raise TypeError("not an RSA key")
-        try:
-            public.verify(signature, message, self.padding, self.hash)
-        except InvalidSignature:
-            return False
-        return True
+        return key.public.verify(self.digest, message, signature, pss=self.pss)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +376,7 @@ class _ECScheme:
     name: str
     #: The curve the key must be on.
     curve: str
-    ecdsa: ec.ECDSA
+    digest: openssl.Digest
 
     def verify(self, key: PublicKey, message: bytes, signature: bytes) -> bool:
         size = _CURVES[self.curve].size
@@ -336,33 +384,24 @@ class _ECScheme:
             return False
         if not key.may_verify:
             raise _KeyOpsRefused()
-        public = key.public
-        if not isinstance(public, ec.EllipticCurvePublicKey):
+        if key.key_type != "EC":
             raise TypeError("not an EC key")
-        r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
-        try:
-            public.verify(encode_dss_signature(r, s), message, self.ecdsa)
-        except InvalidSignature:
-            return False
-        return True
+        # r or s of zero, or not below the group's order, is a signature OpenSSL refuses
+        der = openssl.ecdsa_signature(signature[:size], signature[size:])
+        return key.public.verify(self.digest, message, der)
 
 
-def _pss(digest: hashes.HashAlgorithm) -> padding.PSS:
-    """PSS as joserfc verifies it: MGF1 of the same digest, a salt exactly the digest's length."""
-    return padding.PSS(mgf=padding.MGF1(digest), salt_length=digest.digest_size)
-
-
-#: Every allowed ``alg``, with its scheme; the hash and padding objects are made once.
+#: Every allowed ``alg``, with its scheme.
 _ALGORITHMS: Final[Mapping[str, _RSAScheme | _ECScheme]] = {
-    "RS256": _RSAScheme("RS256", padding.PKCS1v15(), hashes.SHA256()),
-    "RS384": _RSAScheme("RS384", padding.PKCS1v15(), hashes.SHA384()),
-    "RS512": _RSAScheme("RS512", padding.PKCS1v15(), hashes.SHA512()),
-    "PS256": _RSAScheme("PS256", _pss(hashes.SHA256()), hashes.SHA256()),
-    "PS384": _RSAScheme("PS384", _pss(hashes.SHA384()), hashes.SHA384()),
-    "PS512": _RSAScheme("PS512", _pss(hashes.SHA512()), hashes.SHA512()),
-    "ES256": _ECScheme("ES256", "P-256", ec.ECDSA(hashes.SHA256())),
-    "ES384": _ECScheme("ES384", "P-384", ec.ECDSA(hashes.SHA384())),
-    "ES512": _ECScheme("ES512", "P-521", ec.ECDSA(hashes.SHA512())),
+    "RS256": _RSAScheme("RS256", openssl.SHA256, pss=False),
+    "RS384": _RSAScheme("RS384", openssl.SHA384, pss=False),
+    "RS512": _RSAScheme("RS512", openssl.SHA512, pss=False),
+    "PS256": _RSAScheme("PS256", openssl.SHA256, pss=True),
+    "PS384": _RSAScheme("PS384", openssl.SHA384, pss=True),
+    "PS512": _RSAScheme("PS512", openssl.SHA512, pss=True),
+    "ES256": _ECScheme("ES256", "P-256", openssl.SHA256),
+    "ES384": _ECScheme("ES384", "P-384", openssl.SHA384),
+    "ES512": _ECScheme("ES512", "P-521", openssl.SHA512),
 }
 #: How many distinct clean headers a validator remembers; an apiserver has one per signing key.
 _HEADER_MEMO_SIZE: Final = 64
@@ -442,7 +481,7 @@ class KeySet:
         """Replace the keys with the document's; return whether anything changed.
 
         A key whose JWK is the same as in the last load keeps its imported object
-        (and the ``cryptography`` public key inside it): the periodic refresh does
+        (and the OpenSSL public key inside it): the periodic refresh does
         not re-import an unchanged set. A kid whose JWK changed is imported anew.
         A JWK that makes no key is skipped with a warning; the others still load.
         """

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from joserfc import errors as jose_errors
@@ -151,7 +152,8 @@ def imported_alike(document: Mapping[str, Any]) -> bool:
     assert (theirs is None) == (ours is None), (document, theirs, ours)
     if theirs is None or ours is None:
         return False
-    assert ours.public.public_numbers() == theirs.public_key.public_numbers()
+    # the key OpenSSL parsed is the SubjectPublicKeyInfo cryptography writes for joserfc's public key
+    assert ours.public.der == theirs.public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     assert ours.key_type == theirs.key_type
     assert ours.alg == (theirs.get("alg") or "")
     assert ours.curve == (theirs.curve_name if isinstance(theirs, jwk.ECKey) else None)

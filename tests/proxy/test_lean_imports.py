@@ -1,7 +1,9 @@
-"""The sidecar's process holds only what it uses: no aiohttp, kopf, kubernetes, authlib, prometheus_client, joserfc.
+"""The sidecar's process holds only what it uses: no aiohttp, kopf, kubernetes, authlib, prometheus_client, joserfc,
+cryptography.
 
 Every agent pod pays the sidecar's memory; aiohttp alone cost 14 MB of RSS and
-a third of a second of start-up (issue 15). These tests look at a fresh
+a third of a second of start-up (issue 15), cryptography 7.8 MB (tokens are
+verified by libcrypto through ctypes, core/openssl.py). These tests look at a fresh
 interpreter's ``sys.modules``: after the import, and after a real start against
 the fake apiserver that serves a call with an OAuth2 upstream (token fetch,
 watches, JWKS, discovery), so a module imported lazily on those paths counts too.
@@ -10,6 +12,7 @@ watches, JWKS, discovery), so a module imported lazily on those paths counts too
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -21,7 +24,7 @@ from tests.proxy.fakes import NAMESPACE, POD, POD_UID, SA, FakeApi, Upstream, be
 
 #: Top-level packages the sidecar must never load.
 FORBIDDEN = ("aiohttp", "multidict", "yarl", "kopf", "kubernetes", "authlib", "httpx", "requests", "prometheus_client",
-             "joserfc")
+             "joserfc", "cryptography")
 
 _REPORT = f"""
 import json, sys
@@ -34,6 +37,34 @@ def test_importing_the_sidecar_loads_no_http_framework_nor_kubernetes_client() -
         out = subprocess.run([sys.executable, "-c", entry + "\n" + _REPORT], capture_output=True, text=True,
                              check=True, timeout=60).stdout
         assert json.loads(out) == [], f"{entry!r} loaded {out.strip()}"
+
+
+_JWKS = """
+import json, sys
+from sidekey.core import tokens
+document = json.loads(sys.argv[1])
+tokens.import_jwk({k: v for k, v in document.items() if k != "d"})
+public_only = "cryptography" in sys.modules
+tokens.import_jwk(document)
+print(json.dumps([public_only, "cryptography" in sys.modules]), flush=True)
+"""
+
+
+def test_the_tokens_module_loads_cryptography_only_for_a_jwk_with_private_members() -> None:
+    """A public JWK is imported by libcrypto through ctypes; one that publishes ``d`` is checked as a
+    private key by cryptography, which is imported then, in that rare path only."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    numbers = ec.generate_private_key(ec.SECP256R1()).private_numbers()
+
+    def b64(number: int) -> str:
+        return base64.urlsafe_b64encode(number.to_bytes(32, "big")).rstrip(b"=").decode()
+
+    document = {"kty": "EC", "crv": "P-256", "x": b64(numbers.public_numbers.x), "y": b64(numbers.public_numbers.y),
+                "d": b64(numbers.private_value)}
+    out = subprocess.run([sys.executable, "-c", _JWKS, json.dumps(document)], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert json.loads(out) == [False, True]
 
 
 _SIDECAR = """
