@@ -196,6 +196,52 @@ def test_the_helm_test_pods_python_and_the_venv_work(rootfs: Path, tmp_path: Pat
     assert (rootfs / "etc" / "ssl" / "certs" / "ca-certificates.crt").stat().st_size > 100_000
 
 
+_VERIFY_IN_IMAGE = """
+import json, ssl, sys
+from sidekey.core import openssl, tokens
+cases = json.loads(sys.argv[1])
+answers = [tokens._ALGORITHMS[alg].verify(tokens.import_jwk(jwk), msg.encode(), bytes.fromhex(sig))
+           for jwk, alg, msg, sig in cases]
+print(json.dumps({"answers": answers, "soname": openssl.soname(), "version": ssl.OPENSSL_VERSION,
+                  "cryptography": "cryptography" in sys.modules}))
+"""
+
+
+def test_the_sidecar_verifies_signatures_with_the_images_own_libcrypto(rootfs: Path, tmp_path: Path) -> None:
+    """core/openssl opens libcrypto by the soname of the OpenSSL the image's Python runs on (no
+    ldconfig, no shell), and
+    verifies RSA, PSS and EC signatures made here by cryptography, which the image's sidecar never loads."""
+    import base64
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+
+    def b64(number: int, size: int) -> str:
+        return base64.urlsafe_b64encode(number.to_bytes(size, "big")).rstrip(b"=").decode()
+
+    message = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0"
+    rsa_key, ec_key = rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP256R1())
+    rn, en = rsa_key.public_key().public_numbers(), ec_key.public_key().public_numbers()
+    rsa_jwk = {"kty": "RSA", "n": b64(rn.n, 256), "e": b64(rn.e, 3)}
+    ec_jwk = {"kty": "EC", "crv": "P-256", "x": b64(en.x, 32), "y": b64(en.y, 32)}
+    rs256 = rsa_key.sign(message.encode(), padding.PKCS1v15(), hashes.SHA256())
+    ps256 = rsa_key.sign(message.encode(), padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+    r, s = utils.decode_dss_signature(ec_key.sign(message.encode(), ec.ECDSA(hashes.SHA256())))
+    es256 = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    cases = [(rsa_jwk, "RS256", message, rs256.hex()), (rsa_jwk, "PS256", message, ps256.hex()),
+             (ec_jwk, "ES256", message, es256.hex()), (rsa_jwk, "RS256", message + "x", rs256.hex()),
+             (ec_jwk, "ES256", message, (es256[:-1] + bytes([es256[-1] ^ 1])).hex())]
+    shown = run_in(rootfs, ["/opt/sidekey/bin/python", "-IB", "-c", _VERIFY_IN_IMAGE, json.dumps(cases)],
+                   env={"PATH": "/opt/sidekey/bin:/usr/bin:/bin"}, work=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    out = json.loads(shown.stdout)
+    assert out["answers"] == [True, True, True, False, False]
+    # the one Debian's libssl3 installs (the import checked its version is ssl's: there is no /proc to read)
+    assert out["soname"] == "libcrypto.so.3" and out["version"].startswith("OpenSSL 3."), out
+    assert list(rootfs.glob("usr/lib/*/libcrypto.so.3")), "no libcrypto.so.3 in the image"
+    assert not out["cryptography"]
+
+
 def test_the_entry_point_ignores_the_environment_and_path(rootfs: Path, tmp_path: Path) -> None:
     """Issue 14: a look-alike sidecar's env must not run code in the real sidecar's interpreter."""
     evil = tmp_path / "evil"
