@@ -327,6 +327,41 @@ async def test_idle_pooled_connections_are_closed_once_their_idle_time_is_up(
             agent.close()
 
 
+async def test_a_burst_wider_than_a_fixed_idle_cap_reuses_its_connections(make_proxy: ProxyFactory) -> None:
+    """The pool keeps what the agent's concurrency used; the reaper, not a cap, closes the rest.
+
+    With idle connections capped at 64 per origin, a pod with more requests in flight closed
+    each surplus connection as it came back and opened another for the next request: 40 % of
+    the requests at 256 connections paid a new upstream connection (a TLS handshake on a real
+    upstream). Here 100 requests are held in flight together, twice.
+    """
+    width = 100
+    arrived: list[asyncio.Event] = []
+
+    async def together(head: str, body: bytes, writer: asyncio.StreamWriter) -> bool:
+        rnd = 0 if "/round0/" in head else 1
+        if sum(1 for h in up.heads if f"/round{rnd}/" in h) >= width:
+            arrived[rnd].set()
+        await asyncio.wait_for(arrived[rnd].wait(), 10)  # every answer waits until all are in flight
+        return await echo_path(head, body, writer)
+
+    async with scripted(together) as up:
+        arrived.extend((asyncio.Event(), asyncio.Event()))
+        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{up.port}")), secrets=SECRETS)
+        token = mint()
+        agents = [await Agent.connect(p, token) for _ in range(width)]
+        for rnd in range(2):
+            for i, agent in enumerate(agents):
+                agent.writer.write(agent.request("GET", f"/openai/round{rnd}/{i}"))
+            answers = [await agent.answer(within=15) for agent in agents]
+            assert [a[0] for a in answers] == [200] * width
+            await asyncio.sleep(0.05)  # every connection is back in the pool
+        assert up.connections == width, "the second round opened new connections"
+        assert up.closed == 0
+        for agent in agents:
+            agent.close()
+
+
 async def test_early_hints_are_skipped_and_the_key_echoed_in_one_packet_is_scrubbed(make_proxy: ProxyFactory) -> None:
     async def leaks(head: str, body: bytes, writer: asyncio.StreamWriter) -> bool:
         if "/warm" in head:
