@@ -24,7 +24,7 @@ from tests.proxy.fakes import NAMESPACE, POD, POD_UID, SA, FakeApi, Upstream, be
 
 #: Top-level packages the sidecar must never load.
 FORBIDDEN = ("aiohttp", "multidict", "yarl", "kopf", "kubernetes", "authlib", "httpx", "requests", "prometheus_client",
-             "joserfc", "cryptography")
+             "joserfc", "cryptography", "html")
 
 _REPORT = f"""
 import json, sys

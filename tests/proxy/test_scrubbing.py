@@ -228,3 +228,13 @@ def test_a_header_name_that_echoes_the_key_is_scrubbed_to_a_token() -> None:
 def test_a_key_of_punctuation_only_is_still_found_without_an_anchor() -> None:
     s = scrubbing.Scrubber(["!@#$%^&*()"])
     assert s.scrub(b"x %21%40%23%24%25%5E%26%2A%28%29 y") == b"x " + b"*" * 30 + b" y"
+
+
+def test_the_written_out_html_references_are_those_of_html5() -> None:
+    """The table of ASCII punctuation's named references equals what ``html.entities`` holds."""
+    import html.entities  # the test may; the sidecar does not
+    expected: dict[int, tuple[str, ...]] = {}
+    for name, text in html.entities.html5.items():
+        if len(text) == 1 and ord(text) < 0x80 and not text.isalnum():
+            expected[ord(text)] = (*expected.get(ord(text), ()), "&" + name)
+    assert expected == scrubbing._NAMED
