@@ -16,8 +16,10 @@ PHP's JSON ``/`` as ``\\/``, HTML ``&`` as ``&amp;`` or ``&#38;``. Listing
 whole encoded strings misses every mix, so a form is a sequence of
 *units*, one per character: a letter or digit has one spelling, any other
 character all of its spellings (raw, ``%2F``/``%2f``, ``\\u002F``/``\\u002f``,
-``\\x2f``, ``\\/``, ``&#47;``, ``&#x2F;``, ``&sol;``, ``+`` for a space), chosen
-independently. The forms are one regular expression of those units.
+``\\x2f``, ``\\/``, ``&#47;``, ``&#047;``, ``&#x2F;``, ``&sol;``, ``%252F`` when
+encoded twice, ``+`` for a space), chosen independently. The forms are one
+regular expression of those units. The key is also looked for lowercased and
+uppercased whole, as a page that folds what it quotes would echo it.
 
 Speed. Letters and digits have one spelling, so the longest run of them in
 a form is in every spelling of it: one ``bytes.find`` per form's *anchor*
@@ -96,6 +98,8 @@ def spellings(ch: str) -> Unit:
     found: list[str] = []
     hexes = "".join(f"%{b:02X}" for b in raw)
     found += [hexes, hexes.lower()]  # URL encodings: quote, quote_plus, encodeURIComponent
+    twice = hexes.replace("%", "%25")  # a URL encoded into another URL (a redirect's ``next=``)
+    found += [twice, twice.lower()]
     code = ord(ch)
     utf16 = ch.encode("utf-16-be")  # JSON writes an astral character as a surrogate pair
     json_escape = "".join(f"\\u{int.from_bytes(utf16[i:i + 2]):04X}" for i in range(0, len(utf16), 2))
@@ -105,6 +109,9 @@ def spellings(ch: str) -> Unit:
     if ch in _JSON_SHORT:
         found.append(_JSON_SHORT[ch])
     found += [f"&#{code};", f"&#x{code:X};", f"&#x{code:x};"]  # HTML character references
+    # ... with leading zeros: PHP's htmlspecialchars writes ``&#039;``, others pad to 4 digits
+    found += [f"&#{code:03d};", f"&#{code:04d};", f"&#x{code:02X};", f"&#x{code:02x};",
+              f"&#x{code:04X};", f"&#x{code:04x};"]
     found += list(_NAMED.get(code, ()))
     if ch == " ":
         found.append("+")  # form encoding (quote_plus)
@@ -130,7 +137,9 @@ def forms(secret: str) -> list[tuple[Unit, ...]]:
         return []
     if len(secret.encode()) < MIN_ENCODED_LENGTH:
         return [tuple((ch.encode(),) for ch in secret)]
-    texts = [secret, *_b64_cores(secret.encode())]
+    # an echo may change the case of the key (a log line or an error page that folds what it
+    # quotes); base64 is not case-folded: that would encode other bytes
+    texts = [secret, secret.lower(), secret.upper(), *_b64_cores(secret.encode())]
     return [tuple(spellings(ch) for ch in text) for text in dict.fromkeys(texts)]
 
 

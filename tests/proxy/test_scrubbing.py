@@ -132,6 +132,18 @@ def html_decimal(s: str) -> str:
     return "".join(c if c.isalnum() else f"&#{ord(c)};" for c in s)
 
 
+def html_decimal_padded(s: str) -> str:  # PHP's htmlspecialchars: &#039; (and 4-digit padders)
+    return "".join(c if c.isalnum() else f"&#{ord(c):03d};" if c == "'" else f"&#{ord(c):04d};" for c in s)
+
+
+def html_hex_padded(s: str) -> str:
+    return "".join(c if c.isalnum() else f"&#x{ord(c):04X};" for c in s)
+
+
+def quote_twice(s: str) -> str:  # a URL with the key, encoded into another URL's query
+    return quote(quote(s, safe=""), safe="")
+
+
 def encode_uri_component(s: str) -> str:  # JavaScript: A-Z a-z 0-9 - _ . ! ~ * ' ( ) stay raw
     return quote(s, safe="-_.!~*'()")
 
@@ -147,8 +159,11 @@ ENCODERS = {
     "encodeURIComponent": encode_uri_component, "encodeURI": encode_uri,
     "quote-plus": quote_plus, "quote-lower-hex": lambda s: re.sub(
         "%[0-9A-F]{2}", lambda m: m.group().lower(), quote(s, safe="")),
+    "html-decimal-padded": html_decimal_padded, "html-hex-padded": html_hex_padded,
+    "quote-twice": quote_twice,
     "json-of-base64": lambda s: json.dumps(base64.b64encode(s.encode()).decode())[1:-1].replace("/", "\\/"),
     "html-of-basic-auth": lambda s: html.escape("Basic " + base64.b64encode(b"user:" + s.encode()).decode()),
+    "lowercased": str.lower, "uppercased": str.upper,
 }
 
 
@@ -171,7 +186,7 @@ SCRUBBERS = {key: scrubbing.Scrubber([key]) for key in PUNCTUATED}
 
 
 #: The encoders that write one character at a time (a mix of them is still a spelling).
-PER_CHARACTER = list(ENCODERS.values())[:11]
+PER_CHARACTER = list(ENCODERS.values())[:14]
 
 
 @hypothesis.settings(max_examples=150, deadline=None)
