@@ -98,9 +98,10 @@ class Relay:
             data = hook.chunk(data)
         self._reply.write(data)
         if self._sse:
-            tail = data[-64:]
+            find = data[-64:].find
             final_a, final_b = FINAL_EVENTS  # two plain tests: a generator per SSE event is measurable
-            self.final = final_a in tail or final_b in tail
+            # ``find``, not ``in``: ``in`` first tries the needle as an int (a TypeError raised and cleared)
+            self.final = find(final_a) >= 0 or find(final_b) >= 0
         for hook in self._hooks:
             if getattr(hook, "stopped", False):
                 raise llmexchange.StreamCut("the token budget ended the stream")

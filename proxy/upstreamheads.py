@@ -158,7 +158,7 @@ def response_head(
     )
     # upstreams echo keys in the reason phrase too ("401 Invalid key sk-...")
     reason = scrubber.scrub(up_conn.reason) if up_conn.reason else listener.reason_phrase(status)
-    return status, reason, block, decoder, up_conn.content_length, _EVENT_STREAM in block.lower()
+    return status, reason, block, decoder, up_conn.content_length, block.lower().find(_EVENT_STREAM) >= 0
 
 
 def failure(route: routes.Route, exc: upstream.UpstreamError) -> refusals.UpstreamFailure:
