@@ -65,6 +65,30 @@ _SPECIAL: Final = {
     b"content-length": _CONTENT_LENGTH, b"host": _HOST, b"transfer-encoding": _TRANSFER_ENCODING,
     b"expect": _EXPECT, b"connection": _CONNECTION,
 }
+#: A header the listener only keeps.
+_PLAIN: Final = -1
+
+
+def _spellings(names: dict[bytes, int]) -> dict[bytes, int]:
+    """``names`` (lowercase) with each also as SDKs and tools write it ("Content-Type", "CONTENT-TYPE").
+
+    Looked up before the lowercased name: a common header then costs one dict
+    lookup and no ``lower()``; any other spelling falls back to the lowercase.
+    """
+    out: dict[bytes, int] = {}
+    for name, kind in names.items():
+        for spelled in (name, name.title(), name.upper()):
+            out[spelled] = kind
+    return out
+
+
+#: ``_SPECIAL`` and the common headers nothing is read from, in their usual spellings.
+_KINDS: Final = _spellings({
+    **_SPECIAL, **dict.fromkeys((
+        b"content-type", b"user-agent", b"accept", b"accept-encoding", b"accept-language", b"cookie",
+        b"x-request-id", b"traceparent", b"anthropic-version", b"openai-organization", b"x-stainless-lang",
+    ), _PLAIN),
+})
 
 
 def reason_phrase(status: int) -> bytes:
@@ -324,14 +348,19 @@ class AgentConnection(asyncio.Protocol):
         req = self._current
         if req is None or req.target:  # trailers of a chunked body: never forwarded
             return
-        self._header_bytes += len(name) + len(value)
-        if self._header_bytes > MAX_HEADERS_BYTES or len(req.headers) >= MAX_HEADERS:
+        size = self._header_bytes = self._header_bytes + len(name) + len(value)
+        found = req.headers
+        if size > MAX_HEADERS_BYTES or len(found) >= MAX_HEADERS:
             raise self._stash(Malformed(431, "the request headers are too large"))
         text = value.decode("latin-1")
-        req.headers.append((name.decode("latin-1"), text))
-        kind = _SPECIAL.get(name.lower())
+        found.append((name.decode("latin-1"), text))
+        kind = _KINDS.get(name)
         if kind is None:
-            return  # most headers: kept, nothing to look at
+            kind = _SPECIAL.get(name.lower())
+            if kind is None:
+                return  # most headers: kept, nothing to look at
+        if kind == _PLAIN:
+            return
         if kind == _AUTHORIZATION:
             if req.authorization is None:
                 req.authorization = text

@@ -85,6 +85,22 @@ class Unacceptable(UpstreamError):
 
 Origin = tuple[str, str, int, int]  # scheme, host, port, id of the TLS context
 
+#: The response headers the connection reads, by kind; any other is only kept.
+_PLAIN, _LENGTH, _TRANSFER, _CODING = range(4)
+_READ: Final = {b"content-length": _LENGTH, b"transfer-encoding": _TRANSFER, b"content-encoding": _CODING}
+#: Those and the headers upstreams commonly send, in their usual spellings: a header
+#: found here costs one dict lookup and no ``lower()``; any other spelling is lowercased.
+_KINDS: Final = {
+    spelled: kind
+    for name, kind in {**_READ, **dict.fromkeys((
+        b"server", b"date", b"content-type", b"connection", b"keep-alive", b"cache-control", b"vary",
+        b"x-request-id", b"request-id", b"openai-processing-ms", b"openai-version", b"openai-organization",
+        b"strict-transport-security", b"x-content-type-options", b"set-cookie", b"access-control-allow-origin",
+        b"cf-ray", b"cf-cache-status", b"alt-svc", b"etag", b"last-modified", b"expires", b"location",
+    ), _PLAIN)}.items()
+    for spelled in (name, name.title(), name.upper())
+}
+
 
 class Watcher(Protocol):
     """Follows an exchange from the protocol's callbacks, instead of futures (the fast path).
@@ -234,10 +250,14 @@ class UpstreamConnection(asyncio.Protocol):
         if not self._in_head:
             return  # trailers: never relayed
         self.headers.append((name, value))
-        low = name.lower()
-        if low == b"content-length":
+        kind = _KINDS.get(name)
+        if kind is None:
+            kind = _READ.get(name.lower(), _PLAIN)
+        if kind == _PLAIN:
+            return
+        if kind == _LENGTH:
             self.content_length = int(value)
-        elif low == b"transfer-encoding":
+        elif kind == _TRANSFER:
             codings = [c.strip() for c in value.lower().split(b",") if c.strip()]
             if codings != [b"chunked"] or self.chunked:
                 raise self._stash(Unacceptable(
@@ -245,7 +265,7 @@ class UpstreamConnection(asyncio.Protocol):
                     "only chunked can be checked for the key"
                 ))
             self.chunked = True
-        elif low == b"content-encoding":
+        else:
             self.codings.append(value)
 
     def on_headers_complete(self) -> None:
