@@ -96,18 +96,26 @@ def redacted(raw: str) -> str:
 
 
 class Stamp:
-    """RFC 3339 UTC with milliseconds; ``strftime`` runs once a second, not per request."""
+    """RFC 3339 UTC with milliseconds; ``strftime`` runs once a second, the text once a millisecond."""
 
-    __slots__ = ("_second", "_text")
+    __slots__ = ("_last", "_milli", "_second", "_text")
 
     def __init__(self) -> None:
         self._second = -1
+        self._milli = -1
         self._text = ""
+        self._last = ""
 
     def now(self) -> str:
         now = time.time()
         second = int(now)
-        if second != self._second:
+        milli = int((now - second) * 1000)
+        if second == self._second:
+            if milli == self._milli:
+                return self._last  # under load many requests end within one millisecond
+        else:
             self._second = second
             self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._text}.{int((now - second) * 1000):03d}Z"
+        self._milli = milli
+        self._last = text = f"{self._text}.{milli:03d}Z"
+        return text

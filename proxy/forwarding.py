@@ -124,8 +124,8 @@ class Proxy:
         self._token_cache = token_cache
         self._ids = itertools.count(1)
         self._boot = os.urandom(4).hex()
-        self._counters: dict[tuple[str, str, int, str], Any] = {}
-        self._histograms: dict[tuple[int, str], Any] = {}
+        self._counters: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
+        self._histograms: dict[tuple[Any, str], Any] = {}
         self._now = auditing.Stamp().now
         self._lines = auditing.LineEncoder(pod, namespace)
         #: The fast path's request heads, their per-route constant parts kept for the current table.
@@ -230,7 +230,24 @@ class Proxy:
             self._audit.write(record)
         else:
             self._audit.write_line(line)
-        self._count(record["upstream"] or "", request.method, status, record.get("decision", "error"), elapsed)
+        # the count, inlined: the counter child and the duration histogram child are looked up
+        # together, by one key, from the second request of each kind on
+        key = (record["upstream"] or "", request.method, status, record.get("decision", "error"))
+        children = self._counters.get(key)
+        if children is None:
+            children = self._children(key)
+        children[0].inc()
+        if children[1] is not None:
+            children[1].observe(elapsed)
+
+    def _children(self, key: tuple[str, str, int, str]) -> tuple[Any, Any]:
+        """The request counter's child for ``key`` and the duration histogram's for its upstream (cached)."""
+        upstream_name, method, status, decided = key
+        counter = metrics.REQUESTS.labels(upstream_name, metrics.method_label(method), str(status), decided)
+        children = (counter, self.histogram(metrics.DURATION, upstream_name) if upstream_name else None)
+        if len(self._counters) < 4096:
+            self._counters[key] = children
+        return children
 
     def _unexpected(self, reply: listener.Reply, conn: listener.AgentConnection,
                     record: auditing.AuditRecord, exc: Exception) -> int:
@@ -253,20 +270,9 @@ class Proxy:
         reply.whole(refusal.status, head, refusal.encoded())
         return refusal.status
 
-    def _count(self, upstream_name: str, method: str, status: int, decided: str, elapsed: float) -> None:
-        key = (upstream_name, method, status, decided)
-        child = self._counters.get(key)
-        if child is None:
-            child = metrics.REQUESTS.labels(upstream_name, metrics.method_label(method), str(status), decided)
-            if len(self._counters) < 4096:
-                self._counters[key] = child
-        child.inc()
-        if upstream_name:
-            self.histogram(metrics.DURATION, upstream_name).observe(elapsed)
-
     def histogram(self, family: Any, upstream_name: str) -> Any:
         """The child of a per-upstream histogram, cached (``labels`` costs more than the observation)."""
-        key = (id(family), upstream_name)
+        key = (family, upstream_name)
         child = self._histograms.get(key)
         if child is None:
             child = family.labels(upstream_name)
