@@ -141,42 +141,43 @@ class Exchange:
 
     def head_ready(self) -> None:
         try:
-            self._head_ready()
+            up = self._up
+            self._owner.histogram(metrics.UPSTREAM_DURATION, self._route.name).observe(
+                time.perf_counter() - self._sent_at)
+            status, reason, block, decoder, length, sse = upstreamheads.response_head(up, self._scrubber)
+            self._status = status
+            if decoder is not None and length is not None and length <= relaying.SMALL_BODY:
+                # a small compressed body: read whole, decoded, scrubbed, sent with its new length
+                self._decoder, self._reason, self._block = decoder, reason, block
+                self._phase = _WHOLE
+                up.set_sink(self._parts.append)
+                return
+            reply = self._reply
+            relay = relaying.Relay(reply, up, self._scrubber.stream(), decoder, [], sse)
+            if length is None or length > relaying.SMALL_BODY or decoder is not None:
+                self._record["streamed"] = True
+            reply.start(status, reason, block, length if decoder is None else None)
+            conn = self._conn
+            conn.on_pause, conn.on_resume = up.pause, up.resume
+            if conn.write_paused:
+                up.pause()
+            self._relay, self._sse, self._phase = relay, sse, _STREAM
+            up.set_sink(relay.feed)
         except upstream.UpstreamError:
             raise
         except Exception as exc:
             log.error("request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
             raise upstream.Broken("the relay failed") from None
 
-    def _head_ready(self) -> None:
-        up = self._up
-        self._owner.histogram(metrics.UPSTREAM_DURATION, self._route.name).observe(time.perf_counter() - self._sent_at)
-        status, reason, block, decoder, length, sse = upstreamheads.response_head(up, self._scrubber)
-        self._status = status
-        if decoder is not None and length is not None and length <= relaying.SMALL_BODY:
-            # a small compressed body: read whole, decoded, scrubbed, sent with its new length
-            self._decoder, self._reason, self._block = decoder, reason, block
-            self._phase = _WHOLE
-            up.set_sink(self._parts.append)
-            return
-        reply = self._reply
-        relay = relaying.Relay(reply, up, self._scrubber.stream(), decoder, [], sse)
-        if length is None or length > relaying.SMALL_BODY or decoder is not None:
-            self._record["streamed"] = True
-        reply.start(status, reason, block, length if decoder is None else None)
-        conn = self._conn
-        conn.on_pause, conn.on_resume = up.pause, up.resume
-        if conn.write_paused:
-            up.pause()
-        self._relay, self._sse, self._phase = relay, sse, _STREAM
-        up.set_sink(relay.feed)
-
     def fed(self) -> None:
         if self._phase == _STREAM:
             self._reply.uncork()  # a stream: the head now, then every chunk as it is read
 
     def done(self) -> None:
-        self._guarded(self._done)
+        try:
+            self._done()
+        except Exception as exc:
+            self._broke(exc)
 
     def failed(self, exc: upstream.UpstreamError) -> None:
         self._guarded(lambda: self._failed(exc))
@@ -186,12 +187,15 @@ class Exchange:
         try:
             step()
         except Exception as exc:
-            log.error("request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
-            self._up.abandon()
-            self._conn.abort()
-            if not self._ended:
-                self._record["reason"] = "internal_error"
-                self._complete(self._reply.status or 500)
+            self._broke(exc)
+
+    def _broke(self, exc: Exception) -> None:
+        log.error("request failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
+        self._up.abandon()
+        self._conn.abort()
+        if not self._ended:
+            self._record["reason"] = "internal_error"
+            self._complete(self._reply.status or 500)
 
     def _done(self) -> None:
         reply, record = self._reply, self._record

@@ -1,0 +1,238 @@
+"""The per-request shortcuts of the hot path give the answers the long way gives.
+
+Each shortcut here (a header found by its usual spelling before it is
+lowercased, the anchors searched by ``find`` past a size, the timestamp text
+kept for a millisecond, the metric children kept per key) must serve exactly
+what it replaces, whatever the spelling, size, time or label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from typing import Any
+
+import pytest
+
+from sidekey.core import logs
+from sidekey.proxy import audit, forwarding, listener, metrics, scrubbing, upstream
+
+# --- header spellings -------------------------------------------------------------------------
+
+
+def test_every_spelling_the_listener_knows_is_the_kind_of_its_lowercase() -> None:
+    for name, kind in listener._KINDS.items():
+        assert kind == listener._SPECIAL.get(name.lower(), listener._PLAIN), name
+    for name in listener._SPECIAL:
+        assert name == name.lower() and listener._KINDS[name] == listener._SPECIAL[name]
+
+
+def test_every_spelling_the_upstream_side_knows_is_the_kind_of_its_lowercase() -> None:
+    for name, kind in upstream._KINDS.items():
+        assert kind == upstream._READ.get(name.lower(), upstream._PLAIN), name
+    for name in upstream._READ:
+        assert upstream._KINDS[name] == upstream._READ[name]
+
+
+class _Sink(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.out.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _parsed(head: bytes) -> tuple[list[listener.Request], list[bytes]]:
+    seen: list[listener.Request] = []
+
+    def fast(request: listener.Request, conn: listener.AgentConnection) -> None:
+        seen.append(request)
+        return None
+
+    async def handler(request: listener.Request, conn: listener.AgentConnection) -> None:
+        conn.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    async def run() -> list[bytes]:
+        server = listener.Listener(handler, fast)
+        conn = listener.AgentConnection(handler, server, fast)
+        sink = _Sink()
+        conn.connection_made(sink)
+        conn.data_received(head)
+        await asyncio.sleep(0)
+        return sink.out
+
+    out = asyncio.run(run())
+    return seen, out
+
+
+@pytest.mark.parametrize("spell", [bytes.lower, bytes.title, bytes.upper, lambda n: n.swapcase().title().swapcase(),
+                                   lambda n: bytes(c ^ 0x20 if i % 2 and 97 <= c <= 122 else c
+                                                   for i, c in enumerate(n))])
+def test_the_request_headers_are_read_alike_in_any_spelling(spell: Any) -> None:
+    names = [b"host", b"authorization", b"x-api-key", b"content-length", b"connection", b"expect", b"content-type"]
+    n = {name: spell(name) for name in names}
+    head = (b"POST /a HTTP/1.1\r\n%s: h\r\n%s: Bearer tok\r\n%s: other\r\n%s: 2\r\n%s: x-trace\r\n"
+            b"%s: 100-continue\r\n%s: text/plain\r\n\r\nhi" % tuple(n[name] for name in names))
+    seen, _ = _parsed(head)
+    [req] = seen
+    assert (req.authorization, req.token_header, req.content_length) == ("Bearer tok", "other", 2)
+    assert (req.connection, req.expect) == ("x-trace", "100-continue")
+    assert [k for k, _ in req.headers] == [name.decode() for name in n.values()]  # as the agent wrote them
+
+
+@pytest.mark.parametrize("host", [b"Host", b"HOST", b"host", b"hOsT"])
+def test_a_second_host_is_refused_in_any_spelling(host: bytes) -> None:
+    seen, out = _parsed(b"GET /a HTTP/1.1\r\nHost: a\r\n%s: b\r\n\r\n" % host)
+    assert not seen and out and out[0].startswith(b"HTTP/1.1 400 ")
+
+
+@pytest.mark.parametrize("name", [b"Transfer-Encoding", b"TRANSFER-ENCODING", b"transfer-encoding", b"tRaNsFeR-eNcOdInG"])
+def test_a_transfer_coding_other_than_chunked_is_refused_in_any_spelling(name: bytes) -> None:
+    seen, out = _parsed(b"POST /a HTTP/1.1\r\nHost: a\r\n%s: gzip, chunked\r\n\r\n" % name)
+    assert not seen and out and out[0].startswith(b"HTTP/1.1 400 ")
+
+
+class _Pool:
+    def forget(self, conn: object) -> None:
+        pass
+
+    def track(self, conn: object) -> None:
+        pass
+
+    def untrack(self, conn: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("spell", [bytes.lower, bytes.title, bytes.upper, lambda n: n.swapcase().title().swapcase()])
+def test_the_response_headers_are_read_alike_in_any_spelling(spell: Any) -> None:
+    async def run() -> upstream.UpstreamConnection:
+        up = upstream.UpstreamConnection(_Pool(), ("http", "h", 80, 0))  # type: ignore[arg-type]
+        up.connection_made(_Sink())
+        up.send(b"GET / HTTP/1.1\r\n\r\n", head_method=False, timeout=5)
+        got: list[bytes] = []
+        up.set_sink(got.append)
+        up.data_received(b"HTTP/1.1 200 OK\r\n%s: 5\r\n%s: gzip\r\n%s: x\r\n\r\nhello" % (
+            spell(b"content-length"), spell(b"content-encoding"), spell(b"server")))
+        assert got == [b"hello"]
+        return up
+
+    up = asyncio.run(run())
+    assert (up.status, up.content_length, up.codings, up.complete) == (200, 5, [b"gzip"], True)
+    assert [k for k, _ in up.headers] == [spell(b"content-length"), spell(b"content-encoding"), spell(b"server")]
+
+
+@pytest.mark.parametrize("name", [b"Transfer-Encoding", b"TRANSFER-ENCODING", b"tRaNsFeR-eNcOdInG"])
+def test_an_upstream_transfer_coding_other_than_chunked_is_refused_in_any_spelling(name: bytes) -> None:
+    failed: list[upstream.UpstreamError] = []
+
+    class Watcher:
+        def head_ready(self) -> None: ...
+        def fed(self) -> None: ...
+        def done(self) -> None: ...
+
+        def failed(self, exc: upstream.UpstreamError) -> None:
+            failed.append(exc)
+
+    async def run() -> None:
+        up = upstream.UpstreamConnection(_Pool(), ("http", "h", 80, 0))  # type: ignore[arg-type]
+        up.connection_made(_Sink())
+        up.send(b"GET / HTTP/1.1\r\n\r\n", head_method=False, timeout=5, watcher=Watcher())
+        up.data_received(b"HTTP/1.1 200 OK\r\n%s: gzip\r\n\r\n" % name)
+
+    asyncio.run(run())
+    assert len(failed) == 1 and isinstance(failed[0], upstream.Unacceptable)
+
+
+# --- the anchor search on both sides of its size threshold ---------------------------------
+
+KEY = "sk-live-0123456789abcdefABCDEF"
+
+
+@pytest.mark.parametrize("size", [10, scrubbing._SMALL - 1, scrubbing._SMALL, scrubbing._SMALL + 1, 600, 5000])
+def test_the_key_is_found_in_a_chunk_of_any_size_and_nothing_else(size: int) -> None:
+    s = scrubbing.Scrubber([KEY])
+    import base64
+    for form in (KEY.encode(), base64.b64encode(KEY.encode())):
+        filler = b"x" * max(0, size - len(form))
+        for data in (form + filler, filler + form, filler[: len(filler) // 2] + form + filler[len(filler) // 2:]):
+            assert s._maybe(data)
+            cleaned = s.scrub(data)
+            assert form not in cleaned and len(cleaned) == len(data)
+        clean = b"y" * size
+        assert not s._maybe(clean) and s.scrub(clean) is clean
+
+
+# --- the timestamp text, kept for a millisecond ------------------------------------------
+
+
+def test_the_stamp_is_the_time_to_the_millisecond_whenever_it_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    times = iter([1_800_000_000.0001, 1_800_000_000.0009, 1_800_000_000.0012, 1_800_000_000.9999,
+                  1_800_000_001.0004, 1_800_000_001.0004, 1_800_000_061.5, 1_800_000_001.0004])
+    monkeypatch.setattr(time, "time", lambda: next(times))
+    stamp = audit.Stamp()
+    got = [stamp.now() for _ in range(8)]
+    assert got == ["2027-01-15T08:00:00.000Z", "2027-01-15T08:00:00.000Z", "2027-01-15T08:00:00.001Z",
+                   "2027-01-15T08:00:00.999Z", "2027-01-15T08:00:01.000Z", "2027-01-15T08:00:01.000Z",
+                   "2027-01-15T08:01:01.500Z", "2027-01-15T08:00:01.000Z"]
+
+
+# --- the metric children, kept per key ---------------------------------------------------
+
+
+def _value(name: str, labels: dict[str, str]) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_each_request_is_counted_under_its_own_labels_and_timed_under_its_upstream() -> None:
+    async def run() -> list[dict[str, Any]]:
+        out = io.StringIO()
+        proxy = forwarding.Proxy(table=dict, validator=lambda: None, ready=lambda: True,
+                                 audit=logs.AuditWriter(out), pod="p", namespace="n")
+        cases = [("lean-a", "POST", 200, "allowed"), ("lean-b", "POST", 200, "allowed"),
+                 ("lean-a", "GET", 200, "allowed"), ("lean-a", "POST", 502, "allowed"),
+                 ("lean-a", "POST", 200, "allowed"), (None, "POST", 401, None)]
+        before = {c: _value("sidekey_requests_total", _labels(c)) for c in set(cases)}
+        timed = {u: _value("sidekey_request_duration_seconds_count", {"upstream": u}) for u in ("lean-a", "lean-b")}
+        for name, method, status, decided in cases:
+            request = listener.Request.__new__(listener.Request)
+            request.method = method
+            record: audit.AuditRecord = {"request_id": "r", "pod": "p", "namespace": "n", "service_account": None,
+                                         "upstream": name, "method": method, "path": "/x"}
+            if decided is not None:
+                record["decision"] = decided
+            proxy.in_flight += 1
+            proxy.finish(request, record, 0.0, status)
+        for case in set(cases):
+            assert _value("sidekey_requests_total", _labels(case)) - before[case] == cases.count(case), case
+        assert _value("sidekey_request_duration_seconds_count", {"upstream": "lean-a"}) - timed["lean-a"] == 4
+        assert _value("sidekey_request_duration_seconds_count", {"upstream": "lean-b"}) - timed["lean-b"] == 1
+        proxy._audit.flush()
+        await proxy.close()
+        return [json.loads(line) for line in out.getvalue().splitlines()]
+
+    lines = asyncio.run(run())
+    assert [line["status"] for line in lines] == [200, 200, 200, 502, 200, 401]
+
+
+def _labels(case: tuple[str | None, str, int, str | None]) -> dict[str, str]:
+    name, method, status, decided = case
+    return {"upstream": name or "", "method": method, "code": str(status), "decision": decided or "error"}
