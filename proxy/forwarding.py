@@ -311,15 +311,23 @@ class Proxy:
         token = headers.caller_token(request.authorization, request.token_header)
         if token is None:
             return None
-        if not self._token_cache:
-            validator._cache.clear()  # the benchmark knob (SIDEKEY_TOKEN_CACHE=0), as in _handle
-        try:
-            # a new token is checked here too: with the keys loaded that is CPU work only
-            identity = validator.validate_now(token)
-        except tokens.TokenError:
-            return None  # refused by _handle, with its metric and message
-        if identity is None:
-            return None  # an unknown kid: _handle refetches the keys
+        memo = conn.token_memo
+        if (memo is not None and memo[0] is validator and memo[1] == validator.keys.generation
+                and memo[2] == token and validator._clock() <= memo[3]):
+            identity = memo[4]  # the token this connection sent last: no SHA-256 over it again
+        else:
+            if not self._token_cache:
+                validator._cache.clear()  # the benchmark knob (SIDEKEY_TOKEN_CACHE=0), as in _handle
+            try:
+                # a new token is checked here too: with the keys loaded that is CPU work only
+                identity = validator.validate_now(token)
+            except tokens.TokenError:
+                return None  # refused by _handle, with its metric and message
+            if identity is None:
+                return None  # an unknown kid: _handle refetches the keys
+            if self._token_cache:
+                conn.token_memo = (validator, validator.keys.generation, token,
+                                   identity.expires_at + validator.binding.leeway, identity)
         started, record, reply = self._begin(request, conn)
         try:
             record["service_account"] = identity.service_account

@@ -469,3 +469,48 @@ async def test_a_changed_allow_rule_applies_to_the_next_request_on_a_warm_path(m
         agent.writer.write(agent.request("GET", "/openai/v1/models"))
         assert (await agent.answer())[0] == 200
         agent.close()
+
+
+async def test_a_connections_remembered_token_serves_only_that_token_while_it_is_valid(
+    make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fast path remembers the last token a connection sent; nothing else may pass on it."""
+    async with scripted(echo_path) as up:
+        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{up.port}")), secrets=SECRETS)
+        token = mint()
+        await _warm(p, token)
+        checks: list[str] = []
+        validate_now = p.validator.validate_now
+
+        def counted(t: str) -> object:
+            checks.append(t)
+            return validate_now(t)
+
+        monkeypatch.setattr(p.validator, "validate_now", counted)
+        agent = await Agent.connect(p, token)
+
+        async def call(tok: str) -> int:
+            agent.token = tok
+            agent.writer.write(agent.request("GET", "/openai/v1/models"))
+            return (await agent.answer())[0]
+
+        assert [await call(token) for _ in range(3)] == [200] * 3
+        assert checks == [token]  # checked once on this connection, then remembered
+        assert await call(token[:-2] + ("AA" if not token.endswith("AA") else "BB")) == 401  # a forged signature
+        assert await call(mint(pod_uid="another-pod")) == 401  # another pod's token
+        other = mint(exp_in=700)  # another valid token takes the refused ones' place
+        before = len(checks)
+        assert await call(other) == 200 and checks[before:] == [other]
+        before = len(checks)
+        assert await call(token) == 200  # checked again: the last token sent was another
+        assert checks[before:] == [token]
+        assert await call(token) == 200 and len(checks) == before + 1  # and remembered again
+        p.validator.keys.generation += 1  # the keys changed: the remembered check no longer counts
+        assert await call(token) == 200 and checks[before + 1:] == [token]
+        later = time.time() + 3600  # past the token's expiry (and the leeway)
+        monkeypatch.setattr(p.validator, "_clock", lambda: later)
+        assert await call(token) == 401
+        agent.close()
+        lines = await _audit(p, 11)
+        assert [line["status"] for line in lines[1:]] == [200, 200, 200, 401, 401, 200, 200, 200, 200, 401]
+        assert not any(token in str(line) for line in lines)
