@@ -57,6 +57,16 @@ def forward(items: Iterable[tuple[str, str]], connection: str | None, strip: fro
     return [(k, v) for k, v in items if k.lower() not in drop]
 
 
+def forward_lines(items: Iterable[tuple[str, str]], connection: str | None, strip: frozenset[str]) -> str:
+    """``forward``'s headers as ``Name: value\r\n`` lines, in one pass (the fast path's head)."""
+    drop = _with_length.get(strip)
+    if drop is None:
+        drop = _with_length[strip] = strip | {"content-length"}
+    if connection:
+        drop = drop | {t.strip().lower() for t in connection.split(",")}
+    return "".join([f"{k}: {v}\r\n" for k, v in items if k.lower() not in drop])
+
+
 _with_length: dict[frozenset[str], frozenset[str]] = {}
 
 

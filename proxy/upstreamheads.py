@@ -131,7 +131,7 @@ class RequestHeads:
         if query:
             path = f"{path}?{query}"
         method = request.method
-        agent = "".join([f"{k}: {v}\r\n" for k, v in headers.forward(request.headers, request.connection, route.strip)])
+        agent = headers.forward_lines(request.headers, request.connection, route.strip)
         end = f"Content-Length: {len(body)}\r\n\r\n" if body or method in ("POST", "PUT", "PATCH") else "\r\n"
         data = f"{method} {path or '/'}{host_line}{agent}{tail}{end}".encode("utf-8", "surrogateescape")
         return data + body if body else data

@@ -236,3 +236,44 @@ def test_each_request_is_counted_under_its_own_labels_and_timed_under_its_upstre
 def _labels(case: tuple[str | None, str, int, str | None]) -> dict[str, str]:
     name, method, status, decided = case
     return {"upstream": name or "", "method": method, "code": str(status), "decision": decided or "error"}
+
+
+# --- the audit line's kept runs -------------------------------------------------------------
+
+
+def test_each_audit_line_holds_its_own_record_whatever_lines_came_before() -> None:
+    base: dict[str, Any] = {
+        "request_id": "b-1", "pod": "p", "namespace": "n", "service_account": "agent", "upstream": "openai",
+        "method": "POST", "path": "/openai/v1", "decision": "allowed", "reason": "ok", "bytes_in": 1,
+        "bytes_out": 2, "status": 200, "duration_ms": 0.5, "time": "2026-12-01T22:00:00.123Z",
+    }
+    variants = [{}, {"service_account": None}, {"upstream": None}, {"service_account": "other", "upstream": "b"},
+                {"method": "GET"}, {"method": 'WE"RD'}, {"decision": "denied", "reason": "not_allowed"},
+                {"reason": "upstream_timeout"}, {"decision": "error", "reason": "ok"}, {"streamed": True},
+                {"upstream": "openai\u2028x"}]
+    encoder = audit.LineEncoder("p", "n")
+    for round_ in range(3):
+        for i, change in enumerate(variants * 2 if round_ else variants):
+            record = {**base, **change, "request_id": f"b-{round_}-{i}", "bytes_in": i}
+            line = encoder.encode(record)  # type: ignore[arg-type]
+            assert line is not None and json.loads(line) == record
+    for i in range(audit._RUNS_KEPT + 5):  # past the bound: it starts over and stays right
+        record = {**base, "upstream": f"u{i}", "reason": f"r{i}"}
+        line = encoder.encode(record)  # type: ignore[arg-type]
+        assert line is not None and json.loads(line) == record
+    assert len(encoder._who) <= audit._RUNS_KEPT and len(encoder._why) <= audit._RUNS_KEPT
+
+
+# --- the agent's header lines, in one pass ------------------------------------------------
+
+
+@pytest.mark.parametrize("connection", [None, "", "x-trace, Keep-Alive", " X-TRACE ,upgrade"])
+def test_the_forwarded_lines_are_the_forwarded_headers(connection: str | None) -> None:
+    from sidekey.proxy import headers
+    items = [("Host", "h"), ("Authorization", "Bearer t"), ("X-Api-Key", "k"), ("Content-Length", "3"),
+             ("X-Trace", "1"), ("x-trace", "2"), ("Keep-Alive", "5"), ("Upgrade", "h2c"), ("Accept", "*/*"),
+             ("X-HTTP-Method-Override", "DELETE"), ("Content-Type", "a/b")]
+    strip = frozenset({"authorization", "x-api-key", "x-http-method-override", "host"})
+    lines = headers.forward_lines(items, connection, strip)
+    assert lines == "".join(f"{k}: {v}\r\n" for k, v in headers.forward(items, connection, strip))
+    assert "Authorization" not in lines and "Content-Length" not in lines and "Accept: */*\r\n" in lines
