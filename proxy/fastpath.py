@@ -153,7 +153,7 @@ class Exchange:
                 up.set_sink(self._parts.append)
                 return
             reply = self._reply
-            relay = relaying.Relay(reply, up, self._scrubber.stream(), decoder, [], sse)
+            relay = relaying.Relay(reply, up, self._scrubber, decoder, [], sse)
             if length is None or length > relaying.SMALL_BODY or decoder is not None:
                 self._record["streamed"] = True
             reply.start(status, reason, block, length if decoder is None else None)

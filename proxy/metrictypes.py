@@ -17,6 +17,7 @@ never touch a metric).
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -210,10 +211,9 @@ class _HistogramValue:
 
     def observe(self, value: float) -> None:
         self.sum += value
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-                return
+        bounds = self.bounds
+        if value <= bounds[-1]:  # (NaN is in no bucket)
+            self.counts[bisect.bisect_left(bounds, value)] += 1  # the first bound >= value
 
 
 class Histogram(_Family):

@@ -64,15 +64,19 @@ class ChunkHook(Protocol):
 
 
 class Relay:
-    """The body from the upstream to the agent, run from the upstream protocol's callback."""
+    """The body from the upstream to the agent, run from the upstream protocol's callback.
 
-    __slots__ = ("_decoder", "_hooks", "_reply", "_sse", "_stream", "_up", "final")
+    It scrubs as ``scrubbing.StreamScrubber`` does (the same two steps, its held-back
+    tail kept here), without a second object and call per chunk.
+    """
+
+    __slots__ = ("_decoder", "_hooks", "_pending", "_reply", "_scrubber", "_sse", "_up", "final")
 
     def __init__(
         self,
         reply: listener.Reply,
         up: upstream.UpstreamConnection,
-        stream: scrubbing.StreamScrubber,
+        scrubber: scrubbing.Scrubber,
         decoder: decoding.Decoder | None,
         hooks: list[ChunkHook],
         sse: bool = False,
@@ -80,7 +84,8 @@ class Relay:
         self._reply = reply
         self._up = up
         self._sse = sse  # only an event stream has a final event to look for
-        self._stream = stream
+        self._scrubber = scrubber
+        self._pending = b""  # the held-back tail that could start a secret
         self._decoder = decoder
         self._hooks = hooks
         self.final = False
@@ -91,7 +96,16 @@ class Relay:
                 chunk = self._decoder.feed(chunk)
             except decoding.DecodeError:
                 raise upstream.Broken("a corrupt or oversized compressed body") from None
-        data = self._stream.feed(chunk)
+        # StreamScrubber.feed, inlined
+        s = self._scrubber
+        pending = self._pending
+        data = s.scrub(pending + chunk if pending else chunk)
+        hold = s.held_back(data)
+        if hold:
+            self._pending = data[-hold:]
+            data = data[:-hold]
+        elif pending:
+            self._pending = b""
         if not data:
             return
         for hook in self._hooks:
@@ -113,7 +127,10 @@ class Relay:
                 tail = self._decoder.flush()
             except decoding.DecodeError:
                 raise upstream.Broken("a corrupt or oversized compressed body") from None
-        data = self._stream.feed(tail) + self._stream.flush() if tail else self._stream.flush()
+        # the end of the body: the held-back tail is no secret (or it would have matched);
+        # the decoder's last bytes are scrubbed with it, all sent now
+        data = self._scrubber.scrub(self._pending + tail) if tail else self._pending
+        self._pending = b""
         for hook in self._hooks:
             if data:
                 data = hook.chunk(data)
@@ -149,7 +166,7 @@ async def respond(
         return await respond_whole(
             reply, up_conn, decoder, scrubber, chunk_hooks, status, reason, block, record
         )
-    relay = Relay(reply, up_conn, scrubber.stream(), decoder, chunk_hooks, sse)
+    relay = Relay(reply, up_conn, scrubber, decoder, chunk_hooks, sse)
     if length is None or length > SMALL_BODY or decoder is not None:
         record["streamed"] = True
     reply.start(status, reason, block, length if decoder is None else None)

@@ -277,3 +277,54 @@ def test_the_forwarded_lines_are_the_forwarded_headers(connection: str | None) -
     lines = headers.forward_lines(items, connection, strip)
     assert lines == "".join(f"{k}: {v}\r\n" for k, v in headers.forward(items, connection, strip))
     assert "Authorization" not in lines and "Content-Length" not in lines and "Accept: */*\r\n" in lines
+
+
+# --- the relay's scrubbing and the histogram's bucket ------------------------------------------
+
+
+class _Reply:
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.out.append(data)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_relay_scrubs_any_chunking_as_the_stream_scrubber_does(seed: int) -> None:
+    import base64
+    import random
+
+    from sidekey.proxy import relaying
+    rng = random.Random(seed)
+    s = scrubbing.Scrubber([KEY])
+    body = b"".join(rng.choice([b"data: x\n\n", KEY.encode(), base64.b64encode(KEY.encode()), b"sk-live-01",
+                                b"abc", KEY.encode()[: rng.randrange(1, len(KEY))]]) for _ in range(30))
+    cuts = sorted(rng.sample(range(1, len(body)), rng.randrange(1, 12)))
+    chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    reply = _Reply()
+    relay = relaying.Relay(reply, None, s, None, [], sse=True)  # type: ignore[arg-type]
+    stream = s.stream()
+    expected: list[bytes] = []
+    for chunk in chunks:
+        relay.feed(chunk)
+        expected.append(stream.feed(chunk))
+        assert b"".join(reply.out) == b"".join(expected)  # the same bytes released, chunk by chunk
+    relay.finish()
+    expected.append(stream.flush())
+    assert b"".join(reply.out) == b"".join(expected) == s.scrub(body)
+    assert KEY.encode() not in b"".join(reply.out)
+
+
+def test_an_observation_lands_in_the_first_bucket_whose_bound_holds_it() -> None:
+    from sidekey.proxy import metrictypes
+    bounds = (0.001, 0.005, 0.5, 1.0, float("inf"))
+    h = metrictypes._HistogramValue(bounds)
+    for value in (0.0, 0.001, 0.0010001, 0.005, 0.3, 1.0, 2.0, float("inf"), -1.0, float("nan")):
+        h.observe(value)
+    assert h.counts == [3, 2, 1, 1, 2]  # bounds inclusive; NaN in none
+    capped = metrictypes._HistogramValue((1.0, 2.0))  # a bound list without +Inf: beyond it, no bucket
+    capped.observe(3.0)
+    capped.observe(2.0)
+    assert capped.counts == [0, 1]
