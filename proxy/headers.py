@@ -42,7 +42,7 @@ class _HasHeaders(Protocol):
 
 def caller_token(authorization: str | None, token_header: str | None) -> str | None:
     """The caller's token: ``Authorization: Bearer``, else the SDKs' ``x-api-key``/``api-key``."""
-    if authorization is not None and authorization[:7].lower() == "bearer ":
+    if authorization is not None and (authorization.startswith("Bearer ") or authorization[:7].lower() == "bearer "):
         return authorization[7:].strip()
     return token_header or None
 
@@ -58,15 +58,39 @@ def forward(items: Iterable[tuple[str, str]], connection: str | None, strip: fro
 
 
 def forward_lines(items: Iterable[tuple[str, str]], connection: str | None, strip: frozenset[str]) -> str:
-    """``forward``'s headers as ``Name: value\r\n`` lines, in one pass (the fast path's head)."""
+    """``forward``'s headers as ``Name: value\r\n`` lines, in one pass (the fast path's head).
+
+    Whether a name goes up depends on the name and ``strip`` only (without a
+    ``Connection`` header), so the answer is kept per spelling: the listener
+    hands the common names over as shared strings, found without a ``lower()``.
+    """
     drop = _with_length.get(strip)
     if drop is None:
-        drop = _with_length[strip] = strip | {"content-length"}
+        drop = _with_length[strip] = strip | {"content-length"}  # the sidecar frames the body itself
     if connection:
         drop = drop | {t.strip().lower() for t in connection.split(",")}
-    return "".join([f"{k}: {v}\r\n" for k, v in items if k.lower() not in drop])
+        return "".join([f"{k}: {v}\r\n" for k, v in items if k.lower() not in drop])
+    kept = _kept.get(strip)
+    if kept is None:
+        if len(_kept) >= _KEPT_STRIPS:
+            _kept.clear()
+        kept = _kept[strip] = {}
+    lines = []
+    for k, v in items:
+        keep = kept.get(k)
+        if keep is None:
+            keep = k.lower() not in drop
+            if len(kept) < _KEPT_NAMES:
+                kept[k] = keep
+        if keep:
+            lines.append(f"{k}: {v}\r\n")
+    return "".join(lines)
 
 
+#: Per strip set, whether each name seen goes up; bounded, names come from agents.
+_kept: dict[frozenset[str], dict[str, bool]] = {}
+_KEPT_STRIPS: Final = 256
+_KEPT_NAMES: Final = 256
 _with_length: dict[frozenset[str], frozenset[str]] = {}
 
 

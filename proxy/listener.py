@@ -69,16 +69,17 @@ _SPECIAL: Final = {
 _PLAIN: Final = -1
 
 
-def _spellings(names: dict[bytes, int]) -> dict[bytes, int]:
+def _spellings(names: dict[bytes, int]) -> dict[bytes, tuple[int, str]]:
     """``names`` (lowercase) with each also as SDKs and tools write it ("Content-Type", "CONTENT-TYPE").
 
     Looked up before the lowercased name: a common header then costs one dict
-    lookup and no ``lower()``; any other spelling falls back to the lowercase.
+    lookup, no ``lower()`` and no decoding; its name is one shared string (its
+    hash computed once), which the forwarding's per-name memo finds at once.
     """
-    out: dict[bytes, int] = {}
+    out: dict[bytes, tuple[int, str]] = {}
     for name, kind in names.items():
         for spelled in (name, name.title(), name.upper()):
-            out[spelled] = kind
+            out[spelled] = (kind, spelled.decode("latin-1"))
     return out
 
 
@@ -358,14 +359,17 @@ class AgentConnection(asyncio.Protocol):
         if size > MAX_HEADERS_BYTES or len(found) >= MAX_HEADERS:
             raise self._stash(Malformed(431, "the request headers are too large"))
         text = value.decode("latin-1")
-        found.append((name.decode("latin-1"), text))
-        kind = _KINDS.get(name)
-        if kind is None:
+        known = _KINDS.get(name)
+        if known is None:
+            found.append((name.decode("latin-1"), text))
             kind = _SPECIAL.get(name.lower())
             if kind is None:
                 return  # most headers: kept, nothing to look at
-        if kind == _PLAIN:
-            return
+        else:
+            kind, spelled = known
+            found.append((spelled, text))
+            if kind == _PLAIN:
+                return
         if kind == _AUTHORIZATION:
             if req.authorization is None:
                 req.authorization = text

@@ -22,10 +22,11 @@ from sidekey.proxy import audit, forwarding, listener, metrics, scrubbing, upstr
 
 
 def test_every_spelling_the_listener_knows_is_the_kind_of_its_lowercase() -> None:
-    for name, kind in listener._KINDS.items():
+    for name, (kind, spelled) in listener._KINDS.items():
         assert kind == listener._SPECIAL.get(name.lower(), listener._PLAIN), name
+        assert spelled == name.decode("latin-1")  # the name as the agent wrote it
     for name in listener._SPECIAL:
-        assert name == name.lower() and listener._KINDS[name] == listener._SPECIAL[name]
+        assert name == name.lower() and listener._KINDS[name][0] == listener._SPECIAL[name]
 
 
 def test_every_spelling_the_upstream_side_knows_is_the_kind_of_its_lowercase() -> None:
@@ -274,9 +275,24 @@ def test_the_forwarded_lines_are_the_forwarded_headers(connection: str | None) -
              ("X-Trace", "1"), ("x-trace", "2"), ("Keep-Alive", "5"), ("Upgrade", "h2c"), ("Accept", "*/*"),
              ("X-HTTP-Method-Override", "DELETE"), ("Content-Type", "a/b")]
     strip = frozenset({"authorization", "x-api-key", "x-http-method-override", "host"})
+    other = frozenset({"accept", "x-trace"})  # another route's: what it keeps and drops differs
+    for _ in range(2):  # the second time from the kept answers
+        for s in (strip, other):
+            lines = headers.forward_lines(items, connection, s)
+            assert lines == "".join(f"{k}: {v}\r\n" for k, v in headers.forward(items, connection, s))
+    assert "Authorization" in lines and "Accept" not in lines
     lines = headers.forward_lines(items, connection, strip)
-    assert lines == "".join(f"{k}: {v}\r\n" for k, v in headers.forward(items, connection, strip))
     assert "Authorization" not in lines and "Content-Length" not in lines and "Accept: */*\r\n" in lines
+
+
+def test_the_forwarded_lines_stay_right_past_the_bound_of_names_kept() -> None:
+    from sidekey.proxy import headers
+    strip = frozenset({"authorization", "x-drop-1"})
+    items = [(f"X-Drop-{i}" if i % 2 else f"X-Keep-{i}", "v") for i in range(headers._KEPT_NAMES * 2)]
+    items += [("AUTHORIZATION", "Bearer t"), ("X-DROP-1", "z")]
+    lines = headers.forward_lines(items, None, strip)
+    assert lines == "".join(f"{k}: {v}\r\n" for k, v in headers.forward(items, None, strip))
+    assert "AUTHORIZATION" not in lines and "X-DROP-1:" not in lines and "X-Drop-3: v" in lines
 
 
 # --- the relay's scrubbing and the histogram's bucket ------------------------------------------
@@ -328,3 +344,19 @@ def test_an_observation_lands_in_the_first_bucket_whose_bound_holds_it() -> None
     capped.observe(3.0)
     capped.observe(2.0)
     assert capped.counts == [0, 1]
+
+
+@pytest.mark.parametrize("swap", ["bytes_in", "time", "request_id", "reason", "service_account"])
+def test_a_record_of_the_common_size_but_another_shape_is_left_to_json(swap: str) -> None:
+    record: dict[str, Any] = {
+        "request_id": "b-1", "pod": "p", "namespace": "n", "service_account": "agent", "upstream": "openai",
+        "method": "POST", "path": "/openai/v1", "decision": "allowed", "reason": "ok", "bytes_in": 1,
+        "bytes_out": 2, "status": 200, "duration_ms": 0.5, "time": "2026-12-01T22:00:00.123Z",
+    }
+    encoder = audit.LineEncoder("p", "n")
+    assert encoder.encode(record) is not None  # type: ignore[arg-type]
+    value = record.pop(swap)
+    record["model"] = value  # 14 entries, one of them not the common line's
+    assert encoder.encode(record) is None  # type: ignore[arg-type]
+    record[swap] = value  # 15 entries without "streamed"
+    assert encoder.encode(record) is None  # type: ignore[arg-type]
