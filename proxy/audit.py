@@ -122,13 +122,17 @@ class LineEncoder:
 _RUNS_KEPT: Final = 512
 
 
+#: The longest path an audit line holds.
+PATH_KEPT: Final = 2048
+
+
 def redacted(raw: str) -> str:
     """The request target for the audit line: query values are replaced."""
     path, sep, query = raw.partition("?")
     if not sep:
-        return path[:2048]
+        return path[:PATH_KEPT]
     names = "&".join(f"{p.split('=', 1)[0]}=REDACTED" for p in query.split("&") if p)
-    return f"{path}?{names}"[:2048]
+    return f"{path}?{names}"[:PATH_KEPT]
 
 
 class Stamp:

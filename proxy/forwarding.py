@@ -154,6 +154,7 @@ class Proxy:
     ) -> tuple[float, auditing.AuditRecord, listener.Reply]:
         started = time.perf_counter()
         self.in_flight += 1
+        target = request.target
         record: auditing.AuditRecord = {
             "request_id": f"{self._boot}-{next(self._ids)}",
             "pod": self._pod,
@@ -161,7 +162,8 @@ class Proxy:
             "service_account": None,
             "upstream": None,
             "method": request.method,
-            "path": auditing.redacted(request.target),
+            # redacted() leaves a target without a query as it is (up to its length bound)
+            "path": target if "?" not in target and len(target) <= auditing.PATH_KEPT else auditing.redacted(target),
         }
         return started, record, listener.Reply(conn, request)
 

@@ -360,3 +360,20 @@ def test_a_record_of_the_common_size_but_another_shape_is_left_to_json(swap: str
     assert encoder.encode(record) is None  # type: ignore[arg-type]
     record[swap] = value  # 15 entries without "streamed"
     assert encoder.encode(record) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("target", ["/openai/v1/chat", "/a?key=sk-secret&x=1", "/a?", "/" + "p" * 2047,
+                                    "/" + "p" * 2048, "/" + "p" * 3000, "/b?" + "q" * 3000])
+def test_the_audited_path_is_the_redacted_target(target: str) -> None:
+    async def run() -> str:
+        out = io.StringIO()
+        proxy = forwarding.Proxy(table=dict, validator=lambda: None, ready=lambda: True,
+                                 audit=logs.AuditWriter(out), pod="p", namespace="n")
+        request = listener.Request.__new__(listener.Request)
+        request.method, request.target, request.keep_alive = "GET", target, True
+        _, record, _ = proxy._begin(request, None)  # type: ignore[arg-type]
+        await proxy.close()
+        return str(record["path"])
+
+    path = asyncio.run(run())
+    assert path == audit.redacted(target) and len(path) <= audit.PATH_KEPT and "sk-secret" not in path
