@@ -54,6 +54,13 @@ def apply(patches: set[str]) -> None:
     if "nocache" in patches:
         tokens.Validator.cached = lambda self, token: None  # type: ignore[method-assign]
         tokens.Validator._remember = lambda self, token, identity: None  # type: ignore[method-assign]
+        from sidekey.proxy import forwarding
+        fast = forwarding.Proxy.fast
+
+        def fast_uncached(self: forwarding.Proxy, request: Any, conn: Any) -> Any:
+            conn.token_memo = None  # nor the token the connection sent last (its check remembered)
+            return fast(self, request, conn)
+        forwarding.Proxy.fast = fast_uncached  # type: ignore[method-assign]
     if "noaudit" in patches:
         from sidekey.core import logs
         logs.AuditWriter.write = lambda self, record: None  # type: ignore[method-assign]
