@@ -58,7 +58,7 @@ def apply(patches: set[str]) -> None:
         fast = forwarding.Proxy.fast
 
         def fast_uncached(self: forwarding.Proxy, request: Any, conn: Any) -> Any:
-            conn.token_memo = None  # nor the token the connection sent last (its check remembered)
+            conn.last_token = None  # nor the token the connection sent last (its check remembered)
             return fast(self, request, conn)
         forwarding.Proxy.fast = fast_uncached  # type: ignore[method-assign]
     if "noaudit" in patches:

@@ -313,11 +313,8 @@ class Proxy:
         token = headers.caller_token(request.authorization, request.token_header)
         if token is None:
             return None
-        memo = conn.token_memo
-        if (memo is not None and memo[0] is validator and memo[1] == validator.keys.generation
-                and memo[2] == token and validator._clock() <= memo[3]):
-            identity = memo[4]  # the token this connection sent last: no SHA-256 over it again
-        else:
+        identity = validator.again(conn.last_token, token)  # the token this connection sent last
+        if identity is None:
             if not self._token_cache:
                 validator._cache.clear()  # the benchmark knob (SIDEKEY_TOKEN_CACHE=0), as in _handle
             try:
@@ -328,8 +325,7 @@ class Proxy:
             if identity is None:
                 return None  # an unknown kid: _handle refetches the keys
             if self._token_cache:
-                conn.token_memo = (validator, validator.keys.generation, token,
-                                   identity.expires_at + validator.binding.leeway, identity)
+                conn.last_token = validator.last(token, identity)
         started, record, reply = self._begin(request, conn)
         try:
             record["service_account"] = identity.service_account

@@ -34,7 +34,7 @@ from typing import Any, Final, Protocol, cast
 
 import httptools
 
-from sidekey.core import errors
+from sidekey.core import errors, tokens
 
 log = logging.getLogger("sidekey.proxy")
 
@@ -234,7 +234,7 @@ class AgentConnection(asyncio.Protocol):
     __slots__ = (
         "_current", "_dispatching", "_drain", "_ended", "_error", "_exchange", "_fast", "_handler",
         "_header_bytes", "_hosts", "_parser", "_queue", "_reading_paused", "_server", "_stop_reading",
-        "_task", "_url", "busy", "closed", "last_data", "on_pause", "on_resume", "token_memo", "transport",
+        "_task", "_url", "busy", "closed", "last_data", "last_token", "on_pause", "on_resume", "transport",
         "write_paused",
     )
 
@@ -264,10 +264,8 @@ class AgentConnection(asyncio.Protocol):
         self._stop_reading = False  # after an upgrade, a refusal with an unread body, or an error
         self.last_data = server.clock()
         self._error: Malformed | None = None
-        #: The proxy's: the token this connection's last fast request carried, with its check
-        #: (validator, key-set generation, token, valid until, identity). Compared only with
-        #: what the same connection sends next, so its compare tells no other caller anything.
-        self.token_memo: tuple[Any, int, str, float, Any] | None = None
+        #: The proxy's: the token this connection's last fast request carried, with its check.
+        self.last_token: tokens.LastToken | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 

@@ -141,11 +141,13 @@ def test_der_integers_and_ecdsa_signatures_are_those_cryptography_encodes(value:
 # --- signatures ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits", sorted(RSA_KEYS))
-@pytest.mark.parametrize("alg", RSA_ALGS)
+#: Every key size with every RSA algorithm, but PS512 on 1024 bits: PSS with SHA-512 and a salt
+#: of its length needs 2 * 64 + 2 bytes, more than a 1024-bit key holds (no such token exists).
+RSA_CASES = [(bits, alg) for bits in sorted(RSA_KEYS) for alg in RSA_ALGS if (bits, alg) != (1024, "PS512")]
+
+
+@pytest.mark.parametrize(("bits", "alg"), RSA_CASES)
 def test_rsa_signatures_by_cryptography_verify_and_altered_ones_do_not(bits: int, alg: str) -> None:
-    if (bits, alg) == (1024, "PS512"):
-        pytest.skip("PSS with SHA-512 and its salt needs more than 1024 bits")
     private = RSA_KEYS[bits]
     key = tokens.import_jwk(rsa_jwk(private.public_key()))
     signature = rsa_sign(private, alg)

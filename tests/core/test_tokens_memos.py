@@ -16,6 +16,7 @@ from joserfc import jwk
 
 from sidekey.core import tokens
 from tests.core.test_tokens import (
+    BINDING,
     EC,
     NOW,
     RSA,
@@ -179,3 +180,26 @@ async def test_payloads_no_strict_reader_takes_are_refused(body: bytes) -> None:
     with pytest.raises(tokens.TokenError) as info:
         await v.validate(sign_raw(body))
     assert info.value.reason == "malformed"
+
+
+# --- the token a connection sent last -------------------------------------------------------
+
+
+async def test_a_connections_last_token_stands_only_for_itself_under_the_same_keys_and_lifetime() -> None:
+    v, _, clock = await make(RSA)
+    token = sign(claims())
+    identity = await v.validate(token)
+    last = v.last(token, identity)
+    assert v.again(last, token) is identity
+    assert v.again(None, token) is None
+    assert v.again(last, sign(claims(jti="another"))) is None  # another token: checked in full
+    assert v.again(last, token + "x") is None
+    other, _, _ = await make(RSA)
+    assert other.again(last, token) is None  # kept by another validator
+    v.keys.generation += 1  # the key set changed (a rotation): the check no longer counts
+    assert v.again(last, token) is None
+    last = v.last(token, identity)
+    clock.now = identity.expires_at + BINDING.leeway
+    assert v.again(last, token) is identity  # within the leeway, as the cache
+    clock.now += 1
+    assert v.again(last, token) is None  # expired: as the cache, and validate refuses it
