@@ -101,7 +101,7 @@ async def _setup() -> tuple[Any, Any, Any, _Sink, _Sink, bytes]:
                              audit=logs.AuditWriter(io.StringIO()), pod="agent-0", namespace="team", **kwargs)
     route = table.table["bench"]
     up_sink = _Sink()
-    up_conn = upstream.UpstreamConnection(proxy.pool, ("http", "127.0.0.1", 18080, id(None)))
+    up_conn = upstream.UpstreamConnection(proxy.pool, ("http", "127.0.0.1", 18080, None))
     up_conn.connection_made(up_sink)
     proxy.pool._all.add(up_conn)
     proxy.pool.put(up_conn)

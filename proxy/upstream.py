@@ -83,7 +83,10 @@ class Unacceptable(UpstreamError):
     reason = "upstream_encoding"
 
 
-Origin = tuple[str, str, int, int]  # scheme, host, port, id of the TLS context
+#: scheme, host, port and the TLS context itself (not its id(), which a new context could take
+#: over once a policy edit freed the old one): a connection is reused only under the context
+#: that verified it.
+Origin = tuple[str, str, int, ssl.SSLContext | None]
 
 #: The response headers the connection reads, by kind; any other is only kept.
 _PLAIN, _LENGTH, _TRANSFER, _CODING = range(4)
@@ -507,7 +510,7 @@ class Pool:
         """An idle pooled connection to the route's origin, if one is fit to reuse (no I/O)."""
         up = route.upstream
         ctx = route.ssl if isinstance(route.ssl, ssl.SSLContext) else None
-        idle = self._idle.get((up.scheme, up.host, up.port, id(ctx)))
+        idle = self._idle.get((up.scheme, up.host, up.port, ctx))
         if idle:
             now = time.monotonic()
             while idle:
@@ -526,7 +529,7 @@ class Pool:
                 return conn
         up = route.upstream
         ctx = route.ssl if isinstance(route.ssl, ssl.SSLContext) else None
-        origin: Origin = (up.scheme, up.host, up.port, id(ctx))
+        origin: Origin = (up.scheme, up.host, up.port, ctx)
         timeout = route.timeout.sock_connect or routes.CONNECT_TIMEOUT
         try:
             async with asyncio.timeout(timeout):

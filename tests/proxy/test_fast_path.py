@@ -315,7 +315,7 @@ async def test_idle_pooled_connections_are_closed_once_their_idle_time_is_up(
             assert (await agent.answer())[0] == 200
         assert up.connections == 3
         route = p.routes.table["openai"]
-        assert len(p.proxy.pool._idle[("http", "127.0.0.1", up.port, id(None))]) == 3
+        assert len(p.proxy.pool._idle[("http", "127.0.0.1", up.port, None)]) == 3
         await asyncio.sleep(0.8)
         assert up.closed == 3  # the reaper closed all three, nobody asked for one
         assert p.proxy.pool.idle_connection(route) is None

@@ -534,6 +534,44 @@ async def test_an_upstream_certificate_from_an_unknown_ca_is_502(
         await runner.cleanup()
 
 
+async def test_a_connection_verified_under_one_upstreams_ca_is_never_reused_for_another(
+    make_proxy: ProxyFactory, tmp_path: Any
+) -> None:
+    """The pool keys connections by the TLS context that verified them, not by origin alone:
+    an upstream trusting the system store must not ride a connection that another
+    upstream's ``caBundle`` verified, though both name the same host and port."""
+    ca = certificates.make_ca("private-ca")
+    leaf = certificates.issue(ca, "127.0.0.1", ip_addresses=["127.0.0.1"])
+    (tmp_path / "c.pem").write_bytes(leaf.cert_pem)
+    (tmp_path / "k.pem").write_bytes(leaf.key_pem)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="private")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        trusting = bearer_upstream(f"https://127.0.0.1:{port}", caBundle=ca.cert_pem.decode())
+        trusting.pop("insecure")
+        system = bearer_upstream(f"https://127.0.0.1:{port}", name="system")
+        system.pop("insecure")
+        p = await make_proxy(policy(trusting, system), secrets=SECRETS)
+        for _ in range(2):  # the second call is served on the pooled, verified connection
+            status, _, body = await call(f"{p.url}/openai/x", token=mint())
+            assert status == 200 and body == b"private"
+        status, _, body = await call(f"{p.url}/system/x", token=mint())
+        assert status == 502 and b"TLS" in body  # verified afresh, against the system store
+    finally:
+        await runner.cleanup()
+
+
 async def test_expect_100_continue_is_answered_once_the_call_is_allowed(
     make_proxy: ProxyFactory, upstream: Upstream
 ) -> None:
