@@ -242,14 +242,20 @@ async def test_a_header_with_a_line_break_is_never_sent() -> None:
     await client.close()
 
 
-async def test_tls_is_verified_against_the_callers_context(
-    serve: Callable[..., Awaitable[Server]], tmp_path: Path
-) -> None:
+def server_tls(tmp_path: Path) -> tuple[certificates.KeyPair, ssl.SSLContext]:
+    """A private CA and a server context with a certificate it issued for 127.0.0.1."""
     ca = certificates.make_ca("test CA")
     leaf = certificates.issue(ca, "server", ip_addresses=["127.0.0.1"])
     (tmp_path / "server.pem").write_bytes(leaf.cert_pem + leaf.key_pem)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tmp_path / "server.pem")
+    return ca, context
+
+
+async def test_tls_is_verified_against_the_callers_context(
+    serve: Callable[..., Awaitable[Server]], tmp_path: Path
+) -> None:
+    ca, context = server_tls(tmp_path)
     handler, _ = answering(OK, OK)
     server = await serve(handler, context)
     url = f"https://127.0.0.1:{server.port}/"
@@ -266,11 +272,7 @@ async def test_tls_is_verified_against_the_callers_context(
 async def test_a_kept_connection_is_reused_only_under_the_context_that_verified_it(
     serve: Callable[..., Awaitable[Server]], tmp_path: Path
 ) -> None:
-    ca = certificates.make_ca("test CA")
-    leaf = certificates.issue(ca, "server", ip_addresses=["127.0.0.1"])
-    (tmp_path / "server.pem").write_bytes(leaf.cert_pem + leaf.key_pem)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tmp_path / "server.pem")
+    ca, context = server_tls(tmp_path)
 
     async def answer_all(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import ssl
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -496,9 +498,10 @@ async def test_a_client_disconnect_cancels_the_upstream_request(
     assert line["reason"] == "client_disconnected" and line["status"] == 499
 
 
-async def test_an_upstream_certificate_from_an_unknown_ca_is_502(
-    make_proxy: ProxyFactory, tmp_path: Any
-) -> None:
+@contextlib.asynccontextmanager
+async def private_tls_upstream(tmp_path: Any) -> AsyncIterator[tuple[int, certificates.KeyPair, list[str]]]:
+    """An HTTPS upstream on loopback whose certificate a private CA issued: (port, CA, the
+    Authorization headers it saw). It answers every GET with "private"."""
     ca = certificates.make_ca("private-ca")
     leaf = certificates.issue(ca, "127.0.0.1", ip_addresses=["127.0.0.1"])
     (tmp_path / "c.pem").write_bytes(leaf.cert_pem)
@@ -517,8 +520,16 @@ async def test_an_upstream_certificate_from_an_unknown_ca_is_502(
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
+        yield site._server.sockets[0].getsockname()[1], ca, seen  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_upstream_certificate_from_an_unknown_ca_is_502(
+    make_proxy: ProxyFactory, tmp_path: Any
+) -> None:
+    async with private_tls_upstream(tmp_path) as (port, ca, seen):
         up = bearer_upstream(f"https://127.0.0.1:{port}")
         up.pop("insecure")
         p = await make_proxy(policy(up), secrets=SECRETS)
@@ -530,8 +541,6 @@ async def test_an_upstream_certificate_from_an_unknown_ca_is_502(
         status, _, body = await call(f"{p.url}/openai/x", token=mint())
         assert status == 200 and body == b"private"
         assert seen == [f"Bearer {SECRET}"]
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_connection_verified_under_one_upstreams_ca_is_never_reused_for_another(
@@ -540,24 +549,7 @@ async def test_a_connection_verified_under_one_upstreams_ca_is_never_reused_for_
     """The pool keys connections by the TLS context that verified them, not by origin alone:
     an upstream trusting the system store must not ride a connection that another
     upstream's ``caBundle`` verified, though both name the same host and port."""
-    ca = certificates.make_ca("private-ca")
-    leaf = certificates.issue(ca, "127.0.0.1", ip_addresses=["127.0.0.1"])
-    (tmp_path / "c.pem").write_bytes(leaf.cert_pem)
-    (tmp_path / "k.pem").write_bytes(leaf.key_pem)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
-
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(text="private")
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with private_tls_upstream(tmp_path) as (port, ca, _):
         trusting = bearer_upstream(f"https://127.0.0.1:{port}", caBundle=ca.cert_pem.decode())
         trusting.pop("insecure")
         system = bearer_upstream(f"https://127.0.0.1:{port}", name="system")
@@ -568,8 +560,6 @@ async def test_a_connection_verified_under_one_upstreams_ca_is_never_reused_for_
             assert status == 200 and body == b"private"
         status, _, body = await call(f"{p.url}/system/x", token=mint())
         assert status == 502 and b"TLS" in body  # verified afresh, against the system store
-    finally:
-        await runner.cleanup()
 
 
 async def test_expect_100_continue_is_answered_once_the_call_is_allowed(
