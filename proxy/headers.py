@@ -47,11 +47,17 @@ def caller_token(authorization: str | None, token_header: str | None) -> str | N
     return token_header or None
 
 
-def forward(items: Iterable[tuple[str, str]], connection: str | None, strip: frozenset[str]) -> list[tuple[str, str]]:
-    """The agent's headers that go up; ``connection`` is its Connection header, if any."""
+def _dropped(strip: frozenset[str]) -> frozenset[str]:
+    """The names that never go up for ``strip``: those and ``Content-Length`` (cached per set)."""
     drop = _with_length.get(strip)
     if drop is None:
         drop = _with_length[strip] = strip | {"content-length"}  # the sidecar frames the body itself
+    return drop
+
+
+def forward(items: Iterable[tuple[str, str]], connection: str | None, strip: frozenset[str]) -> list[tuple[str, str]]:
+    """The agent's headers that go up; ``connection`` is its Connection header, if any."""
+    drop = _dropped(strip)
     if connection:
         drop = drop | {t.strip().lower() for t in connection.split(",")}
     return [(k, v) for k, v in items if k.lower() not in drop]
@@ -64,12 +70,9 @@ def forward_lines(items: Iterable[tuple[str, str]], connection: str | None, stri
     ``Connection`` header), so the answer is kept per spelling: the listener
     hands the common names over as shared strings, found without a ``lower()``.
     """
-    drop = _with_length.get(strip)
-    if drop is None:
-        drop = _with_length[strip] = strip | {"content-length"}  # the sidecar frames the body itself
-    if connection:
-        drop = drop | {t.strip().lower() for t in connection.split(",")}
-        return "".join([f"{k}: {v}\r\n" for k, v in items if k.lower() not in drop])
+    if connection:  # names it lists go too: no memo per name then
+        return "".join([f"{k}: {v}\r\n" for k, v in forward(items, connection, strip)])
+    drop = _dropped(strip)
     kept = _kept.get(strip)
     if kept is None:
         if len(_kept) >= _KEPT_STRIPS:

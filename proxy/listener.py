@@ -30,11 +30,14 @@ import logging
 import time
 import types
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import httptools
 
-from sidekey.core import errors, tokens
+from sidekey.core import errors
+
+if TYPE_CHECKING:  # the proxy's to set; the listener only holds it
+    from sidekey.core import tokens
 
 log = logging.getLogger("sidekey.proxy")
 

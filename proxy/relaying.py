@@ -40,7 +40,6 @@ SMALL_BODY: Final = 64 * 1024
 FINAL_EVENTS: Final = (b"data: [DONE]", b"event: message_stop")
 
 
-
 def agent_left(record: auditing.AuditRecord, status: int) -> int:
     """The status to audit when the agent closed before its answer was done (both paths).
 
@@ -55,6 +54,7 @@ def agent_left(record: auditing.AuditRecord, status: int) -> int:
     record["reason"] = "client_disconnected"
     return 499
 
+
 class ChunkHook(Protocol):
     """Sees every piece of an allowed response after scrubbing (an SSE event as it arrives)."""
 
@@ -66,8 +66,8 @@ class ChunkHook(Protocol):
 class Relay:
     """The body from the upstream to the agent, run from the upstream protocol's callback.
 
-    It scrubs as ``scrubbing.StreamScrubber`` does (the same two steps, its held-back
-    tail kept here), without a second object and call per chunk.
+    It scrubs with ``Scrubber.release``, as ``scrubbing.StreamScrubber`` does, its
+    held-back tail kept here: no second object per answer.
     """
 
     __slots__ = ("_decoder", "_hooks", "_pending", "_reply", "_scrubber", "_sse", "_up", "final")
@@ -96,16 +96,7 @@ class Relay:
                 chunk = self._decoder.feed(chunk)
             except decoding.DecodeError:
                 raise upstream.Broken("a corrupt or oversized compressed body") from None
-        # StreamScrubber.feed, inlined
-        s = self._scrubber
-        pending = self._pending
-        data = s.scrub(pending + chunk if pending else chunk)
-        hold = s.held_back(data)
-        if hold:
-            self._pending = data[-hold:]
-            data = data[:-hold]
-        elif pending:
-            self._pending = b""
+        data, self._pending = self._scrubber.release(self._pending, chunk)
         if not data:
             return
         for hook in self._hooks:

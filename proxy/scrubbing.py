@@ -285,6 +285,18 @@ class Scrubber:
                     return len(data) - i
         return 0
 
+    def release(self, pending: bytes, chunk: bytes) -> tuple[bytes, bytes]:
+        """A streamed body's next ``chunk``, scrubbed: what can be sent now, and the tail held back.
+
+        ``pending`` is the tail held back after the chunk before. The relay and
+        ``StreamScrubber`` both call this, so what a stream releases has one rule.
+        """
+        data = self.scrub(pending + chunk if pending else chunk)
+        hold = self.held_back(data)
+        if hold:
+            return data[:-hold], data[-hold:]
+        return data, b""
+
     def stream(self) -> StreamScrubber:
         return StreamScrubber(self)
 
@@ -300,14 +312,7 @@ class StreamScrubber:
 
     def feed(self, chunk: bytes) -> bytes:
         """Scrub a chunk; return what can be sent now."""
-        s = self._scrubber
-        data = self._pending + chunk if self._pending else chunk
-        data = s.scrub(data)
-        hold = s.held_back(data)
-        if hold:
-            self._pending = data[-hold:]
-            return data[:-hold]
-        self._pending = b""
+        data, self._pending = self._scrubber.release(self._pending, chunk)
         return data
 
     def flush(self) -> bytes:
