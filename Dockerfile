@@ -28,14 +28,16 @@
 # The builder uses Debian 12's own Python, the same 3.11 the distroless runtime
 # has at the same path (/usr/bin/python3), so the virtualenv moves across as is.
 FROM debian:12-slim AS build
+# gcc and the headers build the request path's C extensions (setup.py, mypyc); only
+# /opt/sidekey moves to the runtime stage.
 RUN apt-get update \
- && apt-get install --no-install-recommends -y python3 python3-venv \
+ && apt-get install --no-install-recommends -y python3 python3-venv python3-dev gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/sidekey
 COPY requirements.lock /src/requirements.lock
 RUN /opt/sidekey/bin/pip install --no-cache-dir --require-hashes --only-binary=:all: \
       --requirement /src/requirements.lock
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml setup.py README.md /src/
 COPY cli /src/cli
 COPY core /src/core
 COPY proxy /src/proxy
@@ -44,10 +46,12 @@ COPY operator /src/operator
 COPY client /src/client
 COPY localcluster /src/localcluster
 COPY demo /src/demo
-# The project itself: no dependency resolution here (--no-deps), only the lock's.
-# Then only the interpreter's links stay in bin/ (pip's console scripts would run
-# the same code without -I), and the launcher replaces pip's `sidekey` script.
+# The project itself: no dependency resolution here (--no-deps), only the lock's, whose
+# build tools (mypy and what it needs) then leave with pip. Only the interpreter's links
+# stay in bin/ (pip's console scripts would run the same code without -I), and the
+# launcher replaces pip's `sidekey` script.
 RUN /opt/sidekey/bin/pip install --no-cache-dir --no-deps --no-build-isolation /src \
+ && /opt/sidekey/bin/pip uninstall --yes mypy mypy-extensions ast-serialize librt pathspec \
  && /opt/sidekey/bin/pip uninstall --yes pip setuptools wheel \
  && find /opt/sidekey/bin -mindepth 1 ! -name 'python*' -delete \
  && /opt/sidekey/bin/python -m compileall -q /opt/sidekey/lib

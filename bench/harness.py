@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import arms, kubelet, litellm_peer, loads, nginx, procstats, reports, sse
+from bench import arms, compiled, kubelet, litellm_peer, loads, nginx, procstats, reports, sse
 from sidekey.localcluster.cluster import LocalCluster, free_port
 from sidekey.localcluster.processes import Process, Processes
 
@@ -506,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-docs", action="store_true",
                         help="write the table into docs/performance.md (between its bench:results marks)")
     args = parser.parse_args(argv)
+    problem = compiled.advice()
+    if problem is not None:
+        print(f"bench: {problem}", file=sys.stderr)
+        return 2
     plan = Plan.quick() if args.quick else Plan()
     if args.reps:
         plan = Plan(**{**plan.__dict__, "reps": args.reps})

@@ -49,7 +49,7 @@ import tarfile
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
@@ -89,6 +89,9 @@ RUNTIME_UNOWNED = re.compile(
     r"|^etc/ssl/certs(/.*)?$"                   # update-ca-certificates
     r"|(^|/)__pycache__(/.*)?$"                 # py3compile: the stdlib's bytecode
 )
+#: The lock's entries that build the project's wheel (setup.py compiles the request path
+#: with mypyc) and never run in the image: the builder has them, the deps layer not.
+BUILD_ONLY = frozenset({"setuptools", "wheel", "mypy", "mypy-extensions", "ast-serialize", "librt", "pathspec"})
 #: Bumped when the way a layer is made changes, so old cache entries are not reused.
 RECIPE_VERSION = 1
 
@@ -486,9 +489,10 @@ def _host_python(target: Target) -> str:
 
 
 def builder(target: Target) -> str:
-    """A venv of the image's Python version with pip, and the lock's setuptools and wheel
-    (hash-checked) as the build backend of the project's wheel. Returns its python."""
-    tools = _lock_entries(LOCK, {"setuptools", "wheel", "packaging"})  # wheel needs packaging
+    """A venv of the image's Python version with pip, and the lock's build tools (BUILD_ONLY,
+    hash-checked) as the build backend of the project's wheel. Returns its python."""
+    # wheel needs packaging, mypy typing-extensions: in the lock, and kept in the image too
+    tools = _lock_entries(LOCK, BUILD_ONLY | {"packaging", "typing-extensions"})
     root = cache_dir() / f"builder-{_key(tools, target.python)}"
     python = root / "bin" / "python"
     if python.exists():
@@ -514,7 +518,7 @@ def _compile(stage: Path, python: str) -> None:
           str(stage)], "compileall")
 
 
-def _lock_entries(lock: Path, names: set[str], *, keep: bool = True) -> str:
+def _lock_entries(lock: Path, names: Set[str], *, keep: bool = True) -> str:
     """The lock's entries (with their hashes) for ``names``, or all but them (``keep=False``)."""
     out, taking = [], False
     for line in lock.read_text().splitlines():
@@ -551,8 +555,8 @@ def _pip_install(site_packages: Path, target: Target, *args: str) -> None:
 
 def deps_layer(name: str, lock: Path, venv: str, target: Target) -> Layer:
     """A venv at ``venv`` holding exactly the lock, every file hash-checked."""
-    # setuptools and wheel are in the lock to build the project; the Dockerfile removes them.
-    requirements = _lock_entries(lock, {"setuptools", "wheel"}, keep=False)
+    # the build tools are in the lock to build the project; the Dockerfile removes them too
+    requirements = _lock_entries(lock, BUILD_ONLY, keep=False)
 
     def make(tar: tarfile.TarFile) -> None:
         with tempfile.TemporaryDirectory(prefix="sidekey-image-") as tmp:
@@ -572,12 +576,13 @@ def _project_source(tmp: Path) -> Path:
     """The files the Dockerfile copies, so the wheel holds the package folders and nothing else."""
     src = tmp / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     for folder in sorted(set(package_dirs.values())):
+        # not the extensions an editable install wrote in place: the wheel compiles its own
         shutil.copytree(ROOT / folder, src / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*.so"))
     return src
 
 
@@ -600,7 +605,9 @@ def app_layer(venv: str, target: Target, *, launcher: bool) -> Layer:
               "--no-build-isolation", "--wheel-dir", str(dist), str(_project_source(Path(tmp)))], "pip wheel",
              timeout=600)
         wheel = next(dist.glob("sidekey-*.whl"))
-        _pip_install(site, target, "--no-deps", str(wheel))
+        # the wheel holds the request path's extensions, built here for the image's Python
+        # and glibc (the builder's Python is the image's version): tagged linux_<machine>
+        _pip_install(site, target, "--no-deps", "--platform", f"linux_{target.machine}", str(wheel))
         _forget_wheel_origin(site)
         if launcher:
             bin_dir = stage / venv.lstrip("/") / "bin"

@@ -9,6 +9,7 @@ replaced) because agents put keys and personal data in queries.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from json.encoder import encode_basestring_ascii as _esc  # the C function json.dumps uses
 from typing import Final, TypedDict
 
@@ -68,16 +69,19 @@ class LineEncoder:
         size = len(r)
         if size != 14 and size != 15:
             return None
+        # the numbers read untyped: compiled (setup.py), a value the TypedDict types as int is
+        # unboxed on reading, so a bool would pass the type() checks below as 1
+        m: Mapping[str, object] = r
         try:
             if r["pod"] != self._pod or r["namespace"] != self._namespace:
                 return None
-            bytes_in, bytes_out, status, duration = r["bytes_in"], r["bytes_out"], r["status"], r["duration_ms"]
+            bytes_in, bytes_out, status, duration = m["bytes_in"], m["bytes_out"], m["status"], m["duration_ms"]
             if not (type(bytes_in) is int and type(bytes_out) is int and type(status) is int
                     and type(duration) is float):
                 return None
             if size == 14:
                 streamed = ""
-            elif r["streamed"] is True:
+            elif m["streamed"] is True:
                 streamed = '"streamed":true,'
             else:
                 return None

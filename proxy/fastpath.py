@@ -33,11 +33,11 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from sidekey.proxy import decoding, metrics, relaying, upstream, upstreamheads
+from sidekey.proxy import decoding, listener, metrics, relaying, upstream, upstreamheads
 
 if TYPE_CHECKING:
     from sidekey.proxy import audit as auditing
-    from sidekey.proxy import listener, refusals, routes, scrubbing
+    from sidekey.proxy import refusals, routes, scrubbing
 
 log = logging.getLogger("sidekey.proxy")
 
@@ -69,7 +69,7 @@ class Owner(Protocol):
         """Send ``data`` again on a new connection and relay its answer, audited: the coroutine path."""
 
 
-class Answered:
+class Answered(listener.Exchange):
     """What ``Proxy.fast`` returns for a request it answered at once (a refusal)."""
 
     def lost(self) -> None:
@@ -81,7 +81,7 @@ ANSWERED: Final = Answered()
 _HEAD, _WHOLE, _STREAM = 0, 1, 2
 
 
-class Exchange:
+class Exchange(listener.Exchange):
     """One request on the fast path, followed from the upstream protocol's callbacks.
 
     It does what ``Proxy._exchange`` and ``relaying.respond`` do for a request without
@@ -153,7 +153,7 @@ class Exchange:
                 up.set_sink(self._parts.append)
                 return
             reply = self._reply
-            relay = relaying.Relay(reply, up, self._scrubber, decoder, [], sse)
+            relay = relaying.Relay(reply, self._scrubber, decoder, [], sse)
             if length is None or length > relaying.SMALL_BODY or decoder is not None:
                 self._record["streamed"] = True
             reply.start(status, reason, block, length if decoder is None else None)

@@ -185,11 +185,12 @@ class Proxy:
                 status = self.refuse(reply, record, refusal)
                 if request.has_body and not request.body.eof:
                     reply.keep_alive = False  # the unread body would be read as the next request
-            except (ConnectionError, upstream.UpstreamError) as exc:
+            except (ConnectionError, upstream.UpstreamError) as broke:
                 # the agent left mid-body, or a failure after the status line was sent
+                # (each except clause names its own exception: mypyc types the name per function)
                 if reply.started:
                     status = reply.status
-                    record["reason"] = getattr(exc, "reason", "upstream_broke_stream")
+                    record["reason"] = getattr(broke, "reason", "upstream_broke_stream")
                 else:
                     status = 499
                     record["reason"] = "client_disconnected"
@@ -380,8 +381,8 @@ class Proxy:
             )
         try:
             target = paths.parse(request.target)
-        except paths.PathError as exc:
-            raise refusals.BadRequest("bad_path", str(exc)) from None
+        except paths.PathError as bad_path:
+            raise refusals.BadRequest("bad_path", str(bad_path)) from None
         token = headers.caller_token(request.authorization, request.token_header)
         if token is None:
             metrics.TOKEN_FAILURES.labels("missing").inc()
@@ -399,14 +400,14 @@ class Proxy:
         if identity is None:
             try:
                 identity = await validator.validate(token)
-            except tokens.TokenError as exc:
-                metrics.TOKEN_FAILURES.labels(exc.reason).inc()
-                raise refusals.Unauthenticated(exc.reason, exc.message) from None
+            except tokens.TokenError as refused:
+                metrics.TOKEN_FAILURES.labels(refused.reason).inc()
+                raise refusals.Unauthenticated(refused.reason, refused.message) from None
         record["service_account"] = identity.service_account
         try:
             route = decision.authorise(target, identity, self._table(), request.method, request.content_length)
-        except refusals.RateLimited as exc:
-            metrics.RATE_LIMITED.labels(exc.upstream or "").inc()
+        except refusals.RateLimited as limited:
+            metrics.RATE_LIMITED.labels(limited.upstream or "").inc()
             raise
         record["upstream"] = route.name
         record["decision"] = "allowed"

@@ -28,9 +28,8 @@ import collections
 import contextlib
 import logging
 import time
-import types
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
 
@@ -49,7 +48,8 @@ MAX_HEADERS: Final = 128
 #: Buffered request body above which reading from the agent pauses.
 BODY_HIGH_WATER: Final = 256 * 1024
 #: A keep-alive connection with no request for this long is closed (aiohttp's default too).
-IDLE_SECONDS: Final = 75.0
+#: Not Final: compiled, a Final is inlined where it is read, and the tests shorten this one.
+IDLE_SECONDS = 75.0
 
 _REASONS: Final = {
     100: b"Continue", 200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
@@ -218,10 +218,17 @@ class Request:
 Handler = Callable[[Request, "AgentConnection"], Coroutine[Any, Any, None]]
 
 
-class Exchange(Protocol):
-    """A request served from callbacks (the fast path); told when the agent leaves mid-way."""
+class Exchange:
+    """A request served from callbacks (the fast path); told when the agent leaves mid-way.
 
-    def lost(self) -> None: ...
+    A base class, not a Protocol: the listener tells an exchange from a handler's
+    coroutine by ``isinstance``, and a coroutine compiled by mypyc (setup.py) is not a
+    ``types.CoroutineType``."""
+
+    __slots__ = ()
+
+    def lost(self) -> None:
+        """The agent left before the answer was sent: stop relaying it."""
 
 
 #: Takes a request whose body has fully arrived and returns the Exchange serving it from
@@ -473,10 +480,11 @@ class AgentConnection(asyncio.Protocol):
                 return
         if work is None:
             work = self._handler(item, self)
-        if isinstance(work, types.CoroutineType):  # the concrete type: cheaper than the ABC
+        if isinstance(work, Exchange):
+            if self.busy:  # not finished at once
+                self._exchange = work
+        else:
             self._task = asyncio.get_running_loop().create_task(self._run(item, work))
-        elif self.busy:  # not finished at once
-            self._exchange = cast(Exchange, work)
 
     async def _run(self, item: Request, work: Coroutine[Any, Any, None]) -> None:
         try:
@@ -656,7 +664,10 @@ class Listener:
         self._server = await loop.create_server(
             lambda: AgentConnection(self._handler, self, self._fast), host, port, reuse_address=True, backlog=1024
         )
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        # read untyped: uvloop's Server.sockets is a list where typeshed says tuple, and a
+        # compiled (setup.py) read of a tuple-typed attribute checks its type
+        sockets: Any = cast(Any, self._server).sockets
+        self.port = int(sockets[0].getsockname()[1])
         self._sweep = loop.call_later(IDLE_SECONDS / 5, self._close_idle)
 
     def _close_idle(self) -> None:

@@ -70,19 +70,17 @@ class Relay:
     held-back tail kept here: no second object per answer.
     """
 
-    __slots__ = ("_decoder", "_hooks", "_pending", "_reply", "_scrubber", "_sse", "_up", "final")
+    __slots__ = ("_decoder", "_hooks", "_pending", "_reply", "_scrubber", "_sse", "final")
 
     def __init__(
         self,
         reply: listener.Reply,
-        up: upstream.UpstreamConnection,
         scrubber: scrubbing.Scrubber,
         decoder: decoding.Decoder | None,
         hooks: list[ChunkHook],
         sse: bool = False,
     ) -> None:
         self._reply = reply
-        self._up = up
         self._sse = sse  # only an event stream has a final event to look for
         self._scrubber = scrubber
         self._pending = b""  # the held-back tail that could start a secret
@@ -157,7 +155,7 @@ async def respond(
         return await respond_whole(
             reply, up_conn, decoder, scrubber, chunk_hooks, status, reason, block, record
         )
-    relay = Relay(reply, up_conn, scrubber, decoder, chunk_hooks, sse)
+    relay = Relay(reply, scrubber, decoder, chunk_hooks, sse)
     if length is None or length > SMALL_BODY or decoder is not None:
         record["streamed"] = True
     reply.start(status, reason, block, length if decoder is None else None)

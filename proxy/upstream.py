@@ -26,7 +26,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Final, Protocol, cast
+from typing import ClassVar, Final, Protocol, cast
 
 import httptools
 
@@ -34,7 +34,8 @@ from sidekey.core import errors
 from sidekey.proxy import routes
 
 #: An idle pooled connection older than this is closed instead of reused (servers drop them).
-IDLE_SECONDS: Final = 15.0
+#: Not Final: compiled, a Final is inlined where it is read, and the tests shorten this one.
+IDLE_SECONDS = 15.0
 #: Idle connections kept per origin: a bound on sockets, far above what a pod keeps in flight.
 #: The reaper, not this cap, gives a burst's connections back. A cap below the concurrency
 #: closes each surplus connection as it comes back and opens another for the next request:
@@ -44,9 +45,12 @@ IDLE_PER_ORIGIN: Final = 1024
 
 
 class UpstreamError(errors.Unavailable):
-    """The exchange failed; ``reason`` is the audit word, the message names no secret."""
+    """The exchange failed; ``reason`` is the audit word, the message names no secret.
 
-    reason = "upstream_error"
+    ``reason`` is a ClassVar: compiled (setup.py), a plain class attribute of an exception
+    is not seen from its instances."""
+
+    reason: ClassVar[str] = "upstream_error"
 
 
 class ConnectFailed(UpstreamError):
@@ -54,11 +58,11 @@ class ConnectFailed(UpstreamError):
 
 
 class TlsFailed(UpstreamError):
-    reason = "upstream_tls"
+    reason: ClassVar[str] = "upstream_tls"
 
 
 class Refused(UpstreamError):
-    reason = "host_refused"
+    reason: ClassVar[str] = "host_refused"
 
 
 class DnsFailed(UpstreamError):
@@ -66,7 +70,7 @@ class DnsFailed(UpstreamError):
 
 
 class ReadTimeout(UpstreamError):
-    reason = "upstream_timeout"
+    reason: ClassVar[str] = "upstream_timeout"
 
 
 class ConnectTimeout(ReadTimeout):
@@ -80,7 +84,7 @@ class Broken(UpstreamError):
 class Unacceptable(UpstreamError):
     """A response the sidecar will not relay (a transfer coding it cannot check, a protocol switch)."""
 
-    reason = "upstream_encoding"
+    reason: ClassVar[str] = "upstream_encoding"
 
 
 #: scheme, host, port and the TLS context itself (not its id(), which a new context could take
@@ -547,10 +551,11 @@ class Pool:
         except ValueError:
             try:
                 results = await self._resolver.resolve(host, port, socket.AF_UNSPEC)
-            except routes.HostRefused as exc:
-                raise Refused(str(exc)) from None
-            except OSError as exc:
-                raise DnsFailed(f"its host {host!r} does not resolve ({type(exc).__name__})") from None
+            # each except clause names its own exception: mypyc types the name per function
+            except routes.HostRefused as refused:
+                raise Refused(str(refused)) from None
+            except OSError as unresolved:
+                raise DnsFailed(f"its host {host!r} does not resolve ({type(unresolved).__name__})") from None
             addresses = [r["host"] for r in results]
         last: Exception | None = None
         for address in addresses:
@@ -559,8 +564,8 @@ class Pool:
                     lambda: UpstreamConnection(self, origin), address, port,
                     ssl=ctx, server_hostname=host if ctx is not None else None,
                 )
-            except ssl.SSLError as exc:
-                raise TlsFailed(f"TLS failed ({type(exc).__name__})") from None
+            except ssl.SSLError as tls_error:
+                raise TlsFailed(f"TLS failed ({type(tls_error).__name__})") from None
             except OSError as exc:
                 last = exc
                 continue

@@ -21,6 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 CRDS = ROOT / "crds"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test a request path whose C extensions were not built from these sources
+    (setup.py): the tests would pass or fail on the code an edit replaced."""
+    from bench.compiled import advice
+
+    problem = advice()
+    if problem is not None:
+        raise pytest.UsageError(problem)
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Any]:
     from sidekey.localcluster import binaries

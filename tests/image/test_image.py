@@ -152,7 +152,8 @@ def test_every_file_is_root_owned_and_none_writable_by_the_runtime_user(
 def test_the_venv_holds_exactly_the_lock(rootfs: Path) -> None:
     pins = {m.group(1).lower().replace("_", "-"): m.group(2)
             for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+) \\$", image.LOCK.read_text(), re.M)}
-    del pins["setuptools"], pins["wheel"]  # build tools only, as the Dockerfile removes them
+    for name in image.BUILD_ONLY:  # build tools only (setup.py's compile), as the Dockerfile removes them
+        del pins[name]
     site = rootfs / "opt" / "sidekey" / "lib" / "python3.11" / "site-packages"
     installed = {}
     for dist in site.glob("*.dist-info"):
@@ -205,6 +206,37 @@ answers = [tokens._ALGORITHMS[alg].verify(tokens.import_jwk(jwk), msg.encode(), 
 print(json.dumps({"answers": answers, "soname": openssl.soname(), "version": ssl.OPENSSL_VERSION,
                   "cryptography": "cryptography" in sys.modules}))
 """
+
+
+_COMPILED_IN_IMAGE = """
+import importlib, importlib.machinery, importlib.util, json, sys
+out = {}
+for name in json.loads(sys.argv[1]):
+    package, _, leaf = name.rpartition(".")
+    out[name] = importlib.machinery.PathFinder.find_spec(leaf, importlib.import_module(package).__path__).origin
+from sidekey.proxy import fastpath, listener
+out["exchange"] = issubclass(fastpath.Exchange, listener.Exchange)
+out["build_tools"] = [m for m in ("mypy", "mypyc", "setuptools") if importlib.util.find_spec(m)]
+print(json.dumps(out))
+"""
+
+
+def test_the_request_path_runs_compiled_on_the_images_own_python(rootfs: Path, tmp_path: Path) -> None:
+    """setup.py's C extensions are in the wheel, built for the image's Python (3.11 of Debian,
+    not the builder's): each compiled module imports as an extension there, and the compiler
+    that built them is not in the image."""
+    from bench.compiled import modules
+
+    shown = run_in(rootfs, ["/opt/sidekey/bin/python", "-IB", "-c", _COMPILED_IN_IMAGE, json.dumps(modules())],
+                   env={"PATH": "/opt/sidekey/bin:/usr/bin:/bin"}, work=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    out = json.loads(shown.stdout)
+    assert out.pop("exchange") is True
+    assert out.pop("build_tools") == []
+    for name, origin in out.items():
+        assert origin.startswith("/opt/sidekey/lib/python3.11/site-packages/sidekey/proxy/"), (name, origin)
+        assert origin.endswith(".so") and ".cpython-311-" in origin, (name, origin)
+    assert sorted(out) == sorted(modules())
 
 
 def test_the_sidecar_verifies_signatures_with_the_images_own_libcrypto(rootfs: Path, tmp_path: Path) -> None:
@@ -283,10 +315,10 @@ def test_a_code_change_rebuilds_only_the_top_layer(tmp_path: Path, monkeypatch: 
     built = image.build_sidekey(tmp_path / "before")
     checkout = tmp_path / "checkout"
     checkout.mkdir()
-    for name in ("pyproject.toml", "README.md", "requirements.lock"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "requirements.lock"):
         shutil.copy2(image.ROOT / name, checkout / name)
     for folder in ("cli", "core", "proxy", "webhook", "operator", "client", "localcluster", "demo"):
-        shutil.copytree(image.ROOT / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(image.ROOT / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     with (checkout / "core" / "contract.py").open("a") as f:
         f.write("\n# a code change\n")
     monkeypatch.setattr(image, "ROOT", checkout)

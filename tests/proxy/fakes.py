@@ -22,7 +22,7 @@ from joserfc import jwk, jwt
 from multidict import CIMultiDict
 
 from sidekey.core import contract, policies, tokens
-from sidekey.proxy import forwarding, routes
+from sidekey.proxy import forwarding, listener, routes
 
 ISSUER = "https://127.0.0.1:6443"
 NAMESPACE = "team"
@@ -385,3 +385,48 @@ class FakeApi:
         self.bump()
         assert self.runner is not None
         await self.runner.cleanup()
+
+
+class CollectingTransport(asyncio.Transport):
+    """A transport that keeps what is written to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.out.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def agent_request(method: str = "GET", target: str = "/", headers: list[tuple[str, str]] | None = None,
+                  connection: str | None = None
+                  ) -> tuple[listener.Request, listener.AgentConnection, CollectingTransport]:
+    """A real request on a real agent connection (its transport collects what is written), for
+    tests that call the request path's parts directly. Real objects, not look-alikes: compiled
+    (setup.py), those parts check the type of what they are given."""
+
+    async def handler(request: listener.Request, conn: listener.AgentConnection) -> None:
+        raise AssertionError("not served here")
+
+    conn = listener.AgentConnection(handler, listener.Listener(handler))
+    transport = CollectingTransport()
+    conn.connection_made(transport)
+    request = listener.Request(conn)
+    request.method, request.target, request.headers, request.connection = method, target, headers or [], connection
+    return request, conn, transport
+

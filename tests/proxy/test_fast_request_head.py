@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import pytest
 
 from sidekey.proxy import headers, paths, upstreamheads
-from tests.proxy.fakes import SECRETS, ProxyFactory, bearer_upstream, policy
+from tests.proxy.fakes import SECRETS, ProxyFactory, agent_request, bearer_upstream, policy
 
 AUTHS: list[dict[str, Any]] = [
     {"type": "bearer", "secretRef": {"name": "keys", "key": "openai"}},
@@ -33,7 +32,7 @@ async def test_the_head_is_the_slow_paths(
     assert cred is not None
     agent_headers = [("Host", "x"), ("Authorization", "Bearer t"), ("Accept", "*/*"), ("X-Keep", "1"),
                      ("Connection", "X-Keep")]
-    request: Any = types.SimpleNamespace(method=method, headers=agent_headers, connection="X-Keep")
+    request, _, _ = agent_request(method, target, agent_headers, "X-Keep")
     parsed = paths.parse(target)
     lines = headers.forward(agent_headers, "X-Keep", route.strip) + list(cred.headers)
     slow = upstreamheads.request_head(method, route, parsed, lines, body, len(body))

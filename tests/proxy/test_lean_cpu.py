@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from sidekey.core import logs
-from sidekey.proxy import audit, forwarding, listener, metrics, scrubbing, upstream
+from sidekey.proxy import audit, forwarding, listener, metrics, routes, scrubbing, upstream
+from tests.proxy.fakes import CollectingTransport as _Sink
+from tests.proxy.fakes import agent_request
 
 # --- header spellings -------------------------------------------------------------------------
 
@@ -34,30 +36,6 @@ def test_every_spelling_the_upstream_side_knows_is_the_kind_of_its_lowercase() -
         assert kind == upstream._READ.get(name.lower(), upstream._PLAIN), name
     for name in upstream._READ:
         assert upstream._KINDS[name] == upstream._READ[name]
-
-
-class _Sink(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.out: list[bytes] = []
-
-    def write(self, data: Any) -> None:
-        self.out.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 def _parsed(head: bytes) -> tuple[list[listener.Request], list[bytes]]:
@@ -110,21 +88,14 @@ def test_a_transfer_coding_other_than_chunked_is_refused_in_any_spelling(name: b
     assert not seen and out and out[0].startswith(b"HTTP/1.1 400 ")
 
 
-class _Pool:
-    def forget(self, conn: object) -> None:
-        pass
-
-    def track(self, conn: object) -> None:
-        pass
-
-    def untrack(self, conn: object) -> None:
-        pass
+def _pool() -> upstream.Pool:
+    return upstream.Pool(routes.GuardedResolver(frozenset()))
 
 
 @pytest.mark.parametrize("spell", [bytes.lower, bytes.title, bytes.upper, lambda n: n.swapcase().title().swapcase()])
 def test_the_response_headers_are_read_alike_in_any_spelling(spell: Any) -> None:
     async def run() -> upstream.UpstreamConnection:
-        up = upstream.UpstreamConnection(_Pool(), ("http", "h", 80, 0))  # type: ignore[arg-type]
+        up = upstream.UpstreamConnection(_pool(), ("http", "h", 80, None))
         up.connection_made(_Sink())
         up.send(b"GET / HTTP/1.1\r\n\r\n", head_method=False, timeout=5)
         got: list[bytes] = []
@@ -152,7 +123,7 @@ def test_an_upstream_transfer_coding_other_than_chunked_is_refused_in_any_spelli
             failed.append(exc)
 
     async def run() -> None:
-        up = upstream.UpstreamConnection(_Pool(), ("http", "h", 80, 0))  # type: ignore[arg-type]
+        up = upstream.UpstreamConnection(_pool(), ("http", "h", 80, None))
         up.connection_made(_Sink())
         up.send(b"GET / HTTP/1.1\r\n\r\n", head_method=False, timeout=5, watcher=Watcher())
         up.data_received(b"HTTP/1.1 200 OK\r\n%s: gzip\r\n\r\n" % name)
@@ -214,8 +185,7 @@ def test_each_request_is_counted_under_its_own_labels_and_timed_under_its_upstre
         before = {c: _value("sidekey_requests_total", _labels(c)) for c in set(cases)}
         timed = {u: _value("sidekey_request_duration_seconds_count", {"upstream": u}) for u in ("lean-a", "lean-b")}
         for name, method, status, decided in cases:
-            request = listener.Request.__new__(listener.Request)
-            request.method = method
+            request, _, _ = agent_request(method)
             record: audit.AuditRecord = {"request_id": "r", "pod": "p", "namespace": "n", "service_account": None,
                                          "upstream": name, "method": method, "path": "/x"}
             if decided is not None:
@@ -298,15 +268,6 @@ def test_the_forwarded_lines_stay_right_past_the_bound_of_names_kept() -> None:
 # --- the relay's scrubbing and the histogram's bucket ------------------------------------------
 
 
-class _Reply:
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        if data:
-            self.out.append(data)
-
-
 @pytest.mark.parametrize("seed", range(20))
 def test_the_relay_scrubs_any_chunking_as_the_stream_scrubber_does(seed: int) -> None:
     import base64
@@ -319,18 +280,20 @@ def test_the_relay_scrubs_any_chunking_as_the_stream_scrubber_does(seed: int) ->
                                 b"abc", KEY.encode()[: rng.randrange(1, len(KEY))]]) for _ in range(30))
     cuts = sorted(rng.sample(range(1, len(body)), rng.randrange(1, 12)))
     chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
-    reply = _Reply()
-    relay = relaying.Relay(reply, None, s, None, [], sse=True)  # type: ignore[arg-type]
+    request, conn, sink = agent_request()
+    reply = listener.Reply(conn, request)
+    reply.uncork()  # not started: the body's bytes reach the transport as written
+    relay = relaying.Relay(reply, s, None, [], sse=True)
     stream = s.stream()
     expected: list[bytes] = []
     for chunk in chunks:
         relay.feed(chunk)
         expected.append(stream.feed(chunk))
-        assert b"".join(reply.out) == b"".join(expected)  # the same bytes released, chunk by chunk
+        assert b"".join(sink.out) == b"".join(expected)  # the same bytes released, chunk by chunk
     relay.finish()
     expected.append(stream.flush())
-    assert b"".join(reply.out) == b"".join(expected) == s.scrub(body)
-    assert KEY.encode() not in b"".join(reply.out)
+    assert b"".join(sink.out) == b"".join(expected) == s.scrub(body)
+    assert KEY.encode() not in b"".join(sink.out)
 
 
 def test_an_observation_lands_in_the_first_bucket_whose_bound_holds_it() -> None:
@@ -369,9 +332,8 @@ def test_the_audited_path_is_the_redacted_target(target: str) -> None:
         out = io.StringIO()
         proxy = forwarding.Proxy(table=dict, validator=lambda: None, ready=lambda: True,
                                  audit=logs.AuditWriter(out), pod="p", namespace="n")
-        request = listener.Request.__new__(listener.Request)
-        request.method, request.target, request.keep_alive = "GET", target, True
-        _, record, _ = proxy._begin(request, None)  # type: ignore[arg-type]
+        request, conn, _ = agent_request("GET", target)
+        _, record, _ = proxy._begin(request, conn)
         await proxy.close()
         return str(record["path"])
 
