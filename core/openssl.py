@@ -58,6 +58,7 @@ _d2i_PUBKEY: Final = _declare(_lib, "d2i_PUBKEY", c_void_p, c_void_p, POINTER(c_
 _EVP_PKEY_free: Final = _declare(_lib, "EVP_PKEY_free", None, c_void_p)
 _EVP_PKEY_CTX_new: Final = _declare(_lib, "EVP_PKEY_CTX_new", c_void_p, c_void_p, c_void_p)
 _EVP_PKEY_CTX_free: Final = _declare(_lib, "EVP_PKEY_CTX_free", None, c_void_p)
+_EVP_PKEY_get_size: Final = _declare(_lib, "EVP_PKEY_get_size", c_int, c_void_p)
 _EVP_PKEY_public_check: Final = _declare(_lib, "EVP_PKEY_public_check", c_int, c_void_p)
 _EVP_MD_CTX_new: Final = _declare(_lib, "EVP_MD_CTX_new", c_void_p)
 _EVP_MD_CTX_free: Final = _declare(_lib, "EVP_MD_CTX_free", None, c_void_p)
@@ -109,7 +110,7 @@ class PublicKey:
     A template is only ever copied, never used itself, so threads can share it.
     """
 
-    __slots__ = ("_pointer", "_templates", "der")
+    __slots__ = ("_pointer", "_templates", "der", "size")
 
     def __init__(self, der: bytes, *, check: bool = False) -> None:
         """Parse a DER SubjectPublicKeyInfo; ``check``: also ``EVP_PKEY_public_check`` (EC keys)."""
@@ -122,6 +123,9 @@ class PublicKey:
             _ERR_clear_error()
             raise RefusedKey("OpenSSL refused the public key")
         self._pointer = pointer
+        #: ``EVP_PKEY_get_size``: for RSA the modulus's length in bytes, the one length a
+        #: signature may have (RFC 8017, 8.2.2)
+        self.size: int = _EVP_PKEY_get_size(pointer)
         if check and not _public_check(pointer):
             raise RefusedKey("OpenSSL's check of the public key failed")
 

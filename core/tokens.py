@@ -367,6 +367,11 @@ class _RSAScheme:
             raise _KeyOpsRefused()
         if key.key_type != "RSA":  # the key type was checked before
             raise TypeError("not an RSA key")
+        if len(signature) != key.public.size:
+            # RFC 8017, 8.2.2 step 1: any other length is invalid. OpenSSL alone would read a
+            # shorter one as the same number with leading zeros (one PSS signature in 256 lost
+            # its first byte, a zero, and still verified)
+            return False
         return key.public.verify(self.digest, message, signature, pss=self.pss)
 
 

@@ -355,3 +355,24 @@ def test_twenty_thousand_keys_imported_verified_and_dropped_keep_the_rss_within_
     assert grown < 4096, f"RSS grew {grown} kB over 20,000 keys"
     assert highest > 2**32
     assert openssl.peek_error() == 0
+
+
+@pytest.mark.parametrize("alg", ["PS256", "RS256"])
+def test_an_rsa_signature_short_of_the_modulus_length_never_verifies(alg: str) -> None:
+    """A signature whose first byte is zero, sent without it, is the same number: OpenSSL alone
+    verifies it, the token check must not (RFC 8017, 8.2.2). PSS signs with a random salt, so
+    one signature in 256 starts with a zero; PKCS #1 v1.5 is deterministic, so the messages vary."""
+    private = RSA_KEYS[1024]
+    key = tokens.import_jwk(rsa_jwk(private.public_key()))
+    for attempt in range(20_000):
+        message = MESSAGE + str(attempt).encode()
+        signature = rsa_sign(private, alg, message)
+        if signature[0] == 0:
+            break
+    else:
+        raise AssertionError("no signature with a leading zero byte in 20,000")
+    assert verifies(key, alg, signature, message)
+    if alg.startswith("PS"):  # OpenSSL checks the length itself for PKCS #1 v1.5, not for PSS
+        assert key.public.verify(tokens._ALGORITHMS[alg].digest, message, signature[1:], pss=True)
+    assert not verifies(key, alg, signature[1:], message)
+    assert not verifies(key, alg, b"\0" + signature, message)
