@@ -268,8 +268,12 @@ class Scrubber:
         cleaned = self.scrub(data)
         return text if cleaned is data else cleaned.decode("latin-1")
 
-    #: A header name is a token like any other text; the same scrub keeps it one (``*`` is a tchar).
-    scrub_header_name = scrub_text
+    def scrub_header_name(self, name: str) -> str:
+        """A header name is a token like any other text; the same scrub keeps it one (``*`` is a tchar).
+
+        A method, not a class-level alias of ``scrub_text``: compiled (setup.py), the alias
+        left a KeyError set that a later call reported as a SystemError."""
+        return self.scrub_text(name)
 
     def held_back(self, data: bytes) -> int:
         """How many trailing bytes could start a secret and must wait for more data."""

@@ -29,6 +29,12 @@ def test_an_orphaned_dir_goes_a_used_or_young_one_stays(tmp_path: Path) -> None:
     # a live process whose command line names `used` as its data dir, as etcd's does
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--data-dir={used}"])
     try:
+        # until it has exec'd, the child's /proc cmdline is pytest's (a loaded machine showed it)
+        cmdline = Path(f"/proc/{holder.pid}/cmdline")
+        deadline = time.monotonic() + 10
+        while f"--data-dir={used}".encode() not in cmdline.read_bytes():
+            assert time.monotonic() < deadline, "the holder never showed its --data-dir"
+            time.sleep(0.01)
         removed = cluster.sweep_orphaned_etcd_dirs(tmp_path)
     finally:
         holder.kill()
