@@ -92,6 +92,8 @@ RUNTIME_UNOWNED = re.compile(
 #: The lock's entries that build the project's wheel (setup.py compiles the request path
 #: with mypyc) and never run in the image: the builder has them, the deps layer not.
 BUILD_ONLY = frozenset({"setuptools", "wheel", "mypy", "mypy-extensions", "ast-serialize", "librt", "pathspec"})
+#: Built wheels kept in the cache, newest first (each holds the compiled request path, ~1.5 MB).
+WHEELS_KEPT = 8
 #: Bumped when the way a layer is made changes, so old cache entries are not reused.
 RECIPE_VERSION = 1
 
@@ -586,6 +588,27 @@ def _project_source(tmp: Path) -> Path:
     return src
 
 
+def _wheel(src: Path, target: Target) -> Path:
+    """The sidekey wheel of ``src``, built once per source tree and builder (cached): the
+    build compiles the request path (setup.py, about 40 s), and the sidekey and agent
+    images, and a rebuild of the same tree, take the same wheel."""
+    python = builder(target)
+    wheels = cache_dir() / "wheels" / _key(hashlib.sha256(_tree_bytes(src)).hexdigest(), python)
+    found = sorted(wheels.glob("sidekey-*.whl"))
+    if found:
+        return found[0]
+    part = wheels.with_name(wheels.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    _run([python, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps",
+          "--no-build-isolation", "--wheel-dir", str(part), str(src)], "pip wheel", timeout=600)
+    part.rename(wheels)  # the build lock is held: no other build makes this entry meanwhile
+    kept = sorted((p for p in wheels.parent.iterdir() if p.is_dir() and not p.name.endswith(".part")),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in kept[WHEELS_KEPT:]:  # a dev tree makes one per edit
+        shutil.rmtree(old, ignore_errors=True)
+    return next(wheels.glob("sidekey-*.whl"))
+
+
 def app_layer(venv: str, target: Target, *, launcher: bool) -> Layer:
     """The sidekey wheel in ``venv`` (no dependencies: the lock's are below it) and the launcher.
 
@@ -600,11 +623,7 @@ def app_layer(venv: str, target: Target, *, launcher: bool) -> Layer:
         stage = Path(tmp) / "root"
         site = stage / venv.lstrip("/") / target.site_packages
         site.mkdir(parents=True)
-        dist = Path(tmp) / "dist"
-        _run([builder(target), "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps",
-              "--no-build-isolation", "--wheel-dir", str(dist), str(_project_source(Path(tmp)))], "pip wheel",
-             timeout=600)
-        wheel = next(dist.glob("sidekey-*.whl"))
+        wheel = _wheel(_project_source(Path(tmp)), target)
         # the wheel holds the request path's extensions, built here for the image's Python
         # and glibc (the builder's Python is the image's version): tagged linux_<machine>
         _pip_install(site, target, "--no-deps", "--platform", f"linux_{target.machine}", str(wheel))
