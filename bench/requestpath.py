@@ -32,7 +32,7 @@ from bench import nginx
 from bench.standalone import KEY, _policy
 
 
-class _Sink(asyncio.Transport):
+class CollectingTransport(asyncio.Transport):
     """A transport that keeps what is written (and never pushes back)."""
 
     def __init__(self) -> None:
@@ -62,7 +62,7 @@ class _Sink(asyncio.Transport):
         return default
 
 
-async def _setup() -> tuple[Any, Any, Any, _Sink, _Sink, bytes]:
+async def _setup() -> tuple[Any, Any, Any, CollectingTransport, CollectingTransport, bytes]:
     from joserfc import jwk, jwt
 
     from sidekey.core import logs, policies, tokens
@@ -101,14 +101,14 @@ async def _setup() -> tuple[Any, Any, Any, _Sink, _Sink, bytes]:
     proxy = forwarding.Proxy(table=lambda: table.table, validator=lambda: validator, ready=lambda: True,
                              audit=logs.AuditWriter(io.StringIO()), pod="agent-0", namespace="team", **kwargs)
     route = table.table["bench"]
-    up_sink = _Sink()
+    up_sink = CollectingTransport()
     up_conn = upstream.UpstreamConnection(proxy.pool, ("http", "127.0.0.1", 18080, None))
     up_conn.connection_made(up_sink)
     proxy.pool._all.add(up_conn)
     proxy.pool.put(up_conn)
     fast = getattr(proxy, "fast", None)  # None: a copy of the package from before the fast path
     server = listener.Listener(proxy.handle, *([fast] if fast else []))
-    agent_sink = _Sink()
+    agent_sink = CollectingTransport()
     conn = listener.AgentConnection(proxy.handle, server, *([fast] if fast else []))
     conn.connection_made(agent_sink)
     body = b'{"model":"bench","messages":[{"role":"user","content":"hi"}]}'
@@ -129,7 +129,7 @@ async def _turns(waiting: Any) -> None:
         await asyncio.sleep(0)
 
 
-async def _block(conn: Any, up_conn: Any, agent: _Sink, up: _Sink, request: bytes, n: int) -> float:
+async def _block(conn: Any, up_conn: Any, agent: CollectingTransport, up: CollectingTransport, request: bytes, n: int) -> float:
     """CPU seconds for ``n`` requests, one after another on one keep-alive connection."""
     started = time.process_time()
     for _ in range(n):

@@ -70,10 +70,8 @@ class Owner(Protocol):
 
 
 class Answered(listener.Exchange):
-    """What ``Proxy.fast`` returns for a request it answered at once (a refusal)."""
-
-    def lost(self) -> None:
-        pass
+    """What ``Proxy.fast`` returns for a request it answered at once (a refusal): nothing to
+    stop when the agent leaves (the base class's ``lost``)."""
 
 
 ANSWERED: Final = Answered()

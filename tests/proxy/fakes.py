@@ -21,6 +21,7 @@ from aiohttp import web
 from joserfc import jwk, jwt
 from multidict import CIMultiDict
 
+from bench.requestpath import CollectingTransport
 from sidekey.core import contract, policies, tokens
 from sidekey.proxy import forwarding, listener, routes
 
@@ -385,32 +386,6 @@ class FakeApi:
         self.bump()
         assert self.runner is not None
         await self.runner.cleanup()
-
-
-class CollectingTransport(asyncio.Transport):
-    """A transport that keeps what is written to it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out: list[bytes] = []
-
-    def write(self, data: Any) -> None:
-        self.out.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 def agent_request(method: str = "GET", target: str = "/", headers: list[tuple[str, str]] | None = None,

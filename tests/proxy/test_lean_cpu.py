@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from bench.requestpath import CollectingTransport as _Sink
 from sidekey.core import logs
 from sidekey.proxy import audit, forwarding, listener, metrics, routes, scrubbing, upstream
-from tests.proxy.fakes import CollectingTransport as _Sink
 from tests.proxy.fakes import agent_request
 
 # --- header spellings -------------------------------------------------------------------------
