@@ -237,6 +237,13 @@ class Exchange:
 FastHandler = Callable[[Request, "AgentConnection"], "Exchange | Coroutine[Any, Any, None] | None"]
 
 
+#: What a closed connection holds instead of its own parser. httptools' parser keeps bound
+#: methods of its protocol, a reference cycle that only the collector frees: a burst's
+#: connections, promoted to the oldest generation while they served, stayed in memory
+#: after they closed until a full pass ran. Its protocol has no callbacks, and it is never fed.
+DETACHED_PARSER: Final = httptools.HttpRequestParser(object())
+
+
 class AgentConnection(asyncio.Protocol):
     """One agent connection: parses requests and serves them one after another."""
 
@@ -309,6 +316,7 @@ class AgentConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._parser = DETACHED_PARSER  # nothing is parsed after this: no cycle keeps self alive
         self._server.connections.discard(self)
         if self._current is not None:
             self._current.body._wake()

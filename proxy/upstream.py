@@ -128,6 +128,11 @@ class Watcher(Protocol):
     def failed(self, exc: UpstreamError) -> None: ...
 
 
+#: What a closed connection holds instead of its own parser (see listener.DETACHED_PARSER:
+#: the parser's bound methods are a cycle with the connection that only the collector frees).
+DETACHED_PARSER: Final = httptools.HttpResponseParser(object())
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One connection to an upstream; one exchange at a time."""
 
@@ -227,6 +232,7 @@ class UpstreamConnection(asyncio.Protocol):
         if d is not None and not d.done():
             d.set_exception(Broken("the upstream closed the connection"))
             d.exception()
+        self._parser = DETACHED_PARSER  # nothing is parsed after this: no cycle keeps self alive
 
     def pause_writing(self) -> None:
         self._write_paused = True
