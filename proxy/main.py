@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import logging
 import signal
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import uvloop
 
 from sidekey.core import apiconfig, contract, logs
 from sidekey.proxy import settings, sidecar
+
+if TYPE_CHECKING:
+    import argparse  # only ``sidekey proxy --help`` parses: see sidekey.cli
 
 log = logging.getLogger("sidekey.proxy")
 
@@ -45,6 +48,11 @@ async def serve(config: settings.Settings) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    return main()
+
+
+def main() -> int:
+    """The sidecar until SIGTERM; 2 when its environment or the apiserver's address is wrong."""
     try:
         config = settings.Settings.from_env()
     except settings.SettingsError as exc:
