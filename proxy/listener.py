@@ -289,7 +289,7 @@ class AgentConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport (asyncio's, or uvloop's, which does not subclass asyncio.Transport)
         self.transport = cast(asyncio.Transport, transport)
-        self._server.connections.add(self)
+        self._server.track(self)
 
     def data_received(self, data: bytes) -> None:
         if self._stop_reading:
@@ -664,11 +664,13 @@ class Listener:
         self._server: asyncio.Server | None = None
         self._gone: asyncio.Event | None = None
         self._sweep: asyncio.TimerHandle | None = None
+        #: The loop it was started on; None until then (tests drive connections by hand).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
         self.clock = time.monotonic
 
     async def start(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: AgentConnection(self._handler, self, self._fast), host, port, reuse_address=True, backlog=1024
         )
@@ -676,16 +678,26 @@ class Listener:
         # compiled (setup.py) read of a tuple-typed attribute checks its type
         sockets: Any = cast(Any, self._server).sockets
         self.port = int(sockets[0].getsockname()[1])
-        self._sweep = loop.call_later(IDLE_SECONDS / 5, self._close_idle)
+
+    def track(self, conn: AgentConnection) -> None:
+        self.connections.add(conn)
+        if self._sweep is None and self._loop is not None and not self.draining:
+            self._sweep = self._loop.call_later(IDLE_SECONDS / 5, self._close_idle)
 
     def _close_idle(self) -> None:
-        """One sweep for all connections instead of a timer per connection and request."""
+        """One sweep for all connections instead of a timer per connection and request.
+
+        It runs only while there are connections. A timer re-armed forever is a few objects
+        made anew at each sweep, which the allocator puts in whatever pool is at hand: after a
+        burst of load, in the arenas the burst opened, where they would keep a whole arena.
+        """
+        self._sweep = None
         cutoff = self.clock() - IDLE_SECONDS
         for conn in list(self.connections):
             if conn.idle and conn.last_data < cutoff:
                 conn.close()
-        if not self.draining:
-            self._sweep = asyncio.get_running_loop().call_later(IDLE_SECONDS / 5, self._close_idle)
+        if self.connections and self._loop is not None and not self.draining:
+            self._sweep = self._loop.call_later(IDLE_SECONDS / 5, self._close_idle)
 
     def forget(self, conn: AgentConnection) -> None:
         if self._gone is not None and not self.connections:

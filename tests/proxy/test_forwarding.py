@@ -748,6 +748,32 @@ async def test_an_upstream_that_stops_reading_an_upload_times_out(make_proxy: Pr
         server.close()
 
 
+async def test_the_idle_sweep_runs_only_while_there_are_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No timer re-armed forever: after a burst its objects would pin the burst's arenas."""
+    from sidekey.proxy import listener
+
+    monkeypatch.setattr(listener, "IDLE_SECONDS", 0.25)
+
+    async def handler(request: listener.Request, conn: listener.AgentConnection) -> None:
+        listener.Reply(conn, request).whole(200, b"", b"ok")
+
+    server = listener.Listener(handler)
+    await server.start("127.0.0.1", 0)
+    try:
+        assert server._sweep is None  # nothing connected, nothing scheduled
+        for _ in range(2):  # and again after it stopped
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(reader.readuntil(b"ok"), 3)
+            assert server._sweep is not None
+            assert await asyncio.wait_for(reader.read(), 2) == b""  # idle: closed by the sweep
+            writer.close()
+            await asyncio.sleep(0.1)  # the next sweep finds no connection and stops
+            assert not server.connections and server._sweep is None
+    finally:
+        await server.drain(0.1)
+
+
 async def test_an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not(monkeypatch: pytest.MonkeyPatch) -> None:
     from sidekey.proxy import listener
 
