@@ -19,7 +19,6 @@ from sidekey.proxy import forwarding, listener, llmexchange, metrics, routes, se
 
 log = logging.getLogger("sidekey.proxy")
 
-AUDIT_FLUSH_SECONDS: Final = 0.2
 #: The most a stopping sidecar waits for the ledger to take its unspent slices back.
 RELEASE_SECONDS: Final = 2.0
 
@@ -76,7 +75,10 @@ class SidecarProcess:
         self.routes.start()
         self._tasks.append(asyncio.create_task(self._discover(), name="discover-issuer"))
         self._tasks.append(asyncio.create_task(self.keys.run(), name="jwks-refresh"))
-        self._tasks.append(asyncio.create_task(self._flush_audit(), name="audit-flush"))
+        # Read at each scrape. The sidecar keeps no ticking task: the audit writer flushes on the
+        # loop turn after a line, and a timer re-armed forever would be a few objects made anew
+        # at each tick, which after a burst of load sit in the burst's arenas and keep them.
+        metrics.READY.set_function(lambda: 1.0 if self.ready else 0.0)
         # one host guard for the upstreams' pool and the OAuth2 token calls (the Proxy makes both)
         resolver = routes.GuardedResolver(s.own_addresses)
         self.proxy = forwarding.Proxy(
@@ -113,7 +115,6 @@ class SidecarProcess:
     async def stop(self) -> None:
         """Drain: stop accepting, let in-flight requests and streams finish, then close."""
         self.draining = True
-        metrics.READY.set(0)
         log.info("draining", extra={"fields": {"in_flight": self.proxy.in_flight}})
         # stop accepting, close idle connections, wait up to drain_seconds for the busy ones
         await self.listener.drain(self.settings.drain_seconds)
@@ -175,12 +176,6 @@ class SidecarProcess:
             ),
         )
         log.info("issuer discovered", extra={"fields": {"issuer": issuer}})
-
-    async def _flush_audit(self) -> None:
-        while True:
-            await asyncio.sleep(AUDIT_FLUSH_SECONDS)
-            self.audit.flush()
-            metrics.READY.set(1 if self.ready else 0)
 
     def _rebuilt(self) -> None:
         log.info("routes updated", extra={"fields": {"routes": routes.describe(self.routes.table)}})
