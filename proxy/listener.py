@@ -681,7 +681,11 @@ class Listener:
 
     def track(self, conn: AgentConnection) -> None:
         self.connections.add(conn)
-        if self._sweep is None and self._loop is not None and not self.draining:
+        if self._sweep is None:
+            self._arm_sweep()
+
+    def _arm_sweep(self) -> None:
+        if self._loop is not None and not self.draining:
             self._sweep = self._loop.call_later(IDLE_SECONDS / 5, self._close_idle)
 
     def _close_idle(self) -> None:
@@ -696,8 +700,8 @@ class Listener:
         for conn in list(self.connections):
             if conn.idle and conn.last_data < cutoff:
                 conn.close()
-        if self.connections and self._loop is not None and not self.draining:
-            self._sweep = self._loop.call_later(IDLE_SECONDS / 5, self._close_idle)
+        if self.connections:
+            self._arm_sweep()
 
     def forget(self, conn: AgentConnection) -> None:
         if self._gone is not None and not self.connections:
