@@ -13,8 +13,11 @@ proxy:
   Prometheus updates, no response scrubbing). Never a way to run a sidecar.
 - ``stdloop``: asyncio's own selector loop instead of the sidecar's uvloop
   (``sidekey.proxy.main.new_loop``): what the loop is worth.
-- ``gcstats``: log each collector pass of generation 2 and any pass over
-  5 ms to stderr (``gcstats gen=.. ms=..``): what the collector costs the tail.
+- ``gcstats``: time every collector pass; log each pass of generation 2 and
+  any over 5 ms to stderr (``gcstats gen=.. ms=..``), and on SIGUSR2 write
+  one ``gcwindow`` line per generation (passes, total and longest ms since
+  the last SIGUSR2) and start a new window: what the collector costs the
+  tail of one measured run (``bench.tail``).
 - ``trim``: ``malloc_trim(0)`` once the sidecar has started, handing the
   heap that start-up freed back to the kernel.
 - ``memdump``: on SIGUSR1, write to stderr the allocator's statistics
@@ -75,18 +78,7 @@ def apply(patches: set[str]) -> None:
         scrubbing.Scrubber.scrub_text = lambda self, text: text  # type: ignore[method-assign]
         scrubbing.Scrubber.held_back = lambda self, data: 0  # type: ignore[method-assign]
     if "gcstats" in patches:
-        import time
-        began: list[float] = [0.0]
-
-        def watch(phase: str, info: dict[str, int]) -> None:
-            if phase == "start":
-                began[0] = time.perf_counter()
-                return
-            ms = (time.perf_counter() - began[0]) * 1000
-            if info["generation"] == 2 or ms > 5:
-                print(f"gcstats gen={info['generation']} ms={ms:.2f} collected={info['collected']}",
-                      file=sys.stderr, flush=True)
-        gc.callbacks.append(watch)
+        _install_gcstats()
     if "trim" in patches:
         import ctypes
 
@@ -105,6 +97,31 @@ def apply(patches: set[str]) -> None:
 
         from sidekey.proxy import main as proxy_main
         proxy_main.new_loop = asyncio.new_event_loop
+
+
+def _install_gcstats() -> None:
+    import signal
+    import time
+    began: list[float] = [0.0]
+    window: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+            return
+        ms = (time.perf_counter() - began[0]) * 1000
+        window[info["generation"]].append(ms)
+        if info["generation"] == 2 or ms > 5:
+            print(f"gcstats gen={info['generation']} ms={ms:.2f} collected={info['collected']}",
+                  file=sys.stderr, flush=True)
+
+    def report(signum: int, frame: object) -> None:
+        for gen, passes in window.items():
+            print(f"gcwindow gen={gen} passes={len(passes)} total_ms={sum(passes):.3f} "
+                  f"max_ms={max(passes, default=0.0):.3f}", file=sys.stderr, flush=True)
+            passes.clear()
+    gc.callbacks.append(watch)
+    signal.signal(signal.SIGUSR2, report)
 
 
 def _install_memdump(tracing: bool) -> None:
@@ -182,3 +199,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+

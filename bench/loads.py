@@ -9,6 +9,7 @@ rather than reported, so a misconfigured arm cannot look fast.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -36,6 +37,9 @@ class WrkResult:
     p999_us: int
     mean_us: float
     errors: dict[str, int]
+    max_us: int = 0
+    #: the latency distribution: (microseconds, count) per distinct value, ascending
+    hist: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WrkResult:
@@ -43,7 +47,49 @@ class WrkResult:
         lat = data["latency_us"]
         return cls(requests=data["requests"], seconds=seconds, rps=data["requests"] / seconds,
                    p50_us=lat["p50"], p90_us=lat["p90"], p99_us=lat["p99"], p999_us=lat["p999"],
-                   mean_us=lat["mean"], errors=data["errors"])
+                   mean_us=lat["mean"], errors=data["errors"], max_us=lat["max"],
+                   hist=tuple((int(v), int(c)) for v, c in data.get("hist", ())))
+
+
+def percentile(hist: list[tuple[int, int]], p: float) -> int:
+    """The smallest latency with at least ``p`` percent of the samples at or below it."""
+    total = sum(c for _, c in hist)
+    rank = max(1, math.ceil(total * p / 100))
+    seen = 0
+    for value, count in hist:
+        seen += count
+        if seen >= rank:
+            return value
+    raise ValueError("an empty latency distribution")
+
+
+def merged(results: list[WrkResult]) -> WrkResult:
+    """Several runs of one arm as one: their requests and seconds added, their latency
+    distributions merged, and the percentiles read from the merged distribution.
+
+    The paced phase runs each arm in short slices that take turns, so that every
+    arm meets the same machine (a few seconds of hypervisor steal lands in every
+    arm's distribution, not in one arm's whole run); this puts the slices back together.
+    """
+    counts: dict[int, int] = {}
+    for r in results:
+        if not r.hist:
+            raise ValueError("a wrk result without its latency distribution cannot be merged")
+        for value, count in r.hist:
+            counts[value] = counts.get(value, 0) + count
+    hist = sorted(counts.items())
+    requests = sum(r.requests for r in results)
+    seconds = sum(r.seconds for r in results)
+    errors: dict[str, int] = {}
+    for r in results:
+        for kind, n in r.errors.items():
+            errors[kind] = errors.get(kind, 0) + n
+    total = sum(c for _, c in hist)
+    return WrkResult(requests=requests, seconds=seconds, rps=requests / seconds,
+                     p50_us=percentile(hist, 50), p90_us=percentile(hist, 90),
+                     p99_us=percentile(hist, 99), p999_us=percentile(hist, 99.9),
+                     mean_us=sum(v * c for v, c in hist) / total, errors=errors,
+                     max_us=hist[-1][0], hist=tuple(hist))
 
 
 def wrk(url: str, *, connections: int, seconds: float, token: str | None = None,

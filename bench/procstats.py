@@ -52,6 +52,29 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def core_ticks(core: int | None) -> tuple[int, int]:
+    """(steal, total) clock ticks of one core (all cores for None), from /proc/stat.
+
+    Steal is time the hypervisor ran something else while this guest's vCPU
+    had work: a task's wall time grows by it, its CPU time does not. So
+    steal on the proxy's core during a paced run is latency no proxy can
+    remove; the benchmark reports it beside the tail.
+    """
+    name = "cpu" if core is None else f"cpu{core}"
+    for line in Path("/proc/stat").read_text().splitlines():
+        fields = line.split()
+        if fields[0] == name:
+            ticks = [int(v) for v in fields[1:9]]  # user .. steal; guest time is inside user
+            return ticks[7], sum(ticks)
+    raise LookupError(f"no {name} line in /proc/stat")
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of a core's time stolen between two ``core_ticks`` readings."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
+
+
 def cores() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 

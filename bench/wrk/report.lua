@@ -12,14 +12,22 @@ end
 
 function done(summary, latency, requests)
   local e = summary.errors
+  -- the whole latency distribution, (microseconds, count) per distinct value, so that
+  -- several short runs of one arm can be merged into one distribution (bench.loads.merged)
+  local hist = {}
+  for i = 1, #latency do
+    local value, count = latency(i)
+    hist[#hist + 1] = string.format("[%d,%d]", value, count)
+  end
   local f = assert(io.open(os.getenv("BENCH_OUT"), "w"))
   f:write(string.format(
     '{"requests": %d, "duration_us": %d, "bytes": %d, ' ..
     '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, ' ..
-    '"latency_us": {"mean": %.1f, "max": %d, "p50": %d, "p90": %d, "p99": %d, "p999": %d}}\n',
+    '"latency_us": {"mean": %.1f, "max": %d, "p50": %d, "p90": %d, "p99": %d, "p999": %d}, ' ..
+    '"hist": [%s]}\n',
     summary.requests, summary.duration, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
     latency.mean, latency.max, latency:percentile(50), latency:percentile(90),
-    latency:percentile(99), latency:percentile(99.9)))
+    latency:percentile(99), latency:percentile(99.9), table.concat(hist, ",")))
   f:close()
 end

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROXY_METRICS = ("rps_c16", "rps_c64", "cpu_us_per_req_c16", "cpu_us_per_req_c64", "cpu_us_per_req_500",
                  "p50_us_500", "p99_us_500", "added_p50_us_500", "added_p99_us_500", "sse_ttfb_us",
                  "added_sse_ttfb_us", "sse_cpu_us_per_event", "rss_idle_mib", "rss_loaded_mib",
-                 "rss_anon_loaded_mib", "core_share_c16")
+                 "rss_anon_loaded_mib", "core_share_c16", "p999_us_500", "added_p999_us_500", "steal_pct_500")
 
 
 @pytest.mark.e2e
@@ -41,6 +41,9 @@ def test_the_quick_run_reports_every_arm_and_metric(tmp_path: Path) -> None:
         assert medians[arm]["rps_c16"] > 0 and medians[arm]["cpu_us_per_req_c16"] > 0
     for m in ("rps_c16", "rps_c64", "p50_us_500", "p99_us_500", "sse_ttfb_us"):
         assert medians["direct"][m] > 0
+    for arm in medians:  # the paced tail: p99 <= p99.9, and the proxy core's steal read as a share
+        assert medians[arm]["p99_us_500"] <= medians[arm]["p999_us_500"]
+        assert 0 <= medians[arm]["steal_pct_500"] <= 100
     assert 0 < medians["sidekey"]["ready_s"] < 30
     for arm in ("nginx", "sidekey"):  # the scaling rows of the quick plan
         for metric in ("cpu_us_per_req_c1", "rss_c1_mib", "sse_cpu_us_per_event_s1", "sse_cpu_us_per_event_s10",
