@@ -36,6 +36,9 @@ from sidekey.proxy import routes
 #: An idle pooled connection older than this is closed instead of reused (servers drop them).
 #: Not Final: compiled, a Final is inlined where it is read, and the tests shorten this one.
 IDLE_SECONDS = 15.0
+#: The reaper closes at most this many connections per loop turn, so that requests in
+#: flight are served between its batches (``Pool._reap``).
+CLOSES_PER_TURN: Final = 16
 #: Idle connections kept per origin: a bound on sockets, far above what a pod keeps in flight.
 #: The reaper, not this cap, gives a burst's connections back. A cap below the concurrency
 #: closes each surplus connection as it comes back and opens another for the next request:
@@ -495,7 +498,7 @@ class Pool:
         self._all: set[UpstreamConnection] = set()
         self._busy: set[UpstreamConnection] = set()
         self._sweep: asyncio.TimerHandle | None = None
-        self._reaper: asyncio.TimerHandle | None = None
+        self._reaper: asyncio.Handle | None = None
 
     def track(self, conn: UpstreamConnection) -> None:
         self._busy.add(conn)
@@ -592,21 +595,35 @@ class Pool:
 
     def _reap(self) -> None:
         """Close the connections idle for ``IDLE_SECONDS``: a burst's extra sockets (and their
-        memory) are given back once it is over, not kept until the next burst pops them."""
+        memory) are given back once it is over, not kept until the next burst pops them.
+
+        At most ``CLOSES_PER_TURN`` in one loop turn, then the rest on the next: a burst's
+        connections all fall due together, and 256 closed at once held the loop for 4 ms.
+        """
         self._reaper = None
         now = time.monotonic()
         oldest = now
+        closing: list[UpstreamConnection] = []
         for origin, idle in list(self._idle.items()):
             # the list is oldest first (put appends, idle_connection pops the newest)
-            while idle and now - idle[0].idle_since >= IDLE_SECONDS:
-                idle.pop(0).abandon()
+            due = 0
+            while (due < len(idle) and len(closing) + due < CLOSES_PER_TURN
+                   and now - idle[due].idle_since >= IDLE_SECONDS):
+                due += 1
+            closing += idle[:due]
+            del idle[:due]
             if idle:
                 oldest = min(oldest, idle[0].idle_since)
             else:
                 del self._idle[origin]
+        for conn in closing:
+            conn.abandon()
         if self._idle:
-            self._reaper = asyncio.get_running_loop().call_later(
-                max(0.05, oldest + IDLE_SECONDS - now), self._reap)
+            loop = asyncio.get_running_loop()
+            if len(closing) == CLOSES_PER_TURN and oldest + IDLE_SECONDS <= now:
+                self._reaper = loop.call_soon(self._reap)  # more are due: the next turn
+            else:
+                self._reaper = loop.call_later(max(0.05, oldest + IDLE_SECONDS - now), self._reap)
 
     def forget(self, conn: UpstreamConnection) -> None:
         self._all.discard(conn)

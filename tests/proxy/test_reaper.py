@@ -1,0 +1,109 @@
+"""The pool's reaper closes a burst's idle connections a batch per loop turn, not all at once.
+
+A burst's connections come back to the pool together, so they fall due together:
+256 closed in one loop turn held the sidecar's loop for 4 ms, and every request
+in flight waited that long. In batches of ``CLOSES_PER_TURN`` the longest turn
+was 1 ms and the typical one 0.25 ms. Real loopback sockets, on the sidecar's
+loop (uvloop) and asyncio's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+import uvloop
+
+from sidekey.proxy import routes, upstream
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop,
+}
+WIDTH = 40  # two and a half batches
+
+
+async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _burst(pool: upstream.Pool, origin: upstream.Origin, port: int) -> list[upstream.UpstreamConnection]:
+    loop = asyncio.get_running_loop()
+    conns = []
+    for _ in range(WIDTH):
+        _, conn = await loop.create_connection(lambda: upstream.UpstreamConnection(pool, origin), "127.0.0.1", port)
+        conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", head_method=False, timeout=3)
+        await asyncio.wait_for(conn.head(), 3)
+        await asyncio.wait_for(conn.relay(lambda data: None), 3)
+        conns.append(conn)
+    for conn in conns:  # the burst is over: every connection back in the pool at once
+        conn.release()
+    return conns
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_burst_is_reaped_one_batch_per_loop_turn(loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream, "IDLE_SECONDS", 0.2)
+
+    async def main() -> None:
+        server = await asyncio.start_server(_serve, "127.0.0.1", 0)
+        port = int(server.sockets[0].getsockname()[1])
+        pool = upstream.Pool(routes.GuardedResolver(frozenset()))
+        origin: upstream.Origin = ("http", "127.0.0.1", port, None)
+        conns = await _burst(pool, origin, port)
+        assert len(pool._idle[origin]) == WIDTH
+        closing_per_turn: list[int] = []
+        seen = 0
+        async with asyncio.timeout(5):
+            while seen < WIDTH:  # one reading per loop turn
+                await asyncio.sleep(0)
+                now = sum(1 for c in conns if c.closed or c.transport_closing)
+                if now > seen:
+                    closing_per_turn.append(now - seen)
+                    seen = now
+        assert max(closing_per_turn) <= upstream.CLOSES_PER_TURN, closing_per_turn
+        assert len(closing_per_turn) >= -(-WIDTH // upstream.CLOSES_PER_TURN)
+        assert origin not in pool._idle  # the pool is empty and holds no list for the origin
+        await asyncio.sleep(0.05)
+        assert all(c.closed for c in conns)
+        pool.close()
+        server.close()
+
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(main())
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_connection_not_yet_due_waits_for_its_own_time(loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batches take only the due connections; a younger one is reaped at its own time."""
+    monkeypatch.setattr(upstream, "IDLE_SECONDS", 0.3)
+
+    async def main() -> None:
+        server = await asyncio.start_server(_serve, "127.0.0.1", 0)
+        port = int(server.sockets[0].getsockname()[1])
+        pool = upstream.Pool(routes.GuardedResolver(frozenset()))
+        origin: upstream.Origin = ("http", "127.0.0.1", port, None)
+        conns = await _burst(pool, origin, port)
+        young = pool._idle[origin][-1]
+        young.idle_since += 0.4  # returned later than the rest
+        async with asyncio.timeout(3):
+            while sum(c.closed for c in conns) < WIDTH - 1:
+                await asyncio.sleep(0.01)
+        assert not young.closed and pool._idle[origin] == [young]
+        async with asyncio.timeout(3):
+            while not young.closed:
+                await asyncio.sleep(0.01)
+        assert origin not in pool._idle
+        pool.close()
+        server.close()
+
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(main())
