@@ -35,6 +35,12 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
+async def _until(check: Callable[[], bool], seconds: float = 3.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
 async def _burst(pool: upstream.Pool, origin: upstream.Origin, port: int) -> list[upstream.UpstreamConnection]:
     loop = asyncio.get_running_loop()
     conns = []
@@ -94,13 +100,9 @@ def test_a_connection_not_yet_due_waits_for_its_own_time(loop: str, monkeypatch:
         conns = await _burst(pool, origin, port)
         young = pool._idle[origin][-1]
         young.idle_since += 0.4  # returned later than the rest
-        async with asyncio.timeout(3):
-            while sum(c.closed for c in conns) < WIDTH - 1:
-                await asyncio.sleep(0.01)
+        await _until(lambda: sum(c.closed for c in conns) == WIDTH - 1)
         assert not young.closed and pool._idle[origin] == [young]
-        async with asyncio.timeout(3):
-            while not young.closed:
-                await asyncio.sleep(0.01)
+        await _until(lambda: young.closed)
         assert origin not in pool._idle
         pool.close()
         server.close()
