@@ -283,9 +283,16 @@ class Run:
         return all_arms[k:] + all_arms[:k]
 
     def _measure(self, arm: arms.Arm, work: Callable[[], int]) -> tuple[float, int]:
-        """CPU seconds of the arm's processes while ``work`` runs; work returns the units done."""
+        """CPU seconds of the arm's processes for ``work``; work returns the units done.
+
+        The count ends once the arm has gone quiet (``settle``), not when the load
+        stops: an arm still working through its backlog is charged for it, and the
+        next arm does not start on a core that is still busy.
+        """
         before = arm.cpu() if arm.measured else 0.0
         units = work()
+        if arm.measured and not procstats.settle(arm.pids()):
+            self.notes.append(f"{arm.name} was still using CPU {procstats.SETTLE_LIMIT_S:g} s after its load ended")
         after = arm.cpu() if arm.measured else 0.0
         return after - before, units
 

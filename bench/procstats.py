@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -73,6 +74,43 @@ def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
     """The share of a core's time stolen between two ``core_ticks`` readings."""
     total = after[1] - before[1]
     return (after[0] - before[0]) / total if total > 0 else 0.0
+
+
+#: ``settle`` gives up after this long (and the harness says so in the run's notes).
+SETTLE_LIMIT_S = 5.0
+
+
+def on_cpu_ns(pids: Iterable[int]) -> int:
+    """Nanoseconds the pids' threads have run (``/proc/<pid>/task/*/schedstat``, field 1).
+
+    Finer than ``cpu_seconds`` (clock ticks of 10 ms), so a short quiet window can be told.
+    """
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def settle(pids: list[int], *, quiet_ms: float = 1.0, window_s: float = 0.1,
+           limit_s: float = SETTLE_LIMIT_S) -> bool:
+    """Wait until the pids use less than ``quiet_ms`` of CPU in a ``window_s`` window.
+
+    LiteLLM, at its limit in the paced run, was still serving the run's last
+    requests after wrk had stopped: about a hundred milliseconds of CPU that
+    fell into the next arm's run, on the same core, and into that arm's tail.
+    False if the pids were still busy after ``limit_s``.
+    """
+    deadline = time.monotonic() + limit_s
+    last = on_cpu_ns(pids)
+    while time.monotonic() < deadline:
+        time.sleep(window_s)
+        now = on_cpu_ns(pids)
+        if now - last < quiet_ms * 1e6:
+            return True
+        last = now
+    return False
 
 
 def cores() -> list[int]:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from bench import loads, procstats
+from bench import loads
 
 
 def _result(samples: list[int]) -> loads.WrkResult:
@@ -46,12 +46,3 @@ def test_a_result_without_its_distribution_is_refused() -> None:
         loads.merged([bare])
     with pytest.raises(ValueError, match="empty"):
         loads.percentile([], 99)
-
-
-def test_steal_share_reads_a_delta_of_one_core() -> None:
-    before = procstats.core_ticks(None)
-    assert before[1] > 0 and 0 <= before[0] <= before[1]
-    assert procstats.steal_share((10, 1000), (60, 2000)) == 0.05
-    assert procstats.steal_share((10, 1000), (10, 1000)) == 0.0
-    with pytest.raises(LookupError):
-        procstats.core_ticks(10_000)
