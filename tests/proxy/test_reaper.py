@@ -10,7 +10,9 @@ loop (uvloop) and asyncio's.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import pytest
 import uvloop
@@ -41,18 +43,35 @@ async def _until(check: Callable[[], bool], seconds: float = 3.0) -> None:
             await asyncio.sleep(0.01)
 
 
-async def _burst(pool: upstream.Pool, origin: upstream.Origin, port: int) -> list[upstream.UpstreamConnection]:
+@contextlib.asynccontextmanager
+async def _burst() -> AsyncIterator[tuple[upstream.Pool, upstream.Origin, list[upstream.UpstreamConnection]]]:
+    """A pool that served WIDTH requests at once and has every connection back, idle."""
+    server = await asyncio.start_server(_serve, "127.0.0.1", 0)
+    port = int(server.sockets[0].getsockname()[1])
+    pool = upstream.Pool(routes.GuardedResolver(frozenset()))
+    origin: upstream.Origin = ("http", "127.0.0.1", port, None)
     loop = asyncio.get_running_loop()
     conns = []
-    for _ in range(WIDTH):
-        _, conn = await loop.create_connection(lambda: upstream.UpstreamConnection(pool, origin), "127.0.0.1", port)
-        conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", head_method=False, timeout=3)
-        await asyncio.wait_for(conn.head(), 3)
-        await asyncio.wait_for(conn.relay(lambda data: None), 3)
-        conns.append(conn)
-    for conn in conns:  # the burst is over: every connection back in the pool at once
-        conn.release()
-    return conns
+    try:
+        for _ in range(WIDTH):
+            _, conn = await loop.create_connection(lambda: upstream.UpstreamConnection(pool, origin),
+                                                   "127.0.0.1", port)
+            conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", head_method=False, timeout=3)
+            await asyncio.wait_for(conn.head(), 3)
+            await asyncio.wait_for(conn.relay(lambda data: None), 3)
+            conns.append(conn)
+        for conn in conns:  # the burst is over: every connection back in the pool at once
+            conn.release()
+        assert len(pool._idle[origin]) == WIDTH
+        yield pool, origin, conns
+    finally:
+        pool.close()
+        server.close()
+
+
+def _run(loop: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(main())
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
@@ -60,31 +79,23 @@ def test_a_burst_is_reaped_one_batch_per_loop_turn(loop: str, monkeypatch: pytes
     monkeypatch.setattr(upstream, "IDLE_SECONDS", 0.2)
 
     async def main() -> None:
-        server = await asyncio.start_server(_serve, "127.0.0.1", 0)
-        port = int(server.sockets[0].getsockname()[1])
-        pool = upstream.Pool(routes.GuardedResolver(frozenset()))
-        origin: upstream.Origin = ("http", "127.0.0.1", port, None)
-        conns = await _burst(pool, origin, port)
-        assert len(pool._idle[origin]) == WIDTH
-        closing_per_turn: list[int] = []
-        seen = 0
-        async with asyncio.timeout(5):
-            while seen < WIDTH:  # one reading per loop turn
-                await asyncio.sleep(0)
-                now = sum(1 for c in conns if c.closed or c.transport_closing)
-                if now > seen:
-                    closing_per_turn.append(now - seen)
-                    seen = now
-        assert max(closing_per_turn) <= upstream.CLOSES_PER_TURN, closing_per_turn
-        assert len(closing_per_turn) >= -(-WIDTH // upstream.CLOSES_PER_TURN)
-        assert origin not in pool._idle  # the pool is empty and holds no list for the origin
-        await asyncio.sleep(0.05)
-        assert all(c.closed for c in conns)
-        pool.close()
-        server.close()
+        async with _burst() as (pool, origin, conns):
+            closing_per_turn: list[int] = []
+            seen = 0
+            async with asyncio.timeout(5):
+                while seen < WIDTH:  # one reading per loop turn
+                    await asyncio.sleep(0)
+                    now = sum(1 for c in conns if c.closed or c.transport_closing)
+                    if now > seen:
+                        closing_per_turn.append(now - seen)
+                        seen = now
+            assert max(closing_per_turn) <= upstream.CLOSES_PER_TURN, closing_per_turn
+            assert len(closing_per_turn) >= -(-WIDTH // upstream.CLOSES_PER_TURN)
+            assert origin not in pool._idle  # the pool is empty and holds no list for the origin
+            await asyncio.sleep(0.05)
+            assert all(c.closed for c in conns)
 
-    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        runner.run(main())
+    _run(loop, main)
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
@@ -93,19 +104,12 @@ def test_a_connection_not_yet_due_waits_for_its_own_time(loop: str, monkeypatch:
     monkeypatch.setattr(upstream, "IDLE_SECONDS", 0.3)
 
     async def main() -> None:
-        server = await asyncio.start_server(_serve, "127.0.0.1", 0)
-        port = int(server.sockets[0].getsockname()[1])
-        pool = upstream.Pool(routes.GuardedResolver(frozenset()))
-        origin: upstream.Origin = ("http", "127.0.0.1", port, None)
-        conns = await _burst(pool, origin, port)
-        young = pool._idle[origin][-1]
-        young.idle_since += 0.4  # returned later than the rest
-        await _until(lambda: sum(c.closed for c in conns) == WIDTH - 1)
-        assert not young.closed and pool._idle[origin] == [young]
-        await _until(lambda: young.closed)
-        assert origin not in pool._idle
-        pool.close()
-        server.close()
+        async with _burst() as (pool, origin, conns):
+            young = pool._idle[origin][-1]
+            young.idle_since += 0.4  # returned later than the rest
+            await _until(lambda: sum(c.closed for c in conns) == WIDTH - 1)
+            assert not young.closed and pool._idle[origin] == [young]
+            await _until(lambda: young.closed)
+            assert origin not in pool._idle
 
-    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        runner.run(main())
+    _run(loop, main)
