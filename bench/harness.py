@@ -329,9 +329,9 @@ class Run:
         """The paced rate, each arm in ``paced_slices`` short runs that take turns.
 
         The tail at 500 rps is mostly the machine's: hypervisor steal on the proxy's
-        core comes in bursts of a few seconds, and an arm whose one whole run met
-        such a burst read 15 ms of p99 beside another's 1.5 ms (``python -m
-        bench.tail``). In slices that take turns, every arm meets the same bursts;
+        core comes in bursts of a few seconds: nginx read 15 ms of p99 in a 6 s
+        run that met one (15 % steal) and 1.5 ms in a quieter one a minute later
+        (``python -m bench.tail``). In slices that take turns, every arm meets the same bursts;
         each arm's slices are merged into one distribution (``loads.merged``), and
         the core's steal during the arm's slices is reported beside its tail.
         """

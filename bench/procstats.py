@@ -97,9 +97,10 @@ def settle(pids: list[int], *, quiet_ms: float = 1.0, window_s: float = 0.1,
            limit_s: float = SETTLE_LIMIT_S) -> bool:
     """Wait until the pids use less than ``quiet_ms`` of CPU in a ``window_s`` window.
 
-    LiteLLM, at its limit in the paced run, was still serving the run's last
-    requests after wrk had stopped: about a hundred milliseconds of CPU that
-    fell into the next arm's run, on the same core, and into that arm's tail.
+    LiteLLM, at its limit in the paced run, is still serving the run's last
+    requests after wrk has stopped: up to 8 in flight at some 16 ms of CPU
+    each, which fell into the next arm's run on the same core, and into that
+    arm's tail.
     False if the pids were still busy after ``limit_s``.
     """
     deadline = time.monotonic() + limit_s
