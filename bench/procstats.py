@@ -17,14 +17,19 @@ from pathlib import Path
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pids: Iterable[int]) -> float:
-    total = 0
+def cpu_ticks(pids: Iterable[int]) -> tuple[int, int]:
+    """User and system time of the pids, in clock ticks (utime, stime: fields 14, 15)."""
+    user = system = 0
     for pid in pids:
         raw = Path(f"/proc/{pid}/stat").read_text()
         # the command name may hold spaces and parentheses: split after the last ')'
         fields = raw[raw.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / TICKS
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user, system
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    return sum(cpu_ticks(pids)) / TICKS
 
 
 def rss_kib(pids: Iterable[int], field: str = "VmRSS") -> int:
@@ -80,17 +85,22 @@ def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
 SETTLE_LIMIT_S = 5.0
 
 
-def on_cpu_ns(pids: Iterable[int]) -> int:
-    """Nanoseconds the pids' threads have run (``/proc/<pid>/task/*/schedstat``, field 1).
-
-    Finer than ``cpu_seconds`` (clock ticks of 10 ms), so a short quiet window can be told.
-    """
-    total = 0
+def schedstat(pids: Iterable[int]) -> tuple[int, int]:
+    """Nanoseconds the pids' threads have run, and have waited runnable on a run queue
+    (``/proc/<pid>/task/*/schedstat``, fields 1 and 2)."""
+    ran = waited = 0
     for pid in pids:
         for task in Path(f"/proc/{pid}/task").iterdir():
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                total += int((task / "schedstat").read_text().split()[0])
-    return total
+                fields = (task / "schedstat").read_text().split()
+                ran, waited = ran + int(fields[0]), waited + int(fields[1])
+    return ran, waited
+
+
+def on_cpu_ns(pids: Iterable[int]) -> int:
+    """Nanoseconds the pids' threads have run: finer than ``cpu_seconds`` (clock ticks of
+    10 ms), so a short quiet window can be told."""
+    return schedstat(pids)[0]
 
 
 def settle(pids: list[int], *, quiet_ms: float = 1.0, window_s: float = 0.1,

@@ -49,27 +49,16 @@ def _gc_window(log: str, pid: int, offset: int) -> tuple[str, int]:
     return "no gcwindow lines (is gcstats among the patches?)", offset
 
 
-def _user_system(pids: list[int]) -> tuple[int, int]:
-    """utime and stime of the pids, in clock ticks (``/proc/<pid>/stat`` fields 14 and 15)."""
-    user = system = 0
-    for pid in pids:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-        fields = raw[raw.rindex(")") + 2:].split()
-        user, system = user + int(fields[11]), system + int(fields[12])
-    return user, system
-
-
 def _waits(pids: list[int]) -> tuple[float, int]:
     """Seconds the pids spent runnable but not running (schedstat's run_delay), and the
     times they were preempted (nonvoluntary context switches), summed over their threads."""
-    delay, preempted = 0, 0
+    preempted = 0
     for pid in pids:
         for task in Path(f"/proc/{pid}/task").iterdir():
-            delay += int((task / "schedstat").read_text().split()[1])
             for line in (task / "status").read_text().splitlines():
                 if line.startswith("nonvoluntary_ctxt_switches"):
                     preempted += int(line.split()[1])
-    return delay / 1e9, preempted
+    return procstats.schedstat(pids)[1] / 1e9, preempted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
             for name in names[k:] + names[:k]:
                 arm = targets[name]
                 waited, ticks = _waits(arm.pids()), procstats.core_ticks(run.proxy_core)
-                spent = _user_system(arm.pids())
+                spent = procstats.cpu_ticks(arm.pids())
                 r = loads.wrk(arm.json_url, connections=args.connections, seconds=args.seconds,
                               token=arm.token, rate=args.rate, core=run.load_core)
                 rows.setdefault(name, []).append(r)
                 delay, preempted = (a - b for a, b in zip(_waits(arm.pids()), waited, strict=True))
                 steal = procstats.steal_share(ticks, procstats.core_ticks(run.proxy_core))
-                user, system = (b - a for a, b in zip(spent, _user_system(arm.pids()), strict=True))
+                user, system = (b - a for a, b in zip(spent, procstats.cpu_ticks(arm.pids()), strict=True))
                 per = 1e6 / procstats.TICKS / r.requests
                 extra = f"steal {100 * steal:4.1f}%  " + (f"CPU {user * per:4.0f} user + {system * per:4.0f} system us/req, runq {delay / r.requests * 1e6:5.1f} us/req, preempted {preempted:4d}  " if arm.pids() else "")
                 if name in sidecars and "gcstats" in variants[name]:
