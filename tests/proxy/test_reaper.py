@@ -1,10 +1,12 @@
-"""The pool's reaper closes a burst's idle connections a batch per loop turn, not all at once.
+"""A burst's idle connections are closed a batch per loop turn, not all at once.
 
-A burst's connections come back to the pool together, so they fall due together:
-256 closed in one loop turn held the sidecar's loop for 4 ms, and every request
-in flight waited that long. In batches of ``CLOSES_PER_TURN`` the longest turn
-was 1 ms and the typical one 0.25 ms. Real loopback sockets, on the sidecar's
-loop (uvloop) and asyncio's.
+Upstream: a burst's connections come back to the pool together, so they fall
+due together: 256 closed in one loop turn held the sidecar's loop for 4 ms, and
+every request in flight waited that long. In batches of ``CLOSES_PER_TURN`` the
+longest turn was 1 ms and the typical one 0.25 ms. The agent side: the
+listener's idle sweep closes keep-alive connections the agent left open, which
+a burst leaves idle together too. Real loopback sockets, on the sidecar's loop
+(uvloop) and asyncio's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from sidekey.proxy import routes, upstream
+from sidekey.proxy import listener, routes, upstream
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop,
@@ -111,5 +113,52 @@ def test_a_connection_not_yet_due_waits_for_its_own_time(loop: str, monkeypatch:
             assert not young.closed and pool._idle[origin] == [young]
             await _until(lambda: young.closed)
             assert origin not in pool._idle
+
+    _run(loop, main)
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_the_listener_closes_a_bursts_idle_agent_connections_one_batch_per_loop_turn(
+        loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(listener, "IDLE_SECONDS", 0.2)
+
+    async def handler(request: listener.Request, conn: listener.AgentConnection) -> None:
+        listener.Reply(conn, request).whole(200, b"", b"ok")
+
+    async def main() -> None:
+        server = listener.Listener(handler)
+        await server.start("127.0.0.1", 0)
+        clients = []
+        try:
+            for _ in range(WIDTH):  # a burst of agents that keep their connections open
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                await asyncio.wait_for(reader.readuntil(b"ok"), 3)
+                clients.append((reader, writer))
+            conns = list(server.connections)
+            assert len(conns) == WIDTH
+            now = server.clock()
+            for conn in conns:  # idle since the same moment: all due in the same sweep
+                conn.last_data = now
+            closing_per_turn: list[int] = []
+            seen = 0
+            async with asyncio.timeout(5):
+                while seen < WIDTH:  # one reading per loop turn
+                    await asyncio.sleep(0)
+                    closing = sum(1 for c in conns if c.transport is None or c.transport.is_closing())
+                    if closing > seen:
+                        closing_per_turn.append(closing - seen)
+                        seen = closing
+            assert max(closing_per_turn) <= listener.CLOSES_PER_TURN, closing_per_turn
+            assert len(closing_per_turn) >= -(-WIDTH // listener.CLOSES_PER_TURN)
+            for reader, _ in clients:  # every agent sees its connection end cleanly
+                assert await asyncio.wait_for(reader.read(), 2) == b""
+            await _until(lambda: not server.connections)
+            await asyncio.sleep(0.1)
+            assert server._sweep is None  # nothing connected, nothing scheduled
+        finally:
+            for _, writer in clients:
+                writer.close()
+            await server.drain(0.1)
 
     _run(loop, main)
