@@ -96,10 +96,14 @@ class LineEncoder:
         why = self._why.get(why_key)
         if why is None:
             why = self._why_run(why_key)
+        # Every part a str, so that the compiled f-string is one concatenation: with the
+        # numbers as objects in it (or ``!s``) it was a str.format call, half of this
+        # function's cost (about 14,000 instructions a line, python -m bench.instructions).
+        n_in, n_out, code, ms = str(bytes_in), str(bytes_out), str(status), repr(duration)
         return (
-            f'{{"request_id":{_esc(request_id)}{who}{_esc(path)}{why}{bytes_in},'
-            f'{streamed}"bytes_out":{bytes_out},"status":{status},'
-            f'"duration_ms":{duration!r},"time":{_esc(time_)}}}\n'
+            f'{{"request_id":{_esc(request_id)}{who}{_esc(path)}{why}{n_in},'
+            f'{streamed}"bytes_out":{n_out},"status":{code},'
+            f'"duration_ms":{ms},"time":{_esc(time_)}}}\n'
         )
 
     def _who_run(self, key: tuple[str | None, str | None, str]) -> str:

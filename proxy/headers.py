@@ -126,7 +126,11 @@ def response_head(
     One search over the whole block, names and values together; a match is
     replaced by as many ``*`` (a token character), so the block stays well formed.
     """
-    block = b"".join([b"%s: %s\r\n" % kv for kv in raw if kv[0].lower() not in drop])
+    parts: list[bytes] = []
+    for name, value in raw:  # one join of the pieces: a ``%`` per line cost three times as much
+        if name.lower() not in drop:
+            parts += (name, b": ", value, b"\r\n")
+    block = b"".join(parts)
     if not block:
         return b""
     # names too: an upstream may echo the key as a header *name* ("sk-live-...: 1")
