@@ -23,6 +23,7 @@ its account: nothing is left to hold, but the copied token is still cached.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import ssl
 import time
@@ -60,6 +61,12 @@ def operator(cluster: Any, crds: list[str], tmp_path_factory: pytest.TempPathFac
 @pytest.fixture
 def team(cluster: Any, operator: RunningOperator) -> Iterator[str]:
     """A namespace whose ``agent`` account is a ready policy's subject, and a bare pod of ``late``."""
+    with _team_namespace(cluster) as ns:
+        yield ns
+
+
+@contextlib.contextmanager
+def _team_namespace(cluster: Any) -> Iterator[str]:
     ns = make_namespace(cluster, "sklate")
     try:
         for obj in (manifests.service_account(ns, "agent"), manifests.service_account(ns, "late"),
@@ -293,6 +300,21 @@ def _bound(cluster: Any, ns: str) -> list[str]:
 
 def test_an_operator_restarted_right_after_a_held_pod_went_does_not_grant_before_its_token_expires(
         cluster: Any, operator: RunningOperator, team: str, tmp_path: Path) -> None:
+    """The case needs the restarted operator's first reconcile within 14 s of the deletion,
+    while the apiserver still accepts the pod's token from its cache: a restart slower than
+    that (a busy machine once took 15.3 s) tests nothing. So the scenario runs once more in a
+    fresh namespace, and the case fails if that restart is slow too."""
+    if _restart_after_a_held_pod_went(cluster, operator, team, tmp_path / "first"):
+        return
+    with _team_namespace(cluster) as again:
+        assert _restart_after_a_held_pod_went(cluster, operator, again, tmp_path / "again"), \
+            "the operator's restart took too long, twice, for this case to test anything"
+
+
+def _restart_after_a_held_pod_went(cluster: Any, operator: RunningOperator, team: str,
+                                   workdir: Path) -> bool:
+    """The scenario, with every assertion; False if the restart was too slow to test it."""
+    workdir.mkdir()
     token = _pod_token(cluster, team, "late-pod", "late")
     policy = _name(cluster, team, ["agent", "late"])
     held = condition(policy, "SubjectsGranted")
@@ -305,7 +327,7 @@ def test_an_operator_restarted_right_after_a_held_pod_went_does_not_grant_before
     cluster.kubectl("delete", "pod", "late-pod", "-n", team, "--wait=true", "--grace-period=0",
                     "--force")
     gone = time.monotonic()
-    _restart(cluster, operator, tmp_path)
+    _restart(cluster, operator, workdir)
 
     def rewritten() -> dict[str, Any] | None:
         # The old instance wrote UninjectedPods (the pod, then the pod deleted); anything
@@ -315,7 +337,8 @@ def test_an_operator_restarted_right_after_a_held_pod_went_does_not_grant_before
         return p if c is not None and c["reason"] != "UninjectedPods" else None
 
     policy = wait_for("the restarted operator's first reconcile", rewritten, 10)
-    assert time.monotonic() - gone < 14, "the restart took too long for this case to test anything"
+    if time.monotonic() - gone >= 14:
+        return False
     code = _read_secret(cluster, token, team)  # 200 on the operator before the restart grace
     assert code in (401, 403), f"the deleted pod's token read the key ({code}) after the restart"
     assert "late" not in _bound(cluster, team), "the restarted operator granted at once"
@@ -347,6 +370,7 @@ def test_an_operator_restarted_right_after_a_held_pod_went_does_not_grant_before
         cluster.kubectl("get", "events", "-n", team, "-o", "yaml") + \
         first_log.read_text(errors="replace") + operator.output()
     assert "sk-test-not-a-real-key" not in seen and token not in seen
+    return True
 
 
 def test_a_token_copied_from_a_bare_pod_deleted_just_before_its_account_is_named_reads_nothing(
