@@ -45,6 +45,20 @@ async def _until(check: Callable[[], bool], seconds: float = 3.0) -> None:
             await asyncio.sleep(0.01)
 
 
+async def _closings_per_turn(closing: Callable[[], int]) -> list[int]:
+    """How many of the WIDTH connections began closing in each loop turn, until all have."""
+    per_turn: list[int] = []
+    seen = 0
+    async with asyncio.timeout(5):
+        while seen < WIDTH:  # one reading per loop turn
+            await asyncio.sleep(0)
+            now = closing()
+            if now > seen:
+                per_turn.append(now - seen)
+                seen = now
+    return per_turn
+
+
 @contextlib.asynccontextmanager
 async def _burst() -> AsyncIterator[tuple[upstream.Pool, upstream.Origin, list[upstream.UpstreamConnection]]]:
     """A pool that served WIDTH requests at once and has every connection back, idle."""
@@ -82,15 +96,8 @@ def test_a_burst_is_reaped_one_batch_per_loop_turn(loop: str, monkeypatch: pytes
 
     async def main() -> None:
         async with _burst() as (pool, origin, conns):
-            closing_per_turn: list[int] = []
-            seen = 0
-            async with asyncio.timeout(5):
-                while seen < WIDTH:  # one reading per loop turn
-                    await asyncio.sleep(0)
-                    now = sum(1 for c in conns if c.closed or c.transport_closing)
-                    if now > seen:
-                        closing_per_turn.append(now - seen)
-                        seen = now
+            closing_per_turn = await _closings_per_turn(
+                lambda: sum(1 for c in conns if c.closed or c.transport_closing))
             assert max(closing_per_turn) <= upstream.CLOSES_PER_TURN, closing_per_turn
             assert len(closing_per_turn) >= -(-WIDTH // upstream.CLOSES_PER_TURN)
             assert origin not in pool._idle  # the pool is empty and holds no list for the origin
@@ -140,15 +147,8 @@ def test_the_listener_closes_a_bursts_idle_agent_connections_one_batch_per_loop_
             now = server.clock()
             for conn in conns:  # idle since the same moment: all due in the same sweep
                 conn.last_data = now
-            closing_per_turn: list[int] = []
-            seen = 0
-            async with asyncio.timeout(5):
-                while seen < WIDTH:  # one reading per loop turn
-                    await asyncio.sleep(0)
-                    closing = sum(1 for c in conns if c.transport is None or c.transport.is_closing())
-                    if closing > seen:
-                        closing_per_turn.append(closing - seen)
-                        seen = closing
+            closing_per_turn = await _closings_per_turn(
+                lambda: sum(1 for c in conns if c.transport is None or c.transport.is_closing()))
             assert max(closing_per_turn) <= listener.CLOSES_PER_TURN, closing_per_turn
             assert len(closing_per_turn) >= -(-WIDTH // listener.CLOSES_PER_TURN)
             for reader, _ in clients:  # every agent sees its connection end cleanly
