@@ -6,11 +6,12 @@
 # bridge plugin, and its kube-proxy needs iptables and conntrack (nft removes
 # the nftables tables iptables-nft created for it); gcc and the
 # static libc build the pause program; mmdebstrap makes the image's rootfs
-# (hack/image). Installed once, as root. A key with a slash is a file to look for.
+# (hack/image); ccache keeps the request path's compiled C between builds (setup.py). Installed once, as root. A key with a slash is a file to look for.
 set -euo pipefail
 declare -A want=([prometheus]=prometheus [nginx]=nginx [wrk]=wrk [ip]=iproute2 [curl]=curl
   [runc]=runc [/usr/lib/cni/bridge]=containernetworking-plugins [iptables]=iptables
-  [conntrack]=conntrack [nft]=nftables [mmdebstrap]=mmdebstrap [gcc]=gcc [/usr/include/stdio.h]=libc6-dev)
+  [conntrack]=conntrack [nft]=nftables [mmdebstrap]=mmdebstrap [gcc]=gcc [/usr/include/stdio.h]=libc6-dev
+  [ccache]=ccache)
 missing=()
 for cmd in "${!want[@]}"; do
   if [[ $cmd == /* ]]; then [ -e "$cmd" ] || missing+=("${want[$cmd]}"); continue; fi
