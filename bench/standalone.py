@@ -173,7 +173,12 @@ def measure(reps: int, seconds: float, conns: int, baselines: list[str] | None =
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"]:
-        asyncio.run(serve(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
+        from sidekey.proxy import main as sidecar_main
+
+        # the sidecar's own loop (uvloop): on asyncio's selector loop the transports are
+        # Python, and a profile of them says nothing about the sidecar
+        with asyncio.Runner(loop_factory=sidecar_main.new_loop) as runner:
+            runner.run(serve(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
     else:
         import argparse
         p = argparse.ArgumentParser()

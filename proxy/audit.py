@@ -99,7 +99,7 @@ class LineEncoder:
         # Every part a str, so that the compiled f-string is one concatenation: with the
         # numbers as objects in it (or ``!s``) it was a str.format call, half of this
         # function's cost (about 14,000 instructions a line, python -m bench.instructions).
-        n_in, n_out, code, ms = str(bytes_in), str(bytes_out), str(status), repr(duration)
+        n_in, n_out, code, ms = str(bytes_in), str(bytes_out), str(status), milliseconds(duration)
         return (
             f'{{"request_id":{_esc(request_id)}{who}{_esc(path)}{why}{n_in},'
             f'{streamed}"bytes_out":{n_out},"status":{code},'
@@ -124,6 +124,25 @@ class LineEncoder:
             self._why.clear()
         self._why[key] = run
         return run
+
+
+def milliseconds(ms: float) -> str:
+    """``ms`` as JSON text that parses back to it: integer arithmetic when it has at most three
+    decimals (every duration the sidecar writes is ``round(.., 3)``), else ``repr``.
+
+    A float's shortest ``repr`` (dtoa) cost about 2,000 instructions a line. ``n / 1000`` is
+    the double nearest to the decimal n/1000, as is ``float("q.rrr")``: equal to ``ms``, the
+    text is exact.
+    """
+    if 0.0 <= ms < 1e12:
+        n = int(ms * 1000.0 + 0.5)
+        if n / 1000 == ms:
+            return str(n // 1000) + "." + _THOUSANDTHS[n % 1000]
+    return repr(ms)
+
+
+#: ``000`` to ``999``: the digits after the point.
+_THOUSANDTHS: Final = tuple(f"{m:03d}" for m in range(1000))
 
 
 #: Runs kept per encoder at most (they are few: accounts x upstreams x methods); more and it starts over.

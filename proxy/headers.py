@@ -33,6 +33,8 @@ RESPONSE_DROP: Final = frozenset(
 )
 #: Dropped too when the sidecar decodes the body (its length and coding change).
 DECODED_DROP: Final = RESPONSE_DROP | {b"content-encoding"}
+#: The lengths of every name either set drops: a name of another length is kept unlowered.
+_DROP_LENGTHS: Final = frozenset(len(name) for name in DECODED_DROP)
 
 
 class _HasHeaders(Protocol):
@@ -123,13 +125,17 @@ def response_head(
 ) -> bytes:
     """The upstream's headers as ``Name: value`` lines for the agent, scrubbed.
 
-    One search over the whole block, names and values together; a match is
-    replaced by as many ``*`` (a token character), so the block stays well formed.
+    ``drop`` is ``RESPONSE_DROP`` or ``DECODED_DROP``. One search over the whole
+    block, names and values together; a match is replaced by as many ``*`` (a
+    token character), so the block stays well formed.
     """
     parts: list[bytes] = []
     for name, value in raw:  # one join of the pieces: a ``%`` per line cost three times as much
-        if name.lower() not in drop:
-            parts += (name, b": ", value, b"\r\n")
+        if len(name) not in _DROP_LENGTHS or name.lower() not in drop:
+            parts.append(name)  # appends (a primitive compiled), not ``+=`` of a tuple per line
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
     block = b"".join(parts)
     if not block:
         return b""

@@ -152,6 +152,12 @@ class Timeouts:
     sock_read: float
 
 
+#: The key of the upstream pool's idle connections: scheme, host, port and the TLS context
+#: itself (not its id(), which a new context could take over once a policy edit freed the old
+#: one), so a connection is reused only under the context that verified it.
+Origin = tuple[str, str, int, ssl.SSLContext | None]
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str
@@ -159,6 +165,8 @@ class Route:
     policy: str
     origin: str  # scheme://host:port
     ssl: ssl.SSLContext | bool
+    #: ``Origin``, built once here: the pool looks it up on every request
+    pool: Origin
     strip: frozenset[str]
     bucket: limits.TokenBucket | None
     timeout: Timeouts
@@ -333,12 +341,14 @@ class Routes:
         if up.auth.type == "header":
             strip.add(up.auth.header_name.lower())
         host = f"[{up.host}]" if ":" in up.host else up.host
+        tls = self._tls.get(up.ca_bundle) if up.scheme == "https" else None
         return Route(
             name=name,
             upstream=up,
             policy=policy.name,
             origin=f"{up.scheme}://{host}:{up.port}",
-            ssl=self._tls.get(up.ca_bundle) if up.scheme == "https" else False,
+            ssl=False if tls is None else tls,
+            pool=(up.scheme, up.host, up.port, tls),
             strip=frozenset(strip),
             bucket=bucket,
             timeout=Timeouts(

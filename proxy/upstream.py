@@ -90,10 +90,7 @@ class Unacceptable(UpstreamError):
     reason: ClassVar[str] = "upstream_encoding"
 
 
-#: scheme, host, port and the TLS context itself (not its id(), which a new context could take
-#: over once a policy edit freed the old one): a connection is reused only under the context
-#: that verified it.
-Origin = tuple[str, str, int, ssl.SSLContext | None]
+Origin = routes.Origin
 
 #: The response headers the connection reads, by kind; any other is only kept.
 _PLAIN, _LENGTH, _TRANSFER, _CODING = range(4)
@@ -110,6 +107,9 @@ _KINDS: Final = {
     ), _PLAIN)}.items()
     for spelled in (name, name.title(), name.upper())
 }
+#: The lengths of the names read: a header of any other length is only kept, with no lookup
+#: (a fresh name's hash and a dict probe per header were 2 % of a request's instructions).
+_READ_LENGTHS: Final = frozenset(len(name) for name in _READ)
 
 
 class Watcher(Protocol):
@@ -266,6 +266,8 @@ class UpstreamConnection(asyncio.Protocol):
         if not self._in_head:
             return  # trailers: never relayed
         self.headers.append((name, value))
+        if len(name) not in _READ_LENGTHS:
+            return
         kind = _KINDS.get(name)
         if kind is None:
             kind = _READ.get(name.lower(), _PLAIN)
@@ -521,9 +523,7 @@ class Pool:
 
     def idle_connection(self, route: routes.Route) -> UpstreamConnection | None:
         """An idle pooled connection to the route's origin, if one is fit to reuse (no I/O)."""
-        up = route.upstream
-        ctx = route.ssl if isinstance(route.ssl, ssl.SSLContext) else None
-        idle = self._idle.get((up.scheme, up.host, up.port, ctx))
+        idle = self._idle.get(route.pool)
         if idle:
             now = time.monotonic()
             while idle:
@@ -540,13 +540,12 @@ class Pool:
             conn = self.idle_connection(route)
             if conn is not None:
                 return conn
-        up = route.upstream
-        ctx = route.ssl if isinstance(route.ssl, ssl.SSLContext) else None
-        origin: Origin = (up.scheme, up.host, up.port, ctx)
+        origin = route.pool
+        _, host, port, ctx = origin
         timeout = route.timeout.sock_connect or routes.CONNECT_TIMEOUT
         try:
             async with asyncio.timeout(timeout):
-                return await self._connect(origin, up.host, up.port, ctx)
+                return await self._connect(origin, host, port, ctx)
         except TimeoutError:
             raise ConnectTimeout(f"no connection within {timeout:g} s") from None
 

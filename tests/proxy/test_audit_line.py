@@ -49,3 +49,19 @@ def test_a_parsed_target_is_reused_and_a_refused_one_stays_refused() -> None:
     for _ in range(2):
         with pytest.raises(paths.PathError):
             paths.parse("/openai/../admin")
+
+
+@pytest.mark.parametrize("ms", [0.0, 0.5, 0.123, 12.0, 1999.999, 0.001, 123456.789, 1e-05, 0.0005, 3.0000001,
+                                2.5e13, 1 / 3])
+def test_a_duration_is_written_as_text_that_parses_back_to_it(ms: float) -> None:
+    text = audit.milliseconds(ms)
+    assert json.loads(text) == ms
+    if round(ms, 3) == ms and ms < 1e12:  # three decimals: the integer text, no exponent
+        assert "e" not in text and len(text.partition(".")[2]) == 3
+
+
+def test_every_rounded_duration_takes_the_integer_text() -> None:
+    for n in range(0, 3_000_000, 997):
+        ms = round(n / 1000, 3)
+        assert audit.milliseconds(ms) == f"{n // 1000}.{n % 1000:03d}"
+        assert json.loads(audit.milliseconds(ms)) == ms
