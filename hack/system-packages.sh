@@ -6,7 +6,8 @@
 # bridge plugin, and its kube-proxy needs iptables and conntrack (nft removes
 # the nftables tables iptables-nft created for it); gcc and the
 # static libc build the pause program; mmdebstrap makes the image's rootfs
-# (hack/image); ccache keeps the request path's compiled C between builds (setup.py). Installed once, as root. A key with a slash is a file to look for.
+# (hack/image); ccache keeps the request path's compiled C between builds
+# (setup.py). Installed once, as root. A key with a slash is a file to look for.
 set -euo pipefail
 declare -A want=([prometheus]=prometheus [nginx]=nginx [wrk]=wrk [ip]=iproute2 [curl]=curl
   [runc]=runc [/usr/lib/cni/bridge]=containernetworking-plugins [iptables]=iptables

@@ -189,4 +189,4 @@ class Stamp:
 
 
 #: ``.000Z`` to ``.999Z``: a concatenation instead of a formatting per stamp.
-_MILLIS: Final = tuple(f".{m:03d}Z" for m in range(1000))
+_MILLIS: Final = tuple(f".{digits}Z" for digits in _THOUSANDTHS)

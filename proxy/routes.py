@@ -164,8 +164,8 @@ class Route:
     upstream: policies.Upstream
     policy: str
     origin: str  # scheme://host:port
-    ssl: ssl.SSLContext | bool
-    #: ``Origin``, built once here: the pool looks it up on every request
+    #: ``Origin``, built once here: the pool looks it up on every request; its TLS context
+    #: (the policy's CA bundle or the system store) is None for plain HTTP
     pool: Origin
     strip: frozenset[str]
     bucket: limits.TokenBucket | None
@@ -347,7 +347,6 @@ class Routes:
             upstream=up,
             policy=policy.name,
             origin=f"{up.scheme}://{host}:{up.port}",
-            ssl=False if tls is None else tls,
             pool=(up.scheme, up.host, up.port, tls),
             strip=frozenset(strip),
             bucket=bucket,
