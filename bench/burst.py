@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["BENCH_KEEP"] = "1"  # the dumps are in the sidecar's log
     with harness.quick_run("sidekey-burst-") as run:
         s = kubelet.start_sidecar(run.cluster, run.pod, run.procs, "sidekey-burst", core=run.proxy_core,
-                                  patches=patches)
+                                  patches=patches, image=run.image)
         url = f"http://127.0.0.1:{s.port}/bench/v1/chat/completions"
         began = time.monotonic()
 

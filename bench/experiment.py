@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     with harness.quick_run("sidekey-experiment-") as run:
         procs, cluster = run.procs, run.cluster
         sidecars = {name: kubelet.start_sidecar(cluster, run.pod, procs, f"sidekey-{name}",
-                                                core=run.proxy_core, patches=patches)
+                                                core=run.proxy_core, patches=patches, image=run.image)
                     for name, patches in variants.items()}
         rss_idle = {name: procstats.rss_kib([s.pid]) / 1024 for name, s in sidecars.items()}
         token = run.pod.agent_token

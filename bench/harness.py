@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import arms, compiled, kubelet, litellm_peer, loads, nginx, procstats, reports, sse
+from bench import arms, compiled, kubelet, litellm_peer, loads, nginx, procstats, reports, shipped, sse
 from sidekey.localcluster.cluster import LocalCluster, free_port
 from sidekey.localcluster.processes import Process, Processes
 
@@ -148,6 +147,8 @@ class Run:
         cores = procstats.cores()
         self.load_core: int | None = cores[0] if len(cores) >= 2 else None
         self.proxy_core: int | None = cores[1] if len(cores) >= 2 else None
+        #: the image of this tree, unpacked: the sidecar and the floors run on its interpreter
+        self.image = shipped.shipped()
         self.samples = Samples()
         self.notes: list[str] = []
 
@@ -208,7 +209,7 @@ class Run:
     def start_floor(self) -> None:
         port = free_port()
         proc = self.procs.start("aiohttp-floor", [
-            *procstats.pin_prefix(self.proxy_core), sys.executable, "-m", "bench.passthrough", str(port),
+            *procstats.pin_prefix(self.proxy_core), str(self.image.python), "-m", "bench.passthrough", str(port),
             str(self.upstream_port), str(self.sse_port), self.pod.key],
             env={**os.environ, "PYTHONPATH": str(ROOT)})
         _wait_http(f"http://127.0.0.1:{port}/bench/", proc)
@@ -217,13 +218,11 @@ class Run:
                                   label="bare aiohttp passthrough (reference floor)")
 
     def start_lean_floor(self) -> None:
-        """The llhttp prototype (bench/leanfloor.py); httptools is a dependency of the sidecar itself."""
+        """The llhttp prototype (bench/leanfloor.py), on the image's httptools (the sidecar's own)."""
         self.lean_arm: arms.Arm | None = None
-        if importlib.util.find_spec("httptools") is None:  # an arm that cannot run fails the run
-            raise SystemExit("httptools is not installed, yet the sidecar needs it: pip install -e '.[test]'")
         port = free_port()
         proc = self.procs.start("llhttp-floor", [
-            *procstats.pin_prefix(self.proxy_core), sys.executable, "-m", "bench.leanfloor", str(port),
+            *procstats.pin_prefix(self.proxy_core), str(self.image.python), "-m", "bench.leanfloor", str(port),
             str(self.upstream_port), str(self.sse_port), self.pod.key],
             env={**os.environ, "PYTHONPATH": str(ROOT)})
         _wait_http(f"http://127.0.0.1:{port}/bench/", proc)
@@ -243,12 +242,14 @@ class Run:
 
     def start_sidecars(self, rep: int) -> None:
         cache = kubelet.start_sidecar(self.cluster, self.pod, self.procs, f"sidekey-{rep}",
-                                      core=self.proxy_core)
+                                      core=self.proxy_core, image=self.image)
         nocache = kubelet.start_sidecar(self.cluster, self.pod, self.procs, f"sidekey-nocache-{rep}",
-                                        core=self.proxy_core, token_cache=False)
+                                        core=self.proxy_core, token_cache=False, image=self.image)
         llm = kubelet.start_sidecar(self.cluster, self.llm_pod, self.procs, f"sidekey-llm-{rep}",
-                                    core=self.proxy_core)
+                                    core=self.proxy_core, image=self.image)
         self.sidecars = [cache, nocache, llm]
+        for sidecar in self.sidecars:  # the arms measure what a pod runs, or the run stops here
+            self.image.check_runs(sidecar.pid)
         self.llm_arm = arms.Arm("sidekey-llm", llm.port, "/bench", llm.port, "/sse",
                                 token=self.llm_pod.agent_token, pids=lambda: [llm.pid],
                                 label="sidekey, api: openai + model allow-list + token budget")
@@ -271,7 +272,7 @@ class Run:
         """More start-to-ready samples: start a sidecar, wait for /readyz, stop it."""
         for i in range(self.plan.ready_samples):
             sidecar = kubelet.start_sidecar(self.cluster, self.pod, self.procs, f"sidekey-cold-{i}",
-                                            core=self.proxy_core)
+                                            core=self.proxy_core, image=self.image)
             self.samples.add("sidekey", "ready_s", sidecar.ready_seconds)
             sidecar.process.stop()
 
@@ -493,6 +494,10 @@ def execute(plan: Plan, *, quick: bool, externals: bool) -> dict[str, Any]:
         cluster = _start_cluster(workdir)
         stack.callback(cluster.stop)
         run = Run(plan, workdir, procs, cluster)
+        machine["arm_python"], machine["image"] = run.image.version, run.image.image
+        run.notes.append(f"the sidecar and the floors ran on the image's Python {run.image.version} (Debian 12's "
+                         f"build; image {run.image.image[:19]}, bench/shipped.py), LiteLLM on this host's "
+                         f"{litellm_peer.INTERPRETER}; the harness on {machine['python']}")
         raised, restore = procstats.raise_priority()
         stack.callback(restore)
         run.notes.append(f"the harness and every arm ran at {raised}" if raised is not None else

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from bench import procstats
+from bench import procstats, shipped
 from sidekey.core import contract
 from sidekey.localcluster import podplayer
 from sidekey.localcluster.cluster import LocalCluster
@@ -128,18 +128,24 @@ def patches_for(token_cache: bool, extra: frozenset[str] = frozenset()) -> set[s
 def start_sidecar(cluster: LocalCluster, pod: Pod, procs: Processes, name: str, *,
                   core: int | None, token_cache: bool = True, timeout: float = 30.0,
                   patches: frozenset[str] = frozenset(),
-                  env_extra: dict[str, str] | None = None) -> podplayer.RunningSidecar:
-    """The sidecar, pinned to ``core``, through bench.launch when a patch is needed."""
+                  env_extra: dict[str, str] | None = None,
+                  image: shipped.Shipped | None = None) -> podplayer.RunningSidecar:
+    """The sidecar, pinned to ``core``, through bench.launch when a patch is needed.
+
+    With ``image``, the image's venv on the image's interpreter runs it (what a pod
+    runs; the benchmark's arms); without, this venv's interpreter and tree."""
     env = {"PATH": os.environ.get("PATH", ""), **(env_extra or {})}
     # the image's own entry point, the way the image runs it (python -IBu: isolated, unbuffered)
-    command: list[str] = [sys.executable, "-IBu", str(IMAGE_LAUNCHER), "proxy"]
+    python = str(image.python) if image is not None else sys.executable
+    command: list[str] = image.sidecar_command() if image is not None else [
+        python, "-IBu", str(IMAGE_LAUNCHER), "proxy"]
     if not token_cache:
         env[TOKEN_CACHE_ENV] = "0"
     needed = patches_for(token_cache, patches)
     if needed:
         env["BENCH_PATCHES"] = ",".join(sorted(needed))
         env["PYTHONPATH"] = str(ROOT)
-        command = [sys.executable, "-Bu", "-m", "bench.launch", "proxy"]  # -I would drop PYTHONPATH
+        command = [python, "-Bu", "-m", "bench.launch", "proxy"]  # -I would drop PYTHONPATH
     return podplayer.start_sidecar(cluster, pod.identity, procs, pod.workdir / name, name=name, env=env,
                                    command=command, prefix=procstats.pin_prefix(core), timeout=timeout,
                                    poll=0.005)

@@ -1,8 +1,10 @@
 """LiteLLM's proxy as the Python peer arm: its own venv, its config, and a start that stays on loopback.
 
 LiteLLM is never a project dependency: the bench installs one pinned
-version into a venv of its own (``~/.cache/sidekey/bench/litellm-venv``,
-reused across runs) with pip from PyPI. The proxy serves two model names,
+version into a venv of its own (``~/.cache/sidekey/bench/litellm-venv-system``,
+reused across runs) with pip from PyPI. The venv is made from Debian 12's own
+``/usr/bin/python3.11``, the build the sidecar runs on in its image (bench/shipped.py),
+so the two Python arms are compared on the same interpreter. The proxy serves two model names,
 ``bench`` (the JSON upstream) and ``bench-sse`` (the SSE upstream), both
 ``openai/gpt-4o-mini`` with ``api_base`` the bench's own upstream on
 loopback and a fixed upstream key; the agent side authenticates with a
@@ -24,12 +26,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 VERSION = "1.106.12"
-VENV = Path.home() / ".cache" / "sidekey" / "bench" / "litellm-venv"
+#: Debian 12's python3.11 (profile-guided and LTO, as the image's): the same build the sidecar runs on.
+INTERPRETER = Path("/usr/bin/python3.11")
+VENV = Path.home() / ".cache" / "sidekey" / "bench" / "litellm-venv-system"
 MASTER_KEY = "sk-bench-litellm-master-0123456789"
 _MARK = VENV / f".installed-{VERSION}"
 
@@ -45,8 +48,11 @@ def ensure_installed(say: Callable[[str], None] = print) -> Path:
         return script
     say(f"installing litellm[proxy]=={VERSION} into {VENV} (once; PyPI)")
     try:
+        if not INTERPRETER.exists():
+            raise PeerError(f"LiteLLM runs on {INTERPRETER}, the sidecar's interpreter, and this host has none: "
+                            "apt-get install python3.11 python3.11-venv")
         if not (VENV / "bin" / "python").exists():
-            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300)
+            subprocess.run([str(INTERPRETER), "-m", "venv", str(VENV)], check=True, timeout=300)
         subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", f"litellm[proxy]=={VERSION}"],
                        check=True, timeout=1500)
     except (subprocess.SubprocessError, OSError) as exc:

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     with harness.quick_run("sidekey-profile-") as run:
         workdir, procs, cluster = run.workdir, run.procs, run.cluster
         sidecar = kubelet.start_sidecar(cluster, run.pod, procs, "sidekey", core=run.proxy_core,
-                                        token_cache=not args.no_cache)
+                                        token_cache=not args.no_cache, image=run.image)
         url = f"http://127.0.0.1:{sidecar.port}/bench/v1/chat/completions"
         loads.wrk(url, connections=args.connections, seconds=2, token=run.pod.agent_token,
                   core=run.load_core)

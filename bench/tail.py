@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     with harness.quick_run("sidekey-tail-") as run:
         run.start_nginx_proxy()
         sidecars = {name: kubelet.start_sidecar(run.cluster, run.pod, run.procs, f"sidekey-{name}",
-                                                core=run.proxy_core, patches=patches)
+                                                core=run.proxy_core, patches=patches, image=run.image)
                     for name, patches in variants.items()}
         token = run.pod.agent_token
         targets: dict[str, arms.Arm] = {

@@ -35,6 +35,9 @@ def test_the_quick_run_reports_every_arm_and_metric(tmp_path: Path) -> None:
     required = {"direct", "nginx", "aiohttp-floor", "llhttp-floor", "sidekey", "sidekey-nocache", "sidekey-llm"}
     assert set(medians) == required  # LiteLLM's arm (a pip install) is the full run's only
     assert any("LiteLLM's arm was left out" in note for note in result["notes"])  # and says so
+    # the sidecar and the floors ran on the image's interpreter (bench/shipped.py), and the result says so
+    assert result["machine"]["image"].startswith("sha256:") and result["machine"]["arm_python"].startswith("3.")
+    assert any("ran on the image's Python" in note for note in result["notes"])
     for arm in set(medians) - {"direct"}:
         missing = [m for m in PROXY_METRICS if not isinstance(medians[arm].get(m), int | float)]
         assert not missing, f"{arm} lacks {missing}"
