@@ -102,7 +102,8 @@ async def serve(port: int, upstream_port: int, sse_port: int) -> None:
             sink.truncate()
 
 
-def measure(reps: int, seconds: float, conns: int, baselines: list[str] | None = None) -> None:
+def measure(reps: int, seconds: float, conns: int, baselines: list[str] | None = None,
+            interpreters: list[str] | None = None) -> None:
     """nginx upstream; direct, nginx proxy, the llhttp prototype and this path, interleaved."""
     from bench import leanfloor, loads, nginx, procstats  # noqa: F401
     from sidekey.localcluster.cluster import free_port
@@ -132,6 +133,18 @@ def measure(reps: int, seconds: float, conns: int, baselines: list[str] | None =
             started.append(procs.start(name, [
                 *procstats.pin_prefix(proxy_core), sys.executable, "-m", "bench.standalone", "serve",
                 str(others[name]), str(up_port), str(up_port)], env={**env, "PYTHONPATH": str(Path(where).resolve())}))
+        # the same path on another interpreter (the image's: bench.shipped), with only bench/ on its
+        # path: the tree's root also holds the dev build's shared C module, which would shadow the venv's
+        only_bench = workdir / "only-bench"
+        only_bench.mkdir()
+        (only_bench / "bench").symlink_to(ROOT / "bench")
+        for spec in interpreters or []:
+            name, _, python = spec.rpartition("=")
+            name = name or "sidekey-other-python"
+            others[name] = free_port()
+            started.append(procs.start(name, [
+                *procstats.pin_prefix(proxy_core), python, "-m", "bench.standalone", "serve",
+                str(others[name]), str(up_port), str(up_port)], env={**env, "PYTHONPATH": str(only_bench)}))
         tokens = []
         for proc in started:
             deadline = time.monotonic() + 30
@@ -188,5 +201,8 @@ if __name__ == "__main__":
         p.add_argument("--conns", type=int, default=16)
         p.add_argument("--baseline", action="append",
                        help="[NAME=]DIR: a directory holding another copy of the package as sidekey/")
+        p.add_argument("--python", action="append",
+                       help="[NAME=]PYTHON: this path served by another interpreter and its venv's sidekey "
+                            "(the image's: python -c 'from bench import shipped; print(shipped.shipped().python)')")
         a = p.parse_args()
-        measure(a.reps, a.seconds, a.conns, a.baseline)
+        measure(a.reps, a.seconds, a.conns, a.baseline, a.python)
