@@ -19,11 +19,18 @@ Every write carries the ``resourceVersion`` it read, like the sidecars'
 writes: a 409 means a sidecar wrote first, and the next tick looks again.
 Only this task writes ``status.budgets`` and ``status.spend``; the reconcile
 writes the conditions, and a merge patch of one leaves the other alone.
+
+On shutdown a pass that has begun is let finish (``stop``, then ``idle``), so
+no write is left half-sent. Cutting one short would lose nothing either: the
+next instance recomputes every write from the Leases, and the Warning Event on
+an unreadable ledger is posted before the write that replaces it, so a cut
+between the two posts it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -132,21 +139,38 @@ class LedgerKeeper:
         self.policies = reflector.Reflector(api, f"/apis/{contract.GROUP}/{contract.VERSION}/{contract.PLURAL}")
         self.leases = reflector.Reflector(api, LEASES, label_selector=f"{llmledger.LABEL}=true")
         self.reclaimed = 0  # holders reclaimed since start (tests and logs)
+        #: Set while no pass runs: on shutdown the task is cancelled once it is (``stop``).
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Start no further pass; the one running (if any) finishes, then ``run`` returns."""
+        self._stopping.set()
 
     async def run(self) -> None:
+        """Pass over the ledgers every ``interval`` until cancelled, or until ``stop`` was called.
+
+        A pass is never started after ``stop``; ``idle`` is clear while one runs.
+        """
         watches = [asyncio.create_task(self.policies.run(), name="ledger-policies"),
                    asyncio.create_task(self.leases.run(), name="ledger-leases")]
         try:
             await self.policies.synced.wait()
             await self.leases.synced.wait()
-            while True:
+            while not self._stopping.is_set():
+                self.idle.clear()
                 try:
                     await self.tick()
                 except (kubeapi.ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                     log.warning("budget ledgers: %s", exc)
                 except Exception:  # a bug must not end the task: /healthz would fail and restart the operator
                     log.exception("budget ledgers: the pass failed; the next one runs in %s s", self._interval)
-                await asyncio.sleep(self._interval)
+                finally:
+                    self.idle.set()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._interval):
+                        await self._stopping.wait()
         finally:
             for t in watches:
                 t.cancel()

@@ -3,6 +3,25 @@
 One active instance at a time: the chart runs a single replica with the
 ``Recreate`` strategy (kopf peering is not leader election; equal-priority
 peers freeze each other). kopf runs standalone, cluster-wide.
+
+Stopping (SIGTERM, SIGINT or the ``stop`` flag) takes well under a second
+when nothing is being written. kopf stops its watches first (its workers get
+``settings.queueing.exit_timeout``, 2 s, to hand over the events they hold),
+then runs the cleanup handler here, ``stop_background``: the reconcile queue
+is closed, the budget ledgers and webhook TLS start no further pass, and what
+has already begun (a reconcile writing a status and then the Events of its
+transitions, a ledger pass, a TLS ensure) is given ``STOP_GRACE`` seconds to
+finish before it is cancelled; the health and metrics servers close. What
+waited in the queue, or in a retry's backoff, is dropped: the next instance
+reconciles every policy on its first listing, re-reads every Lease and the
+TLS material, and reports again each pod without its sidecar, so nothing a
+handler accepted is lost, only redone. Only work past the grace (a hung
+apiserver) can lose an Event: a status written, its transition's Event not.
+
+The cleanup handler matters for the time as well: kopf waits 5 s at exit for
+any task created after it started ("hung" tasks, ``kopf/_core/reactor/
+running.py``) before it cancels them and returns, and the ``finally`` below
+only runs after that. Every task of ours is finished before kopf looks.
 """
 
 from __future__ import annotations
@@ -11,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import kopf
 
@@ -30,6 +50,9 @@ from sidekey.operator import (
 )
 
 log = logging.getLogger("sidekey.operator")
+#: Seconds a reconcile, ledger pass or TLS ensure that has begun gets to finish at shutdown.
+#: Within the pod's default terminationGracePeriodSeconds (30) with kopf's own share.
+STOP_GRACE = 10.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,10 +93,11 @@ async def operate(opts: options.Options, *, stop: asyncio.Event | None = None) -
         settings = kopf.OperatorSettings()
         login.configure(settings)
         kopf_ready = asyncio.Event()
+        # serviceAccount token budgets: ledger Leases and status.budgets (operator/ledger.py)
+        keeper = ledger.LedgerKeeper(api)
         background: list[asyncio.Task[None]] = [
             asyncio.create_task(ctl.queue.run(), name="reconcile-queue"),
-            # serviceAccount token budgets: ledger Leases and status.budgets (operator/ledger.py)
-            asyncio.create_task(ledger.LedgerKeeper(api).run(), name="budget-ledgers")]
+            asyncio.create_task(keeper.run(), name="budget-ledgers")]
         if tls is not None:
             background.append(asyncio.create_task(tls.run(), name="webhook-tls"))
 
@@ -98,6 +122,39 @@ async def operate(opts: options.Options, *, stop: asyncio.Event | None = None) -
         if opts.metrics_port:
             runners.append(await serving.start(serving.metrics_app(stats), opts.metrics_port,
                                                opts.listen_address))
+
+        async def stop_background(grace: float) -> None:
+            """Let begun work finish (within ``grace``), cancel the rest, close the servers.
+
+            Safe to call again, e.g. from the ``finally`` after kopf ran it as a cleanup handler.
+            """
+            ctl.queue.close()
+            keeper.stop()
+            if tls is not None:
+                tls.stop()
+            try:
+                async with asyncio.timeout(grace):
+                    await ctl.queue.wait_idle()
+                    await keeper.idle.wait()
+                    if tls is not None:
+                        await tls.idle.wait()
+            except TimeoutError:
+                busy = [f"reconcile of {key}" for key in ctl.queue.running]
+                busy += [] if keeper.idle.is_set() else ["budget ledger pass"]
+                busy += [] if tls is None or tls.idle.is_set() else ["webhook TLS ensure"]
+                log.warning("stopping: cancelled after %.0fs: %s", grace, ", ".join(busy))
+            for task in background:
+                task.cancel()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            while runners:
+                await runners.pop().cleanup()
+
+        @kopf.on.cleanup(registry=registry, id="stop-background")
+        async def _cleanup(**_: Any) -> None:
+            await stop_background(STOP_GRACE)
+
         log.info("sidekey operator starting: namespace %s, certificates %s", opts.namespace,
                  opts.certificates)
         try:
@@ -106,10 +163,5 @@ async def operate(opts: options.Options, *, stop: asyncio.Event | None = None) -
                 stop_flag=stop, ready_flag=kopf_ready, memo=kopf.Memo(),
             )
         finally:
-            for task in background:
-                task.cancel()
-            for task in background:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            for runner in runners:
-                await runner.cleanup()
+            # a no-op after kopf's cleanup; if kopf failed or was cancelled before it, no grace
+            await stop_background(0)

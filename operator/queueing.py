@@ -8,6 +8,12 @@ change that arrives mid-run schedules exactly one more run), and retries
 failures with capped exponential backoff and jitter so a flapping apiserver
 is not hammered. Nothing here is a kopf timer or daemon, so no AgentPolicy
 ever gets a finalizer.
+
+On shutdown ``close`` closes the queue: the runs already started finish (a
+status write and the Events of its transitions go out together, see
+``Controller.reconcile``), while the keys still waiting, for a worker or for
+a retry's backoff, are dropped. Nothing is lost by that: the next instance
+reconciles every policy on its first listing (kopf delivers each one).
 """
 
 from __future__ import annotations
@@ -42,9 +48,12 @@ class Queue(Generic[K]):
         self._timers: dict[K, asyncio.TimerHandle] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closed = False
 
     def add(self, key: K) -> None:
         """Reconcile ``key`` soon (at most once more, however often it is added)."""
+        if self._closed:
+            return
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
@@ -58,7 +67,7 @@ class Queue(Generic[K]):
         self._ready.put_nowait(key)
 
     def add_after(self, key: K, delay: float) -> None:
-        if key in self._timers or key in self._queued:
+        if self._closed or key in self._timers or key in self._queued:
             return
         loop = asyncio.get_running_loop()
         self._timers[key] = loop.call_later(delay, self._fire, key)
@@ -77,8 +86,31 @@ class Queue(Generic[K]):
         return len(self._queued) + len(self._running) + len(self._timers)
 
     async def wait_idle(self) -> None:
-        """Until nothing is queued, running or waiting for a retry (tests use it)."""
+        """Until nothing is queued, running or waiting for a retry (tests, and the shutdown)."""
         await self._idle.wait()
+
+    def close(self) -> None:
+        """Take no more work and drop what waits (queued, or in a retry's backoff).
+
+        The runs already started go on: ``wait_idle`` returns once they have
+        finished, and cancelling ``run`` then only interrupts idle workers.
+        """
+        self._closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._again.clear()
+        self._queued.clear()
+        while not self._ready.empty():
+            self._ready.get_nowait()
+            self._ready.task_done()
+        if not self._running:
+            self._idle.set()
+
+    @property
+    def running(self) -> frozenset[K]:
+        """The keys a worker is reconciling now."""
+        return frozenset(self._running)
 
     async def run(self) -> None:
         """Run the workers until cancelled."""

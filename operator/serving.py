@@ -49,8 +49,13 @@ def metrics_app(stats: metrics.Metrics) -> web.Application:
     return app
 
 
+#: Seconds ``AppRunner.cleanup`` gives a request that has begun (these answer at once);
+#: idle keep-alive connections (a scraper's, the kubelet's probes) are closed without waiting.
+SHUTDOWN_TIMEOUT = 1.0
+
+
 async def start(app: web.Application, port: int, host: str = "0.0.0.0") -> web.AppRunner:  # noqa: S104
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

@@ -159,16 +159,28 @@ class TlsManager:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self.synced = asyncio.Event()  # set after the first successful ensure
+        self.idle = asyncio.Event()  # set while ``run`` is not inside an ensure
+        self.idle.set()
+        self._stopping = asyncio.Event()
 
     def request(self) -> None:
         """Check soon (the webhook configuration or a Secret changed)."""
         self._wake.set()
 
     async def run(self) -> None:
-        """Ensure at start, then on request or every ``check_interval``; back off on errors."""
+        """Ensure at start, then on request or every ``check_interval``; back off on errors.
+
+        Returns after ``stop``: an ensure that has begun finishes first (``idle``
+        is clear while one runs), so its CA, caBundle and serving certificate
+        go out together. Cut short it would lose nothing either: the next
+        ensure, here or in the next instance, plans from what the Secrets and
+        the webhook configuration hold, and rotation adds a CA to the caBundle
+        before any certificate it signs is served.
+        """
         failures = 0
-        while True:
+        while not self._stopping.is_set():
             self._wake.clear()
+            self.idle.clear()
             try:
                 await self.ensure()
             except Exception as exc:
@@ -179,8 +191,20 @@ class TlsManager:
             else:
                 failures = 0
                 delay = self._next_check()
+            finally:
+                self.idle.set()
+            if self._stopping.is_set():
+                return
+            # asyncio.timeout, not wait_for: on 3.11 wait_for wraps the wait in a new task,
+            # which kopf counts as a hung task of its own at shutdown
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+
+    def stop(self) -> None:
+        """Begin no further ensure; ``run`` returns once the one running (if any) has finished."""
+        self._stopping.set()
+        self._wake.set()
 
     def _next_check(self) -> float:
         """Wake up at the check interval, or sooner when a renewal falls due."""

@@ -165,3 +165,45 @@ async def test_the_keeper_keeps_running_after_a_tick_that_raised(monkeypatch: py
     with pytest.raises(asyncio.CancelledError):
         await keeper.run()
     assert ticks == [0, 1, 2]
+
+
+
+async def test_stop_lets_the_running_pass_finish_and_starts_no_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = asyncio.Event()
+    ticks: list[int] = []
+
+    async def tick() -> None:
+        ticks.append(len(ticks))
+        if len(ticks) == 1:
+            await gate.wait()  # a pass in the middle of its writes
+
+    def started_keeper() -> tuple[ledger.LedgerKeeper, asyncio.Task[None]]:
+        keeper = ledger.LedgerKeeper(cast(rest.Rest, MemoryApi()), interval=60.0)
+
+        async def synced_watch() -> None:
+            keeper.policies.synced.set()
+            keeper.leases.synced.set()
+
+        monkeypatch.setattr(keeper, "tick", tick)
+        monkeypatch.setattr(keeper.policies, "run", synced_watch)
+        monkeypatch.setattr(keeper.leases, "run", synced_watch)
+        return keeper, asyncio.create_task(keeper.run())
+
+    keeper, task = started_keeper()
+    while not ticks:
+        await asyncio.sleep(0.01)
+    keeper.stop()
+    await asyncio.sleep(0.05)
+    assert not task.done() and not keeper.idle.is_set()  # the pass goes on
+    gate.set()
+    await asyncio.wait_for(task, 1)  # then it returns at once, not after the 60 s interval
+    assert ticks == [0] and keeper.idle.is_set()
+
+    # stopped while it waits for its next pass: it returns at once too
+    keeper, task = started_keeper()
+    while len(ticks) < 2:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    keeper.stop()
+    await asyncio.wait_for(task, 1)
+    assert ticks == [0, 1]

@@ -113,3 +113,34 @@ def test_backoff_is_capped() -> None:
 
     q: queueing.Queue[str] = queueing.Queue(work, base_delay=0.5, max_delay=60)
     assert q.backoff(1) < 1 and q.backoff(30) <= 72
+
+
+async def test_closing_lets_the_running_key_finish_and_drops_the_waiting_ones() -> None:
+    started: list[str] = []
+    finished: list[str] = []
+    gate = asyncio.Event()
+
+    async def work(key: str) -> None:
+        started.append(key)
+        await gate.wait()
+        finished.append(key)
+
+    q: queueing.Queue[str] = queueing.Queue(work, workers=1)
+    task = asyncio.create_task(q.run())
+    q.add("a")
+    q.add("b")  # waits for the one worker
+    q.add_after("c", 60)  # a retry waiting out its backoff
+    await asyncio.sleep(0.05)
+    q.add("a")  # arrives mid-run: would run "a" once more
+    q.close()
+    q.add("d")  # after close: ignored
+    q.add_after("e", 0)
+    assert q.running == {"a"} and q.depth == 1
+    await asyncio.sleep(0.05)
+    assert not task.done() and finished == []  # the run that began is not cut short
+    gate.set()
+    await asyncio.wait_for(q.wait_idle(), 1)
+    assert started == finished == ["a"] and q.depth == 0
+    task.cancel()  # only idle workers are left to interrupt
+    with pytest.raises(asyncio.CancelledError):
+        await task
