@@ -56,6 +56,7 @@ from sidekey.proxy import (
     listener,
     llmexchange,
     metrics,
+    metrictypes,
     paths,
     refusals,
     relaying,
@@ -124,8 +125,10 @@ class Proxy:
         self._token_cache = token_cache
         self._ids = itertools.count(1)
         self._boot = os.urandom(4).hex()
-        self._counters: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
-        self._histograms: dict[tuple[Any, str], Any] = {}
+        #: Typed as the compiled classes, so ``inc`` and ``observe`` are C calls, not method lookups.
+        self._counters: dict[
+            tuple[str, str, int, str], tuple[metrictypes.CounterValue, metrictypes.HistogramValue | None]] = {}
+        self._histograms: dict[tuple[metrictypes.Histogram, str], metrictypes.HistogramValue] = {}
         self._now = auditing.Stamp().now
         self._lines = auditing.LineEncoder(pod, namespace)
         #: The fast path's request heads, their per-route constant parts kept for the current table.
@@ -240,13 +243,16 @@ class Proxy:
         if children is None:
             children = self._children(key)
         children[0].inc()
-        if children[1] is not None:
-            children[1].observe(elapsed)
+        duration = children[1]
+        if duration is not None:
+            duration.observe(elapsed)
 
-    def _children(self, key: tuple[str, str, int, str]) -> tuple[Any, Any]:
+    def _children(
+        self, key: tuple[str, str, int, str]
+    ) -> tuple[metrictypes.CounterValue, metrictypes.HistogramValue | None]:
         """The request counter's child for ``key`` and the duration histogram's for its upstream (cached)."""
         upstream_name, method, status, decided = key
-        counter = metrics.REQUESTS.labels(upstream_name, metrics.method_label(method), str(status), decided)
+        counter: metrictypes.CounterValue = metrics.REQUESTS.labels(upstream_name, metrics.method_label(method), str(status), decided)
         children = (counter, self.histogram(metrics.DURATION, upstream_name) if upstream_name else None)
         if len(self._counters) < 4096:
             self._counters[key] = children
@@ -273,14 +279,15 @@ class Proxy:
         reply.whole(refusal.status, head, refusal.encoded())
         return refusal.status
 
-    def histogram(self, family: Any, upstream_name: str) -> Any:
+    def histogram(self, family: metrictypes.Histogram, upstream_name: str) -> metrictypes.HistogramValue:
         """The child of a per-upstream histogram, cached (``labels`` costs more than the observation)."""
         key = (family, upstream_name)
-        child = self._histograms.get(key)
-        if child is None:
-            child = family.labels(upstream_name)
-            if len(self._histograms) < 1024:
-                self._histograms[key] = child
+        cached = self._histograms.get(key)
+        if cached is not None:
+            return cached
+        child: metrictypes.HistogramValue = family.labels(upstream_name)
+        if len(self._histograms) < 1024:
+            self._histograms[key] = child
         return child
 
     # --- the fast path -------------------------------------------------------------------

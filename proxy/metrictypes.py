@@ -17,7 +17,6 @@ never touch a metric).
 
 from __future__ import annotations
 
-import bisect
 import math
 import time
 from array import array
@@ -123,7 +122,7 @@ class _Family:
         return self._single
 
 
-class _CounterValue:
+class CounterValue:
     __slots__ = ("created", "value")
 
     def __init__(self) -> None:
@@ -139,8 +138,8 @@ class _CounterValue:
 class Counter(_Family):
     kind = "counter"
 
-    def _child(self) -> _CounterValue:
-        return _CounterValue()
+    def _child(self) -> CounterValue:
+        return CounterValue()
 
     def inc(self, amount: float = 1) -> None:
         self._no_labels().inc(amount)
@@ -201,7 +200,7 @@ class Gauge(_Family):
 DEFAULT_BUCKETS: Final = (.005, .01, .025, .05, .075, .1, .25, .5, .75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
 
-class _HistogramValue:
+class HistogramValue:
     __slots__ = ("bounds", "counts", "created", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
@@ -217,8 +216,13 @@ class _HistogramValue:
     def observe(self, value: float) -> None:
         self.sum += value
         bounds = self.bounds
-        if value <= bounds[-1]:  # (NaN is in no bucket)
-            self.counts[bisect.bisect_left(bounds, value)] += 1  # the first bound >= value
+        # the first bound >= value, by a compiled loop over C doubles: a latency lands in one of the
+        # first few buckets, and bisect compared boxed floats through the generic protocol
+        for i, bound in enumerate(bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                return
+        # (NaN is in no bucket)
 
 
 class Histogram(_Family):
@@ -230,8 +234,8 @@ class Histogram(_Family):
         self.bounds = bounds if bounds and bounds[-1] == _INF else (*bounds, _INF)
         super().__init__(name, documentation, labelnames, registry=registry)
 
-    def _child(self) -> _HistogramValue:
-        return _HistogramValue(self.bounds)
+    def _child(self) -> HistogramValue:
+        return HistogramValue(self.bounds)
 
     def observe(self, value: float) -> None:
         self._no_labels().observe(value)

@@ -21,11 +21,13 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final, TypedDict
 
 from sidekey.core import contract, kubeapi, policies, reflector
 from sidekey.proxy import credentials, limits, metrics
+from sidekey.proxy.route import Origin as Origin
+from sidekey.proxy.route import Route as Route
+from sidekey.proxy.route import Timeouts as Timeouts
 
 log = logging.getLogger("sidekey.proxy.routes")
 
@@ -142,36 +144,6 @@ class GuardedResolver:
 
     async def close(self) -> None:
         await self._inner.close()
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """An upstream's connect timeout and read timeout (the longest silence); never a total one."""
-
-    sock_connect: float
-    sock_read: float
-
-
-#: The key of the upstream pool's idle connections: scheme, host, port and the TLS context
-#: itself (not its id(), which a new context could take over once a policy edit freed the old
-#: one), so a connection is reused only under the context that verified it.
-Origin = tuple[str, str, int, ssl.SSLContext | None]
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    name: str
-    upstream: policies.Upstream
-    policy: str
-    origin: str  # scheme://host:port
-    #: ``Origin``, built once here: the pool looks it up on every request; its TLS context
-    #: (the policy's CA bundle or the system store) is None for plain HTTP
-    pool: Origin
-    strip: frozenset[str]
-    bucket: limits.TokenBucket | None
-    timeout: Timeouts
-    credential: credentials.Credential | None
-    unavailable: str | None  # why the credential is missing (503), never the secret
 
 
 class TlsContexts:
