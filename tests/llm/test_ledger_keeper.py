@@ -8,6 +8,7 @@ test_shared_budgets.py cannot easily be made to produce on cue.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import pytest
@@ -143,6 +144,19 @@ async def test_one_policy_whose_step_raises_does_not_stop_the_others() -> None:
     assert [path for path, _ in api.patches] == [rest.policy_path("b-team", "fine") + "/status"]
 
 
+def _passes_by(monkeypatch: pytest.MonkeyPatch, keeper: ledger.LedgerKeeper,
+               tick: Callable[[], Awaitable[None]]) -> None:
+    """The keeper's watches report synced at once, with no apiserver, and each of its passes is ``tick``."""
+
+    async def synced_watch() -> None:
+        keeper.policies.synced.set()
+        keeper.leases.synced.set()
+
+    monkeypatch.setattr(keeper, "tick", tick)
+    monkeypatch.setattr(keeper.policies, "run", synced_watch)
+    monkeypatch.setattr(keeper.leases, "run", synced_watch)
+
+
 async def test_the_keeper_keeps_running_after_a_tick_that_raised(monkeypatch: pytest.MonkeyPatch) -> None:
     api = MemoryApi()
     keeper = ledger.LedgerKeeper(cast(rest.Rest, api), interval=0.0)
@@ -155,13 +169,7 @@ async def test_the_keeper_keeps_running_after_a_tick_that_raised(monkeypatch: py
         if len(ticks) == 3:
             raise asyncio.CancelledError  # the operator stopping
 
-    async def synced_watch() -> None:
-        keeper.policies.synced.set()
-        keeper.leases.synced.set()
-
-    monkeypatch.setattr(keeper, "tick", tick)
-    monkeypatch.setattr(keeper.policies, "run", synced_watch)
-    monkeypatch.setattr(keeper.leases, "run", synced_watch)
+    _passes_by(monkeypatch, keeper, tick)
     with pytest.raises(asyncio.CancelledError):
         await keeper.run()
     assert ticks == [0, 1, 2]
@@ -179,14 +187,7 @@ async def test_stop_lets_the_running_pass_finish_and_starts_no_other(monkeypatch
 
     def started_keeper() -> tuple[ledger.LedgerKeeper, asyncio.Task[None]]:
         keeper = ledger.LedgerKeeper(cast(rest.Rest, MemoryApi()), interval=60.0)
-
-        async def synced_watch() -> None:
-            keeper.policies.synced.set()
-            keeper.leases.synced.set()
-
-        monkeypatch.setattr(keeper, "tick", tick)
-        monkeypatch.setattr(keeper.policies, "run", synced_watch)
-        monkeypatch.setattr(keeper.leases, "run", synced_watch)
+        _passes_by(monkeypatch, keeper, tick)
         return keeper, asyncio.create_task(keeper.run())
 
     keeper, task = started_keeper()
