@@ -253,3 +253,20 @@ def test_the_written_out_html_references_are_those_of_html5() -> None:
         if len(text) == 1 and ord(text) < 0x80 and not text.isalnum():
             expected[ord(text)] = (*expected.get(ord(text), ()), "&" + name)
     assert expected == scrubbing._NAMED
+
+
+def test_rotated_keys_leave_no_compiled_pattern_behind() -> None:
+    """One Scrubber per key a rotation brings: none of them stays in ``re``'s module cache.
+
+    ``re._cache`` is private, but it is exactly what grew: a long-lived sidecar kept one
+    compiled pattern (about 20 KB, the key spelled out in it) per key it ever had, up to 512.
+    """
+    import secrets
+
+    keys = [f"sk-proj-{secrets.token_urlsafe(30)}" for _ in range(20)]
+    scrubbers = [scrubbing.Scrubber([k]) for k in keys]
+    patterns = {s._regex.pattern for s in scrubbers if s._regex is not None}
+    assert len(patterns) == len(keys)
+    cached = {key[1] for key in re._cache}  # type: ignore[attr-defined]  # (type, pattern, flags)
+    assert not patterns & cached
+    assert all(s.scrub(k.encode()) == b"*" * len(k) for s, k in zip(scrubbers, keys, strict=True))
