@@ -135,6 +135,7 @@ def measure(reps: int, seconds: float, conns: int, baselines: list[str] | None =
                 str(others[name]), str(up_port), str(up_port)], env={**env, "PYTHONPATH": str(Path(where).resolve())}))
         # the same path on another interpreter (the image's: bench.shipped), with only bench/ on its
         # path: the tree's root also holds the dev build's shared C module, which would shadow the venv's
+        # (and ``-P`` keeps ``-m`` from putting the working directory, often that root, first)
         only_bench = workdir / "only-bench"
         only_bench.mkdir()
         (only_bench / "bench").symlink_to(ROOT / "bench")
@@ -143,7 +144,7 @@ def measure(reps: int, seconds: float, conns: int, baselines: list[str] | None =
             name = name or "sidekey-other-python"
             others[name] = free_port()
             started.append(procs.start(name, [
-                *procstats.pin_prefix(proxy_core), python, "-m", "bench.standalone", "serve",
+                *procstats.pin_prefix(proxy_core), python, "-P", "-m", "bench.standalone", "serve",
                 str(others[name]), str(up_port), str(up_port)], env={**env, "PYTHONPATH": str(only_bench)}))
         tokens = []
         for proc in started:
