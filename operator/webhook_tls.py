@@ -193,8 +193,7 @@ class TlsManager:
                 delay = self._next_check()
             finally:
                 self.idle.set()
-            if self._stopping.is_set():
-                return
+            # ``stop`` sets ``_wake`` too, so a stop during the ensure ends this wait at once.
             # asyncio.timeout, not wait_for: on 3.11 wait_for wraps the wait in a new task,
             # which kopf counts as a hung task of its own at shutdown
             with contextlib.suppress(TimeoutError):

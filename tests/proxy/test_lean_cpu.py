@@ -137,7 +137,7 @@ def test_an_upstream_transfer_coding_other_than_chunked_is_refused_in_any_spelli
 KEY = "sk-live-0123456789abcdefABCDEF"
 
 
-@pytest.mark.parametrize("size", [10, 84, 127, 128, 129, 600, 5000])
+@pytest.mark.parametrize("size", [10, 84, 150, 600, 5000])  # a short value, a header block, an SSE event, bodies
 def test_the_key_is_found_in_a_chunk_of_any_size_and_nothing_else(size: int) -> None:
     s = scrubbing.Scrubber([KEY])
     import base64
