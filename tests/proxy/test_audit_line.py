@@ -65,3 +65,12 @@ def test_every_rounded_duration_takes_the_integer_text() -> None:
         ms = round(n / 1000, 3)
         assert audit.milliseconds(ms) == f"{n // 1000}.{n % 1000:03d}"
         assert json.loads(audit.milliseconds(ms)) == ms
+
+
+def test_a_duration_in_milliseconds_equals_round_to_three_places_and_takes_the_integer_text() -> None:
+    for micros in [*range(0, 3_000_000, 997), 10**12 + 7]:
+        for nudge in (-2e-10, 0.0, 2e-10):  # a clock's difference is never an exact decimal
+            seconds = max(0.0, micros / 1e6 + nudge)
+            ms = audit.duration_ms(seconds)
+            assert ms == round(seconds * 1000, 3), seconds
+            assert json.loads(audit.milliseconds(ms)) == ms

@@ -514,3 +514,34 @@ async def test_a_connections_remembered_token_serves_only_that_token_while_it_is
         lines = await _audit(p, 11)
         assert [line["status"] for line in lines[1:]] == [200, 200, 200, 401, 401, 200, 200, 200, 200, 401]
         assert not any(token in str(line) for line in lines)
+
+
+@pytest.mark.parametrize(("version", "extra", "status", "kept"), [
+    ("1.1", "", 200, True),
+    ("1.1", "Connection: keep-alive\r\n", 200, True),
+    ("1.1", "Connection: close\r\n", 200, False),
+    ("1.0", "", 200, False),  # HTTP/1.0 is answered, then the connection ends
+    ("1.0", "Connection: keep-alive\r\n", 200, False),
+    ("2.0", "", 505, False),
+    ("1.2", "", 400, False),  # a version llhttp does not know
+    ("3.0", "", 400, False),
+])
+async def test_each_http_version_on_a_warm_path_is_served_or_refused_and_kept_as_it_allows(
+    make_proxy: ProxyFactory, version: str, extra: str, status: int, kept: bool,
+) -> None:
+    async with scripted(echo_path) as up:
+        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{up.port}")), secrets=SECRETS)
+        token = mint()
+        await _warm(p, token)
+        agent = await Agent.connect(p, token)
+        head = agent.request("GET", "/openai/v", extra=extra).replace(b" HTTP/1.1\r\n", f" HTTP/{version}\r\n".encode(), 1)
+        agent.writer.write(head)
+        got, _, body = await agent.answer()
+        assert got == status, body
+        if kept:
+            agent.writer.write(agent.request("GET", "/openai/again"))
+            assert (await agent.answer())[0] == 200
+        else:
+            assert await asyncio.wait_for(agent.reader.read(), 5) == b""
+        agent.close()
+        assert sum(h.startswith("GET /base/v ") for h in up.heads) == (1 if status == 200 else 0)
