@@ -5,8 +5,9 @@ carry the caller's token in, the override headers an upstream framework
 could honour to change the checked method or path, and whatever the agent
 names in ``Connection``; the route's strip set holds all of them, computed
 when the route is built. Down: the upstream's headers minus hop-by-hop and
-framing (the sidecar frames the body itself), with every form of the key
-scrubbed from names and values alike.
+framing (the sidecar frames the body itself), ``RESPONSE_DROP``, which the
+upstream connection applies as it reads the head; ``upstreamheads`` scrubs
+every form of the key from the names and values left.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final, Protocol
 from urllib.parse import unquote_plus
 
-from sidekey.proxy import scrubbing
-
 #: Response headers that describe the hop or the framing, not the message.
-RESPONSE_DROP: Final = frozenset(
+RESPONSE_DROP: Final[frozenset[bytes]] = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -31,10 +30,8 @@ RESPONSE_DROP: Final = frozenset(
         b"content-length",
     }
 )
-#: Dropped too when the sidecar decodes the body (its length and coding change).
-DECODED_DROP: Final = RESPONSE_DROP | {b"content-encoding"}
-#: The lengths of every name either set drops: a name of another length is kept unlowered.
-_DROP_LENGTHS: Final = frozenset(len(name) for name in DECODED_DROP)
+# (Content-Encoding is dropped too when the sidecar decodes the body: its length and coding change.
+# ``upstream.UpstreamConnection`` drops these names as it reads the head, one pass.)
 
 
 class _HasHeaders(Protocol):
@@ -118,26 +115,3 @@ def without_param(query: str, name: str) -> str:
         return query
     kept = [p for p in query.split("&") if unquote_plus(p.split("=", 1)[0]) != name]
     return "&".join(kept)
-
-
-def response_head(
-    raw: list[tuple[bytes, bytes]], drop: frozenset[bytes], scrubber: scrubbing.Scrubber
-) -> bytes:
-    """The upstream's headers as ``Name: value`` lines for the agent, scrubbed.
-
-    ``drop`` is ``RESPONSE_DROP`` or ``DECODED_DROP``. One search over the whole
-    block, names and values together; a match is replaced by as many ``*`` (a
-    token character), so the block stays well formed.
-    """
-    parts: list[bytes] = []
-    for name, value in raw:  # one join of the pieces: a ``%`` per line cost three times as much
-        if len(name) not in _DROP_LENGTHS or name.lower() not in drop:
-            parts.append(name)  # appends (a primitive compiled), not ``+=`` of a tuple per line
-            parts.append(b": ")
-            parts.append(value)
-            parts.append(b"\r\n")
-    block = b"".join(parts)
-    if not block:
-        return b""
-    # names too: an upstream may echo the key as a header *name* ("sk-live-...: 1")
-    return scrubber.scrub(block)

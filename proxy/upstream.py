@@ -31,7 +31,7 @@ from typing import ClassVar, Final, Protocol, cast
 import httptools
 
 from sidekey.core import errors
-from sidekey.proxy import routes
+from sidekey.proxy import headers, routes
 
 #: An idle pooled connection older than this is closed instead of reused (servers drop them).
 #: Not Final: compiled, a Final is inlined where it is read, and the tests shorten this one.
@@ -92,23 +92,27 @@ class Unacceptable(UpstreamError):
 
 Origin = routes.Origin
 
-#: The response headers the connection reads, by kind; any other is only kept.
-_PLAIN, _LENGTH, _TRANSFER, _CODING = range(4)
-_READ: Final = {b"content-length": _LENGTH, b"transfer-encoding": _TRANSFER, b"content-encoding": _CODING}
+#: The response headers the connection reads or drops, by kind; any other is kept as it came.
+_PLAIN, _LENGTH, _TRANSFER, _CODING, _HOP = range(5)
+#: Every name ``headers.RESPONSE_DROP`` holds never reaches the agent; three are read first.
+_READ: Final = {
+    **dict.fromkeys(headers.RESPONSE_DROP, _HOP),
+    b"content-length": _LENGTH, b"transfer-encoding": _TRANSFER, b"content-encoding": _CODING,
+}
 #: Those and the headers upstreams commonly send, in their usual spellings: a header
 #: found here costs one dict lookup and no ``lower()``; any other spelling is lowercased.
 _KINDS: Final = {
     spelled: kind
-    for name, kind in {**_READ, **dict.fromkeys((
-        b"server", b"date", b"content-type", b"connection", b"keep-alive", b"cache-control", b"vary",
+    for name, kind in {**dict.fromkeys((
+        b"server", b"date", b"content-type", b"cache-control", b"vary",
         b"x-request-id", b"request-id", b"openai-processing-ms", b"openai-version", b"openai-organization",
         b"strict-transport-security", b"x-content-type-options", b"set-cookie", b"access-control-allow-origin",
         b"cf-ray", b"cf-cache-status", b"alt-svc", b"etag", b"last-modified", b"expires", b"location",
-    ), _PLAIN)}.items()
+    ), _PLAIN), **_READ}.items()
     for spelled in (name, name.title(), name.upper())
 }
-#: The lengths of the names read: a header of any other length is only kept, with no lookup
-#: (a fresh name's hash and a dict probe per header: 1.5 % of a request's instructions).
+#: The lengths of the names read or dropped: a header of any other length is kept, with no
+#: lookup (a fresh name's hash and a dict probe per header: 1.5 % of a request's instructions).
 _READ_LENGTHS: Final = frozenset(len(name) for name in _READ)
 
 
@@ -143,8 +147,8 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_active", "_done", "_done_pending", "_drain", "_error", "_got_head", "_head", "_head_method",
         "_in_head", "_info", "_last", "_loop", "_parser", "_pending", "_pool", "_sink", "_timeout",
-        "_until_close", "_watcher", "_write_paused", "chunked", "closed", "codings", "complete",
-        "content_length", "headers", "idle_since", "keep_alive", "origin", "read_paused", "reason",
+        "_until_close", "_watcher", "_write_paused", "chunked", "closed", "coded_at", "codings", "complete",
+        "content_length", "head_parts", "idle_since", "keep_alive", "origin", "read_paused", "reason",
         "received_any", "reused", "sink_error", "status", "transport",
     )
 
@@ -169,7 +173,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._info = False  # a 1xx response is being skipped
         self.status = 0
         self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        #: The head's kept header lines as ``name, b": ", value, b"\r\n"`` pieces, in order
+        #: (hop-by-hop and framing dropped as they are read), and where each Content-Encoding
+        #: line starts among them: dropped too when the sidecar decodes the body.
+        self.head_parts: list[bytes] = []
+        self.coded_at: list[int] = []
         self.content_length: int | None = None
         self.chunked = False
         self.codings: list[bytes] = []  # Content-Encoding values
@@ -253,7 +261,8 @@ class UpstreamConnection(asyncio.Protocol):
             # a second response to one request: whatever it holds must never reach the next caller
             raise self._stash(Broken("the upstream sent a response nobody asked for"))
         self._in_head = True
-        self.headers = []
+        self.head_parts = []
+        self.coded_at = []
         self.codings = []
         self.content_length = None
         self.chunked = False
@@ -265,17 +274,22 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
             return  # trailers: never relayed
-        self.headers.append((name, value))
-        if len(name) not in _READ_LENGTHS:
+        parts = self.head_parts
+        if len(name) not in _READ_LENGTHS:  # most headers: kept, nothing to look at
+            parts.append(name)  # four appends (primitives, compiled), no tuple per line
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
             return
         kind = _KINDS.get(name)
         if kind is None:
             kind = _READ.get(name.lower(), _PLAIN)
-        if kind == _PLAIN:
-            return
+        if kind == _HOP:
+            return  # the hop's, not the message's: never relayed
         if kind == _LENGTH:
             self.content_length = int(value)
-        elif kind == _TRANSFER:
+            return  # the sidecar frames the body itself
+        if kind == _TRANSFER:
             codings = [c.strip() for c in value.lower().split(b",") if c.strip()]
             if codings != [b"chunked"] or self.chunked:
                 raise self._stash(Unacceptable(
@@ -283,8 +297,23 @@ class UpstreamConnection(asyncio.Protocol):
                     "only chunked can be checked for the key"
                 ))
             self.chunked = True
-        else:
+            return
+        if kind == _CODING:
             self.codings.append(value)
+            self.coded_at.append(len(parts))
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
+
+    def header_block(self, decoded: bool) -> bytes:
+        """The kept header lines, joined; without Content-Encoding when the body is ``decoded``."""
+        parts = self.head_parts
+        if decoded and self.coded_at:
+            parts = parts.copy()
+            for at in reversed(self.coded_at):
+                del parts[at:at + 4]
+        return b"".join(parts)
 
     def on_headers_complete(self) -> None:
         self._in_head = False

@@ -153,9 +153,11 @@ def response_head(
                     "sidecar asked for identity; such a body cannot be checked for the key"
                 )
             decoder = decoding.Decoder()
-    block = headers.response_head(
-        up_conn.headers, headers.DECODED_DROP if decoder is not None else headers.RESPONSE_DROP, scrubber
-    )
+    # one search over the whole block, names and values together: an upstream may echo the key
+    # as a header *name* ("sk-live-...: 1"); a match becomes as many ``*`` (a token character)
+    block = up_conn.header_block(decoded=decoder is not None)
+    if block:
+        block = scrubber.scrub(block)
     # upstreams echo keys in the reason phrase too ("401 Invalid key sk-...")
     reason = scrubber.scrub(up_conn.reason) if up_conn.reason else listener.reason_phrase(status)
     return status, reason, block, decoder, up_conn.content_length, block.lower().find(_EVENT_STREAM) >= 0

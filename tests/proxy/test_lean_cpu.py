@@ -107,7 +107,9 @@ def test_the_response_headers_are_read_alike_in_any_spelling(spell: Any) -> None
 
     up = asyncio.run(run())
     assert (up.status, up.content_length, up.codings, up.complete) == (200, 5, [b"gzip"], True)
-    assert [k for k, _ in up.headers] == [spell(b"content-length"), spell(b"content-encoding"), spell(b"server")]
+    # the length is the sidecar's to write; the coding goes too when the sidecar decodes the body
+    assert up.header_block(decoded=False) == b"%s: gzip\r\n%s: x\r\n" % (spell(b"content-encoding"), spell(b"server"))
+    assert up.header_block(decoded=True) == b"%s: x\r\n" % spell(b"server")
 
 
 @pytest.mark.parametrize("name", [b"Transfer-Encoding", b"TRANSFER-ENCODING", b"tRaNsFeR-eNcOdInG"])
