@@ -125,6 +125,14 @@ async def _warm(p: Running, token: str) -> None:
     agent.close()
 
 
+async def _warm_agent(make_proxy: ProxyFactory, up: Scripted) -> tuple[Running, str, Agent]:
+    """A sidecar in front of ``up`` with its path warmed, and an agent connected to it."""
+    p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{up.port}")), secrets=SECRETS)
+    token = mint()
+    await _warm(p, token)
+    return p, token, await Agent.connect(p, token)
+
+
 async def _audit(p: Running, count: int, within: float = 5) -> list[dict[str, object]]:
     deadline = time.monotonic() + within
     while len(p.audit_lines()) < count:
@@ -137,10 +145,7 @@ async def test_a_keep_alive_sequence_is_answered_in_order_over_one_pooled_connec
     make_proxy: ProxyFactory,
 ) -> None:
     async with scripted(echo_path) as up:
-        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{up.port}")), secrets=SECRETS)
-        token = mint()
-        await _warm(p, token)
-        agent = await Agent.connect(p, token)
+        p, token, agent = await _warm_agent(make_proxy, up)
         for i in range(20):
             body = b"x" * i
             agent.writer.write(agent.request("POST", f"/openai/v1/n{i}", body))
@@ -159,10 +164,7 @@ async def test_a_pipelined_burst_is_answered_in_order_and_connection_close_ends_
     make_proxy: ProxyFactory,
 ) -> None:
     async with scripted(echo_path) as up:
-        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{up.port}")), secrets=SECRETS)
-        token = mint()
-        await _warm(p, token)
-        agent = await Agent.connect(p, token)
+        p, _, agent = await _warm_agent(make_proxy, up)
         burst = [agent.request("GET", f"/openai/g{i}") for i in range(5)]
         burst.insert(2, agent.request("HEAD", "/openai/h"))
         burst.insert(4, agent.request("POST", "/openai/p", b"hello"))
@@ -197,10 +199,7 @@ async def test_an_upstream_that_dies_mid_answer_cuts_the_agents_answer_too(make_
         return False
 
     async with scripted(dies) as up:
-        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{up.port}")), secrets=SECRETS)
-        token = mint()
-        await _warm(p, token)
-        agent = await Agent.connect(p, token)
+        p, _, agent = await _warm_agent(make_proxy, up)
         agent.writer.write(agent.request("GET", "/openai/dies"))
         head = await asyncio.wait_for(agent.reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 100" in head
@@ -220,10 +219,7 @@ async def test_an_upstream_that_answers_garbage_or_closes_silently_is_a_clean_50
         return False  # closes: a request on a fresh connection is not retried
 
     async with scripted(bad) as up:
-        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{up.port}")), secrets=SECRETS)
-        token = mint()
-        await _warm(p, token)
-        agent = await Agent.connect(p, token)
+        p, _, agent = await _warm_agent(make_proxy, up)
         agent.writer.write(agent.request("GET", "/openai/garbage"))
         status, headers, body = await agent.answer()
         assert status == 502 and headers["content-type"] == "application/json", (status, body)
@@ -248,10 +244,7 @@ async def test_a_slow_reading_agent_holds_the_upstream_back_and_gets_every_byte(
         return True
 
     async with scripted(big) as up:
-        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{up.port}")), secrets=SECRETS)
-        token = mint()
-        await _warm(p, token)
-        agent = await Agent.connect(p, token)
+        _, _, agent = await _warm_agent(make_proxy, up)
         agent.writer.write(agent.request("GET", "/openai/big"))
         head = await asyncio.wait_for(agent.reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200")
@@ -373,10 +366,7 @@ async def test_early_hints_are_skipped_and_the_key_echoed_in_one_packet_is_scrub
         return True
 
     async with scripted(leaks) as up:
-        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{up.port}")), secrets=SECRETS)
-        token = mint()
-        await _warm(p, token)
-        agent = await Agent.connect(p, token)
+        _, _, agent = await _warm_agent(make_proxy, up)
         agent.writer.write(agent.request("GET", "/openai/leak"))
         raw = await asyncio.wait_for(agent.reader.readuntil(b"\r\n\r\n"), 5)
         assert raw.startswith(b"HTTP/1.1 401 ") and b"103" not in raw
@@ -418,10 +408,7 @@ async def test_an_agent_that_leaves_mid_answer_is_audited_as_a_disconnect(make_p
         return False
 
     async with scripted(slow) as up:
-        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{up.port}")), secrets=SECRETS)
-        token = mint()
-        await _warm(p, token)
-        agent = await Agent.connect(p, token)
+        p, _, agent = await _warm_agent(make_proxy, up)
         agent.writer.write(agent.request("GET", "/openai/slow"))
         await asyncio.wait_for(agent.reader.readuntil(b"abc\n"), 5)
         agent.writer.transport.abort()
@@ -530,10 +517,7 @@ async def test_each_http_version_on_a_warm_path_is_served_or_refused_and_kept_as
     make_proxy: ProxyFactory, version: str, extra: str, status: int, kept: bool,
 ) -> None:
     async with scripted(echo_path) as up:
-        p = await make_proxy(policy(bearer_upstream(f"http://127.0.0.1:{up.port}")), secrets=SECRETS)
-        token = mint()
-        await _warm(p, token)
-        agent = await Agent.connect(p, token)
+        _, _, agent = await _warm_agent(make_proxy, up)
         head = agent.request("GET", "/openai/v", extra=extra).replace(b" HTTP/1.1\r\n", f" HTTP/{version}\r\n".encode(), 1)
         agent.writer.write(head)
         got, _, body = await agent.answer()
