@@ -16,7 +16,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final, Protocol
 from urllib.parse import unquote_plus
 
-#: Response headers that describe the hop or the framing, not the message.
+#: Response headers that describe the hop or the framing, not the message: never relayed.
+#: ``upstream.UpstreamConnection`` drops them as it reads the head, and Content-Encoding too
+#: when the sidecar decodes the body (its length and coding change).
 RESPONSE_DROP: Final[frozenset[bytes]] = frozenset(
     {
         b"connection",
@@ -30,8 +32,6 @@ RESPONSE_DROP: Final[frozenset[bytes]] = frozenset(
         b"content-length",
     }
 )
-# (Content-Encoding is dropped too when the sidecar decodes the body: its length and coding change.
-# ``upstream.UpstreamConnection`` drops these names as it reads the head, one pass.)
 
 
 class _HasHeaders(Protocol):

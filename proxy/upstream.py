@@ -274,34 +274,30 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
             return  # trailers: never relayed
+        # most headers are of a length no read or dropped name has: kept, nothing to look at
+        if len(name) in _READ_LENGTHS:
+            kind = _KINDS.get(name)
+            if kind is None:
+                kind = _READ.get(name.lower(), _PLAIN)
+            if kind == _HOP:
+                return  # the hop's, not the message's: never relayed
+            if kind == _LENGTH:
+                self.content_length = int(value)
+                return  # the sidecar frames the body itself
+            if kind == _TRANSFER:
+                codings = [c.strip() for c in value.lower().split(b",") if c.strip()]
+                if codings != [b"chunked"] or self.chunked:
+                    raise self._stash(Unacceptable(
+                        f"the upstream answered with Transfer-Encoding {value.decode('latin-1')[:64]!r}; "
+                        "only chunked can be checked for the key"
+                    ))
+                self.chunked = True
+                return
+            if kind == _CODING:
+                self.codings.append(value)
+                self.coded_at.append(len(self.head_parts))
         parts = self.head_parts
-        if len(name) not in _READ_LENGTHS:  # most headers: kept, nothing to look at
-            parts.append(name)  # four appends (primitives, compiled), no tuple per line
-            parts.append(b": ")
-            parts.append(value)
-            parts.append(b"\r\n")
-            return
-        kind = _KINDS.get(name)
-        if kind is None:
-            kind = _READ.get(name.lower(), _PLAIN)
-        if kind == _HOP:
-            return  # the hop's, not the message's: never relayed
-        if kind == _LENGTH:
-            self.content_length = int(value)
-            return  # the sidecar frames the body itself
-        if kind == _TRANSFER:
-            codings = [c.strip() for c in value.lower().split(b",") if c.strip()]
-            if codings != [b"chunked"] or self.chunked:
-                raise self._stash(Unacceptable(
-                    f"the upstream answered with Transfer-Encoding {value.decode('latin-1')[:64]!r}; "
-                    "only chunked can be checked for the key"
-                ))
-            self.chunked = True
-            return
-        if kind == _CODING:
-            self.codings.append(value)
-            self.coded_at.append(len(parts))
-        parts.append(name)
+        parts.append(name)  # four appends (primitives, compiled), no tuple per line
         parts.append(b": ")
         parts.append(value)
         parts.append(b"\r\n")
